@@ -1,0 +1,72 @@
+"""Checks a config at start, so a bad value fails before any compute with a
+message that names the field."""
+
+import ml_collections
+
+
+
+def _fail(field, value, why):
+  raise ValueError(f'config.{field}={value!r}: {why}')
+
+
+def validate(config: ml_collections.ConfigDict):
+  """Raises ValueError naming the first invalid field."""
+  m, d = config.model, config.data
+  for field in ('hidden_dim', 'num_heads', 'mlp_dim', 'vocab_size',
+                'max_position', 'region_feat_dim'):
+    if not isinstance(m[field], int) or m[field] <= 0:
+      _fail(f'model.{field}', m[field], 'must be a positive integer')
+  for field in ('text_layers', 'vision_layers', 'unified_layers'):
+    if not isinstance(m[field], int) or m[field] < 0:
+      _fail(f'model.{field}', m[field], 'must be an integer >= 0')
+  if m.hidden_dim % m.num_heads:
+    _fail('model.num_heads', m.num_heads,
+          f'must divide model.hidden_dim={m.hidden_dim}')
+  if m.dtype not in ('float32', 'bfloat16', 'float16'):
+    _fail('model.dtype', m.dtype, 'must be float32, bfloat16 or float16')
+  if not 0 <= m.dropout < 1:
+    _fail('model.dropout', m.dropout, 'must be in [0, 1)')
+  for field in ('max_text_len', 'max_regions', 'max_anchors'):
+    if not isinstance(d[field], int) or d[field] <= 0:
+      _fail(f'data.{field}', d[field], 'must be a positive integer')
+  if d.max_text_len < 3:
+    _fail('data.max_text_len', d.max_text_len, 'needs room for [CLS] x [SEP]')
+  if d.max_text_len > m.max_position:
+    _fail('data.max_text_len', d.max_text_len,
+          f'exceeds model.max_position={m.max_position}')
+  for field, value in (('data.itm_neg_prob', d.itm_neg_prob),
+                       ('cmap.select_prob', config.cmap.select_prob),
+                       ('cmap.swap_prob', config.cmap.swap_prob),
+                       ('cmap.mask_prob', config.cmap.mask_prob),
+                       ('loss.mlm_prob', config.loss.mlm_prob),
+                       ('loss.mrc_prob', config.loss.mrc_prob)):
+    if not 0 <= value <= 1:
+      _fail(field, value, 'must be a probability in [0, 1]')
+  if config.cmap.swap_prob + config.cmap.mask_prob > 1:
+    _fail('cmap.mask_prob', config.cmap.mask_prob,
+          'swap_prob + mask_prob must be <= 1 (the rest keeps the anchor)')
+  for name in ('amc', 'mlm', 'itm', 'mrc', 'itc'):
+    if config.loss[name] < 0:
+      _fail(f'loss.{name}', config.loss[name], 'weights must be >= 0')
+  if not any(config.loss[n] > 0 for n in ('amc', 'mlm', 'itm', 'mrc', 'itc')):
+    _fail('loss', 'all zero', 'enable at least one objective')
+  if config.loss.amc_targets not in ('pairing', 'label', 'both'):
+    _fail('loss.amc_targets', config.loss.amc_targets,
+          "must be 'pairing', 'label' or 'both'")
+  if config.loss.amc > 0 and not config.cmap.enabled:
+    _fail('loss.amc', config.loss.amc,
+          'AMC needs CMAP: set cmap.enabled=True or loss.amc=0')
+  if config.recipe not in ('cmal', 'cmcl'):
+    _fail('recipe', config.recipe, "must be 'cmal' or 'cmcl'")
+  for field in ('total_steps', 'batch_size', 'log_every', 'checkpoint_every'):
+    if not isinstance(config[field], int) or config[field] <= 0:
+      _fail(field, config[field], 'must be a positive integer')
+  o = config.optim
+  if o.lr <= 0:
+    _fail('optim.lr', o.lr, 'must be > 0')
+  if not 0 <= o.warmup_steps <= config.total_steps:
+    _fail('optim.warmup_steps', o.warmup_steps,
+          f'must be in [0, total_steps={config.total_steps}]')
+  if len(config.mesh.shape) != 3:
+    _fail('mesh.shape', tuple(config.mesh.shape),
+          'needs 3 entries: (data, fsdp, tensor)')

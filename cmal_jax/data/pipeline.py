@@ -1,0 +1,190 @@
+"""Grain input pipeline for pre-training pairs.
+
+  ArrayRecord source -> decode + validate (knows file and record index)
+  -> seeded shuffle, reshuffled every epoch -> this process's slice
+  -> batch of raw examples -> random_map: ITM negatives within the batch,
+     tokenise, detect anchors for the pair actually fed, pad, stack
+  -> IterDataset with prefetch threads (its state is checkpointed).
+
+Every random choice is a function of (seed, element index), so the stream
+is identical on every run and after a restore.
+"""
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from cmal_jax.data import anchors as anchors_lib
+from cmal_jax.data import records
+from cmal_jax.data.tokenizer import load_tokenizer
+
+# Counters each batch carries beside its arrays; the train loop sums them.
+STAT_KEYS = ('captions_truncated', 'regions_truncated', 'anchors_truncated',
+             'examples', 'itm_negatives')
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """Static per-example shapes: T text, R regions, K anchors, F features."""
+  max_text_len: int
+  max_regions: int
+  max_anchors: int
+  feature_dim: int
+
+  @classmethod
+  def from_config(cls, config):
+    return cls(config.data.max_text_len, config.data.max_regions,
+               config.data.max_anchors, config.model.region_feat_dim)
+
+
+def decode_pair(raw, *, path, index, shapes, vocab):
+  """Record bytes -> validated example with integer tag ids."""
+  try:
+    example = records.decode_record(raw)
+  except Exception as e:  # msgpack raises several types on garbage.
+    raise records.RecordError(path, index, '*', f'cannot decode: {e}') from e
+  if not isinstance(example, dict):
+    raise records.RecordError(path, index, '*', 'record is not a dict')
+  example = records.validate_pair(example, path=path, index=index,
+                                  feature_dim=shapes.feature_dim)
+  try:
+    tag_ids = np.asarray([vocab.tag_id(t) for t in example['region_tags']],
+                         np.int32)
+  except KeyError as e:
+    raise records.RecordError(path, index, 'region_tags',
+                              f'tag not in the vocabulary (meta.json): {e}')
+  return dict(caption=example['caption'], image_id=example['image_id'],
+              region_feats=example['region_feats'],
+              region_boxes=example['region_boxes'],
+              region_conf=example['region_conf'], region_tag_ids=tag_ids)
+
+
+def keep_regions(num_regions, conf, max_regions):
+  """Indices of the regions that fit: the most confident, in stored order."""
+  if num_regions <= max_regions:
+    return np.arange(num_regions)
+  order = np.argsort(-conf, kind='stable')[:max_regions]
+  return np.sort(order)
+
+
+def encode_pair(caption, image, tokenizer, vocab, shapes):
+  """Tokenises a caption, detects its anchors with the image, pads.
+
+  Args:
+    caption: str. image: a decoded example (its regions are used).
+  Returns:
+    (arrays, stats): arrays of static shapes (see Shapes), stats counts.
+  """
+  T, R, K, F = (shapes.max_text_len, shapes.max_regions, shapes.max_anchors,
+                shapes.feature_dim)
+  text = tokenizer.encode(caption, T)
+  keep = keep_regions(len(image['region_conf']), image['region_conf'], R)
+  n = len(keep)
+  tag_ids = image['region_tag_ids'][keep]
+  conf = image['region_conf'][keep]
+  found = anchors_lib.detect_anchors(caption, text.offsets, tag_ids, conf,
+                                     vocab, K)
+  L = len(text.ids)
+  arrays = dict(
+      input_ids=np.zeros(T, np.int32), text_mask=np.zeros(T, np.int32),
+      region_feats=np.zeros((R, F), np.float32),
+      region_boxes=np.zeros((R, 4), np.float32),
+      region_tags=np.full(R, -1, np.int32),
+      region_mask=np.zeros(R, np.int32),
+      anchor_text_pos=found.text_pos, anchor_text_end=found.text_end,
+      anchor_region=found.region, anchor_valid=found.valid)
+  arrays['input_ids'][:L] = text.ids
+  arrays['text_mask'][:L] = 1
+  arrays['region_feats'][:n] = image['region_feats'][keep]
+  arrays['region_boxes'][:n] = image['region_boxes'][keep]
+  arrays['region_tags'][:n] = tag_ids
+  arrays['region_mask'][:n] = 1
+  stats = dict(captions_truncated=int(text.truncated),
+               regions_truncated=int(len(image['region_conf']) > R),
+               anchors_truncated=found.num_truncated)
+  return arrays, stats
+
+
+def pick_itm_captions(image_ids, rng, neg_prob):
+  """For each example, the index of the caption it is fed with.
+
+  With probability neg_prob an example gets the caption of another example
+  of the batch showing a different image; the rest keep their own.
+  Returns (caption_index [B], itm_label [B]).
+  """
+  n = len(image_ids)
+  caption_index = np.arange(n)
+  for i in np.flatnonzero(rng.random(n) < neg_prob):
+    others = [j for j in rng.permutation(n) if image_ids[j] != image_ids[i]]
+    if others:
+      caption_index[i] = others[0]
+  return caption_index, (caption_index == np.arange(n)).astype(np.int32)
+
+
+class BatchEncoder:
+  """random_map step: a list of decoded examples -> one padded batch."""
+
+  def __init__(self, config, vocab):
+    self.shapes = Shapes.from_config(config)
+    self.vocab_path = config.data.vocab_path or None
+    self.neg_prob = config.data.itm_neg_prob
+    self.vocab = vocab
+
+  def __call__(self, examples, rng):
+    tokenizer = load_tokenizer(self.vocab_path)  # Cached per process.
+    caption_index, itm_label = pick_itm_captions(
+        [e['image_id'] for e in examples], rng, self.neg_prob)
+    rows, totals = [], dict.fromkeys(STAT_KEYS, 0)
+    for image, c in zip(examples, caption_index):
+      arrays, stats = encode_pair(examples[c]['caption'], image, tokenizer,
+                                  self.vocab, self.shapes)
+      rows.append(arrays)
+      for k, v in stats.items():
+        totals[k] += v
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    batch['itm_label'] = itm_label
+    totals.update(examples=len(examples), itm_negatives=int(
+        len(examples) - itm_label.sum()))
+    batch['stats'] = {k: np.int64(v) for k, v in totals.items()}
+    return batch
+
+
+def make_dataset(config, directory, split, *, batch_size, train, seed,
+                 process_index=0, process_count=1):
+  """The batched MapDataset of one split for this process.
+
+  train=True: shuffled, repeated forever (reshuffled each epoch),
+  remainder-free batches. train=False: one pass in stored order; a last
+  partial batch is dropped and the number is returned.
+
+  Returns (dataset, vocab, num_dropped).
+  """
+  meta = records.read_meta(directory)
+  vocab = anchors_lib.TagVocab.from_meta(meta)
+  path = records.split_path(directory, split)
+  shapes = Shapes.from_config(config)
+  if meta.get('feature_dim') != shapes.feature_dim:
+    raise ValueError(
+        f'{directory}/meta.json: feature_dim={meta.get("feature_dim")} does '
+        f'not match config model.region_feat_dim={shapes.feature_dim}.')
+  source = records.open_source(path)
+  ds = grain.MapDataset.source(source).map_with_index(
+      lambda i, raw: decode_pair(raw, path=path, index=i, shapes=shapes,
+                                 vocab=vocab))
+  num_dropped = 0
+  if train:
+    ds = ds.shuffle(seed=seed).repeat(None)
+  ds = ds[process_index::process_count]
+  if not train:
+    num_dropped = len(ds) % batch_size
+  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=list)
+  ds = ds.random_map(BatchEncoder(config, vocab), seed=seed)
+  return ds, vocab, num_dropped
+
+
+def to_iterator(ds, config):
+  """IterDataset iterator with prefetch threads; checkpointable."""
+  options = grain.ReadOptions(num_threads=config.data.num_threads,
+                              prefetch_buffer_size=config.data.prefetch)
+  return iter(ds.to_iter_dataset(options))

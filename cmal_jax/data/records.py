@@ -1,0 +1,208 @@
+"""ArrayRecord storage of examples, read back with Grain.
+
+A dataset folder holds `{split}.array_record` (one msgpack record per
+example, variable-length content left unpadded) and `meta.json`:
+
+  {"tags": [canonical tag names; index = tag id],
+   "synonyms": {word_or_phrase: canonical_tag},
+   "feature_dim": F,
+   "splits": {split: num_records},
+   "generator": {...world params and seed...}}
+
+A pair record (one image-caption pair) is a dict:
+  image_id: str, caption: str,
+  region_feats: float32 [N, F], region_boxes: float32 [N, 4] (x1, y1, x2, y2
+  in [0, 1]), region_tags: list[str] of length N ("" = no tag),
+  region_conf: float32 [N].  N == 0 is valid.
+"""
+
+import json
+import os
+from typing import Any, Iterable
+
+import grain
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from flax import serialization
+
+META_FILE = 'meta.json'
+PAIR_FIELDS = ('image_id', 'caption', 'region_feats', 'region_boxes',
+               'region_tags', 'region_conf')
+_HOW_TO_CREATE = (
+    'create it with: python -m cmal_jax.data.world --out=DIR --split=SPLIT '
+    '--num=N')
+
+
+class RecordError(ValueError):
+  """A bad record: `{path}: record {index}: field '{field}': {problem}`."""
+
+  def __init__(self, path, index, field, problem):
+    super().__init__(f"{path}: record {index}: field '{field}': {problem}")
+    self.path, self.index, self.field, self.problem = (
+        path, index, field, problem)
+
+  @classmethod
+  def at(cls, path, index, field, problem) -> 'RecordError':
+    return cls(path, index, field, problem)
+
+
+# ---------------------------------------------------------------- encoding
+
+def encode_record(example: dict) -> bytes:
+  """dict of str/int/float/list/np.ndarray -> msgpack bytes."""
+  return serialization.msgpack_serialize(example)
+
+
+def decode_record(data: bytes) -> dict:
+  return serialization.msgpack_restore(data)
+
+
+def write_records(path: str, examples: Iterable[dict | bytes]) -> int:
+  """Writes examples (dicts, or bytes already encoded) to an ArrayRecord file.
+
+  Returns how many were written. Writes `path.tmp` and renames it at the end, so a crash midway never
+  leaves a file at `path` that looks complete.
+  """
+  tmp = path + '.tmp'
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  writer = ArrayRecordWriter(tmp, 'group_size:1')
+  n = 0
+  try:
+    for ex in examples:
+      writer.write(ex if isinstance(ex, bytes) else encode_record(ex))
+      n += 1
+    writer.close()
+  except BaseException:
+    writer.close()
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  os.replace(tmp, path)
+  return n
+
+
+# ---------------------------------------------------------------- reading
+
+class _CheckedSource(grain.sources.ArrayRecordDataSource):
+  """ArrayRecordDataSource whose read errors name the file and record."""
+
+  def __getitem__(self, record_key):
+    try:
+      return super().__getitem__(record_key)
+    except (RuntimeError, OSError) as e:
+      raise RecordError(self._path_str(), int(record_key), '*',
+                        f'cannot read record (file corrupt?): {e}') from e
+
+  def _path_str(self):
+    p = self.paths
+    return p[0] if isinstance(p, (list, tuple)) and len(p) == 1 else str(p)
+
+
+def open_source(path: str) -> grain.sources.ArrayRecordDataSource:
+  """Random-access Grain source over one ArrayRecord file of raw bytes."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no such record file; {_HOW_TO_CREATE}')
+  try:
+    source = _CheckedSource([path])
+    n = len(source)
+    if n:  # Touch the last record: a truncated file fails here, not later.
+      source[n - 1]
+  except RecordError as e:
+    raise RecordError(path, e.index, '*',
+                      'file is truncated or corrupt; regenerate it') from e
+  except (RuntimeError, OSError) as e:
+    raise RecordError(path, 0, '*',
+                      f'not a readable ArrayRecord file (truncated or '
+                      f'corrupt?): {e}; regenerate it') from e
+  return source
+
+
+# ---------------------------------------------------------------- validation
+
+def _float_array(example, field, ndim, err):
+  try:
+    a = np.asarray(example[field], dtype=np.float32)
+  except (TypeError, ValueError) as e:
+    raise err(field, f'not a float array: {e}') from e
+  if a.ndim != ndim:
+    raise err(field, f'expected {ndim}-d array, got shape {a.shape}')
+  if not np.all(np.isfinite(a)):
+    raise err(field, 'contains NaN or Inf')
+  return a
+
+
+def validate_pair(example: dict, *, path: str, index: int,
+                  feature_dim: int) -> dict:
+  """Checks a decoded pair record; returns it with float32 numpy arrays."""
+  err = lambda field, problem: RecordError(path, index, field, problem)
+  for field in PAIR_FIELDS:
+    if field not in example:
+      raise err(field, 'missing')
+  for field in ('image_id', 'caption'):
+    if not isinstance(example[field], str):
+      raise err(field, f'expected str, got {type(example[field]).__name__}')
+  feats = _float_array(example, 'region_feats', 2, err)
+  boxes = _float_array(example, 'region_boxes', 2, err)
+  conf = _float_array(example, 'region_conf', 1, err)
+  n, f = feats.shape
+  if f != feature_dim and not (n == 0 and f == 0):
+    raise err('region_feats', f'feature width {f} does not match config '
+              f'model.region_feat_dim={feature_dim}')
+  feats = feats.reshape(n, feature_dim)
+  if boxes.shape != (n, 4):
+    raise err('region_boxes', f'expected shape ({n}, 4), got {boxes.shape}')
+  if np.any((boxes < 0) | (boxes > 1)):
+    raise err('region_boxes', 'coordinates outside [0, 1]')
+  if np.any(boxes[:, 0] > boxes[:, 2]) or np.any(boxes[:, 1] > boxes[:, 3]):
+    raise err('region_boxes', 'needs x1 <= x2 and y1 <= y2')
+  if conf.shape != (n,):
+    raise err('region_conf', f'expected shape ({n},), got {conf.shape}')
+  tags = example['region_tags']
+  if isinstance(tags, dict):  # msgpack_restore turns empty lists into {}.
+    tags = [tags[k] for k in sorted(tags, key=int)] if tags else []
+  if (not isinstance(tags, (list, tuple))
+      or not all(isinstance(t, str) for t in tags)):
+    raise err('region_tags', 'expected a list of str')
+  if len(tags) != n:
+    raise err('region_tags', f'has {len(tags)} tags for {n} regions')
+  return dict(example, region_feats=feats, region_boxes=boxes,
+              region_conf=conf, region_tags=list(tags))
+
+
+# ---------------------------------------------------------------- folder
+
+def split_path(directory: str, split: str) -> str:
+  return os.path.join(directory, f'{split}.array_record')
+
+
+def read_meta(directory: str) -> dict[str, Any]:
+  path = os.path.join(directory, META_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no dataset metadata; {_HOW_TO_CREATE}')
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_meta(directory: str, meta: dict[str, Any]) -> dict[str, Any]:
+  """Writes meta.json, merging `splits` into an existing one.
+
+  Refuses to merge when tags or feature_dim differ: the splits would not
+  share one vocabulary / feature space.
+  """
+  path = os.path.join(directory, META_FILE)
+  meta = dict(meta)
+  if os.path.exists(path):
+    old = read_meta(directory)
+    for key in ('tags', 'feature_dim'):
+      if old.get(key) != meta.get(key):
+        raise ValueError(
+            f'{path}: existing {key}={old.get(key)!r} differs from new '
+            f'{meta.get(key)!r}; write to a fresh directory')
+    meta['splits'] = {**old.get('splits', {}), **meta.get('splits', {})}
+  os.makedirs(directory, exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(meta, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+  return meta

@@ -1,0 +1,149 @@
+"""Evaluation on held-out pairs: AMC pairing, MLM, ITM, and zero-shot
+image-text retrieval by ITM score."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cmal_jax import objectives, sharding
+from cmal_jax.data import pipeline, records
+from cmal_jax.data import anchors as anchors_lib
+from cmal_jax.data.tokenizer import load_tokenizer
+
+EVAL_SEED_OFFSET = 7919  # Eval corruption key differs from any train step's.
+
+
+def correct_and_count(logits, labels, weights):
+  """Number of weighted argmax hits and the weight total (float32)."""
+  w = weights.astype(jnp.float32)
+  hit = (jnp.argmax(logits, -1) == jnp.maximum(labels, 0)).astype(jnp.float32)
+  return jnp.sum(hit * w), jnp.sum(w)
+
+
+def make_eval_step(model, config, specials):
+  """(params, batch) -> {name: (hits, count)} for the pre-training heads."""
+  rng = jax.random.key(config.seed + EVAL_SEED_OFFSET)
+
+  def eval_step(params, batch):
+    inputs, t = objectives.prepare_inputs(batch, rng, config, specials,
+                                          train=False)
+    out = model.apply({'params': params}, inputs, deterministic=True)
+    counts = {
+        'mlm_acc': correct_and_count(out['mlm_logits'], t['mlm_targets'],
+                                     t['mlm_weights']),
+        'itm_acc': correct_and_count(out['itm_logits'], t['itm_label'],
+                                     jnp.ones_like(t['itm_label'], bool)),
+    }
+    if config.cmap.enabled and config.loss.amc > 0:
+      w = t['amc_weights']
+      counts['amc_t2r_acc'] = correct_and_count(out['amc_t2r_logits'],
+                                                t['amc_region'], w)
+      counts['amc_r2t_acc'] = correct_and_count(out['amc_r2t_logits'],
+                                                t['amc_text_pos'], w)
+      counts['amc_word_acc'] = correct_and_count(out['amc_word_logits'],
+                                                 t['amc_word'], w)
+      counts['amc_tag_acc'] = correct_and_count(
+          out['amc_tag_logits'], t['amc_tag'], w & (t['amc_tag'] >= 0))
+    return counts
+
+  return eval_step
+
+
+def retrieval_inputs(config, directory, split, num_images):
+  """The first `num_images` pairs of a split, each with its own caption:
+  text arrays [N, T] and image arrays [N, R, ...] (no anchors needed: CMAP
+  is off when scoring)."""
+  meta = records.read_meta(directory)
+  vocab = anchors_lib.TagVocab.from_meta(meta)
+  path = records.split_path(directory, split)
+  source = records.open_source(path)
+  shapes = pipeline.Shapes.from_config(config)
+  tokenizer = load_tokenizer(config.data.vocab_path or None)
+  n = min(num_images, len(source))
+  rows = []
+  for i in range(n):
+    ex = pipeline.decode_pair(source[i], path=path, index=i, shapes=shapes,
+                              vocab=vocab)
+    rows.append(pipeline.encode_pair(ex['caption'], ex, tokenizer, vocab,
+                                     shapes)[0])
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def make_itm_scorer(model, config):
+  """(params, texts [n, T], images [m, R, ...]) -> ITM log p(match) [n, m]."""
+  K = config.data.max_anchors
+
+  def score(params, text_ids, text_mask, feats, boxes, region_mask):
+    n, m = text_ids.shape[0], feats.shape[0]
+    tile_text = lambda x: jnp.repeat(x, m, axis=0)  # Pair (i, j) = i*m + j.
+    tile_image = lambda x: jnp.tile(x, (n,) + (1,) * (x.ndim - 1))
+    zeros_k = jnp.zeros((n * m, K), jnp.int32)
+    inputs = dict(
+        input_ids=tile_text(text_ids), text_mask=tile_text(text_mask),
+        region_feats=tile_image(feats), region_boxes=tile_image(boxes),
+        region_mask=tile_image(region_mask), anchor_text_pos=zeros_k,
+        anchor_text_end=zeros_k, anchor_region=zeros_k,
+        anchor_action=zeros_k, mlm_positions=jnp.zeros((n * m, 1), jnp.int32))
+    logits = model.apply({'params': params}, inputs,
+                         deterministic=True)['itm_logits']
+    return jax.nn.log_softmax(logits)[:, 1].reshape(n, m)
+
+  return jax.jit(score)
+
+
+def recall_at_k(scores, ks=(1, 5, 10)):
+  """scores [N, N], row i = caption i, column j = image j; pair i <-> i.
+
+  Returns {t2i_r{k}, i2t_r{k}} (recall@k) in [0, 1].
+  """
+  n = scores.shape[0]
+  out = {}
+  for name, s in (('t2i', scores), ('i2t', scores.T)):
+    # Rank of the true match: how many candidates score strictly higher.
+    rank = np.sum(s > s[np.arange(n), np.arange(n)][:, None], axis=1)
+    for k in ks:
+      out[f'{name}_r{k}'] = float(np.mean(rank < k))
+  return out
+
+
+def evaluate_pretrain(model, params, config, directory, specials, mesh,
+                      axis_rules):
+  """Held-out evaluation of a pre-trained model; returns a flat dict."""
+  local_batch = sharding.per_process_batch_size(config.eval.batch_size, mesh)
+  ds, _, dropped = pipeline.make_dataset(
+      config, directory, config.data.eval_split, batch_size=local_batch,
+      train=False, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+    step = jax.jit(make_eval_step(model, config, specials))
+    totals, num_pairs = {}, 0
+    for local in ds:
+      num_pairs += int(local.pop('stats')['examples'])
+      counts = jax.device_get(step(params, sharding.global_batch(local,
+                                                                 mesh)))
+      for k, (hits, n) in counts.items():
+        h0, n0 = totals.get(k, (0.0, 0.0))
+        totals[k] = (h0 + float(hits), n0 + float(n))
+    results = {k: h / max(n, 1.0) for k, (h, n) in totals.items()}
+    if 'amc_t2r_acc' in results:
+      results['amc_pair_acc'] = (results['amc_t2r_acc']
+                                 + results['amc_r2t_acc']) / 2
+      results['amc_anchors'] = totals['amc_t2r_acc'][1]
+    results['num_pairs'] = num_pairs * jax.process_count()
+    results['num_pairs_not_evaluated'] = dropped  # Last partial batch.
+
+    data = retrieval_inputs(config, directory, config.data.eval_split,
+                            config.eval.retrieval_images)
+    scorer = make_itm_scorer(model, config)
+    n = len(data['input_ids'])
+    block = max(1, 1024 // n)  # Captions per call: ~1024 pairs.
+    scores = np.concatenate([
+        np.asarray(scorer(params, data['input_ids'][i:i + block],
+                          data['text_mask'][i:i + block],
+                          data['region_feats'], data['region_boxes'],
+                          data['region_mask']))
+        for i in range(0, n, block)])
+  results.update({f'retrieval_{k}': v for k, v in recall_at_k(scores).items()})
+  results['retrieval_images'] = n
+  return results

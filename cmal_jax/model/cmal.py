@@ -1,0 +1,122 @@
+"""The CMAL model: UMSE -> CMAP -> unified encoder -> heads."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cmal_jax.model import axes, heads, prompt
+from cmal_jax.model.encoders import TextEncoder, VisionEncoder, l2_normalize
+from cmal_jax.model.unified import BertEncoder, EncoderConfig, SlotEmbeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  hidden_dim: int
+  num_heads: int
+  mlp_dim: int
+  text_layers: int
+  vision_layers: int
+  unified_layers: int
+  dropout: float
+  vocab_size: int
+  num_tags: int
+  max_position: int
+  dtype: str = 'float32'
+
+  @classmethod
+  def from_config(cls, model_config, num_tags):
+    fields = {f.name for f in dataclasses.fields(cls)} - {'num_tags'}
+    return cls(num_tags=num_tags,
+               **{k: v for k, v in model_config.items() if k in fields})
+
+  def encoder(self, num_layers):
+    return EncoderConfig(self.hidden_dim, self.num_heads, self.mlp_dim,
+                         num_layers, self.dropout, jnp.dtype(self.dtype))
+
+
+def _gather(x, idx):
+  """x [B, L, D], idx [B, K] -> [B, K, D]."""
+  return jnp.take_along_axis(x, idx[..., None], axis=1)
+
+
+class CMAL(nn.Module):
+  """Every pre-training head in one pass; the objectives pick what they use
+  (XLA drops the rest).
+
+  Inputs (dict; shapes B batch, T text, R regions, K anchors, M predictions):
+    input_ids, text_mask [B, T]; region_feats [B, R, F]; region_boxes
+    [B, R, 4]; region_mask [B, R]; anchor_text_pos, anchor_text_end,
+    anchor_region, anchor_action [B, K]; mlm_positions [B, M].
+  """
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    self.text_encoder = TextEncoder(c.encoder(c.text_layers), c.vocab_size,
+                                    c.max_position)
+    self.vision_encoder = VisionEncoder(c.encoder(c.vision_layers))
+    # Maps each unit sphere back to the unified encoder's range.
+    scale_init = lambda *_: jnp.sqrt(jnp.float32(c.hidden_dim))
+    self.text_scale = self.param('text_scale', axes.init(scale_init, ()), ())
+    self.vision_scale = self.param('vision_scale', axes.init(scale_init, ()),
+                                   ())
+    self.mask_vector = self.param(
+        'mask_vector', axes.init(nn.initializers.normal(1.0), ('embed',)),
+        (c.hidden_dim,))
+    unified_cfg = c.encoder(c.unified_layers)
+    self.slots = SlotEmbeddings(unified_cfg, c.max_position)
+    self.unified = BertEncoder(unified_cfg)
+    self.vocab_head = heads.VocabHead(unified_cfg, c.vocab_size)
+    self.tag_head = heads.TagHead(unified_cfg, c.num_tags)
+    self.pairing_head = heads.PairingHead(unified_cfg)
+    self.itm_head = heads.ITMHead(unified_cfg)
+    # ITC temperature, as log(1/tau), CLIP's initial tau = 0.07.
+    self.itc_log_scale = self.param(
+        'itc_log_scale', axes.init(
+            lambda *_: jnp.log(jnp.float32(1 / 0.07)), ()), ())
+
+  def __call__(self, inputs, *, deterministic=True):
+    det = deterministic
+    text_unit = self.text_encoder(inputs['input_ids'], inputs['text_mask'], det)
+    region_unit = self.vision_encoder(
+        inputs['region_feats'], inputs['region_boxes'], inputs['region_mask'],
+        det)
+    text, regions = prompt.swap_anchor_features(
+        text_unit * self.text_scale, region_unit * self.vision_scale,
+        inputs['anchor_text_pos'], inputs['anchor_text_end'],
+        inputs['anchor_region'], inputs['anchor_action'], self.mask_vector)
+    x = self.slots(text, regions, inputs['region_boxes'], det)
+    mask = jnp.concatenate([inputs['text_mask'], inputs['region_mask']], 1)
+    x = self.unified(x, mask, det)
+    T = text.shape[1]
+    text_out, region_out = x[:, :T], x[:, T:]
+
+    # AMC: at each anchor the text slot p_k and the region slot o_k.
+    at_word = _gather(text_out, inputs['anchor_text_pos'])  # [B, K, D]
+    at_region = _gather(region_out, inputs['anchor_region'])  # [B, K, D]
+    attend = self.text_encoder.attend
+    out = {
+        'amc_t2r_logits': self.pairing_head(
+            at_word, region_out, inputs['region_mask'], 'text', 'region'),
+        'amc_r2t_logits': self.pairing_head(
+            at_region, text_out, inputs['text_mask'], 'region', 'text'),
+        'amc_word_logits': self.vocab_head(at_word, attend),
+        'amc_tag_logits': self.tag_head(at_region),
+        'mlm_logits': self.vocab_head(
+            _gather(text_out, inputs['mlm_positions']), attend),
+        'mrc_logits': self.tag_head(region_out),
+        'itm_logits': self.itm_head(x[:, 0]),
+        # ITC uses UMSE outputs: text [CLS] and mean-pooled regions.
+        'itc_text': text_unit[:, 0],
+        'itc_image': pool_regions(region_unit, inputs['region_mask']),
+        'itc_log_scale': self.itc_log_scale,
+    }
+    return out
+
+
+def pool_regions(region_unit, region_mask):
+  """Masked mean of unit region features, renormalised: [B, R, D] -> [B, D]."""
+  m = region_mask[..., None].astype(region_unit.dtype)
+  return l2_normalize(jnp.sum(region_unit * m, 1)
+                      / jnp.maximum(jnp.sum(m, 1), 1.0))

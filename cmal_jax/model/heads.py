@@ -1,0 +1,76 @@
+"""Output heads on the unified encoder."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cmal_jax.model import axes
+from cmal_jax.model.unified import layer_norm
+
+
+def dense(features, cfg, name, in_axis='embed', out_axis='mlp'):
+  return nn.Dense(features, dtype=cfg.dtype, name=name,
+                  kernel_init=axes.init(axes.bert_init, (in_axis, out_axis)),
+                  bias_init=axes.init(nn.initializers.zeros, (out_axis,)))
+
+
+class Transform(nn.Module):
+  """BERT's prediction transform: Dense, GELU, LayerNorm ([..., D])."""
+  cfg: object
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.gelu(dense(self.cfg.hidden_dim, self.cfg, 'dense')(x),
+                approximate=False)
+    return layer_norm(self.cfg, 'LayerNorm')(x)
+
+
+class VocabHead(nn.Module):
+  """Word prediction tied to the text word embeddings (MLM, AMC label)."""
+  cfg: object
+  vocab_size: int
+
+  @nn.compact
+  def __call__(self, x, attend):
+    """x [..., D], attend: embedding.attend -> logits [..., V] (float32)."""
+    bias = self.param('bias', axes.init(nn.initializers.zeros, ('vocab',)),
+                      (self.vocab_size,))
+    return attend(Transform(self.cfg, name='transform')(x)).astype(
+        jnp.float32) + bias
+
+
+class TagHead(nn.Module):
+  """Region tag classes (AMC label on the region side, MRC): [..., C]."""
+  cfg: object
+  num_tags: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = Transform(self.cfg, name='transform')(x)
+    return dense(self.num_tags, self.cfg, 'classifier',
+                 out_axis='tags')(x).astype(jnp.float32)
+
+
+class PairingHead(nn.Module):
+  """AMC pairing: scaled dot products between projected slot outputs."""
+  cfg: object
+
+  @nn.compact
+  def __call__(self, queries, keys, key_mask, query_side, key_side):
+    """queries [B, K, D], keys [B, L, D], key_mask [B, L] -> [B, K, L]."""
+    proj = {side: dense(self.cfg.hidden_dim, self.cfg, f'{side}_proj')
+            for side in ('text', 'region')}
+    q, k = proj[query_side](queries), proj[key_side](keys)
+    logits = jnp.einsum('bkd,bld->bkl', q, k).astype(jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
+    return jnp.where(key_mask[:, None, :] > 0, logits, -1e9)
+
+
+class ITMHead(nn.Module):
+  """BERT pooler (Dense + tanh on [CLS]) then a binary classifier."""
+  cfg: object
+
+  @nn.compact
+  def __call__(self, cls):
+    pooled = jnp.tanh(dense(self.cfg.hidden_dim, self.cfg, 'pooler')(cls))
+    return dense(2, self.cfg, 'classifier', out_axis=None)(pooled).astype(
+        jnp.float32)

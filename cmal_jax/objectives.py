@@ -1,0 +1,223 @@
+"""Pre-training objectives: input corruption (MLM, MRC, CMAP actions) and
+the AMC, MLM, ITM, MRC and ITC losses.
+
+All randomness here runs on device from one key per step, so it is the same
+on any mesh and needs no host round trip.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cmal_jax.model import prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+  pad: int
+  cls: int
+  sep: int
+  mask: int
+  vocab_size: int
+
+  @classmethod
+  def from_tokenizer(cls, tok):
+    return cls(tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id,
+               tok.vocab_size)
+
+
+def choose_positions(rng, eligible, prob):
+  """Picks round(prob * #eligible) (at least 1 where any) random positions.
+
+  Args: eligible [B, L] bool.
+  Returns: positions [B, M] int32 and weights [B, M] bool, with the static
+    M = ceil(prob * L); unused entries have weight False.
+  """
+  L = eligible.shape[1]
+  M = max(1, math.ceil(prob * L))
+  scores = jnp.where(eligible, jax.random.uniform(rng, eligible.shape), -1.0)
+  top, positions = jax.lax.top_k(scores, M)
+  count = jnp.sum(eligible, axis=1, keepdims=True)
+  wanted = jnp.where(count > 0, jnp.maximum(1, jnp.round(prob * count)), 0)
+  weights = (jnp.arange(M)[None] < wanted) & (top >= 0)
+  return positions.astype(jnp.int32), weights
+
+
+def _scatter_where(x, positions, weights, updates):
+  """x [B, L, ...]: x[b, positions[b, m]] = updates[b, m] where weights."""
+  idx = jnp.where(weights, positions, x.shape[1])  # Out of range: dropped.
+  return jax.vmap(lambda xb, ib, ub: xb.at[ib].set(ub, mode='drop'))(
+      x, idx, updates)
+
+
+def anchor_text_cover(batch):
+  """[B, T] bool: text slots inside any valid anchor word (all its pieces)."""
+  t = jnp.arange(batch['input_ids'].shape[1])[None, None]
+  inside = ((t >= batch['anchor_text_pos'][..., None])
+            & (t < batch['anchor_text_end'][..., None])
+            & batch['anchor_valid'][..., None])
+  return jnp.any(inside, axis=1)
+
+
+def anchor_region_cover(batch):
+  """[B, R] bool: region slots that are some valid anchor's region."""
+  r = jnp.arange(batch['region_mask'].shape[1])[None, None]
+  hit = (r == batch['anchor_region'][..., None]) & batch['anchor_valid'][
+      ..., None]
+  return jnp.any(hit, axis=1)
+
+
+def prepare_inputs(batch, rng, config, specials, *, train):
+  """Corrupts a batch for one pre-training step.
+
+  Returns (inputs, targets): the model's input dict (see model.cmal.CMAL) and
+  what the losses compare against. With train=False the CMAP actions are
+  deterministic (every valid anchor swapped) so evaluation is repeatable.
+  """
+  cmap_rng, mlm_rng, mlm_sub_rng, mrc_rng = jax.random.split(rng, 4)
+  ids = batch['input_ids']
+  positive = batch['itm_label'] > 0  # MLM/MRC only where the caption fits.
+  valid = batch['anchor_valid']
+
+  if not config.cmap.enabled:
+    action = jnp.zeros_like(valid, jnp.int32)
+  elif train:
+    action = prompt.sample_anchor_actions(
+        cmap_rng, valid, select_prob=config.cmap.select_prob,
+        swap_prob=config.cmap.swap_prob, mask_prob=config.cmap.mask_prob)
+  else:
+    action = prompt.all_swapped(valid)
+
+  # MLM: 15 % of real, non-special, non-anchor tokens; BERT's 80/10/10.
+  special = (ids == specials.cls) | (ids == specials.sep) | (ids == specials.pad)
+  eligible = ((batch['text_mask'] > 0) & ~special & ~anchor_text_cover(batch)
+              & positive[:, None])
+  mlm_pos, mlm_w = choose_positions(mlm_rng, eligible, config.loss.mlm_prob)
+  mlm_targets = jnp.take_along_axis(ids, mlm_pos, axis=1)
+  u_rng, tok_rng = jax.random.split(mlm_sub_rng)
+  u = jax.random.uniform(u_rng, mlm_pos.shape)
+  random_ids = jax.random.randint(tok_rng, mlm_pos.shape, 0,
+                                  specials.vocab_size)
+  replaced = jnp.where(u < 0.8, specials.mask,
+                       jnp.where(u < 0.9, random_ids, mlm_targets))
+  if config.loss.mlm > 0:
+    ids = _scatter_where(ids, mlm_pos, mlm_w, replaced.astype(ids.dtype))
+
+  # MRC: zero 15 % of tagged, non-anchor regions (UNITER's masking).
+  region_tags = batch['region_tags']
+  mrc_eligible = ((batch['region_mask'] > 0) & (region_tags >= 0)
+                  & ~anchor_region_cover(batch) & positive[:, None])
+  mrc_pos, mrc_w = choose_positions(mrc_rng, mrc_eligible, config.loss.mrc_prob)
+  feats = batch['region_feats']
+  if config.loss.mrc > 0:
+    feats = _scatter_where(feats, mrc_pos, mrc_w,
+                           jnp.zeros(mrc_pos.shape + feats.shape[2:],
+                                     feats.dtype))
+
+  inputs = dict(
+      input_ids=ids, text_mask=batch['text_mask'], region_feats=feats,
+      region_boxes=batch['region_boxes'], region_mask=batch['region_mask'],
+      anchor_text_pos=batch['anchor_text_pos'],
+      anchor_text_end=batch['anchor_text_end'],
+      anchor_region=batch['anchor_region'], anchor_action=action,
+      mlm_positions=mlm_pos)
+  targets = dict(
+      itm_label=batch['itm_label'], positive=positive,
+      mlm_targets=mlm_targets, mlm_weights=mlm_w,
+      amc_weights=action != prompt.NONE,
+      amc_region=batch['anchor_region'], amc_text_pos=batch['anchor_text_pos'],
+      amc_word=jnp.take_along_axis(batch['input_ids'],
+                                   batch['anchor_text_pos'], axis=1),
+      amc_tag=jnp.take_along_axis(region_tags, batch['anchor_region'], axis=1),
+      mrc_positions=mrc_pos, mrc_weights=mrc_w,
+      mrc_targets=jnp.take_along_axis(region_tags, mrc_pos, axis=1))
+  return inputs, targets
+
+
+def weighted_xent(logits, labels, weights):
+  """Mean cross-entropy and accuracy over weighted entries.
+
+  logits [..., C], labels [...] int, weights [...] -> (loss, acc, count).
+  """
+  w = weights.astype(jnp.float32)
+  labels = jnp.maximum(labels, 0)  # Unweighted entries may hold -1.
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  n = jnp.sum(w)
+  denom = jnp.maximum(n, 1.0)
+  return jnp.sum(ce * w) / denom, jnp.sum(correct * w) / denom, n
+
+
+def itc_loss(text, image, log_scale, positive):
+  """InfoNCE both ways over the matched pairs of the global batch.
+
+  text, image [B, D] unit vectors; positive [B] marks pairs whose caption is
+  their image's own. Under jit the batch is global, so every shard's pairs
+  are negatives for every other shard's.
+  """
+  logits = jnp.einsum('id,jd->ij', text, image).astype(jnp.float32)
+  logits = logits * jnp.exp(jnp.minimum(log_scale, math.log(100.0)))
+  pair_ok = positive[:, None] & positive[None, :]
+  logits = jnp.where(pair_ok, logits, -1e9)
+  labels = jnp.arange(text.shape[0])
+  t2i = weighted_xent(logits, labels, positive)
+  i2t = weighted_xent(logits.T, labels, positive)
+  return (t2i[0] + i2t[0]) / 2, (t2i[1] + i2t[1]) / 2
+
+
+def compute_losses(outputs, targets, config):
+  """Weighted sum of the enabled objectives -> (loss, metrics dict)."""
+  lc = config.loss
+  metrics, total = {}, 0.0
+
+  def add(name, weight, loss):
+    nonlocal total
+    metrics[f'loss_{name}'] = loss
+    total = total + weight * loss
+
+  if lc.amc > 0:
+    w = targets['amc_weights']
+    if lc.amc_targets in ('pairing', 'both'):
+      t2r, t2r_acc, n = weighted_xent(outputs['amc_t2r_logits'],
+                                      targets['amc_region'], w)
+      r2t, r2t_acc, _ = weighted_xent(outputs['amc_r2t_logits'],
+                                      targets['amc_text_pos'], w)
+      add('amc_pair', lc.amc, (t2r + r2t) / 2)
+      metrics.update(acc_amc_t2r=t2r_acc, acc_amc_r2t=r2t_acc,
+                     acc_amc_pair=(t2r_acc + r2t_acc) / 2, amc_anchors=n)
+    if lc.amc_targets in ('label', 'both'):
+      word, word_acc, _ = weighted_xent(outputs['amc_word_logits'],
+                                        targets['amc_word'], w)
+      tag_w = w & (targets['amc_tag'] >= 0)
+      tag, tag_acc, _ = weighted_xent(outputs['amc_tag_logits'],
+                                      targets['amc_tag'], tag_w)
+      add('amc_label', lc.amc, (word + tag) / 2)
+      metrics.update(acc_amc_word=word_acc, acc_amc_tag=tag_acc)
+  if lc.mlm > 0:
+    loss, acc, _ = weighted_xent(outputs['mlm_logits'],
+                                 targets['mlm_targets'],
+                                 targets['mlm_weights'])
+    add('mlm', lc.mlm, loss)
+    metrics['acc_mlm'] = acc
+  if lc.itm > 0:
+    loss, acc, _ = weighted_xent(outputs['itm_logits'], targets['itm_label'],
+                                 jnp.ones_like(targets['itm_label'], bool))
+    add('itm', lc.itm, loss)
+    metrics['acc_itm'] = acc
+  if lc.mrc > 0:
+    logits = jnp.take_along_axis(
+        outputs['mrc_logits'], targets['mrc_positions'][..., None], axis=1)
+    loss, acc, _ = weighted_xent(logits, targets['mrc_targets'],
+                                 targets['mrc_weights'])
+    add('mrc', lc.mrc, loss)
+    metrics['acc_mrc'] = acc
+  if lc.itc > 0:
+    loss, acc = itc_loss(outputs['itc_text'], outputs['itc_image'],
+                         outputs['itc_log_scale'], targets['positive'])
+    add('itc', lc.itc, loss)
+    metrics['acc_itc'] = acc
+  metrics['loss'] = total
+  return total, metrics

