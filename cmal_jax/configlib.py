@@ -61,12 +61,13 @@ def validate(config: ml_collections.ConfigDict):
   for field in ('total_steps', 'batch_size', 'log_every', 'checkpoint_every'):
     if not isinstance(config[field], int) or config[field] <= 0:
       _fail(field, config[field], 'must be a positive integer')
+  if not isinstance(config.stop_at_step, int) or config.stop_at_step < 0:
+    _fail('stop_at_step', config.stop_at_step, 'must be an integer >= 0')
   o = config.optim
   if o.lr <= 0:
     _fail('optim.lr', o.lr, 'must be > 0')
-  if not 0 <= o.warmup_steps <= config.total_steps:
-    _fail('optim.warmup_steps', o.warmup_steps,
-          f'must be in [0, total_steps={config.total_steps}]')
+  if not 0 <= o.warmup_fraction < 1:
+    _fail('optim.warmup_fraction', o.warmup_fraction, 'must be in [0, 1)')
   if len(config.mesh.shape) != 3:
     _fail('mesh.shape', tuple(config.mesh.shape),
           'needs 3 entries: (data, fsdp, tensor)')

@@ -50,10 +50,10 @@ def make_eval_step(model, config, specials):
   return eval_step
 
 
-def retrieval_inputs(config, directory, split, num_images):
-  """The first `num_images` pairs of a split, each with its own caption:
-  text arrays [N, T] and image arrays [N, R, ...] (no anchors needed: CMAP
-  is off when scoring)."""
+def retrieval_pairs(config, directory, split, num_images):
+  """Yields (caption i, image j) rows over the first `num_images` pairs of a
+  split, row-major (i * N + j), each encoded like a training pair: anchors
+  are detected for the pair actually fed."""
   meta = records.read_meta(directory)
   vocab = anchors_lib.TagVocab.from_meta(meta)
   path = records.split_path(directory, split)
@@ -61,35 +61,50 @@ def retrieval_inputs(config, directory, split, num_images):
   shapes = pipeline.Shapes.from_config(config)
   tokenizer = load_tokenizer(config.data.vocab_path or None)
   n = min(num_images, len(source))
-  rows = []
-  for i in range(n):
-    ex = pipeline.decode_pair(source[i], path=path, index=i, shapes=shapes,
-                              vocab=vocab)
-    rows.append(pipeline.encode_pair(ex['caption'], ex, tokenizer, vocab,
-                                     shapes)[0])
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  examples = [pipeline.decode_pair(source[i], path=path, index=i,
+                                   shapes=shapes, vocab=vocab)
+              for i in range(n)]
+  for caption in (e['caption'] for e in examples):
+    for image in examples:
+      yield pipeline.encode_pair(caption, image, tokenizer, vocab, shapes)[0]
 
 
-def make_itm_scorer(model, config):
-  """(params, texts [n, T], images [m, R, ...]) -> ITM log p(match) [n, m]."""
-  K = config.data.max_anchors
+def make_itm_scorer(model, config, specials):
+  """(params, batch) -> ITM log p(match) [B], inputs uncorrupted (CMAP as in
+  evaluation: every anchor swapped)."""
+  rng = jax.random.key(config.seed + EVAL_SEED_OFFSET)
 
-  def score(params, text_ids, text_mask, feats, boxes, region_mask):
-    n, m = text_ids.shape[0], feats.shape[0]
-    tile_text = lambda x: jnp.repeat(x, m, axis=0)  # Pair (i, j) = i*m + j.
-    tile_image = lambda x: jnp.tile(x, (n,) + (1,) * (x.ndim - 1))
-    zeros_k = jnp.zeros((n * m, K), jnp.int32)
-    inputs = dict(
-        input_ids=tile_text(text_ids), text_mask=tile_text(text_mask),
-        region_feats=tile_image(feats), region_boxes=tile_image(boxes),
-        region_mask=tile_image(region_mask), anchor_text_pos=zeros_k,
-        anchor_text_end=zeros_k, anchor_region=zeros_k,
-        anchor_action=zeros_k, mlm_positions=jnp.zeros((n * m, 1), jnp.int32))
+  def score(params, batch):
+    inputs, _ = objectives.prepare_inputs(batch, rng, config, specials,
+                                          train=False, corrupt=False)
     logits = model.apply({'params': params}, inputs,
                          deterministic=True)['itm_logits']
-    return jax.nn.log_softmax(logits)[:, 1].reshape(n, m)
+    return jax.nn.log_softmax(logits)[:, 1]
 
-  return jax.jit(score)
+  return score
+
+
+def itm_score_matrix(model, params, config, directory, specials, mesh):
+  """ITM scores of every (caption, image) pair: [N, N], in jitted batches."""
+  batch_size = config.eval.batch_size
+  scorer = jax.jit(make_itm_scorer(model, config, specials),
+                   out_shardings=sharding.replicated(mesh))
+  rows = list(retrieval_pairs(config, directory, config.data.eval_split,
+                              config.eval.retrieval_images))
+  n = int(round(len(rows) ** 0.5))
+  pi, pc = jax.process_index(), jax.process_count()
+  scores = []
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    real = len(chunk)
+    chunk += chunk[-1:] * (batch_size - real)  # Pad the last batch.
+    batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+    batch['itm_label'] = np.ones(batch_size, np.int32)
+    local = {k: v[pi * batch_size // pc:(pi + 1) * batch_size // pc]
+             for k, v in batch.items()}
+    out = scorer(params, sharding.global_batch(local, mesh))
+    scores.append(np.asarray(out)[:real])
+  return np.concatenate(scores).reshape(n, n)
 
 
 def recall_at_k(scores, ks=(1, 5, 10)):
@@ -133,17 +148,8 @@ def evaluate_pretrain(model, params, config, directory, specials, mesh,
     results['num_pairs'] = num_pairs * jax.process_count()
     results['num_pairs_not_evaluated'] = dropped  # Last partial batch.
 
-    data = retrieval_inputs(config, directory, config.data.eval_split,
-                            config.eval.retrieval_images)
-    scorer = make_itm_scorer(model, config)
-    n = len(data['input_ids'])
-    block = max(1, 1024 // n)  # Captions per call: ~1024 pairs.
-    scores = np.concatenate([
-        np.asarray(scorer(params, data['input_ids'][i:i + block],
-                          data['text_mask'][i:i + block],
-                          data['region_feats'], data['region_boxes'],
-                          data['region_mask']))
-        for i in range(0, n, block)])
+    scores = itm_score_matrix(model, params, config, directory, specials,
+                              mesh)
   results.update({f'retrieval_{k}': v for k, v in recall_at_k(scores).items()})
-  results['retrieval_images'] = n
+  results['retrieval_images'] = scores.shape[0]
   return results

@@ -70,12 +70,13 @@ def anchor_region_cover(batch):
   return jnp.any(hit, axis=1)
 
 
-def prepare_inputs(batch, rng, config, specials, *, train):
+def prepare_inputs(batch, rng, config, specials, *, train, corrupt=True):
   """Corrupts a batch for one pre-training step.
 
   Returns (inputs, targets): the model's input dict (see model.cmal.CMAL) and
   what the losses compare against. With train=False the CMAP actions are
   deterministic (every valid anchor swapped) so evaluation is repeatable.
+  corrupt=False skips MLM and MRC masking (for scoring pairs).
   """
   cmap_rng, mlm_rng, mlm_sub_rng, mrc_rng = jax.random.split(rng, 4)
   ids = batch['input_ids']
@@ -103,7 +104,7 @@ def prepare_inputs(batch, rng, config, specials, *, train):
                                   specials.vocab_size)
   replaced = jnp.where(u < 0.8, specials.mask,
                        jnp.where(u < 0.9, random_ids, mlm_targets))
-  if config.loss.mlm > 0:
+  if corrupt and config.loss.mlm > 0:
     ids = _scatter_where(ids, mlm_pos, mlm_w, replaced.astype(ids.dtype))
 
   # MRC: zero 15 % of tagged, non-anchor regions (UNITER's masking).
@@ -112,7 +113,7 @@ def prepare_inputs(batch, rng, config, specials, *, train):
                   & ~anchor_region_cover(batch) & positive[:, None])
   mrc_pos, mrc_w = choose_positions(mrc_rng, mrc_eligible, config.loss.mrc_prob)
   feats = batch['region_feats']
-  if config.loss.mrc > 0:
+  if corrupt and config.loss.mrc > 0:
     feats = _scatter_where(feats, mrc_pos, mrc_w,
                            jnp.zeros(mrc_pos.shape + feats.shape[2:],
                                      feats.dtype))

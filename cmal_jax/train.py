@@ -75,7 +75,8 @@ def decay_mask(params):
 def make_optimizer(config):
   o = config.optim
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, o.lr, o.warmup_steps, config.total_steps,
+      0.0, o.lr, int(o.warmup_fraction * config.total_steps),
+      config.total_steps,
       end_value=o.lr * o.end_lr_fraction)
   tx = optax.chain(
       optax.clip_by_global_norm(o.grad_clip_norm),
@@ -149,7 +150,8 @@ def make_train_step(model, config, specials, schedule):
 def train_and_evaluate(config, workdir):
   """Pre-trains per `config`, checkpointing into and resuming from `workdir`.
 
-  Returns the final evaluation dict (also written to workdir/eval.json).
+  Returns the final evaluation dict (also written to workdir/eval.json), or
+  None when config.stop_at_step ended the run before total_steps.
   """
   # 1. Setup.
   configlib.validate(config)
@@ -208,7 +210,9 @@ def train_and_evaluate(config, workdir):
   step = int(state.step)
   stats = dict.fromkeys(pipeline.STAT_KEYS, 0)
   window_start, window_steps, pending = time.time(), 0, []
-  while step < config.total_steps:
+  # stop_at_step ends this invocation early (saved; the next one resumes).
+  last_step = min(config.stop_at_step or config.total_steps, config.total_steps)
+  while step < last_step:
     local = next(train_iter)
     for k, v in local.pop('stats').items():
       stats[k] += int(v)
@@ -235,10 +239,14 @@ def train_and_evaluate(config, workdir):
           f'[{losses}] [{accs}] {mean["steps_per_sec"]:.2f} steps/s '
           f'ETA {eta / 60:.1f} min')
       window_start, window_steps, pending = time.time(), 0, []
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
+    if step % config.checkpoint_every == 0 or step == last_step:
       checkpoint.save(manager, step, state, train_iter)
   manager.close()
   log(f'Data: {stats}')
+  if step < config.total_steps:
+    log(f'Stopped at step {step} (config.stop_at_step); run again to resume.')
+    writer.close()
+    return None
 
   # 6. Final evaluation on held-out pairs.
   results = evaluate.evaluate_pretrain(

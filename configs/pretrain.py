@@ -13,7 +13,7 @@ import ml_collections
 SIZES = {
     #        D   heads L_t L_v L_u  T   R   K  F(feat) batch steps  lr
     'tiny': (64, 2, 1, 1, 2, 24, 8, 4, 64, 32, 200, 1e-3),
-    'small': (256, 4, 2, 2, 4, 32, 10, 6, 256, 64, 2000, 5e-4),
+    'small': (256, 4, 2, 2, 4, 32, 10, 6, 256, 64, 350, 5e-4),
     'base': (768, 12, 6, 6, 12, 40, 36, 8, 2048, 256, 200_000, 1e-4),
 }
 RECIPES = ('cmal', 'cmcl')
@@ -45,6 +45,7 @@ def get_config(arg=None):
   c.seed = 0
   c.total_steps = steps
   c.batch_size = batch  # Global batch, split over all processes and devices.
+  c.stop_at_step = 0  # >0: save and stop there (resume later); 0: run all.
 
   c.model = ml_collections.ConfigDict(dict(
       hidden_dim=dim,
@@ -105,7 +106,7 @@ def get_config(arg=None):
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=lr,
-      warmup_steps=max(10, steps // 20),
+      warmup_fraction=0.05,  # Of total_steps, so overrides stay valid.
       end_lr_fraction=0.05,
       weight_decay=0.01,
       b1=0.9,

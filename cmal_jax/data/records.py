@@ -60,8 +60,8 @@ def decode_record(data: bytes) -> dict:
 def write_records(path: str, examples: Iterable[dict | bytes]) -> int:
   """Writes examples (dicts, or bytes already encoded) to an ArrayRecord file.
 
-  Returns how many were written. Writes `path.tmp` and renames it at the end, so a crash midway never
-  leaves a file at `path` that looks complete.
+  Returns how many were written. Writes `path.tmp` and renames it at the
+  end, so a crash midway never leaves a file at `path` that looks complete.
   """
   tmp = path + '.tmp'
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -184,6 +184,20 @@ def read_meta(directory: str) -> dict[str, Any]:
     return json.load(f)
 
 
+def check_meta_compatible(directory: str, meta: dict[str, Any]):
+  """Raises if directory's meta.json has other tags/feature_dim; returns it."""
+  path = os.path.join(directory, META_FILE)
+  if not os.path.exists(path):
+    return None
+  old = read_meta(directory)
+  for key in ('tags', 'feature_dim'):
+    if old.get(key) != meta.get(key):
+      raise ValueError(
+          f'{path}: existing {key}={old.get(key)!r} differs from new '
+          f'{meta.get(key)!r}; write to a fresh directory')
+  return old
+
+
 def write_meta(directory: str, meta: dict[str, Any]) -> dict[str, Any]:
   """Writes meta.json, merging `splits` into an existing one.
 
@@ -192,13 +206,8 @@ def write_meta(directory: str, meta: dict[str, Any]) -> dict[str, Any]:
   """
   path = os.path.join(directory, META_FILE)
   meta = dict(meta)
-  if os.path.exists(path):
-    old = read_meta(directory)
-    for key in ('tags', 'feature_dim'):
-      if old.get(key) != meta.get(key):
-        raise ValueError(
-            f'{path}: existing {key}={old.get(key)!r} differs from new '
-            f'{meta.get(key)!r}; write to a fresh directory')
+  old = check_meta_compatible(directory, meta)
+  if old is not None:
     meta['splits'] = {**old.get('splits', {}), **meta.get('splits', {})}
   os.makedirs(directory, exist_ok=True)
   tmp = path + '.tmp'

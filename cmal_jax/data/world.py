@@ -159,6 +159,8 @@ def _background(rng, size):
 def sample_scene(rng: np.random.Generator, params: WorldParams) -> Scene:
   """Draws 1..max_objects non-occluding objects on a textured background."""
   s = params.image_size
+  if s < 32:
+    raise ValueError(f'image_size must be >= 32, got {s}')
   img = _background(rng, s)
   owner = np.full((s, s), -1, np.int32)  # Which object is on top per pixel.
   areas, objects = [], []
@@ -372,7 +374,9 @@ def _np(rng, colour, shape, n, size=None, generic=False):
 
 
 def _join(parts):
-  return parts[0] if len(parts) == 1 else ', '.join(parts[:-1]) + ' and ' + parts[-1]
+  if len(parts) == 1:
+    return parts[0]
+  return ', '.join(parts[:-1]) + ' and ' + parts[-1]
 
 
 def _groups(objects):
@@ -403,7 +407,9 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
   """A caption naming some (not always all) objects, with their colours."""
   groups = _groups(scene.objects)
   order = rng.permutation(len(groups))
-  k = len(groups) if rng.random() < 0.4 else int(rng.integers(1, len(groups) + 1))
+  k = len(groups)  # Mention everything, or a random non-empty subset.
+  if rng.random() > 0.4:
+    k = int(rng.integers(1, len(groups) + 1))
   chosen = [groups[i] for i in order[:k]]
   listed = _join([_group_np(rng, g) for g in chosen])
   outro = _pick(rng, ('', '', ' on a textured background',
@@ -419,8 +425,9 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
   elif template == 1:  # Count of everything, then some of it.
     n = len(scene.objects)
     what = _pick(rng, _GENERIC)
-    head = (f'a single {what}' if n == 1 else f'{_COUNTS[n]} {plural(what)}')
-    text = f'{head}{outro}' + (': ' if k == len(groups) else ' including ') + listed
+    head = f'a single {what}' if n == 1 else f'{_COUNTS[n]} {plural(what)}'
+    sep = ': ' if k == len(groups) else ' including '
+    text = f'{head}{outro}{sep}{listed}'
   elif template == 2:  # There is / there are.
     first = chosen[0][1]
     text = f'there {"is" if len(first) == 1 else "are"} {listed}{outro}'
@@ -479,9 +486,10 @@ def generate_split(out_dir: str, split: str, num: int,
         yield from _make_range(c)
 
   path = records.split_path(out_dir, split)
-  os.makedirs(out_dir, exist_ok=True)
+  meta = make_meta(params, seed, {split: num})
+  records.check_meta_compatible(out_dir, meta)  # Fail before the long part.
   records.write_records(path, encoded())
-  records.write_meta(out_dir, make_meta(params, seed, {split: num}))
+  records.write_meta(out_dir, meta)
   return path
 
 
