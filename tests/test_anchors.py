@@ -141,3 +141,13 @@ def test_property_shapes_and_uniqueness(cap, data):
     covered = [p for s, e in zip(a.text_pos[v], a.text_end[v]) for p in range(s, e)]
     assert len(covered) == len(set(covered))
     assert not np.any(a.text_pos[~v]) and not np.any(a.region[~v])
+
+
+def test_es_plurals_of_words_ending_in_s_find_their_synonym():
+    # "pluses"/"rhombuses" are regular -es plurals of synonyms ending in -s;
+    # the dictionary picks the right singular among the rule candidates.
+    vocab = TagVocab(tags=("cross", "diamond", "house"),
+                     synonyms={"plus": "cross", "rhombus": "diamond"})
+    assert vocab.match(["pluses"], 0) == (0, 1)
+    assert vocab.match(["rhombuses"], 0) == (1, 1)
+    assert vocab.match(["houses"], 0) == (2, 1)

@@ -72,6 +72,20 @@ def singularize(word: str, exceptions: Mapping[str, str] = PLURAL_EXCEPTIONS) ->
     return word[:-1]
 
 
+def singular_candidates(word: str, exceptions: Mapping[str, str] = PLURAL_EXCEPTIONS) -> list[str]:
+    """Singular forms to look up, rules first, then "-es" dropped.
+
+    The dictionary decides between them: "pluses" -> "plus" and "rhombuses"
+    -> "rhombus" (rule 6 would give "pluse"), while "houses" still finds
+    "house" first.
+    """
+    sing = singularize(word, exceptions)
+    out = [sing] if sing != word else []
+    if word.endswith("es") and len(word) > 4 and word[:-2] != sing:
+        out.append(word[:-2])
+    return out
+
+
 def _normalise(phrase: str) -> str:
     """Canonical lookup key: lower-cased words joined by single spaces."""
     return " ".join(w for w, _, _ in split_words(phrase))
@@ -143,9 +157,11 @@ class TagVocab:
             t = self._lookup.get(raw)
             if t is None:
                 last = words[i + n - 1]
-                sing = singularize(last, self.plural_exceptions)
-                if sing != last:
-                    t = self._lookup.get(raw[:len(raw) - len(last)] + sing)
+                stem = raw[:len(raw) - len(last)]
+                for sing in singular_candidates(last, self.plural_exceptions):
+                    t = self._lookup.get(stem + sing)
+                    if t is not None:
+                        break
             if t is not None:
                 return t, n
         return -1, 0
