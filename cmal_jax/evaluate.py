@@ -22,29 +22,45 @@ def correct_and_count(logits, labels, weights):
 
 
 def make_eval_step(model, config, specials):
-  """(params, batch) -> {name: (hits, count)} for the pre-training heads."""
+  """(params, batch) -> {name: (hits, count)} for the pre-training heads.
+
+  Corruption follows the training distribution under a fixed key, so the
+  accuracies are those of the training tasks on held-out pairs. AMC is also
+  measured with every valid anchor swapped (`*_all_swapped`), a harder,
+  deterministic variant.
+  """
   rng = jax.random.key(config.seed + EVAL_SEED_OFFSET)
+  with_amc = config.cmap.enabled and config.loss.amc > 0
+
+  def amc_counts(out, t, suffix=''):
+    w = t['amc_weights']
+    return {
+        f'amc_t2r_acc{suffix}': correct_and_count(out['amc_t2r_logits'],
+                                                  t['amc_region'], w),
+        f'amc_r2t_acc{suffix}': correct_and_count(out['amc_r2t_logits'],
+                                                  t['amc_text_pos'], w),
+        f'amc_word_acc{suffix}': correct_and_count(out['amc_word_logits'],
+                                                   t['amc_word'], w),
+        f'amc_tag_acc{suffix}': correct_and_count(
+            out['amc_tag_logits'], t['amc_tag'], w & (t['amc_tag'] >= 0)),
+    }
 
   def eval_step(params, batch):
-    inputs, t = objectives.prepare_inputs(batch, rng, config, specials,
-                                          train=False)
-    out = model.apply({'params': params}, inputs, deterministic=True)
+    apply = lambda inputs: model.apply({'params': params}, inputs,
+                                       deterministic=True)
+    inputs, t = objectives.prepare_inputs(batch, rng, config, specials)
+    out = apply(inputs)
     counts = {
         'mlm_acc': correct_and_count(out['mlm_logits'], t['mlm_targets'],
                                      t['mlm_weights']),
         'itm_acc': correct_and_count(out['itm_logits'], t['itm_label'],
                                      jnp.ones_like(t['itm_label'], bool)),
     }
-    if config.cmap.enabled and config.loss.amc > 0:
-      w = t['amc_weights']
-      counts['amc_t2r_acc'] = correct_and_count(out['amc_t2r_logits'],
-                                                t['amc_region'], w)
-      counts['amc_r2t_acc'] = correct_and_count(out['amc_r2t_logits'],
-                                                t['amc_text_pos'], w)
-      counts['amc_word_acc'] = correct_and_count(out['amc_word_logits'],
-                                                 t['amc_word'], w)
-      counts['amc_tag_acc'] = correct_and_count(
-          out['amc_tag_logits'], t['amc_tag'], w & (t['amc_tag'] >= 0))
+    if with_amc:
+      counts.update(amc_counts(out, t))
+      inputs, t = objectives.prepare_inputs(batch, rng, config, specials,
+                                            swap_all=True, corrupt=False)
+      counts.update(amc_counts(apply(inputs), t, '_all_swapped'))
     return counts
 
   return eval_step
@@ -76,7 +92,7 @@ def make_itm_scorer(model, config, specials):
 
   def score(params, batch):
     inputs, _ = objectives.prepare_inputs(batch, rng, config, specials,
-                                          train=False, corrupt=False)
+                                          swap_all=True, corrupt=False)
     logits = model.apply({'params': params}, inputs,
                          deterministic=True)['itm_logits']
     return jax.nn.log_softmax(logits)[:, 1]
@@ -141,10 +157,11 @@ def evaluate_pretrain(model, params, config, directory, specials, mesh,
         h0, n0 = totals.get(k, (0.0, 0.0))
         totals[k] = (h0 + float(hits), n0 + float(n))
     results = {k: h / max(n, 1.0) for k, (h, n) in totals.items()}
-    if 'amc_t2r_acc' in results:
-      results['amc_pair_acc'] = (results['amc_t2r_acc']
-                                 + results['amc_r2t_acc']) / 2
-      results['amc_anchors'] = totals['amc_t2r_acc'][1]
+    for suffix in ('', '_all_swapped'):
+      if f'amc_t2r_acc{suffix}' in results:
+        results[f'amc_pair_acc{suffix}'] = (results[f'amc_t2r_acc{suffix}'] +
+                                            results[f'amc_r2t_acc{suffix}']) / 2
+        results[f'amc_anchors{suffix}'] = totals[f'amc_t2r_acc{suffix}'][1]
     results['num_pairs'] = num_pairs * jax.process_count()
     results['num_pairs_not_evaluated'] = dropped  # Last partial batch.
 

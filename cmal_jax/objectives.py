@@ -70,12 +70,14 @@ def anchor_region_cover(batch):
   return jnp.any(hit, axis=1)
 
 
-def prepare_inputs(batch, rng, config, specials, *, train, corrupt=True):
+def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
+                   corrupt=True):
   """Corrupts a batch for one pre-training step.
 
   Returns (inputs, targets): the model's input dict (see model.cmal.CMAL) and
-  what the losses compare against. With train=False the CMAP actions are
-  deterministic (every valid anchor swapped) so evaluation is repeatable.
+  what the losses compare against. CMAP actions are sampled as in training,
+  or with swap_all=True every valid anchor is swapped (a deterministic
+  stress test of AMC, also used to score retrieval pairs).
   corrupt=False skips MLM and MRC masking (for scoring pairs).
   """
   cmap_rng, mlm_rng, mlm_sub_rng, mrc_rng = jax.random.split(rng, 4)
@@ -85,12 +87,12 @@ def prepare_inputs(batch, rng, config, specials, *, train, corrupt=True):
 
   if not config.cmap.enabled:
     action = jnp.zeros_like(valid, jnp.int32)
-  elif train:
+  elif swap_all:
+    action = prompt.all_swapped(valid)
+  else:
     action = prompt.sample_anchor_actions(
         cmap_rng, valid, select_prob=config.cmap.select_prob,
         swap_prob=config.cmap.swap_prob, mask_prob=config.cmap.mask_prob)
-  else:
-    action = prompt.all_swapped(valid)
 
   # MLM: 15 % of real, non-special, non-anchor tokens; BERT's 80/10/10.
   special = (ids == specials.cls) | (ids == specials.sep) | (ids == specials.pad)

@@ -63,13 +63,12 @@ def ensure_world_data(config, directory):
 # ------------------------------------------------ 2. model, optimizer, state
 
 def decay_mask(params):
-  """AdamW decays kernels and embeddings, not biases or LayerNorm."""
-  def keep(path, _):
-    names = [getattr(k, 'key', None) for k in path]
-    names = [n for n in names if isinstance(n, str)]
-    return names[-1] not in ('bias', 'scale') and 'LayerNorm' not in names[
-        -2:] and not names[-1].endswith(('_scale', 'mask_vector'))
-  return jax.tree_util.tree_map_with_path(keep, params)
+  """AdamW decays kernels and embeddings, not biases, LayerNorm, scales or
+  the [MASK] vector."""
+  def decays(path, _):
+    name = [k.key for k in path if isinstance(getattr(k, 'key', None), str)][-1]
+    return not name.endswith(('bias', 'scale', 'mask_vector'))
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(config):
@@ -106,7 +105,7 @@ def create_train_state(model, tx, config, specials, mesh, axis_rules):
   """
   def init(rng):
     inputs, _ = objectives.prepare_inputs(
-        dummy_batch(config, 1), rng, config, specials, train=False)
+        dummy_batch(config, 1), rng, config, specials)
     params = model.init(rng, inputs)['params']  # Boxed: carries axis names.
     return train_state.TrainState.create(apply_fn=model.apply, params=params,
                                          tx=tx)
@@ -131,7 +130,7 @@ def make_train_step(model, config, specials, schedule):
 
     def loss_fn(params):
       inputs, targets = objectives.prepare_inputs(
-          batch, prep_rng, config, specials, train=True)
+          batch, prep_rng, config, specials)
       outputs = model.apply({'params': params}, inputs, deterministic=False,
                             rngs={'dropout': dropout_rng})
       return objectives.compute_losses(outputs, targets, config)

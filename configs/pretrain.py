@@ -13,7 +13,7 @@ import ml_collections
 SIZES = {
     #        D   heads L_t L_v L_u  T   R   K  F(feat) batch steps  lr
     'tiny': (64, 2, 1, 1, 2, 24, 8, 4, 64, 32, 200, 1e-3),
-    'small': (256, 4, 2, 2, 4, 32, 10, 6, 256, 64, 350, 5e-4),
+    'small': (256, 4, 2, 2, 4, 32, 10, 6, 256, 64, 600, 5e-4),
     'base': (768, 12, 6, 6, 12, 40, 36, 8, 2048, 256, 200_000, 1e-4),
 }
 RECIPES = ('cmal', 'cmcl')
