@@ -1,0 +1,174 @@
+"""One train step on 1 device and on 8 fake CPU devices (DESIGN.md §5).
+
+Runs in a subprocess: XLA_FLAGS must be set before JAX starts, and the parent
+pytest process has usually started JAX already.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from cmal_batches import random_batch
+
+B = 16
+MESHES = ((2, 4, 1), (4, 1, 2))
+
+_SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    from cmal_jax import objectives, sharding, train
+    from cmal_jax.model.cmal import CMAL, ModelConfig
+    from configs.pretrain import get_config
+
+    assert jax.device_count() == 8, jax.devices()
+    d = sys.argv[1]
+    meshes = json.loads(sys.argv[2])
+    loaded = np.load(os.path.join(d, 'batch.npz'))
+    host_batch = {k: loaded[k] for k in loaded.files}
+    specials = objectives.SpecialTokens(0, 101, 102, 103, 30522)
+
+    def leaf(tree, path):
+        for k in path:
+            tree = tree[k]
+        return tree
+
+    def run(shape, devices):
+        config = get_config('tiny')
+        config.batch_size = len(host_batch['input_ids'])
+        config.mesh.shape = tuple(shape)
+        mesh = sharding.make_mesh(config.mesh.shape, devices=devices)
+        rules = sharding.rules(config)
+        model = CMAL(ModelConfig.from_config(config.model, num_tags=10))
+        tx, schedule = train.make_optimizer(config)
+        state, state_shardings = train.create_train_state(
+            model, tx, config, specials, mesh, rules)
+        params0 = jax.device_get(state.params)
+        q = leaf(state.params, ('unified', 'layer_0', 'attention',
+                                'query_kernel'))
+        mlp = leaf(state.params, ('unified', 'layer_0', 'intermediate',
+                                  'kernel'))
+        info = dict(
+            query_spec=[None if a is None else a for a in q.sharding.spec],
+            query_shard=list(q.addressable_shards[0].data.shape),
+            query_shape=list(q.shape),
+            mlp_spec=[None if a is None else a for a in mlp.sharding.spec],
+            mlp_shard=list(mlp.addressable_shards[0].data.shape),
+            mlp_shape=list(mlp.shape),
+            devices=len(q.sharding.device_set))
+        batch = sharding.global_batch(host_batch, mesh)
+        info['batch_shard'] = list(
+            batch['region_feats'].addressable_shards[0].data.shape)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            step_fn = jax.jit(
+                train.make_train_step(model, config, specials, schedule),
+                in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                out_shardings=(state_shardings, sharding.replicated(mesh)),
+                donate_argnums=0)
+        metrics = []
+        for _ in range(2):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                state, m = step_fn(state, batch)
+            metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
+        info['metrics'] = metrics
+        info['step'] = int(state.step)
+        params1 = jax.device_get(state.params)
+        return info, params0, params1
+
+    results = {}
+    ref_info, ref_p0, ref_p1 = run((1, 1, 1), jax.devices()[:1])
+    results['ref'] = ref_info
+    flat = lambda t: jax.tree_util.tree_leaves_with_path(t)
+    for shape in meshes:
+        info, p0, p1 = run(shape, jax.devices())
+        # Initial parameters: bit for bit (threefry is partitionable).
+        info['init_max_diff'] = max(
+            float(np.max(np.abs(a - b))) for a, b in zip(
+                jax.tree.leaves(ref_p0), jax.tree.leaves(p0)))
+        info['step_max_diff'] = max(
+            float(np.max(np.abs(a - b))) for a, b in zip(
+                jax.tree.leaves(ref_p1), jax.tree.leaves(p1)))
+        results[str(tuple(shape))] = info
+    with open(os.path.join(d, 'results.json'), 'w') as f:
+        json.dump(results, f)
+''')
+
+
+def run_with_8_devices(script, *argv, timeout=600):
+    env = dict(os.environ)
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                        ' --xla_force_host_platform_device_count=8').strip()
+    env['JAX_PLATFORMS'] = 'cpu'
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    env['PYTHONPATH'] = os.pathsep.join([root, here, env.get('PYTHONPATH', '')])
+    proc = subprocess.run([sys.executable, '-c', script, *map(str, argv)],
+                          env=env, cwd=root, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+    from configs.pretrain import get_config
+    c = get_config('tiny')
+    batch = random_batch(0, B, c.data.max_text_len, c.data.max_regions,
+                         c.data.max_anchors, c.model.region_feat_dim)
+    d = tmp_path_factory.mktemp('sharding')
+    np.savez(d / 'batch.npz', **batch)
+    run_with_8_devices(_SCRIPT, d, json.dumps([list(m) for m in MESHES]))
+    with open(d / 'results.json') as f:
+        return json.load(f)
+
+
+def test_reference_runs_on_one_device(results):
+    ref = results['ref']
+    assert ref['devices'] == 1 and ref['step'] == 2
+    m = ref['metrics'][0]
+    assert np.isfinite(m['loss']) and m['loss'] > 0
+    # The step really trains every objective of the CMAL recipe.
+    for k in ('loss_amc_pair', 'loss_amc_label', 'loss_mlm', 'loss_itm'):
+        assert m[k] > 0, k
+    assert m['amc_anchors'] > 0
+    np.testing.assert_allclose(
+        m['loss'], m['loss_amc_pair'] + m['loss_amc_label'] + m['loss_mlm']
+        + m['loss_itm'], rtol=1e-6)
+
+
+@pytest.mark.parametrize('shape', MESHES)
+def test_same_loss_and_metrics_on_8_devices(results, shape):
+    ref, got = results['ref'], results[str(shape)]
+    assert got['devices'] == 8 and got['step'] == 2
+    assert got['init_max_diff'] == 0.0  # Same initial parameters.
+    for step in range(2):
+        want, have = ref['metrics'][step], got['metrics'][step]
+        assert set(want) == set(have)
+        np.testing.assert_allclose(have['loss'], want['loss'], rtol=1e-5)
+        for k in want:
+            np.testing.assert_allclose(have[k], want[k], rtol=1e-5, atol=1e-6,
+                                       err_msg=f'{k} at step {step}')
+    # Parameters after two AdamW steps agree to float noise (lr <= 1e-4).
+    assert got['step_max_diff'] < 1e-5
+
+
+def test_parameters_sharded_as_the_rules_say(results):
+    D, H = 64, 2
+    t = results[str((4, 1, 2))]
+    assert t['query_shape'] == [D, H, D // H]
+    assert t['query_spec'][:2] == ['fsdp', 'tensor']  # embed, heads.
+    assert t['query_shard'] == [D, H // 2, D // H]  # Heads split in two.
+    assert t['batch_shard'][0] == B // 4
+    f = results[str((2, 4, 1))]
+    assert f['mlp_shape'] == [D, 4 * D]
+    assert f['mlp_spec'][0] == 'fsdp' and f['mlp_spec'][1] == 'tensor'
+    assert f['mlp_shard'] == [D // 4, 4 * D]  # embed split over fsdp=4.
+    assert f['batch_shard'][0] == B // 8
+    ref = results['ref']
+    assert ref['query_shard'] == ref['query_shape']
