@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmal_batches import CLS, MASK, PAD, SEP, VOCAB, random_batch
+from cmal_testutil import CLS, MASK, PAD, SEP, VOCAB, random_batch
 from cmal_jax import objectives
 from cmal_jax.model.prompt import NONE, SWAP
 from configs.pretrain import get_config
@@ -89,6 +89,18 @@ def batch(config):
                         config.model.region_feat_dim)
 
 
+_JITTED = {}
+
+
+def prep(config, batch, seed, **kw):
+    """prepare_inputs, jitted once per (config, options), on the host."""
+    key = (config.to_json(), tuple(sorted(kw.items())))
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(lambda b, r: objectives.prepare_inputs(
+            b, r, config, SPECIALS, **kw))
+    return jax.device_get(_JITTED[key](batch, jax.random.key(seed)))
+
+
 def anchor_cover(batch):
     B, T = batch['input_ids'].shape
     cover = np.zeros((B, T), bool)
@@ -112,11 +124,9 @@ def test_prepare_inputs_mlm_masks_only_eligible_tokens(config, batch):
     cover = anchor_cover(batch)
     positive = batch['itm_label'] > 0
     eligible = (batch['text_mask'] > 0) & ~special & ~cover & positive[:, None]
-    prep = jax.jit(lambda b, r: objectives.prepare_inputs(
-        b, r, config, SPECIALS, train=True))
     n_masked = n_weighted = n_changed = 0
     for seed in range(10):
-        inputs, targets = jax.device_get(prep(batch, jax.random.key(seed)))
+        inputs, targets = prep(config, batch, seed)
         new = inputs['input_ids']
         changed = new != ids
         assert not np.any(changed & ~eligible), np.argwhere(changed & ~eligible)
@@ -158,8 +168,7 @@ def test_prepare_inputs_mrc_masks_only_eligible_regions(config, batch):
                 & ~region_cover & (batch['itm_label'] > 0)[:, None])
     zeroed_total = 0
     for seed in range(5):
-        inputs, targets = jax.device_get(objectives.prepare_inputs(
-            batch, jax.random.key(seed), config, SPECIALS, train=True))
+        inputs, targets = prep(config, batch, seed)
         zeroed = np.any(inputs['region_feats'] != batch['region_feats'], -1)
         assert not np.any(zeroed & ~eligible)
         assert np.all(inputs['region_feats'][zeroed] == 0)
@@ -173,11 +182,10 @@ def test_prepare_inputs_mrc_masks_only_eligible_regions(config, batch):
     assert zeroed_total > 0
 
 
-def test_prepare_inputs_eval_swaps_exactly_the_valid_anchors(config, batch):
+def test_prepare_inputs_swap_all_swaps_exactly_the_valid_anchors(config, batch):
     valid = batch['anchor_valid']
     for seed in range(3):
-        inputs, targets = jax.device_get(objectives.prepare_inputs(
-            batch, jax.random.key(seed), config, SPECIALS, train=False))
+        inputs, targets = prep(config, batch, seed, swap_all=True)
         np.testing.assert_array_equal(inputs['anchor_action'],
                                       np.where(valid, SWAP, NONE))
         np.testing.assert_array_equal(targets['amc_weights'], valid)
@@ -190,8 +198,7 @@ def test_prepare_inputs_eval_swaps_exactly_the_valid_anchors(config, batch):
         targets['amc_tag'][valid],
         batch['region_tags'][rows[valid], batch['anchor_region'][valid]])
     # corrupt=False leaves the text and regions as they are.
-    inputs, _ = objectives.prepare_inputs(batch, jax.random.key(0), config,
-                                          SPECIALS, train=True, corrupt=False)
+    inputs, _ = prep(config, batch, 0, corrupt=False)
     np.testing.assert_array_equal(np.asarray(inputs['input_ids']),
                                   batch['input_ids'])
     np.testing.assert_array_equal(np.asarray(inputs['region_feats']),
@@ -200,15 +207,14 @@ def test_prepare_inputs_eval_swaps_exactly_the_valid_anchors(config, batch):
 
 def test_prepare_inputs_train_actions(config, batch):
     valid = batch['anchor_valid']
-    actions = np.stack([np.asarray(objectives.prepare_inputs(
-        batch, jax.random.key(s), config, SPECIALS, train=True)[0][
-            'anchor_action']) for s in range(8)])
+    actions = np.stack([prep(config, batch, s)[0]['anchor_action']
+                        for s in range(8)])
     assert np.all(actions[:, ~valid] == NONE)
     assert 0.3 < np.mean(actions[:, valid] != NONE) < 0.7
     cmcl = get_config('tiny,cmcl')
-    off = objectives.prepare_inputs(batch, jax.random.key(0), cmcl, SPECIALS,
-                                    train=False)[0]['anchor_action']
-    assert np.all(np.asarray(off) == NONE)
+    for swap_all in (False, True):  # CMAP off: no anchor is touched.
+        off = prep(cmcl, batch, 0, swap_all=swap_all)[0]
+        assert np.all(np.asarray(off['anchor_action']) == NONE)
 
 
 def test_weighted_xent_zero_weights():

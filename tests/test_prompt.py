@@ -1,8 +1,5 @@
 """Tests for CMAP: anchor actions and swap feature filling (DESIGN.md §2)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -10,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmal_batches import random_anchors
+from cmal_testutil import random_anchors, run_with_8_devices
 from cmal_jax.model import prompt
 from cmal_jax.model.prompt import KEEP, MASK, NONE, SWAP
 
@@ -249,22 +246,6 @@ _SHARDED_SCRIPT = textwrap.dedent('''
     np.save(os.path.join(d, 'text.npy'), np.asarray(t))
     np.save(os.path.join(d, 'regions.npy'), np.asarray(r))
 ''')
-
-
-def run_with_8_devices(script, *argv, timeout=300):
-    env = dict(os.environ)
-    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                        ' --xla_force_host_platform_device_count=8').strip()
-    env['JAX_PLATFORMS'] = 'cpu'
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env['PYTHONPATH'] = os.pathsep.join(
-        [root, os.path.dirname(os.path.abspath(__file__)),
-         env.get('PYTHONPATH', '')])
-    proc = subprocess.run([sys.executable, '-c', script, *map(str, argv)],
-                          env=env, cwd=root, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
 
 
 def test_same_result_with_batch_sharded_over_8_devices(tmp_path):

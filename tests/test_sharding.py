@@ -1,19 +1,17 @@
 """One train step on 1 device and on 8 fake CPU devices (DESIGN.md §5).
 
-Runs in a subprocess: XLA_FLAGS must be set before JAX starts, and the parent
-pytest process has usually started JAX already.
+Runs in one subprocess (XLA_FLAGS must be set before JAX starts, and the
+parent pytest process has usually started JAX already): the 1-device reference
+on a (1, 1, 1) mesh over jax.devices()[:1], then each 8-device mesh.
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from cmal_batches import random_batch
+from cmal_testutil import random_batch, run_with_8_devices
 
 B = 16
 MESHES = ((2, 4, 1), (4, 1, 2))
@@ -55,10 +53,10 @@ _SCRIPT = textwrap.dedent('''
         mlp = leaf(state.params, ('unified', 'layer_0', 'intermediate',
                                   'kernel'))
         info = dict(
-            query_spec=[None if a is None else a for a in q.sharding.spec],
+            query_spec=list(q.sharding.spec),
             query_shard=list(q.addressable_shards[0].data.shape),
             query_shape=list(q.shape),
-            mlp_spec=[None if a is None else a for a in mlp.sharding.spec],
+            mlp_spec=list(mlp.sharding.spec),
             mlp_shard=list(mlp.addressable_shards[0].data.shape),
             mlp_shape=list(mlp.shape),
             devices=len(q.sharding.device_set))
@@ -84,7 +82,6 @@ _SCRIPT = textwrap.dedent('''
     results = {}
     ref_info, ref_p0, ref_p1 = run((1, 1, 1), jax.devices()[:1])
     results['ref'] = ref_info
-    flat = lambda t: jax.tree_util.tree_leaves_with_path(t)
     for shape in meshes:
         info, p0, p1 = run(shape, jax.devices())
         # Initial parameters: bit for bit (threefry is partitionable).
@@ -100,21 +97,6 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
-def run_with_8_devices(script, *argv, timeout=600):
-    env = dict(os.environ)
-    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                        ' --xla_force_host_platform_device_count=8').strip()
-    env['JAX_PLATFORMS'] = 'cpu'
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(here)
-    env['PYTHONPATH'] = os.pathsep.join([root, here, env.get('PYTHONPATH', '')])
-    proc = subprocess.run([sys.executable, '-c', script, *map(str, argv)],
-                          env=env, cwd=root, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
     from configs.pretrain import get_config
@@ -123,7 +105,8 @@ def results(tmp_path_factory):
                          c.data.max_anchors, c.model.region_feat_dim)
     d = tmp_path_factory.mktemp('sharding')
     np.savez(d / 'batch.npz', **batch)
-    run_with_8_devices(_SCRIPT, d, json.dumps([list(m) for m in MESHES]))
+    run_with_8_devices(_SCRIPT, d, json.dumps([list(m) for m in MESHES]),
+                       fast_compile=True)
     with open(d / 'results.json') as f:
         return json.load(f)
 

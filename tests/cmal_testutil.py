@@ -1,8 +1,11 @@
-"""Random but realistic host batches and anchor sets for the model tests.
-
-Shared by test_prompt.py, test_objectives.py and test_sharding.py. Pure numpy,
-so it can be imported before JAX is configured.
+"""Helpers shared by test_prompt.py, test_objectives.py and test_sharding.py:
+random but realistic host batches and anchor sets (pure numpy), and running a
+script in a subprocess with 8 fake CPU devices.
 """
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -73,3 +76,27 @@ def random_batch(seed, B, T, R, K, F, num_tags=10, neg_prob=0.5):
         tagged = region[valid]
         b['region_tags'][i, tagged] = rng.integers(0, num_tags, len(tagged))
     return b
+
+
+def run_with_8_devices(script, *argv, fast_compile=False, timeout=600):
+    """Runs `python -c script argv...` with 8 fake CPU devices.
+
+    XLA_FLAGS must be set before JAX initialises, hence a fresh process.
+    fast_compile lowers XLA's CPU optimisation level: compiles take about
+    half as long, and the comparisons are between runs in the same process.
+    """
+    env = dict(os.environ)
+    flags = ['--xla_force_host_platform_device_count=8']
+    if fast_compile:
+        flags += ['--xla_backend_optimization_level=0',
+                  '--xla_llvm_disable_expensive_passes=true']
+    env['XLA_FLAGS'] = ' '.join([env.get('XLA_FLAGS', '')] + flags).strip()
+    env['JAX_PLATFORMS'] = 'cpu'
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    env['PYTHONPATH'] = os.pathsep.join([root, here, env.get('PYTHONPATH', '')])
+    proc = subprocess.run([sys.executable, '-c', script, *map(str, argv)],
+                          env=env, cwd=root, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc

@@ -1,0 +1,317 @@
+"""End-to-end pre-training on the tiny config: it learns, it resumes
+bitwise, the CMCL recipe runs through the same code, and the run writes what
+it promises.
+
+The runs are the slow part of the suite (each train_and_evaluate call
+compiles a train step); runs are shared through module-scoped fixtures and
+the session's synthetic world (conftest.world_dir) so nothing regenerates.
+"""
+
+import glob
+import json
+import math
+import os
+import struct
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cmal_jax import checkpoint, objectives, train
+from cmal_jax.data import pipeline
+from cmal_jax.data.tokenizer import load_tokenizer
+from configs import pretrain
+
+AMC_KEYS = ('loss_amc_pair', 'loss_amc_label')
+CMAL_LOSSES = AMC_KEYS + ('loss_mlm', 'loss_itm')
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def train_lines(lines):
+  """The per-interval training lines (not the final eval/* line)."""
+  return [m for m in lines if 'loss' in m]
+
+
+def read_json(workdir, name):
+  with open(os.path.join(workdir, name)) as f:
+    return json.load(f)
+
+
+def first_and_last3(lines, key):
+  values = [m[key] for m in train_lines(lines)]
+  return values[0], float(np.mean(values[-3:]))
+
+
+def tiny_config(world_dir, arg='tiny', **overrides):
+  c = pretrain.get_config(arg)
+  c.data.dir = world_dir
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture(scope='module')
+def learn_run(tmp_path_factory, world_dir):
+  """tiny + cmal, its default 200 steps, logged every 10."""
+  workdir = str(tmp_path_factory.mktemp('learn'))
+  config = tiny_config(world_dir, total_steps=200, log_every=10)
+  results = train.train_and_evaluate(config, workdir)
+  return workdir, config, results
+
+
+# ------------------------------------------------------------ learning
+
+def test_cmal_learns(learn_run):
+  workdir, _, results = learn_run
+  lines = read_metrics(workdir)
+  # Measured (seed 0, 1024-pair world, 200 steps), first -> mean of last 3:
+  #   loss_amc_pair 2.214 -> 0.284, loss_amc_label 6.216 -> 1.879,
+  #   loss_mlm 10.213 -> 3.684, loss_itm 0.694 -> 0.692.
+  for key, max_ratio in (('loss_amc_pair', 0.4), ('loss_amc_label', 0.6),
+                         ('loss_mlm', 0.6)):
+    first, last = first_and_last3(lines, key)
+    assert last < max_ratio * first, (key, first, last)
+  # ITM does not learn within 200 tiny steps: it sits at ln 2 (0.694 ->
+  # 0.692 measured; it only "learns" later, and then from a label leak; see
+  # test_itm_input_does_not_reveal_label). Here only: no divergence.
+  first, last = first_and_last3(lines, 'loss_itm')
+  assert all(m['loss_itm'] < 0.8 for m in train_lines(lines))
+  assert last < first + 0.05
+
+  # AMC pairing: chance is ~1/#regions (0.15-0.2). Measured 0.854 (training
+  # log, last 3) and 0.842 (held-out, eval.json).
+  _, acc = first_and_last3(lines, 'acc_amc_pair')
+  assert acc > 0.6
+  assert results['amc_pair_acc'] > 0.6
+  assert read_json(workdir, 'eval.json')['amc_pair_acc'] == (
+      results['amc_pair_acc'])
+  # Every logged value is finite.
+  for m in train_lines(lines):
+    assert all(math.isfinite(v) for v in m.values()), m
+
+
+# ------------------------------------------------------- run artefacts
+
+def read_event_scalars(path):
+  """{tag: [(step, value)]} from a TensorBoard event file (TFRecords)."""
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  with open(path, 'rb') as f:
+    data = f.read()
+  i = 0
+  while i < len(data):
+    (length,) = struct.unpack('<Q', data[i:i + 8])
+    event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+    i += 12 + length + 4
+    for v in event.summary.value:
+      scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return scalars
+
+
+def test_run_writes_what_it_promises(learn_run, world_dir):
+  workdir, config, results = learn_run
+  # Data came from config.data.dir; nothing was generated in the workdir.
+  assert not os.path.exists(os.path.join(workdir, 'data'))
+
+  # Checkpoints every 100 steps (tiny), each with the state and data iterator.
+  ckpt = os.path.join(workdir, 'checkpoints')
+  assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [100, 200]
+  for step in (100, 200):
+    assert {'state', 'data'} <= set(os.listdir(os.path.join(ckpt, str(step))))
+
+  # metrics.jsonl: one line per log interval, then the final evaluation.
+  lines = read_metrics(workdir)
+  steps = [m['step'] for m in train_lines(lines)]
+  assert steps == list(range(10, 201, 10))
+  for m in train_lines(lines):
+    assert set(CMAL_LOSSES) <= set(m)
+    assert {'loss', 'acc_amc_pair', 'acc_mlm', 'acc_itm', 'grad_norm', 'lr',
+            'steps_per_sec', 'data/examples'} <= set(m)
+  assert lines[-1]['step'] == 200
+  assert lines[-1]['eval/amc_pair_acc'] == results['amc_pair_acc']
+  # The data counters add up: 200 steps of 32 examples.
+  assert train_lines(lines)[-1]['data/examples'] == 200 * 32
+  assert results['data_stats']['examples'] == 200 * 32
+
+  # TensorBoard: the same scalars as the jsonl.
+  (events,) = glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.*'))
+  scalars = read_event_scalars(events)
+  assert [s for s, _ in scalars['loss_mlm']] == steps
+  np.testing.assert_allclose([v for _, v in scalars['loss_mlm']],
+                             [m['loss_mlm'] for m in train_lines(lines)],
+                             rtol=1e-6)
+  assert 'eval/amc_pair_acc' in scalars
+
+  # config.json: the config the run used.
+  saved = read_json(workdir, 'config.json')
+  assert saved['data']['dir'] == world_dir
+  assert saved['total_steps'] == 200
+  assert saved['model'] == config.model.to_dict()
+
+  # eval.json: the promised metrics, as fractions, on all 128 held-out pairs.
+  ev = read_json(workdir, 'eval.json')
+  for key in ('amc_pair_acc', 'mlm_acc', 'itm_acc', 'retrieval_t2i_r1',
+              'retrieval_i2t_r1'):
+    assert 0.0 <= ev[key] <= 1.0, key
+  assert ev['step'] == 200
+  assert ev['num_pairs'] == 128 and ev['num_pairs_not_evaluated'] == 0
+  assert ev['retrieval_images'] == config.eval.retrieval_images
+  assert ev['retrieval_t2i_r1'] <= ev['retrieval_t2i_r5'] <= (
+      ev['retrieval_t2i_r10'])
+  assert {k: v for k, v in ev.items()} == json.loads(json.dumps(results))
+
+
+# ---------------------------------------------------------------- resume
+
+N = 20  # Run A stops here, then resumes to N + 10.
+
+
+def resume_config(world_dir, stop_at_step):
+  return tiny_config(world_dir, total_steps=N + 10, log_every=1,
+                     checkpoint_every=1000, stop_at_step=stop_at_step)
+
+
+def restore_params(workdir, config, step):
+  manager = checkpoint.make_manager(workdir, config)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+  finally:
+    manager.close()
+  return restored['state']
+
+
+@pytest.fixture(scope='module')
+def compilation_cache(tmp_path_factory):
+  """A persistent XLA cache for this module's runs: the three resume runs
+  share one config, so two of them load the train and eval steps instead of
+  compiling them again (~25 s each on 2 busy cores). Restored afterwards."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  names = ('jax_compilation_cache_dir',
+           'jax_persistent_cache_min_compile_time_secs')
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], str(tmp_path_factory.mktemp('xla_cache')))
+  jax.config.update(names[1], 0.0)
+  cc.reset_cache()
+  yield
+  for n, v in old.items():
+    jax.config.update(n, v)
+  cc.reset_cache()
+
+
+@pytest.fixture(scope='module')
+def resume_runs(tmp_path_factory, world_dir, compilation_cache):
+  a = str(tmp_path_factory.mktemp('resume_a'))
+  b = str(tmp_path_factory.mktemp('resume_b'))
+  first = train.train_and_evaluate(resume_config(world_dir, N), a)
+  a_after_stop = dict(
+      returned=first, lines=read_metrics(a),
+      checkpoints=sorted(os.listdir(os.path.join(a, 'checkpoints'))),
+      has_eval=os.path.exists(os.path.join(a, 'eval.json')))
+  results_a = train.train_and_evaluate(resume_config(world_dir, 0), a)
+  results_b = train.train_and_evaluate(resume_config(world_dir, 0), b)
+  return a, b, a_after_stop, results_a, results_b
+
+
+def test_stop_at_step_saves_and_stops(resume_runs):
+  _, _, stopped, _, _ = resume_runs
+  assert stopped['returned'] is None
+  assert not stopped['has_eval']
+  assert [int(s) for s in stopped['checkpoints'] if s.isdigit()] == [N]
+  assert [m['step'] for m in stopped['lines']] == list(range(1, N + 1))
+
+
+def test_resume_is_bitwise_identical(resume_runs, world_dir):
+  a, b, _, results_a, results_b = resume_runs
+  lines_a, lines_b = train_lines(read_metrics(a)), train_lines(read_metrics(b))
+  # A's file holds both invocations: steps 1..N, then N+1..N+10.
+  assert [m['step'] for m in lines_a] == list(range(1, N + 11))
+  assert [m['step'] for m in lines_b] == list(range(1, N + 11))
+  compared = [k for k in lines_b[0]
+              if k.startswith(('loss', 'acc_')) or k in ('grad_norm', 'lr')]
+  assert set(CMAL_LOSSES) <= set(compared)
+  for la, lb in zip(lines_a, lines_b):
+    for k in compared:
+      assert la[k] == lb[k], (la['step'], k, la[k], lb[k])  # Bitwise.
+  # (Sanity: the compared values do change from step to step.)
+  assert len({m['loss_mlm'] for m in lines_b[N:]}) == 10
+
+  # Final parameters and optimizer state, bitwise.
+  config = resume_config(world_dir, 0)
+  state_a = restore_params(a, config, N + 10)
+  state_b = restore_params(b, config, N + 10)
+  assert int(state_a['step']) == int(state_b['step']) == N + 10
+  flat_a = jax.tree_util.tree_leaves_with_path(state_a)
+  flat_b = jax.tree_util.tree_leaves_with_path(state_b)
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  assert len(flat_a) > 20
+  for (path, x), (_, y) in zip(flat_a, flat_b):
+    assert np.array_equal(np.asarray(x), np.asarray(y)), path
+
+  # The same final evaluation (data_stats aside, see below).
+  strip = lambda r: {k: v for k, v in r.items() if k != 'data_stats'}
+  assert strip(results_a) == strip(results_b)
+  assert strip(read_json(a, 'eval.json')) == strip(read_json(b, 'eval.json'))
+  assert results_b['data_stats']['examples'] == (N + 10) * 32
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    'Library bug: train.py resets the data counters (stats) at each '
+    'invocation and does not checkpoint them, so after a resume eval.json '
+    "data_stats and metrics' data/* count only the last invocation."))
+def test_resume_keeps_data_counters(resume_runs):
+  _, _, _, results_a, results_b = resume_runs
+  assert results_a['data_stats'] == results_b['data_stats']
+
+
+# ------------------------------------------------------------------ CMCL
+
+def test_cmcl_recipe_trains(tmp_path, world_dir):
+  config = tiny_config(world_dir, 'tiny,cmcl', total_steps=100, log_every=10)
+  config.eval.retrieval_images = 16
+  assert not config.cmap.enabled and config.loss.amc == 0
+  results = train.train_and_evaluate(config, str(tmp_path))
+  lines = train_lines(read_metrics(str(tmp_path)))
+  assert [m['step'] for m in lines] == list(range(10, 101, 10))
+  for m in lines:
+    assert not [k for k in m if 'amc' in k], m
+    assert {'loss_itc', 'acc_itc', 'loss_mlm', 'loss_itm'} <= set(m)
+  # Measured, first -> mean of last 3: loss_itc 3.009 -> 2.769, loss_mlm
+  # 10.128 -> 4.590. Note 2.77 ~ ln(16), chance for ~16 positives a batch
+  # (acc_itc ~0.07): in 100 steps ITC only falls from its start to chance;
+  # it gets past chance later (ITC alone: 2.28, acc 0.19 at step 300).
+  first, last = first_and_last3(lines, 'loss_itc')
+  assert last < first - 0.1, (first, last)
+  first, last = first_and_last3(lines, 'loss_mlm')
+  assert last < 0.6 * first, (first, last)
+  assert not [k for k in results if 'amc' in k]
+  assert {'mlm_acc', 'itm_acc', 'retrieval_t2i_r1'} <= set(results)
+
+
+# ------------------------------------------------------- ITM label leak
+
+@pytest.mark.xfail(strict=True, reason=(
+    'Library bug: objectives.prepare_inputs applies MLM corruption only to '
+    'positive pairs (eligible &= positive), so [MASK]/replaced tokens in the '
+    'input reveal itm_label: ITM reaches ~0.98 accuracy by detecting them '
+    'while retrieval R@1 stays at chance.'))
+def test_itm_input_does_not_reveal_label(world_dir):
+  config = tiny_config(world_dir)
+  ds, _, _ = pipeline.make_dataset(config, world_dir, 'pretrain',
+                                   batch_size=256, train=True, seed=0)
+  batch = ds[0]
+  batch.pop('stats')
+  specials = objectives.SpecialTokens.from_tokenizer(load_tokenizer(None))
+  inputs, _ = objectives.prepare_inputs(batch, jax.random.key(0), config,
+                                        specials)
+  changed = np.any(np.asarray(inputs['input_ids']) != batch['input_ids'], 1)
+  positive = batch['itm_label'] == 1
+  assert 50 < positive.sum() < 206  # Both kinds are there.
+  # The share of captions whose tokens were corrupted must not depend on
+  # whether the caption is the image's own.
+  assert abs(changed[positive].mean() - changed[~positive].mean()) < 0.2
