@@ -4,9 +4,22 @@ message that names the field."""
 import ml_collections
 
 
-
 def _fail(field, value, why):
   raise ValueError(f'config.{field}={value!r}: {why}')
+
+
+def eval_metric_names(config):
+  """The accuracies and recalls the held-out evaluation reports."""
+  names = {'mlm_acc', 'itm_acc'}
+  recalls = [f'{d}_r{k}' for d in ('t2i', 'i2t') for k in (1, 5, 10)]
+  names |= {f'retrieval_{r}' for r in recalls}
+  if config.loss.itc > 0:
+    names |= {f'retrieval_itc_{r}' for r in recalls}
+  if config.cmap.enabled and config.loss.amc > 0:
+    for suffix in ('', '_all_swapped'):
+      names |= {f'amc_{m}_acc{suffix}' for m in ('pair', 't2r', 'r2t', 'word',
+                                                  'tag')}
+  return names
 
 
 def validate(config: ml_collections.ConfigDict):
@@ -34,6 +47,13 @@ def validate(config: ml_collections.ConfigDict):
   if d.max_text_len > m.max_position:
     _fail('data.max_text_len', d.max_text_len,
           f'exceeds model.max_position={m.max_position}')
+  if d.on_error not in ('raise', 'skip'):
+    _fail('data.on_error', d.on_error, "must be 'raise' or 'skip'")
+  if (isinstance(d.max_skip_fraction, bool)
+      or not isinstance(d.max_skip_fraction, (int, float))
+      or not 0 <= d.max_skip_fraction <= 1):
+    _fail('data.max_skip_fraction', d.max_skip_fraction,
+          'must be a fraction in [0, 1]')
   for field, value in (('data.itm_neg_prob', d.itm_neg_prob),
                        ('cmap.select_prob', config.cmap.select_prob),
                        ('cmap.swap_prob', config.cmap.swap_prob),
@@ -63,6 +83,19 @@ def validate(config: ml_collections.ConfigDict):
       _fail(field, config[field], 'must be a positive integer')
   if not isinstance(config.stop_at_step, int) or config.stop_at_step < 0:
     _fail('stop_at_step', config.stop_at_step, 'must be an integer >= 0')
+  if config.resume not in ('auto', 'fresh'):
+    _fail('resume', config.resume, "must be 'auto' or 'fresh'")
+  if not isinstance(config.max_nonfinite_steps, int) or (
+      config.max_nonfinite_steps <= 0):
+    _fail('max_nonfinite_steps', config.max_nonfinite_steps,
+          'must be a positive integer')
+  if not isinstance(config.eval.every_steps, int) or config.eval.every_steps < 0:
+    _fail('eval.every_steps', config.eval.every_steps,
+          'must be an integer >= 0')
+  if config.eval.best_metric not in eval_metric_names(config):
+    _fail('eval.best_metric', config.eval.best_metric,
+          f'not a metric this recipe evaluates; one of '
+          f'{sorted(eval_metric_names(config))}')
   o = config.optim
   if o.lr <= 0:
     _fail('optim.lr', o.lr, 'must be > 0')

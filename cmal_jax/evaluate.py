@@ -1,5 +1,5 @@
 """Evaluation on held-out pairs: AMC pairing, MLM, ITM, and zero-shot
-image-text retrieval by ITM score."""
+image-text retrieval by ITM score (and by ITC similarity where trained)."""
 
 import flax.linen as nn
 import jax
@@ -100,27 +100,46 @@ def make_itm_scorer(model, config, specials):
   return score
 
 
-def itm_score_matrix(model, params, config, directory, specials, mesh):
-  """ITM scores of every (caption, image) pair: [N, N], in jitted batches."""
-  batch_size = config.eval.batch_size
-  scorer = jax.jit(make_itm_scorer(model, config, specials),
-                   out_shardings=sharding.replicated(mesh))
-  rows = list(retrieval_pairs(config, directory, config.data.eval_split,
-                              config.eval.retrieval_images))
-  n = int(round(len(rows) ** 0.5))
+def _global_batches(rows, batch_size, mesh):
+  """Encoded pair dicts -> (global batch, number of real rows), the last
+  batch padded by repeating its last row; each process feeds its slice."""
   pi, pc = jax.process_index(), jax.process_count()
-  scores = []
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     real = len(chunk)
-    chunk += chunk[-1:] * (batch_size - real)  # Pad the last batch.
+    chunk += chunk[-1:] * (batch_size - real)
     batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
     batch['itm_label'] = np.ones(batch_size, np.int32)
     local = {k: v[pi * batch_size // pc:(pi + 1) * batch_size // pc]
              for k, v in batch.items()}
-    out = scorer(params, sharding.global_batch(local, mesh))
-    scores.append(np.asarray(out)[:real])
+    yield sharding.global_batch(local, mesh), real
+
+
+def itm_score_matrix(model, params, config, rows, specials, mesh):
+  """ITM scores of every (caption, image) pair: [N, N] from the N * N
+  row-major rows of retrieval_pairs, in jitted batches."""
+  scorer = jax.jit(make_itm_scorer(model, config, specials),
+                   out_shardings=sharding.replicated(mesh))
+  n = int(round(len(rows) ** 0.5))
+  scores = [np.asarray(scorer(params, batch))[:real] for batch, real in
+            _global_batches(rows, config.eval.batch_size, mesh)]
   return np.concatenate(scores).reshape(n, n)
+
+
+def itc_score_matrix(model, params, config, rows, mesh):
+  """ITC similarities [N, N] (caption i, image j) from UMSE embeddings; only
+  the N matched rows (i, i) are encoded, each once."""
+  n = int(round(len(rows) ** 0.5))
+  embed = jax.jit(
+      lambda p, b: model.apply({'params': p}, b, method='itc_embeddings'),
+      out_shardings=sharding.replicated(mesh))
+  text, image = [], []
+  for batch, real in _global_batches(rows[::n + 1], config.eval.batch_size,
+                                     mesh):
+    t, i = jax.device_get(embed(params, batch))
+    text.append(t[:real])
+    image.append(i[:real])
+  return np.concatenate(text) @ np.concatenate(image).T
 
 
 def recall_at_k(scores, ks=(1, 5, 10)):
@@ -139,8 +158,12 @@ def recall_at_k(scores, ks=(1, 5, 10)):
 
 
 def evaluate_pretrain(model, params, config, directory, specials, mesh,
-                      axis_rules):
-  """Held-out evaluation of a pre-trained model; returns a flat dict."""
+                      axis_rules, retrieval=True):
+  """Held-out evaluation of a pre-trained model; returns a flat dict.
+
+  retrieval=False skips zero-shot retrieval (it scores N^2 pairs), for cheap
+  periodic evaluations.
+  """
   local_batch = sharding.per_process_batch_size(config.eval.batch_size, mesh)
   ds, _, dropped = pipeline.make_dataset(
       config, directory, config.data.eval_split, batch_size=local_batch,
@@ -150,7 +173,7 @@ def evaluate_pretrain(model, params, config, directory, specials, mesh,
     step = jax.jit(make_eval_step(model, config, specials))
     totals, num_pairs = {}, 0
     for local in ds:
-      num_pairs += int(local.pop('stats')['examples'])
+      num_pairs += int(local.pop('stats')['examples'].sum())
       counts = jax.device_get(step(params, sharding.global_batch(local,
                                                                  mesh)))
       for k, (hits, n) in counts.items():
@@ -165,8 +188,16 @@ def evaluate_pretrain(model, params, config, directory, specials, mesh,
     results['num_pairs'] = num_pairs * jax.process_count()
     results['num_pairs_not_evaluated'] = dropped  # Last partial batch.
 
-    scores = itm_score_matrix(model, params, config, directory, specials,
-                              mesh)
-  results.update({f'retrieval_{k}': v for k, v in recall_at_k(scores).items()})
+    if not retrieval:
+      return results
+    rows = list(retrieval_pairs(config, directory, config.data.eval_split,
+                                config.eval.retrieval_images))
+    scores = itm_score_matrix(model, params, config, rows, specials, mesh)
+    results.update({f'retrieval_{k}': v
+                    for k, v in recall_at_k(scores).items()})
+    if config.loss.itc > 0:  # Where ITC was trained, retrieval by it too.
+      itc = itc_score_matrix(model, params, config, rows, mesh)
+      results.update({f'retrieval_itc_{k}': v
+                      for k, v in recall_at_k(itc).items()})
   results['retrieval_images'] = scores.shape[0]
   return results

@@ -5,6 +5,7 @@ then dispatches on config.task.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,6 +28,29 @@ def maybe_initialize_distributed():
     jax.distributed.initialize()
 
 
+def parse_flags(argv):
+  """absl's flag parsing, except that an override naming no config field
+  (ml_collections raises an AttributeError or KeyError from inside absl)
+  gets a one-line message like absl's own flag errors, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    errors = []  # The KeyError chain, outermost first; the last is the key.
+    cause = e if isinstance(e, KeyError) else e.__context__
+    while isinstance(cause, KeyError):
+      errors.append(str(cause.args[0]))
+      cause = cause.__context__
+    if not errors:
+      raise
+    key = errors[-1]
+    hint = errors[0].partition('\n')[2] if len(errors) > 1 else ''
+    flag = next((a.split('=')[0] for a in argv
+                 if a.startswith('--config.') and key in a.split('=')[0]
+                 .split('.')), '--config')
+    sys.exit(f'FATAL Flags parsing error: {flag}: the config has no field '
+             f'{key!r}. {hint}'.rstrip())
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO.
@@ -41,4 +65,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

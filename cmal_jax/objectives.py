@@ -48,9 +48,8 @@ def choose_positions(rng, eligible, prob):
 
 def _scatter_where(x, positions, weights, updates):
   """x [B, L, ...]: x[b, positions[b, m]] = updates[b, m] where weights."""
-  idx = jnp.where(weights, positions, x.shape[1])  # Out of range: dropped.
-  return jax.vmap(lambda xb, ib, ub: xb.at[ib].set(ub, mode='drop'))(
-      x, idx, updates)
+  return prompt.scatter_slots(x, jnp.where(weights, positions, x.shape[1]),
+                              updates)
 
 
 def anchor_text_cover(batch):
@@ -82,7 +81,10 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
   """
   cmap_rng, mlm_rng, mlm_sub_rng, mrc_rng = jax.random.split(rng, 4)
   ids = batch['input_ids']
-  positive = batch['itm_label'] > 0  # MLM/MRC only where the caption fits.
+  # MLM/MRC are scored only where the caption fits its image, but positions
+  # are corrupted on every pair: masking only positives would tell ITM the
+  # label.
+  positive = batch['itm_label'] > 0
   valid = batch['anchor_valid']
 
   if not config.cmap.enabled:
@@ -96,9 +98,9 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
 
   # MLM: 15 % of real, non-special, non-anchor tokens; BERT's 80/10/10.
   special = (ids == specials.cls) | (ids == specials.sep) | (ids == specials.pad)
-  eligible = ((batch['text_mask'] > 0) & ~special & ~anchor_text_cover(batch)
-              & positive[:, None])
-  mlm_pos, mlm_w = choose_positions(mlm_rng, eligible, config.loss.mlm_prob)
+  eligible = (batch['text_mask'] > 0) & ~special & ~anchor_text_cover(batch)
+  mlm_pos, corrupted = choose_positions(mlm_rng, eligible,
+                                        config.loss.mlm_prob)
   mlm_targets = jnp.take_along_axis(ids, mlm_pos, axis=1)
   u_rng, tok_rng = jax.random.split(mlm_sub_rng)
   u = jax.random.uniform(u_rng, mlm_pos.shape)
@@ -107,18 +109,21 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
   replaced = jnp.where(u < 0.8, specials.mask,
                        jnp.where(u < 0.9, random_ids, mlm_targets))
   if corrupt and config.loss.mlm > 0:
-    ids = _scatter_where(ids, mlm_pos, mlm_w, replaced.astype(ids.dtype))
+    ids = _scatter_where(ids, mlm_pos, corrupted, replaced.astype(ids.dtype))
+  mlm_w = corrupted & positive[:, None]
 
   # MRC: zero 15 % of tagged, non-anchor regions (UNITER's masking).
   region_tags = batch['region_tags']
   mrc_eligible = ((batch['region_mask'] > 0) & (region_tags >= 0)
-                  & ~anchor_region_cover(batch) & positive[:, None])
-  mrc_pos, mrc_w = choose_positions(mrc_rng, mrc_eligible, config.loss.mrc_prob)
+                  & ~anchor_region_cover(batch))
+  mrc_pos, mrc_corrupted = choose_positions(mrc_rng, mrc_eligible,
+                                            config.loss.mrc_prob)
   feats = batch['region_feats']
   if corrupt and config.loss.mrc > 0:
-    feats = _scatter_where(feats, mrc_pos, mrc_w,
+    feats = _scatter_where(feats, mrc_pos, mrc_corrupted,
                            jnp.zeros(mrc_pos.shape + feats.shape[2:],
                                      feats.dtype))
+  mrc_w = mrc_corrupted & positive[:, None]
 
   inputs = dict(
       input_ids=ids, text_mask=batch['text_mask'], region_feats=feats,

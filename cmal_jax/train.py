@@ -10,6 +10,7 @@
 
 import json
 import os
+import sys
 import time
 
 import flax.linen as nn
@@ -17,9 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
-from cmal_jax import checkpoint, configlib, evaluate, objectives, sharding
+from cmal_jax import (checkpoint, configlib, evaluate, guards, objectives,
+                      sharding)
 from cmal_jax.data import pipeline, records, world
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.metrics import MetricWriter
@@ -56,11 +60,18 @@ def ensure_world_data(config, directory):
       log(f'Generated {num} synthetic {split} pairs in {directory} '
           f'({time.time() - t:.0f}s)')
   if jax.process_count() > 1:  # Others wait until process 0 has written.
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('world_data')
 
 
 # ------------------------------------------------ 2. model, optimizer, state
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState plus the data counters (pipeline.STAT_KEYS), which
+  live in the checkpoint so a resumed run keeps counting from where it was,
+  and the number of updates skipped because they were not finite."""
+  data_stats: dict
+  nonfinite_skips: jax.Array
+
 
 def decay_mask(params):
   """AdamW decays kernels and embeddings, not biases, LayerNorm, scales or
@@ -107,8 +118,10 @@ def create_train_state(model, tx, config, specials, mesh, axis_rules):
     inputs, _ = objectives.prepare_inputs(
         dummy_batch(config, 1), rng, config, specials)
     params = model.init(rng, inputs)['params']  # Boxed: carries axis names.
-    return train_state.TrainState.create(apply_fn=model.apply, params=params,
-                                         tx=tx)
+    return TrainState.create(
+        apply_fn=model.apply, params=params, tx=tx,
+        data_stats={k: jnp.zeros((), jnp.int32) for k in pipeline.STAT_KEYS},
+        nonfinite_skips=jnp.zeros((), jnp.int32))
 
   rng = jax.random.key(config.seed)
   with nn.logical_axis_rules(axis_rules):
@@ -124,6 +137,10 @@ def make_train_step(model, config, specials, schedule):
   base_rng = jax.random.key(config.seed)
 
   def train_step(state, batch):
+    batch = dict(batch)
+    data_stats = {k: v + jnp.sum(batch['stats'][k])
+                  for k, v in state.data_stats.items()}
+    del batch['stats']
     # All randomness: the config seed folded with the step.
     rng = jax.random.fold_in(base_rng, state.step)
     prep_rng, dropout_rng = jax.random.split(rng)
@@ -139,12 +156,25 @@ def make_train_step(model, config, specials, schedule):
         state.params)
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['lr'] = schedule(state.step)
-    return state.apply_gradients(grads=grads), metrics
+    # A non-finite loss or gradient skips the update: parameters and
+    # optimizer state stay as they were; the step and data still advance.
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    metrics['update_skipped'] = ~finite
+    skips = state.nonfinite_skips + (~finite).astype(jnp.int32)
+    state = guards.keep_if_finite(
+        finite, state.apply_gradients(grads=grads), state)
+    return state.replace(data_stats=data_stats, nonfinite_skips=skips), metrics
 
   return train_step
 
 
 # ---------------------------------------------------------------- the run
+
+# The share of skipped bad records is checked at log intervals once this many
+# examples were read (earlier, a cluster of bad records looks like a flood),
+# and always at the end.
+MIN_EXAMPLES_FOR_SKIP_CHECK = 1000
+
 
 def train_and_evaluate(config, workdir):
   """Pre-trains per `config`, checkpointing into and resuming from `workdir`.
@@ -172,6 +202,13 @@ def train_and_evaluate(config, workdir):
       train=True, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
   train_iter = pipeline.to_iterator(train_ds, config)
+  num_eval = len(records.open_source(
+      records.split_path(directory, config.data.eval_split)))
+  if num_eval < config.eval.batch_size:  # Else evaluation would see nothing.
+    raise ValueError(
+        f'{records.split_path(directory, config.data.eval_split)} holds '
+        f'{num_eval} pairs, fewer than config.eval.batch_size='
+        f'{config.eval.batch_size}: lower eval.batch_size or add pairs.')
   log(f'Mesh {dict(mesh.shape)} over {jax.device_count()} '
       f'{jax.devices()[0].platform} devices, {jax.process_count()} '
       f'process(es); data {directory} ({vocab.num_tags} tags).')
@@ -186,14 +223,25 @@ def train_and_evaluate(config, workdir):
   log(f'Model: {num_params / 1e6:.2f}M parameters, size {config.size}, '
       f'recipe {config.recipe}.')
 
-  # 3. Resume.
+  # 3. Resume (only a checkpoint of the same kind of run).
+  if config.resume == 'fresh' and os.path.exists(
+      checkpoint.checkpoint_dir(workdir)) and jax.process_index() == 0:
+    for old in (checkpoint.checkpoint_dir(workdir), best_dir(workdir)):
+      if os.path.exists(old):
+        log(f'config.resume=fresh: moved {old} to {guards.move_aside(old)}.')
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('resume_fresh')
   manager = checkpoint.make_manager(workdir, config)
-  restored = checkpoint.restore(manager, state, train_iter)
+  restored = checkpoint.restore(manager, state, train_iter, config)
   if restored is not None:
     state = restored
     log(f'Resumed from {workdir}/checkpoints at step {int(state.step)}.')
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  step = int(state.step)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, 'run_info.json'), 'a') as f:
+      f.write(json.dumps(dict(guards.run_info(mesh), start_step=step)) + '\n')
 
   # 4. The jitted step; the state is donated, so it is updated in place.
   batch_shardings = sharding.batch_sharding(mesh)
@@ -203,61 +251,192 @@ def train_and_evaluate(config, workdir):
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)
+    state_is_finite = jax.jit(lambda s: guards.all_finite(s.params))
+
+  def save_checkpoint():
+    with jax.set_mesh(mesh):
+      if not bool(state_is_finite(state)):  # Cannot happen; never save it.
+        raise FloatingPointError(
+            f'step {step}: the parameters hold NaN/Inf; not saved.')
+    checkpoint.save(manager, step, state, train_iter, config)
+
+  def evaluate_now(final):
+    return evaluate.evaluate_pretrain(
+        model, state.params, config, directory, specials, mesh, axis_rules,
+        retrieval=final or config.eval.best_metric.startswith('retrieval'))
 
   # 5. The loop.
-  writer = MetricWriter(workdir)
-  step = int(state.step)
-  stats = dict.fromkeys(pipeline.STAT_KEYS, 0)
+  writer = MetricWriter(workdir, resume_step=step)
+  best = BestCheckpoint(workdir, config.eval.best_metric)
+  guard = guards.NonFiniteGuard(config.max_nonfinite_steps)
+  preemption = guards.Preemption()
+  progress = ProgressBar(config.total_steps)
+  epoch_size = len(records.open_source(
+      records.split_path(directory, config.data.train_split)))
   window_start, window_steps, pending = time.time(), 0, []
   # stop_at_step ends this invocation early (saved; the next one resumes).
   last_step = min(config.stop_at_step or config.total_steps, config.total_steps)
+  stopped_early = False
   while step < last_step:
     local = next(train_iter)
-    for k, v in local.pop('stats').items():
-      stats[k] += int(v)
+    if step + 1 in config.debug_nan_steps:  # Test hook (config.debug_*).
+      local['region_feats'] = np.full_like(local['region_feats'], np.nan)
     batch = sharding.global_batch(local, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
       state, metrics = step_fn(state, batch)
     step += 1
     window_steps += 1
     pending.append(metrics)
-    if step % config.log_every == 0 or step == config.total_steps:
-      host = jax.device_get(pending)  # One sync per log interval.
+    guard.observe(step, metrics)
+    progress.update(step)
+    if step % config.log_every == 0 or step == last_step:
+      guard.flush()
+      # One sync per log interval.
+      host, stats, skips = jax.device_get(
+          (pending, state.data_stats, state.nonfinite_skips))
       mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
       elapsed = time.time() - window_start
       mean['steps_per_sec'] = window_steps / elapsed
       mean['examples_per_sec'] = window_steps * config.batch_size / elapsed
-      mean.update({f'data/{k}': v for k, v in stats.items()})
-      eta = (config.total_steps - step) / mean['steps_per_sec']
+      mean['epoch'] = int(stats['examples']) / max(epoch_size, 1)
+      mean['nonfinite_skips'] = int(skips)
+      mean.update({f'data/{k}': int(v) for k, v in stats.items()})
       writer.write(step, mean)
-      losses = ' '.join(f'{k[5:]}={mean[k]:.3f}' for k in sorted(mean)
-                        if k.startswith('loss_'))
-      accs = ' '.join(f'{k[4:]}={mean[k]:.2f}' for k in sorted(mean)
-                      if k.startswith('acc_'))
-      log(f'step {step}/{config.total_steps} loss={mean["loss"]:.3f} '
-          f'[{losses}] [{accs}] {mean["steps_per_sec"]:.2f} steps/s '
-          f'ETA {eta / 60:.1f} min')
+      if mean['data/examples'] >= MIN_EXAMPLES_FOR_SKIP_CHECK:
+        pipeline.check_skip_limit(
+            {k: int(v) for k, v in stats.items()}, config)
+      progress.clear()
+      log(format_log_line(step, config.total_steps, mean))
       window_start, window_steps, pending = time.time(), 0, []
-    if step % config.checkpoint_every == 0 or step == last_step:
-      checkpoint.save(manager, step, state, train_iter)
+    if config.eval.every_steps and step % config.eval.every_steps == 0 and (
+        step < config.total_steps):
+      results = evaluate_now(final=False)
+      writer.write(step, {f'eval/{k}': v for k, v in results.items()
+                          if isinstance(v, (int, float))})
+      best.update(step, results, state.params)
+    preempted = preemption.reached(step)
+    if preempted or step % config.checkpoint_every == 0 or step == last_step:
+      guard.flush()  # Raises before a save if the run must stop.
+      save_checkpoint()
+    if preempted:
+      log(f'Preempted (SIGTERM): saved step {step}; run again to resume.')
+      stopped_early = True
+      break
+  guard.flush()
+  preemption.close()
+  progress.clear()
   manager.close()
-  log(f'Data: {stats}')
-  if step < config.total_steps:
-    log(f'Stopped at step {step} (config.stop_at_step); run again to resume.')
+  stats = {k: int(v) for k, v in jax.device_get(state.data_stats).items()}
+  log(f'Data: {stats}; non-finite updates skipped: '
+      f'{int(jax.device_get(state.nonfinite_skips))}.')
+  log(pipeline.skip_report(stats))
+  pipeline.check_skip_limit(stats, config)
+  if stopped_early or step < config.total_steps:
+    if not stopped_early:
+      log(f'Stopped at step {step} (config.stop_at_step); run again to '
+          'resume.')
     writer.close()
+    best.close()
     return None
 
   # 6. Final evaluation on held-out pairs.
-  results = evaluate.evaluate_pretrain(
-      model, state.params, config, directory, specials, mesh, axis_rules)
+  results = evaluate_now(final=True)
   results['step'] = step
   results['data_stats'] = stats
+  results['nonfinite_skips'] = int(jax.device_get(state.nonfinite_skips))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:
       json.dump(results, f, indent=2)
   writer.write(step, {f'eval/{k}': v for k, v in results.items()
                       if isinstance(v, (int, float))})
+  best.update(step, results, state.params)
+  best.close()
   writer.close()
   log('Evaluation: ' + json.dumps(
       {k: v for k, v in results.items() if k != 'data_stats'}))
   return results
+
+
+# ---------------------------------------------------------------- helpers
+
+def format_log_line(step, total_steps, mean):
+  """One line: step, epoch, losses, accuracies, lr, grad norm, speed, ETA."""
+  losses = ' '.join(f'{k[5:]}={mean[k]:.3f}' for k in sorted(mean)
+                    if k.startswith('loss_'))
+  accs = ' '.join(f'{k[4:]}={mean[k]:.2f}' for k in sorted(mean)
+                  if k.startswith('acc_'))
+  eta = (total_steps - step) / mean['steps_per_sec']
+  skipped = (f' skipped={mean["nonfinite_skips"]}'
+             if mean['nonfinite_skips'] else '')
+  return (f'step {step}/{total_steps} epoch {mean["epoch"]:.2f} '
+          f'loss={mean["loss"]:.3f} [{losses}] [{accs}] lr={mean["lr"]:.2e} '
+          f'grad_norm={mean["grad_norm"]:.2f}{skipped} '
+          f'{mean["steps_per_sec"]:.2f} steps/s '
+          f'{mean["examples_per_sec"]:.0f} ex/s ETA {eta / 60:.1f} min')
+
+
+class ProgressBar:
+  """A live one-line bar on a terminal (process 0); nothing otherwise, so
+  CI and SLURM logs get only the plain log lines."""
+
+  def __init__(self, total, width=30):
+    self.total, self.width = total, width
+    self.active = jax.process_index() == 0 and sys.stdout.isatty()
+    self.start, self.first = time.time(), None
+
+  def update(self, step):
+    if not self.active:
+      return
+    if self.first is None:
+      self.first, self.start = step, time.time()
+      return
+    done = int(self.width * step / self.total)
+    rate = (step - self.first) / max(time.time() - self.start, 1e-9)
+    eta = (self.total - step) / max(rate, 1e-9)
+    sys.stdout.write(f'\r[{"#" * done}{"." * (self.width - done)}] '
+                     f'{step}/{self.total} {rate:.2f} steps/s '
+                     f'ETA {eta / 60:.1f} min ')
+    sys.stdout.flush()
+
+  def clear(self):
+    if self.active:
+      sys.stdout.write('\r' + ' ' * (self.width + 50) + '\r')
+      sys.stdout.flush()
+
+
+def best_dir(workdir):
+  return os.path.abspath(os.path.join(workdir, 'best'))
+
+
+class BestCheckpoint:
+  """Keeps the parameters of the best evaluation so far (higher is better)
+  in workdir/best, described by workdir/best.json; survives resumes."""
+
+  def __init__(self, workdir, metric):
+    self.metric = metric
+    self.json_path = os.path.join(workdir, 'best.json')
+    self.value = None
+    if os.path.exists(self.json_path):
+      with open(self.json_path) as f:
+        self.value = json.load(f)['value']
+    self.manager = ocp.CheckpointManager(
+        best_dir(workdir), item_names=('params',),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=False))
+
+  def update(self, step, results, params):
+    value = float(results[self.metric])
+    if self.value is not None and value <= self.value:
+      return
+    self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params)), force=True)
+    self.manager.wait_until_finished()
+    self.value = value
+    if jax.process_index() == 0:
+      tmp = self.json_path + '.tmp'
+      with open(tmp, 'w') as f:
+        json.dump(dict(metric=self.metric, value=value, step=step), f)
+      os.replace(tmp, self.json_path)  # Atomic: never half written.
+
+  def close(self):
+    self.manager.close()

@@ -13,7 +13,7 @@ import ml_collections
 SIZES = {
     #        D   heads L_t L_v L_u  T   R   K  F(feat) batch steps  lr
     'tiny': (64, 2, 1, 1, 2, 24, 8, 4, 64, 32, 200, 1e-3),
-    'small': (256, 4, 2, 2, 4, 32, 10, 6, 256, 64, 600, 5e-4),
+    'small': (256, 4, 2, 2, 4, 32, 10, 6, 256, 64, 360, 1e-3),
     'base': (768, 12, 6, 6, 12, 40, 36, 8, 2048, 256, 200_000, 1e-4),
 }
 RECIPES = ('cmal', 'cmcl')
@@ -73,10 +73,17 @@ def get_config(arg=None):
       itm_neg_prob=0.5,
       num_threads=2,  # Grain read threads per process.
       prefetch=4,
+      # A bad record: 'raise' stops naming file, record and field; 'skip'
+      # feeds the next good record instead and counts it (data/skipped_*).
+      on_error='raise',
+      # 'skip' stops the run once skipped / examples exceeds this.
+      max_skip_fraction=0.01,
   ))
   # Synthetic world used when data.dir holds no records yet.
   c.world = ml_collections.ConfigDict(dict(
-      num_train=1024 if size == 'tiny' else 20_000,
+      # small: 360 steps x 64 = 2.3 epochs of 10k pairs, within the 15-minute
+      # CPU budget (generating 20k takes twice as long).
+      num_train={'tiny': 1024, 'small': 10_000}.get(size, 20_000),
       num_eval=128 if size == 'tiny' else 512,
       image_size=64,
       wrong_tag_prob=0.05,
@@ -132,8 +139,22 @@ def get_config(arg=None):
   c.log_every = 10 if size == 'tiny' else 50
   c.checkpoint_every = 100 if size == 'tiny' else 500
   c.keep_checkpoints = 3
+  # 'auto': continue from the workdir's checkpoint (refused if it is of
+  # another model, size or recipe); 'fresh': move old checkpoints aside.
+  c.resume = 'auto'
+  # Non-finite loss or gradient: the update is skipped and counted; this many
+  # in a row stop the run.
+  c.max_nonfinite_steps = 10
+  # Test hook: the region features of these steps' batches become NaN.
+  c.debug_nan_steps = ()
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=64,
       retrieval_images=32 if size == 'tiny' else 100,
+      # Held-out evaluation every N steps (0: only at the end). Periodic ones
+      # skip retrieval (N^2 pairs) unless best_metric needs it.
+      every_steps=5000 if size == 'base' else 0,
+      # The best checkpoint (workdir/best, best.json) is kept by this metric
+      # (higher is better), over periodic and final evaluations.
+      best_metric='amc_pair_acc' if recipe == 'cmal' else 'itm_acc',
   ))
   return c

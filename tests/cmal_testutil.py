@@ -1,6 +1,6 @@
-"""Helpers shared by test_prompt.py, test_objectives.py and test_sharding.py:
-random but realistic host batches and anchor sets (pure numpy), and running a
-script in a subprocess with 8 fake CPU devices.
+"""Helpers shared by the tests: random but realistic host batches and anchor
+sets (pure numpy), small record files of our own, bitwise tree comparison,
+and running a script in a subprocess with 8 fake CPU devices.
 """
 
 import os
@@ -9,7 +9,45 @@ import sys
 
 import numpy as np
 
+from cmal_jax.data import pipeline, records, world
+
 PAD, CLS, SEP, MASK, VOCAB = 0, 101, 102, 103, 30522
+F = 64  # The tiny config's region_feat_dim.
+WORLD_PARAMS = world.WorldParams(feature_dim=F)
+
+
+def good_pair(i, split='pretrain'):
+    """Synthetic-world pair i (tiny feature width), a valid record dict."""
+    return world.make_pair(0, split, i, WORLD_PARAMS)
+
+
+def write_dataset(directory, pairs, split='pretrain'):
+    """Our own records (dicts or raw bytes) + meta.json of the world."""
+    path = records.split_path(str(directory), split)
+    records.write_records(path, pairs)
+    records.write_meta(str(directory), {
+        'tags': list(world.WORLD_TAGS), 'synonyms': dict(world.WORLD_SYNONYMS),
+        'feature_dim': F, 'splits': {split: len(pairs)}})
+    return path
+
+
+def read_all(config, directory, batch_size):
+    """Every batch of one in-order pass over directory's pretrain split."""
+    ds, _, _ = pipeline.make_dataset(config, str(directory), 'pretrain',
+                                     batch_size=batch_size, train=False,
+                                     seed=0)
+    return list(ds)
+
+
+def assert_trees_equal(a, b, min_leaves=1):
+    """Same structure and bitwise-equal leaves."""
+    import jax
+    flat_a = jax.tree_util.tree_leaves_with_path(a)
+    flat_b = jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    assert len(flat_a) >= min_leaves, len(flat_a)
+    for (path, x), (_, y) in zip(flat_a, flat_b):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), path
 
 
 def random_anchors(rng, T, R, K, lo=1, hi=None, max_pieces=3, n=None):
@@ -75,6 +113,9 @@ def random_batch(seed, B, T, R, K, F, num_tags=10, neg_prob=0.5):
         # Anchor regions carry a tag (that is how they were matched).
         tagged = region[valid]
         b['region_tags'][i, tagged] = rng.integers(0, num_tags, len(tagged))
+    b['stats'] = {k: np.zeros(B, np.int32) for k in pipeline.STAT_KEYS}
+    b['stats'].update(examples=np.ones(B, np.int32),
+                      itm_negatives=1 - b['itm_label'])
     return b
 
 

@@ -18,10 +18,10 @@ from cmal_jax.data import pipeline, records, world
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.model.cmal import CMAL, ModelConfig
 from configs import pretrain
+import cmal_testutil
+from cmal_testutil import F, good_pair, write_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-F = 64  # The tiny config's region_feat_dim.
-PARAMS = world.WorldParams(feature_dim=F)
 
 
 def tiny(**data):
@@ -31,40 +31,33 @@ def tiny(**data):
   return c
 
 
-def good_pair(i):
-  return world.make_pair(0, 'pretrain', i, PARAMS)
-
-
-def write_dataset(directory, pairs, split='pretrain'):
-  """Our own records + meta.json (the world's tags and synonyms)."""
-  path = records.split_path(str(directory), split)
-  records.write_records(path, pairs)
-  records.write_meta(str(directory), {
-      'tags': list(world.WORLD_TAGS), 'synonyms': dict(world.WORLD_SYNONYMS),
-      'feature_dim': F, 'splits': {split: len(pairs)}})
-  return path
-
-
 def read_all(config, directory, batch_size=2):
-  ds, _, _ = pipeline.make_dataset(config, str(directory), 'pretrain',
-                                   batch_size=batch_size, train=False, seed=0)
-  return list(ds)
+  return cmal_testutil.read_all(config, directory, batch_size)
 
 
 # ------------------------------------------------------------------ config
 
-def test_cli_unknown_config_field(tmp_path):
+@pytest.mark.parametrize('override, field, hint', [
+    ('--config.no_such_field=1', 'no_such_field', ''),
+    ('--config.model.hiden_dim=3', 'hiden_dim',
+     'Did you mean "hidden_dim"'),
+    ('--config.nosuch.x=1', 'nosuch', ''),
+])
+def test_cli_unknown_config_field(tmp_path, override, field, hint):
   workdir = tmp_path / 'run'
   proc = subprocess.run(
       [sys.executable, '-m', 'cmal_jax.main',
-       '--config=configs/pretrain.py:tiny', f'--workdir={workdir}',
-       '--config.no_such_field=1'],
+       '--config=configs/pretrain.py:tiny', f'--workdir={workdir}', override],
       cwd=REPO, capture_output=True, text=True, timeout=120,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
-  assert proc.returncode != 0
-  # The last line of the traceback is the error, and it names the field.
-  assert 'no_such_field' in proc.stderr.strip().splitlines()[-1], (
-      proc.stderr[-2000:])
+  assert proc.returncode == 1
+  # One line, like absl's own flag errors, naming the flag and the field.
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  flag = override.split('=')[0]
+  assert proc.stderr.strip() == (
+      f"FATAL Flags parsing error: {flag}: the config has no field "
+      f"'{field}'. {hint}".rstrip() + (
+          f' instead of "{field}"?' if hint else ''))
   assert not workdir.exists()  # Failed before doing anything.
 
 
@@ -227,7 +220,7 @@ def test_good_records_read(tmp_path):
   write_dataset(tmp_path, [good_pair(i) for i in range(6)])
   batches = read_all(tiny(), tmp_path)
   assert len(batches) == 3
-  assert sum(int(b['stats']['examples']) for b in batches) == 6
+  assert sum(int(b['stats']['examples'].sum()) for b in batches) == 6
 
 
 # ---------------------------------------------------- odd but valid input
@@ -276,8 +269,10 @@ def test_long_caption_counted_in_batch_stats(tmp_path):
   write_dataset(tmp_path, pairs)
   config = tiny(itm_neg_prob=0.0)  # Every example keeps its own caption.
   (batch,) = read_all(config, tmp_path, batch_size=4)
-  assert int(batch['stats']['captions_truncated']) == 1
-  assert int(batch['stats']['examples']) == 4
+  np.testing.assert_array_equal(batch['stats']['captions_truncated'],
+                                [0, 0, 1, 0])
+  np.testing.assert_array_equal(batch['stats']['examples'], [1, 1, 1, 1])
+  np.testing.assert_array_equal(batch['stats']['itm_negatives'], [0] * 4)
   assert batch['input_ids'].shape == (4, config.data.max_text_len)
   assert batch['text_mask'][2].all() and not batch['text_mask'][0].all()
 
@@ -316,7 +311,7 @@ def test_image_without_regions_trains(tmp_path):
   state, _ = train.create_train_state(model, tx, config, specials, mesh, rules)
   step = jax.jit(train.make_train_step(model, config, specials, schedule))
   for batch in (mixed, empty):
-    batch = {k: jnp.asarray(v) for k, v in batch.items() if k != 'stats'}
+    batch = jax.tree.map(jnp.asarray, batch)
     with jax.set_mesh(mesh):
       new_state, metrics = step(state, batch)
     metrics = jax.device_get(metrics)

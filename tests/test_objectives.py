@@ -123,8 +123,9 @@ def test_prepare_inputs_mlm_masks_only_eligible_tokens(config, batch):
     special = np.isin(ids, [CLS, SEP, PAD])
     cover = anchor_cover(batch)
     positive = batch['itm_label'] > 0
-    eligible = (batch['text_mask'] > 0) & ~special & ~cover & positive[:, None]
+    eligible = (batch['text_mask'] > 0) & ~special & ~cover
     n_masked = n_weighted = n_changed = 0
+    n_changed_neg = 0
     for seed in range(10):
         inputs, targets = prep(config, batch, seed)
         new = inputs['input_ids']
@@ -132,19 +133,23 @@ def test_prepare_inputs_mlm_masks_only_eligible_tokens(config, batch):
         assert not np.any(changed & ~eligible), np.argwhere(changed & ~eligible)
         assert np.all(new[special] == ids[special])
         assert np.all(new[cover] == ids[cover])
-        assert np.all(new[~positive] == ids[~positive])
         pos, w = inputs['mlm_positions'], targets['mlm_weights']
+        # Negatives are corrupted too (else [MASK] would reveal itm_label)
+        # but never scored: their caption does not describe the image.
         assert not np.any(w[~positive])
+        n_changed_neg += changed[~positive].sum()
         rows = np.broadcast_to(np.arange(len(ids))[:, None], pos.shape)
         assert np.all(eligible[rows[w], pos[w]])
-        # Targets are the original tokens; every changed slot is a target.
+        # Targets are the original tokens; every changed slot of a positive
+        # is a target.
         np.testing.assert_array_equal(targets['mlm_targets'][w],
                                       ids[rows[w], pos[w]])
         picked = np.zeros_like(changed)
         picked[rows[w], pos[w]] = True
-        assert not np.any(changed & ~picked)
+        assert not np.any(changed[positive] & ~picked[positive])
         for b, allowed in enumerate(expected_counts(eligible, 0.15)):
-            assert w[b].sum() in allowed, (b, w[b].sum(), allowed)
+            if positive[b]:
+                assert w[b].sum() in allowed, (b, w[b].sum(), allowed)
         n_weighted += w.sum()
         n_masked += (new[rows[w], pos[w]] == MASK).sum()
         n_changed += changed.sum()
@@ -156,6 +161,7 @@ def test_prepare_inputs_mlm_masks_only_eligible_tokens(config, batch):
     assert n_weighted > 100
     assert 0.7 < n_masked / n_weighted < 0.9
     assert n_changed >= n_masked
+    assert n_changed_neg > 50
 
 
 def test_prepare_inputs_mrc_masks_only_eligible_regions(config, batch):
@@ -165,21 +171,24 @@ def test_prepare_inputs_mrc_masks_only_eligible_regions(config, batch):
     for b in range(len(region_cover)):
         region_cover[b, batch['anchor_region'][b][batch['anchor_valid'][b]]] = True
     eligible = ((batch['region_mask'] > 0) & (batch['region_tags'] >= 0)
-                & ~region_cover & (batch['itm_label'] > 0)[:, None])
-    zeroed_total = 0
+                & ~region_cover)
+    positive = batch['itm_label'] > 0
+    zeroed_total = zeroed_neg = 0
     for seed in range(5):
         inputs, targets = prep(config, batch, seed)
         zeroed = np.any(inputs['region_feats'] != batch['region_feats'], -1)
         assert not np.any(zeroed & ~eligible)
         assert np.all(inputs['region_feats'][zeroed] == 0)
         w = targets['mrc_weights']
+        assert not np.any(w[~positive])  # Zeroed like positives, not scored.
+        zeroed_neg += zeroed[~positive].sum()
         rows = np.broadcast_to(np.arange(len(w))[:, None], w.shape)
         np.testing.assert_array_equal(
             targets['mrc_targets'][w],
             batch['region_tags'][rows[w], targets['mrc_positions'][w]])
         assert np.all(targets['mrc_targets'][w] >= 0)
         zeroed_total += zeroed.sum()
-    assert zeroed_total > 0
+    assert zeroed_total > 0 and zeroed_neg > 0
 
 
 def test_prepare_inputs_swap_all_swaps_exactly_the_valid_anchors(config, batch):

@@ -1,6 +1,7 @@
 """Grain input pipeline for pre-training pairs.
 
-  ArrayRecord source -> decode + validate (knows file and record index)
+  ArrayRecord source -> decode + validate (knows file and record index;
+     data.on_error='skip' replaces a bad record by the next good one)
   -> seeded shuffle, reshuffled every epoch -> this process's slice
   -> batch of raw examples -> random_map: ITM negatives within the batch,
      tokenise, detect anchors for the pair actually fed, pad, stack
@@ -19,9 +20,18 @@ from cmal_jax.data import anchors as anchors_lib
 from cmal_jax.data import records
 from cmal_jax.data.tokenizer import load_tokenizer
 
-# Counters each batch carries beside its arrays; the train loop sums them.
+# Why a record was skipped (data.on_error='skip'): the field a RecordError
+# names, or 'record' for one that cannot be read or decoded (field '*').
+SKIP_REASONS = ('record',) + records.PAIR_FIELDS
+# Consecutive bad records after which 'skip' gives up and raises.
+MAX_CONSECUTIVE_BAD = 100
+
+# Per-example counters each batch carries beside its arrays ([B] int32 each,
+# batch['stats']); the train step sums them into the checkpointed state.
+# skipped_<reason>: bad records skipped to reach this example (0 in 'raise').
 STAT_KEYS = ('captions_truncated', 'regions_truncated', 'anchors_truncated',
-             'examples', 'itm_negatives')
+             'examples', 'itm_negatives') + tuple(
+                 f'skipped_{r}' for r in SKIP_REASONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +68,58 @@ def decode_pair(raw, *, path, index, shapes, vocab):
               region_feats=example['region_feats'],
               region_boxes=example['region_boxes'],
               region_conf=example['region_conf'], region_tag_ids=tag_ids)
+
+
+def skip_reason(error):
+  """The SKIP_REASONS entry of a RecordError."""
+  return error.field if error.field in records.PAIR_FIELDS else 'record'
+
+
+class RecordDecoder:
+  """Map step: record index -> decoded example (see decode_pair).
+
+  on_error='raise': a bad record raises its RecordError. 'skip': record i is
+  replaced by the first good one of i+1, i+2, ... (wrapping around), a pure
+  function of i, so the data order stays a function of (seed, index); the
+  example then carries `skipped`, {reason: records skipped}. After
+  MAX_CONSECUTIVE_BAD bad records in a row, record i's error is raised.
+  """
+
+  def __init__(self, source, *, path, shapes, vocab, on_error='raise'):
+    if on_error not in ('raise', 'skip'):
+      raise ValueError(f"on_error={on_error!r}: must be 'raise' or 'skip'")
+    self.source, self.path, self.shapes, self.vocab = (
+        source, path, shapes, vocab)
+    self.on_error = on_error
+
+  def decode(self, index):
+    # source[index] itself raises a RecordError for an unreadable record.
+    return decode_pair(self.source[index], path=self.path, index=index,
+                       shapes=self.shapes, vocab=self.vocab)
+
+  def __call__(self, index):
+    index = int(index)
+    if self.on_error == 'raise':
+      return self.decode(index)
+    n = len(self.source)
+    skipped = {}
+    first = None
+    for k in range(min(n, MAX_CONSECUTIVE_BAD)):
+      try:
+        example = self.decode((index + k) % n)
+      except records.RecordError as e:
+        if first is None:
+          first = e
+        reason = skip_reason(e)
+        skipped[reason] = skipped.get(reason, 0) + 1
+        continue
+      if skipped:
+        example['skipped'] = skipped
+      return example
+    raise records.RecordError(
+        first.path, first.index, first.field,
+        f"{first.problem}; data.on_error='skip' gave up: the {k + 1} "
+        'records from here on (wrapping around) are all bad') from first
 
 
 def keep_regions(num_regions, conf, max_regions):
@@ -135,18 +197,23 @@ class BatchEncoder:
     tokenizer = load_tokenizer(self.vocab_path)  # Cached per process.
     caption_index, itm_label = pick_itm_captions(
         [e['image_id'] for e in examples], rng, self.neg_prob)
-    rows, totals = [], dict.fromkeys(STAT_KEYS, 0)
+    rows, counts = [], []
     for image, c in zip(examples, caption_index):
       arrays, stats = encode_pair(examples[c]['caption'], image, tokenizer,
                                   self.vocab, self.shapes)
+      # Skips belong to the slot (the image), whichever caption it is fed.
+      skipped = image.get('skipped', {})
+      stats.update({f'skipped_{r}': skipped.get(r, 0) for r in SKIP_REASONS})
       rows.append(arrays)
-      for k, v in stats.items():
-        totals[k] += v
+      counts.append(stats)
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     batch['itm_label'] = itm_label
-    totals.update(examples=len(examples), itm_negatives=int(
-        len(examples) - itm_label.sum()))
-    batch['stats'] = {k: np.int64(v) for k, v in totals.items()}
+    for c, label in zip(counts, itm_label):
+      c.update(examples=1, itm_negatives=1 - int(label))
+    # Per example (not per batch), so they shard with the batch and sum to
+    # global totals on any mesh and number of processes.
+    batch['stats'] = {k: np.asarray([c[k] for c in counts], np.int32)
+                      for k in STAT_KEYS}
     return batch
 
 
@@ -169,9 +236,11 @@ def make_dataset(config, directory, split, *, batch_size, train, seed,
         f'{directory}/meta.json: feature_dim={meta.get("feature_dim")} does '
         f'not match config model.region_feat_dim={shapes.feature_dim}.')
   source = records.open_source(path)
-  ds = grain.MapDataset.source(source).map_with_index(
-      lambda i, raw: decode_pair(raw, path=path, index=i, shapes=shapes,
-                                 vocab=vocab))
+  # A range, not MapDataset.source: 'skip' must also survive a record that
+  # cannot be read, and reads other records to replace a bad one.
+  ds = grain.MapDataset.range(len(source)).map(RecordDecoder(
+      source, path=path, shapes=shapes, vocab=vocab,
+      on_error=config.data.on_error))
   num_dropped = 0
   if train:
     ds = ds.shuffle(seed=seed).repeat(None)
@@ -181,6 +250,43 @@ def make_dataset(config, directory, split, *, batch_size, train, seed,
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=list)
   ds = ds.random_map(BatchEncoder(config, vocab), seed=seed)
   return ds, vocab, num_dropped
+
+
+def _skip_counts(stats):
+  return {r: int(stats.get(f'skipped_{r}', 0)) for r in SKIP_REASONS}
+
+
+def skip_report(stats):
+  """One line on the bad records skipped, from cumulative counters."""
+  counts = _skip_counts(stats)
+  total, examples = sum(counts.values()), int(stats.get('examples', 0))
+  if not total:
+    return f'Data: no bad records skipped ({examples} examples).'
+  per_reason = ', '.join(f'{r} {c}' for r, c in counts.items() if c)
+  return (f'Data: skipped {total} bad records for {examples} examples '
+          f'({total / max(examples, 1):.2%}); by field: {per_reason}.')
+
+
+def check_skip_limit(stats, config):
+  """Raises ValueError if too many bad records were skipped.
+
+  Args:
+    stats: cumulative counters {key in STAT_KEYS: int}.
+    config: the run config (data.max_skip_fraction).
+  Returns:
+    The number of records skipped so far.
+  """
+  counts = _skip_counts(stats)
+  total, examples = sum(counts.values()), int(stats.get('examples', 0))
+  share, limit = total / max(examples, 1), config.data.max_skip_fraction
+  if share > limit:
+    per_reason = ', '.join(f'{r} {c}' for r, c in counts.items() if c)
+    raise ValueError(
+        f'Skipped {total} bad records for {examples} examples ({share:.2%}), '
+        f'more than config.data.max_skip_fraction={limit} allows; by field: '
+        f'{per_reason}. Fix the records (data.on_error=raise names the first '
+        'one) or raise data.max_skip_fraction.')
+  return total
 
 
 def to_iterator(ds, config):

@@ -160,7 +160,10 @@ def validate_pair(example: dict, *, path: str, index: int,
     raise err('region_conf', f'expected shape ({n},), got {conf.shape}')
   tags = example['region_tags']
   if isinstance(tags, dict):  # msgpack_restore turns empty lists into {}.
-    tags = [tags[k] for k in sorted(tags, key=int)] if tags else []
+    try:
+      tags = [tags[k] for k in sorted(tags, key=int)]
+    except (TypeError, ValueError):  # Keys that are not list indices.
+      raise err('region_tags', 'expected a list of str') from None
   if (not isinstance(tags, (list, tuple))
       or not all(isinstance(t, str) for t in tags)):
     raise err('region_tags', 'expected a list of str')

@@ -35,11 +35,6 @@ class ModelConfig:
                          num_layers, self.dropout, jnp.dtype(self.dtype))
 
 
-def _gather(x, idx):
-  """x [B, L, D], idx [B, K] -> [B, K, D]."""
-  return jnp.take_along_axis(x, idx[..., None], axis=1)
-
-
 class CMAL(nn.Module):
   """Every pre-training head in one pass; the objectives pick what they use
   (XLA drops the rest).
@@ -93,8 +88,8 @@ class CMAL(nn.Module):
     text_out, region_out = x[:, :T], x[:, T:]
 
     # AMC: at each anchor the text slot p_k and the region slot o_k.
-    at_word = _gather(text_out, inputs['anchor_text_pos'])  # [B, K, D]
-    at_region = _gather(region_out, inputs['anchor_region'])  # [B, K, D]
+    at_word = prompt.gather_slots(text_out, inputs['anchor_text_pos'])  # [B, K, D]
+    at_region = prompt.gather_slots(region_out, inputs['anchor_region'])  # [B, K, D]
     attend = self.text_encoder.attend
     out = {
         'amc_t2r_logits': self.pairing_head(
@@ -104,7 +99,7 @@ class CMAL(nn.Module):
         'amc_word_logits': self.vocab_head(at_word, attend),
         'amc_tag_logits': self.tag_head(at_region),
         'mlm_logits': self.vocab_head(
-            _gather(text_out, inputs['mlm_positions']), attend),
+            prompt.gather_slots(text_out, inputs['mlm_positions']), attend),
         'mrc_logits': self.tag_head(region_out),
         'itm_logits': self.itm_head(x[:, 0]),
         # ITC uses UMSE outputs: text [CLS] and mean-pooled regions.
@@ -113,6 +108,16 @@ class CMAL(nn.Module):
         'itc_log_scale': self.itc_log_scale,
     }
     return out
+
+  def itc_embeddings(self, inputs):
+    """UMSE-only pass for ITC retrieval: (text [B, D], image [B, D]), unit
+    vectors; the same as __call__'s itc_text and itc_image."""
+    text_unit = self.text_encoder(inputs['input_ids'], inputs['text_mask'],
+                                  True)
+    region_unit = self.vision_encoder(
+        inputs['region_feats'], inputs['region_boxes'], inputs['region_mask'],
+        True)
+    return text_unit[:, 0], pool_regions(region_unit, inputs['region_mask'])
 
 
 def pool_regions(region_unit, region_mask):

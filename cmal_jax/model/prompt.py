@@ -29,13 +29,17 @@ def all_swapped(anchor_valid):
   return jnp.where(anchor_valid, SWAP, NONE).astype(jnp.int32)
 
 
-def _gather(x, idx):
-  """x [B, L, D], idx [B, K] -> [B, K, D]."""
+def gather_slots(x, idx):
+  """x [B, L, D], idx [B, K] -> [B, K, D]: x[b, idx[b, k]]."""
   return jnp.take_along_axis(x, idx[..., None], axis=1)
 
 
-def _scatter(x, idx, updates):
-  """x [B, L, D], idx [B, K] (L = drop), updates [B, K, D] -> [B, L, D]."""
+def scatter_slots(x, idx, updates):
+  """x [B, L, ...], idx [B, K], updates [B, K, ...] -> [B, L, ...].
+
+  x[b, idx[b, k]] = updates[b, k]; an index of L or more is dropped, which
+  is how callers skip entries while keeping static shapes.
+  """
   return jax.vmap(lambda xb, ib, ub: xb.at[ib].set(ub, mode='drop'))(
       x, idx, updates)
 
@@ -64,8 +68,8 @@ def swap_anchor_features(text, regions, anchor_text_pos, anchor_text_end,
   swap = (anchor_action == SWAP)[..., None]
   hidden = (anchor_action == SWAP) | (anchor_action == MASK)  # [B, K]
   mask_vector = mask_vector.astype(text.dtype)
-  word = _gather(text, anchor_text_pos)  # [B, K, D]
-  obj = _gather(regions, anchor_region)  # [B, K, D]
+  word = gather_slots(text, anchor_text_pos)  # [B, K, D]
+  obj = gather_slots(regions, anchor_region)  # [B, K, D]
   new_word_slot = jnp.where(swap, obj, mask_vector)
   new_region_slot = jnp.where(swap, word, mask_vector)
   text_idx = jnp.where(hidden, anchor_text_pos, T)
@@ -77,6 +81,6 @@ def swap_anchor_features(text, regions, anchor_text_pos, anchor_text_end,
       hidden[..., None] & (t > anchor_text_pos[..., None])
       & (t < anchor_text_end[..., None]), axis=1)
   text = jnp.where(other_pieces[..., None], mask_vector, text)
-  text = _scatter(text, text_idx, new_word_slot.astype(text.dtype))
-  regions = _scatter(regions, region_idx, new_region_slot.astype(regions.dtype))
+  text = scatter_slots(text, text_idx, new_word_slot.astype(text.dtype))
+  regions = scatter_slots(regions, region_idx, new_region_slot.astype(regions.dtype))
   return text, regions

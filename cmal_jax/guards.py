@@ -1,0 +1,172 @@
+"""What keeps a long run trustworthy: preemption (SIGTERM), non-finite
+updates, resuming only a compatible checkpoint, and a record of where and
+with what a run ran."""
+
+import json
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+from importlib import metadata
+
+import jax
+import jax.numpy as jnp
+
+# Config fields that define the run's parameters and objectives: a checkpoint
+# made with other values is not resumed. Dropout and the activation dtype do
+# not change the parameters, so they may differ.
+SIGNATURE_FIELDS = ('size', 'recipe', 'model')
+FREE_MODEL_FIELDS = ('dropout', 'dtype')
+
+
+class Preemption:
+  """Turns SIGTERM (what preemptible machines send) into a flag the loop
+  polls once per step, so it can finish the step, save and exit cleanly.
+
+  With several processes, jax.distributed's preemption service receives the
+  signal and all processes agree on the step to stop at.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self.multi_process = jax.process_count() > 1
+    self._previous = None
+    if not self.multi_process:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step):
+    if self.multi_process:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def keep_if_finite(finite, new_state, old_state):
+  """The new parameters and optimizer state where `finite`, else the old
+  ones (a skipped update); everything else from new_state."""
+  params, opt_state = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old),
+      (new_state.params, new_state.opt_state),
+      (old_state.params, old_state.opt_state))
+  return new_state.replace(params=params, opt_state=opt_state)
+
+
+def all_finite(tree):
+  """True (a device scalar) when every float leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+class NonFiniteGuard:
+  """Counts consecutive skipped updates on the host; raises after `limit`.
+
+  Reads each step's `update_skipped` flag one step late (after the next step
+  is dispatched), so checking does not stall the device queue.
+  """
+
+  def __init__(self, limit):
+    self.limit = limit
+    self.streak = 0
+    self.first_step = None
+    self._pending = None
+
+  def observe(self, step, metrics):
+    """Queues this step's metrics and checks the previous step's."""
+    previous, self._pending = self._pending, (step, metrics)
+    if previous is not None:
+      self._check(*previous)
+
+  def flush(self):
+    if self._pending is not None:
+      self._check(*self._pending)
+      self._pending = None
+
+  def _check(self, step, metrics):
+    host = jax.device_get(metrics)
+    if not host['update_skipped']:
+      self.streak, self.first_step = 0, None
+      return
+    self.streak += 1
+    self.first_step = self.first_step or step
+    if self.streak >= self.limit:
+      bad = [k[5:] for k, v in sorted(host.items())
+             if k.startswith('loss_') and not _finite(v)]
+      what = ('objective(s) ' + ', '.join(bad) if bad else
+              'the gradient norm (every loss was finite)')
+      raise FloatingPointError(
+          f'{self.streak} consecutive non-finite updates, steps '
+          f'{self.first_step}..{step}: {what} went non-finite '
+          f'(loss={host["loss"]}, grad_norm={host["grad_norm"]}). The '
+          f'updates were skipped, so the last checkpoint is clean; limit: '
+          f'config.max_nonfinite_steps={self.limit}.')
+
+
+def _finite(x):
+  return bool(jnp.isfinite(x))
+
+
+def signature(config):
+  """The config fields that shape the parameters, as plain JSON data."""
+  sig = json.loads(json.dumps({k: config[k] for k in SIGNATURE_FIELDS},
+                              default=lambda o: o.to_dict()))
+  for k in FREE_MODEL_FIELDS:
+    sig['model'].pop(k, None)
+  return sig
+
+
+def _flatten(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def signature_mismatches(saved, current):
+  """['model.hidden_dim: checkpoint 64, config 256', ...] (sorted)."""
+  saved, current = _flatten(saved), _flatten(current)
+  return [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
+          for k in sorted(set(saved) | set(current))
+          if saved.get(k) != current.get(k)]
+
+
+def move_aside(path):
+  """Renames `path` to `path.replaced-<time>` (never deletes a run)."""
+  target = f'{path}.replaced-{time.strftime("%Y%m%d-%H%M%S")}'
+  os.rename(path, target)
+  return target
+
+
+def run_info(mesh):
+  """Where and with what this run runs: versions and device topology."""
+  packages = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain',
+              'numpy', 'tokenizers', 'ml_collections', 'cmal-jax')
+  versions = {}
+  for name in packages:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      versions[name] = None
+  devices = jax.devices()
+  return dict(
+      time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), host=socket.gethostname(),
+      argv=sys.argv, python=platform.python_version(), packages=versions,
+      backend=jax.default_backend(), process_index=jax.process_index(),
+      process_count=jax.process_count(), device_count=len(devices),
+      local_device_count=jax.local_device_count(),
+      device_kinds=sorted({d.device_kind for d in devices}),
+      mesh=dict(mesh.shape))

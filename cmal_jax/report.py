@@ -1,0 +1,414 @@
+"""A run's report from its workdir: config changes against the defaults,
+final training metrics, evaluation, data counters, throughput, and loss and
+accuracy curves (PNG, written into the workdir).
+
+  python -m cmal_jax.report --workdir=runs/pretrain [--no-plots]
+
+Reads config.json, metrics.jsonl, eval.json and best.json as train.py writes
+them; a missing file is reported as missing, a malformed one raises a
+ValueError naming the file (and line).
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import textwrap
+
+CONFIG, METRICS, EVAL, BEST = ('config.json', 'metrics.jsonl', 'eval.json',
+                               'best.json')
+# Entries of eval.json (and eval/* lines) that are not evaluation metrics.
+NOT_EVAL_METRICS = ('step', 'data_stats', 'nonfinite_skips')
+
+
+# ---------------------------------------------------------------- reading
+
+def read_json(path):
+  """The JSON object in `path`, or None when the file does not exist."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    try:
+      value = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: not valid JSON ({e})') from None
+  if not isinstance(value, dict):
+    raise ValueError(f'{path}: expected a JSON object, got '
+                     f'{type(value).__name__}')
+  return value
+
+
+def read_metrics(path):
+  """The lines of a metrics.jsonl as dicts, or None when it does not exist.
+
+  Blank lines are skipped, and so is an unterminated last line (what a run
+  killed mid-write leaves; the resumed run drops it too). Any other line
+  that is not a JSON object with a 'step' raises ValueError naming the file
+  and line number.
+  """
+  if not os.path.exists(path):
+    return None
+  lines = []
+  with open(path) as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        if not line.endswith('\n'):  # Cut off by a kill: not an error.
+          break
+        raise ValueError(f'{path}: line {number}: not valid JSON '
+                         f'({e.msg})') from None
+      if not isinstance(record, dict) or not isinstance(
+          record.get('step'), (int, float)):
+        raise ValueError(f'{path}: line {number}: expected a JSON object '
+                         "with a numeric 'step'")
+      lines.append(record)
+  return lines
+
+
+def training_lines(lines):
+  return [m for m in lines or () if 'loss' in m]
+
+
+def eval_lines(lines):
+  return [m for m in lines or () if any(k.startswith('eval/') for k in m)]
+
+
+def is_number(v):
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_score(name):
+  """Accuracies and recalls (higher is better), not counts like num_pairs."""
+  return 'acc' in name or re.search(r'_r\d+$', name) is not None
+
+
+def load_pretrain_configs():
+  """configs/pretrain.py, which lives at the repo root, not in the package."""
+  try:
+    from configs import pretrain
+  except ImportError:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    from configs import pretrain
+  return pretrain
+
+
+def default_config(size, recipe):
+  """The defaults for size,recipe as config.json would hold them (tuples
+  become lists)."""
+  config = load_pretrain_configs().get_config(f'{size},{recipe}')
+  return json.loads(config.to_json_best_effort())
+
+
+def flatten(tree, prefix=''):
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, dict):
+      flat.update(flatten(value, name + '.'))
+    else:
+      flat[name] = value
+  return flat
+
+
+# ------------------------------------------------------------- formatting
+
+def fmt(value):
+  """A metric for a table: 4 decimals, or scientific when tiny or huge."""
+  if not is_number(value) or isinstance(value, int):
+    return str(value)
+  if value != 0 and math.isfinite(value) and not 1e-3 <= abs(value) < 1e4:
+    return f'{value:.4e}'
+  return f'{value:.4f}'
+
+
+def fmt_count(value):
+  """A count without decimals (MetricWriter writes every scalar as a float);
+  anything not a whole number as fmt does."""
+  if is_number(value) and math.isfinite(value) and value == int(value):
+    return str(int(value))
+  return fmt(value)
+
+
+def table(header, rows, indent='  '):
+  """Fixed-width columns, separated by two spaces."""
+  rows = [tuple(str(c) for c in row) for row in rows]
+  widths = [max(len(row[i]) for row in [header] + rows)
+            for i in range(len(header))]
+  def line(row):
+    return indent + '  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+  return [line(header), line(tuple('-' * w for w in widths))] + [
+      line(row) for row in rows]
+
+
+# --------------------------------------------------------------- sections
+
+def run_section(workdir, config, lines, evaluation, best):
+  train = training_lines(lines)
+  steps = [m['step'] for m in train]
+  if evaluation and is_number(evaluation.get('step')):
+    steps.append(evaluation['step'])
+  done = int(max(steps)) if steps else 0
+  total = config.get('total_steps', '?') if config else '?'
+  note = ''
+  if is_number(total) and done < total:
+    note = '  (stopped before total_steps)'
+  files = [(name, 'missing' if value is None else 'ok') for name, value in
+           ((CONFIG, config), (METRICS, lines), (EVAL, evaluation),
+            (BEST, best))]
+  if lines is not None:
+    files[1] = (METRICS, f'ok ({len(train)} training, '
+                         f'{len(eval_lines(lines))} eval lines)')
+  size = config.get('size', '?') if config else '?'
+  recipe = config.get('recipe', '?') if config else '?'
+  rows = [('size/recipe', f'{size}/{recipe}'),
+          ('steps', f'{done} / {total}{note}')] + files
+  width = max(len(label) for label, _ in rows)
+  return [f'Run report: {os.path.abspath(workdir)}'] + [
+      f'  {label:<{width}}  {value}' for label, value in rows]
+
+
+def config_section(config):
+  out = ['Config vs defaults']
+  if config is None:
+    return out + [f'  ({CONFIG} missing)']
+  size, recipe = config.get('size', 'small'), config.get('recipe', 'cmal')
+  out[0] += f' ({size},{recipe})'
+  try:
+    default = flatten(default_config(size, recipe))
+  except (ImportError, ValueError) as e:
+    return out + [f'  (no default config to compare with: {e})']
+  value = flatten(config)
+  rows = [(k, repr(default[k]), repr(value[k])) for k in sorted(value)
+          if k in default and value[k] != default[k]]
+  out += table(('key', 'default', 'value'), rows) if rows else [
+      '  (no differences)']
+  for note, keys in (
+      ('extra keys (not in the defaults, ignored)', set(value) - set(default)),
+      (f'keys missing from {CONFIG}', set(default) - set(value))):
+    if keys:
+      out += textwrap.wrap(f'{note}: {", ".join(sorted(keys))}', width=79,
+                           initial_indent='  ', subsequent_indent='    ',
+                           break_on_hyphens=False)
+  return out
+
+
+def training_section(lines):
+  train = training_lines(lines)
+  if not train:
+    return ['Final training metrics', '  (no training lines)']
+  last = train[-1]
+  names = (['loss'] + sorted(k for k in last if k.startswith('loss_')) +
+           sorted(k for k in last if k.startswith('acc_')))
+  rows = [(k, fmt(last[k])) for k in names]
+  if 'lr' in last:
+    rows.append(('lr', f'{last["lr"]:.3e}'))
+  if 'grad_norm' in last:
+    rows.append(('grad_norm', fmt(last['grad_norm'])))
+  return ([f'Final training metrics (step {int(last["step"])})'] +
+          table(('metric', 'value'), rows))
+
+
+def final_eval(lines, evaluation):
+  """(title, {metric: value}) of the final evaluation, or (title, None)."""
+  if evaluation is not None:
+    values = {k: v for k, v in evaluation.items()
+              if k not in NOT_EVAL_METRICS and is_number(v)}
+    step = evaluation.get('step', '?')
+    return f'Final evaluation ({EVAL}, step {step})', values
+  evals = eval_lines(lines)
+  if not evals:
+    return 'Final evaluation', None
+  last = evals[-1]
+  values = {k[5:]: v for k, v in last.items() if k.startswith('eval/')
+            and k[5:] not in NOT_EVAL_METRICS and is_number(v)}
+  return (f'Last evaluation ({METRICS}, step {int(last["step"])}; {EVAL} '
+          'missing)'), values
+
+
+def eval_section(lines, evaluation):
+  title, values = final_eval(lines, evaluation)
+  if values is None:
+    return [title, '  (no evaluation yet)']
+  rows = [(k, fmt(v) if is_score(k) else fmt_count(v))
+          for k, v in sorted(values.items())]
+  return [title] + table(('metric', 'value'), rows)
+
+
+def best_per_metric(lines):
+  """{metric: (max value, its first step)} over the eval/* lines' scores."""
+  best = {}
+  for m in eval_lines(lines):
+    for key, value in m.items():
+      name = key[5:]
+      if not key.startswith('eval/') or not is_number(value) or (
+          not is_score(name)) or math.isnan(value):
+        continue
+      if name not in best or value > best[name][0]:
+        best[name] = (value, int(m['step']))
+  return best
+
+
+def best_section(lines, best):
+  if best is not None:
+    return ['Best evaluation', f'  {BEST}: {best.get("metric")} = '
+            f'{fmt(best.get("value"))} at step {best.get("step")}']
+  per_metric = best_per_metric(lines)
+  if not per_metric:
+    return ['Best evaluation', f'  ({BEST} missing, no eval lines)']
+  rows = [(k, fmt(v), s) for k, (v, s) in sorted(per_metric.items())]
+  return [f'Best evaluation (max over {METRICS} eval lines; {BEST} missing)'
+         ] + table(('metric', 'best', 'step'), rows)
+
+
+def data_section(lines, evaluation):
+  train = training_lines(lines)
+  last = train[-1] if train else {}
+  counters = {k[5:]: v for k, v in last.items() if k.startswith('data/')}
+  skips = last.get('nonfinite_skips')
+  if not counters and evaluation:  # No training line: eval.json has them.
+    counters = dict(evaluation.get('data_stats') or {})
+    skips = evaluation.get('nonfinite_skips')
+  if not counters and skips is None:
+    return ['Data counters', '  (none recorded)']
+  examples = counters.get('examples')
+  rows = []
+  for name in sorted(counters):
+    share = ''
+    if name.startswith('skipped') and examples:
+      share = f'{100 * counters[name] / examples:.2f}%'
+    rows.append((name, fmt_count(counters[name]), share))
+  if skips is not None:
+    rows.append(('nonfinite_skips', fmt_count(skips), ''))
+  return ['Data counters (cumulative)'] + table(
+      ('counter', 'value', 'share of examples'), rows)
+
+
+def throughput_section(lines):
+  train = training_lines(lines)
+  title = 'Throughput (mean over training lines, first excluded: compilation)'
+  if not train:
+    return ['Throughput', '  (no training lines)']
+  window = train[1:]
+  if not window:
+    title = 'Throughput (only one training line; includes compilation)'
+    window = train
+  rows = []
+  for key in ('steps_per_sec', 'examples_per_sec'):
+    values = [m[key] for m in window if is_number(m.get(key))]
+    if values:
+      rows.append((key, f'{sum(values) / len(values):.2f}', len(values)))
+  if not rows:
+    return ['Throughput', '  (not recorded)']
+  return [title] + table(('metric', 'mean', 'lines'), rows)
+
+
+def summarize(workdir):
+  """The report as text. Raises FileNotFoundError if `workdir` is not a
+  directory and ValueError if one of its files is malformed."""
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'{workdir}: no such directory')
+  config = read_json(os.path.join(workdir, CONFIG))
+  lines = read_metrics(os.path.join(workdir, METRICS))
+  evaluation = read_json(os.path.join(workdir, EVAL))
+  best = read_json(os.path.join(workdir, BEST))
+  sections = [run_section(workdir, config, lines, evaluation, best),
+              config_section(config)]
+  if lines is None:
+    sections.append([f'{METRICS} missing: no training metrics, curves or '
+                     'throughput.'])
+  else:
+    sections.append(training_section(lines))
+  sections += [eval_section(lines, evaluation), best_section(lines, best),
+               data_section(lines, evaluation)]
+  if lines is not None:
+    sections.append(throughput_section(lines))
+  return '\n\n'.join('\n'.join(s) for s in sections) + '\n'
+
+
+# ------------------------------------------------------------------ plots
+
+def series(lines, key):
+  """(steps, values) of the lines that have `key`."""
+  points = [(m['step'], m[key]) for m in lines if is_number(m.get(key))]
+  return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_curves(workdir):
+  """Writes curves_loss.png and curves_accuracy.png into `workdir`; returns
+  the paths written (none without training lines)."""
+  lines = read_metrics(os.path.join(workdir, METRICS))
+  train, evals = training_lines(lines), eval_lines(lines)
+  if not train:
+    return []
+  import matplotlib  # Imported lazily: heavy, and only the plots need it.
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  keys = sorted({k for m in train for k in m})
+  losses = ['loss'] + [k for k in keys if k.startswith('loss_')]
+  accs = [k for k in keys if k.startswith('acc_')]
+  eval_accs = sorted({k for m in evals for k in m
+                      if k.startswith('eval/') and 'acc' in k})
+  written = []
+  for filename, ylabel, curves, points in (
+      ('curves_loss.png', 'loss', losses, []),
+      ('curves_accuracy.png', 'accuracy', accs, eval_accs)):
+    if not curves and not points:
+      continue
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=100)
+    colors = {}
+    for key in curves:
+      line, = ax.plot(*series(train, key), label=key,
+                      linewidth=2.0 if key == 'loss' else 1.2)
+      colors[key] = line.get_color()
+    for key in points:
+      # eval/mlm_acc in the colour of acc_mlm, so the two read together;
+      # the all-swapped variants as hollow squares of the same colour.
+      metric = key[len('eval/'):]
+      swapped = metric.endswith('_all_swapped')
+      twin = 'acc_' + metric.removesuffix('_all_swapped').removesuffix('_acc')
+      ax.plot(*series(evals, key), 's' if swapped else 'o', markersize=6,
+              fillstyle='none' if swapped else 'full', label=key,
+              color=colors.get(twin))
+    ax.set_xlabel('step')
+    ax.set_ylabel(ylabel)
+    ax.set_title(f'{ylabel}: {os.path.basename(os.path.abspath(workdir))}')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.01, 1))
+    path = os.path.join(workdir, filename)
+    fig.savefig(path, bbox_inches='tight')
+    plt.close(fig)
+    written.append(path)
+  return written
+
+
+# -------------------------------------------------------------------- CLI
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog='python -m cmal_jax.report',
+      description='Summarises a run and plots its loss and accuracy curves.')
+  parser.add_argument('--workdir', required=True, help='The run directory.')
+  parser.add_argument('--no-plots', action='store_true',
+                      help='Only print the summary.')
+  args = parser.parse_args(argv)
+  try:
+    print(summarize(args.workdir), end='')
+    paths = [] if args.no_plots else plot_curves(args.workdir)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f'report: error: {e}')
+  if paths:
+    print('\nCurves: ' + ', '.join(paths))
+  elif not args.no_plots:
+    print('\nCurves: none (no training lines).')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,453 @@
+"""Crash safety, preemption, non-finite guards, compatible resumes and the
+run's records, on the tiny config.
+
+The crash tests run `python -m cmal_jax.main` in subprocesses that are
+killed (SIGKILL) or preempted (SIGTERM) mid-run, then run again; the final
+parameters must equal, bit for bit, those of a run never interrupted. The
+subprocesses share a persistent XLA cache so only the first one compiles.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cmal_jax import checkpoint, guards, metrics, objectives, sharding, train
+from cmal_jax.data.tokenizer import load_tokenizer
+from cmal_jax.model.cmal import CMAL, ModelConfig
+from cmal_testutil import (assert_trees_equal, good_pair, random_batch,
+                           write_dataset)
+from configs import pretrain
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL = 32  # Steps of every crash-test run.
+
+
+def read_lines(workdir, name='metrics.jsonl'):
+  with open(os.path.join(workdir, name)) as f:
+    return [json.loads(line) for line in f]
+
+
+def read_json(workdir, name):
+  with open(os.path.join(workdir, name)) as f:
+    return json.load(f)
+
+
+def final_state(workdir, step=TOTAL):
+  """The saved train state at `step` as host arrays (no config needed)."""
+  manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir),
+                                  item_names=checkpoint.ITEMS)
+  try:
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']
+  finally:
+    manager.close()
+
+
+def assert_same_state(a, b):
+  assert_trees_equal(a, b, min_leaves=20)
+
+
+# ------------------------------------------------------ crash safety (CLI)
+
+@pytest.fixture(scope='module')
+def cli(world_dir, tmp_path_factory):
+  """Starts `python -m cmal_jax.main` on tiny with the crash-test flags."""
+  cache = str(tmp_path_factory.mktemp('xla_cache'))
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'JAX_COMPILATION_CACHE_DIR': cache,
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+  def start(workdir, *extra, prelude=''):
+    args = ['--config=configs/pretrain.py:tiny', f'--workdir={workdir}',
+            f'--config.data.dir={world_dir}', f'--config.total_steps={TOTAL}',
+            '--config.log_every=1', '--config.checkpoint_every=4',
+            '--config.eval.retrieval_images=8', *extra]
+    if prelude:  # Code run before main, e.g. to plant a crash.
+      code = (f'{prelude}\nimport sys\nfrom absl import app\n'
+              'from cmal_jax import main\n'
+              'sys.argv = ["cmal_jax.main"] + sys.argv[1:]\n'
+              'app.run(main.main, flags_parser=main.parse_flags)')
+      cmd = [sys.executable, '-c', code, *args]
+    else:
+      cmd = [sys.executable, '-m', 'cmal_jax.main', *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+  def run(workdir, *extra, **kw):
+    proc = start(workdir, *extra, **kw)
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+  return start, run
+
+
+def wait_for_step(proc, workdir, step, timeout=300):
+  """Polls metrics.jsonl until it shows `step` (the process still runs)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert proc.poll() is None, proc.communicate()
+    if os.path.exists(path):
+      with open(path) as f:
+        steps = [json.loads(l).get('step', 0) for l in f if l.endswith('\n')]
+      if steps and max(steps) >= step:
+        return max(steps)
+    time.sleep(0.05)
+  raise TimeoutError(f'{workdir} did not reach step {step}')
+
+
+@pytest.fixture(scope='module')
+def reference(cli, tmp_path_factory):
+  """A run never interrupted."""
+  _, run = cli
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  code, out, err = run(workdir)
+  assert code == 0, err[-3000:]
+  return workdir
+
+
+def assert_metrics_once_per_step(workdir):
+  """After a resume, metrics.jsonl holds each step once (the interrupted
+  run's lines after its last checkpoint were dropped and written again)."""
+  steps = [m['step'] for m in read_lines(workdir) if 'loss' in m]
+  assert steps == list(range(1, TOTAL + 1))
+
+
+def test_kill_9_mid_run_resumes_bitwise(cli, reference, tmp_path):
+  start, run = cli
+  workdir = str(tmp_path)
+  proc = start(workdir)
+  reached = wait_for_step(proc, workdir, 10)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  saved = checkpoint.make_manager(workdir, pretrain.get_config('tiny'))
+  assert 8 <= saved.latest_step() < TOTAL, (reached, saved.latest_step())
+  saved.close()
+  code, out, err = run(workdir)
+  assert code == 0, err[-3000:]
+  assert 'Resumed from' in out
+  assert_same_state(final_state(workdir), final_state(reference))
+  assert_metrics_once_per_step(workdir)
+  assert read_json(workdir, 'eval.json') == read_json(reference, 'eval.json')
+
+
+# Runs inside the child: SIGKILL itself when Orbax is about to rename the
+# finished temporary folder of step 12 into place (all files written).
+KILL_IN_SAVE = '''
+import os, signal
+from orbax.checkpoint._src.path import atomicity
+_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def finalize(self, *args, **kwargs):
+  if os.path.basename(str(self.get_final())) == '12':
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await _finalize(self, *args, **kwargs)
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+'''
+
+
+def test_kill_during_checkpoint_save(cli, reference, tmp_path):
+  start, run = cli
+  workdir = str(tmp_path)
+  code, _, _ = run(workdir, prelude=KILL_IN_SAVE)
+  assert code == -signal.SIGKILL
+  ckpt = checkpoint.checkpoint_dir(workdir)
+  names = os.listdir(ckpt)
+  # The interrupted save left only a temporary folder; the previous
+  # checkpoint is intact and is what a restore finds.
+  assert '12' not in names and any(n.startswith('12.') for n in names), names
+  manager = checkpoint.make_manager(workdir, pretrain.get_config('tiny'))
+  assert manager.latest_step() == 8
+  manager.close()
+  code, out, err = run(workdir)
+  assert code == 0, err[-3000:]
+  assert 'Resumed from' in out and 'at step 8' in out
+  assert_same_state(final_state(workdir), final_state(reference))
+  assert_metrics_once_per_step(workdir)
+
+
+def test_sigterm_saves_and_exits_cleanly(cli, reference, tmp_path):
+  start, run = cli
+  workdir = str(tmp_path)
+  proc = start(workdir)
+  wait_for_step(proc, workdir, 10)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'Preempted (SIGTERM): saved step' in out
+  stopped = int(out.split('saved step ')[1].split(';')[0])
+  assert 10 <= stopped < TOTAL
+  # Saved exactly where it stopped, even off the checkpoint_every grid.
+  manager = checkpoint.make_manager(workdir, pretrain.get_config('tiny'))
+  assert manager.latest_step() == stopped
+  manager.close()
+  assert not os.path.exists(os.path.join(workdir, 'eval.json'))
+  code, out, err = run(workdir)
+  assert code == 0, err[-3000:]
+  assert f'at step {stopped}' in out
+  assert_same_state(final_state(workdir), final_state(reference))
+  assert_metrics_once_per_step(workdir)
+
+
+# ----------------------------------------------------- resume compatibility
+
+def tiny(world_dir, **overrides):
+  c = pretrain.get_config('tiny')
+  c.data.dir = world_dir
+  c.eval.retrieval_images = 8
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def test_resume_refuses_a_different_model(world_dir, tmp_path,
+                                          compilation_cache):
+  workdir = str(tmp_path)
+  config = tiny(world_dir, total_steps=4, stop_at_step=2)
+  assert train.train_and_evaluate(config, workdir) is None
+  other = tiny(world_dir, total_steps=4)
+  other.model.hidden_dim = 32
+  other.model.mlp_dim = 128
+  other.model.dropout = 0.0  # Free to change: not part of the signature.
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(other, workdir)
+  message = str(e.value)
+  assert 'checkpoints/2 holds a checkpoint of a different run' in message
+  assert 'model.hidden_dim: checkpoint 64, config 32' in message
+  assert 'model.mlp_dim: checkpoint 256, config 128' in message
+  assert 'dropout' not in message
+  assert '--config.resume=fresh' in message
+
+  # The same model with another dropout resumes.
+  same = tiny(world_dir, total_steps=4, stop_at_step=3)
+  same.model.dropout = 0.0
+  assert train.train_and_evaluate(same, workdir) is None
+
+  # resume=fresh moves the old checkpoints aside and starts over.
+  other.resume = 'fresh'
+  results = train.train_and_evaluate(other, workdir)
+  assert results['step'] == 4
+  aside = [n for n in os.listdir(workdir)
+           if n.startswith('checkpoints.replaced-')]
+  assert len(aside) == 1
+  assert sorted(os.listdir(os.path.join(workdir, aside[0]))) == ['2', '3']
+
+
+# --------------------------------------------------------- non-finite values
+
+@pytest.fixture(scope='module')
+def step_setup():
+  config = pretrain.get_config('tiny')
+  specials = objectives.SpecialTokens.from_tokenizer(load_tokenizer(None))
+  model = CMAL(ModelConfig.from_config(config.model, 10))
+  tx, schedule = train.make_optimizer(config)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  rules = sharding.rules(config)
+  state, _ = train.create_train_state(model, tx, config, specials, mesh, rules)
+  step = jax.jit(train.make_train_step(model, config, specials, schedule))
+  c = config.data
+  batch = random_batch(0, 8, c.max_text_len, c.max_regions, c.max_anchors,
+                       config.model.region_feat_dim)
+  return step, state, batch, mesh
+
+
+def test_nonfinite_batch_skips_the_update(step_setup):
+  step, state, batch, mesh = step_setup
+  good_batch = jax.tree.map(jnp.asarray, batch)
+  bad_batch = dict(good_batch, region_feats=jnp.full_like(
+      good_batch['region_feats'], jnp.nan))
+  with jax.set_mesh(mesh):
+    state, _ = step(state, good_batch)  # Past step 0, where the lr is 0.
+    good_state, good = step(state, good_batch)
+    new, m = step(state, bad_batch)
+  m, good = jax.device_get((m, good))
+  assert not good['update_skipped'] and m['update_skipped']
+  assert not np.isfinite(m['loss'])
+  # Parameters and optimizer state exactly as they were; counters advance.
+  assert_same_state((new.params, new.opt_state),
+                    (state.params, state.opt_state))
+  assert int(new.step) == int(state.step) + 1 == 2
+  assert int(new.nonfinite_skips) == 1
+  assert int(new.data_stats['examples']) == 16
+  # The control: a finite batch does change the parameters.
+  changed = [not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(good_state.params), jax.tree.leaves(state.params))]
+  assert sum(changed) > 0.9 * len(changed)
+  assert int(good_state.nonfinite_skips) == 0
+
+
+def test_isolated_nonfinite_steps_are_skipped_and_counted(
+    world_dir, tmp_path, compilation_cache):
+  config = tiny(world_dir, total_steps=12, log_every=1, checkpoint_every=6,
+                debug_nan_steps=(3, 7))
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results['nonfinite_skips'] == 2
+  lines = [m for m in read_lines(str(tmp_path)) if 'loss' in m]
+  assert [m['update_skipped'] for m in lines] == [
+      float(s in (3, 7)) for s in range(1, 13)]
+  assert [m['nonfinite_skips'] for m in lines] == [
+      0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]
+  assert all(np.isfinite(m['loss']) for m in lines if not m['update_skipped'])
+  state = final_state(str(tmp_path), 12)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(world_dir, tmp_path,
+                                                  compilation_cache):
+  config = tiny(world_dir, total_steps=20, log_every=5, checkpoint_every=4,
+                debug_nan_steps=(5, 6, 7, 8), max_nonfinite_steps=3)
+  with pytest.raises(FloatingPointError) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(e.value)
+  assert '3 consecutive non-finite updates, steps 5..7' in message
+  # NaN features reach every objective through the unified encoder.
+  assert 'objective(s) amc_label, amc_pair, itm, mlm went non-finite' in (
+      message)
+  assert 'config.max_nonfinite_steps=3' in message
+  # Stopped before the step-8 save; the step-4 checkpoint is clean.
+  manager = checkpoint.make_manager(str(tmp_path), config)
+  assert manager.all_steps() == [4]
+  manager.close()
+  state = final_state(str(tmp_path), 4)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
+
+
+# --------------------------------------------------- periodic eval and best
+
+def test_periodic_eval_keeps_the_best_checkpoint(world_dir, tmp_path,
+                                                 compilation_cache):
+  workdir = str(tmp_path)
+  config = tiny(world_dir, total_steps=20, log_every=10)
+  config.eval.every_steps = 10
+  results = train.train_and_evaluate(config, workdir)
+  evals = [m for m in read_lines(workdir) if 'eval/amc_pair_acc' in m]
+  assert [m['step'] for m in evals] == [10, 20]
+  # Periodic evaluations skip retrieval; the final one has it.
+  assert ['eval/retrieval_t2i_r1' in m for m in evals] == [False, True]
+  values = [m['eval/amc_pair_acc'] for m in evals]
+  with open(os.path.join(workdir, 'best.json')) as f:
+    best = json.load(f)
+  assert best['metric'] == 'amc_pair_acc'
+  assert best['value'] == max(values)
+  assert best['step'] == [10, 20][int(np.argmax(values))]
+  assert results['amc_pair_acc'] == values[-1]
+  # workdir/best holds that step's parameters, and only those.
+  best_dir = os.path.join(workdir, 'best')
+  assert [n for n in os.listdir(best_dir) if n.isdigit()] == [
+      str(best['step'])]
+  manager = ocp.CheckpointManager(best_dir, item_names=('params',))
+  params = manager.restore(best['step'], args=ocp.args.Composite(
+      params=ocp.args.StandardRestore()))['params']
+  manager.close()
+  if best['step'] == 20:
+    assert_same_state(params, final_state(workdir, 20)['params'])
+  assert len(jax.tree.leaves(params)) > 20
+
+
+def test_unknown_best_metric_fails_at_start(world_dir, tmp_path):
+  config = tiny(world_dir)
+  config.eval.best_metric = 'retrieval_itc_t2i_r1'  # cmal trains no ITC.
+  with pytest.raises(ValueError, match=r"config.eval.best_metric="
+                     r"'retrieval_itc_t2i_r1': not a metric this recipe "
+                     r"evaluates; one of \[.*'amc_pair_acc'"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+# ------------------------------------------------------------ observability
+
+def test_log_line_and_progress_bar(monkeypatch, capsys):
+  mean = dict(loss=2.5, loss_mlm=2.0, loss_itm=0.5, acc_mlm=0.25, acc_itm=0.5,
+              lr=3e-4, grad_norm=1.25, steps_per_sec=2.0,
+              examples_per_sec=128.0, epoch=1.5, nonfinite_skips=0)
+  line = train.format_log_line(100, 300, mean)
+  assert line == ('step 100/300 epoch 1.50 loss=2.500 [itm=0.500 mlm=2.000] '
+                  '[itm=0.50 mlm=0.25] lr=3.00e-04 grad_norm=1.25 '
+                  '2.00 steps/s 128 ex/s ETA 1.7 min')
+  assert 'skipped=2' in train.format_log_line(
+      100, 300, dict(mean, nonfinite_skips=2))
+
+  bar = train.ProgressBar(10)  # pytest's stdout is not a terminal.
+  bar.update(1)
+  bar.update(5)
+  assert capsys.readouterr().out == ''
+  monkeypatch.setattr(sys.stdout, 'isatty', lambda: True)
+  bar = train.ProgressBar(10, width=10)
+  bar.update(1)
+  bar.update(5)
+  out = capsys.readouterr().out
+  assert out.startswith('\r[#####.....] 5/10 ')
+  assert 'steps/s' in out and 'ETA' in out
+
+
+def test_run_info_records_versions_and_topology():
+  mesh = sharding.make_mesh((-1, 1, 1))
+  info = guards.run_info(mesh)
+  assert info['packages']['jax'] == jax.__version__
+  assert info['packages']['flax'] is not None
+  assert info['device_count'] == jax.device_count()
+  assert info['backend'] == jax.default_backend()
+  assert info['mesh'] == {'data': jax.device_count(), 'fsdp': 1, 'tensor': 1}
+  json.dumps(info)  # Serialisable as it is.
+
+
+def test_metric_lines_after_the_resume_step_are_dropped(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(''.join(json.dumps({'step': s, 'loss': s}) + '\n'
+                          for s in range(1, 8)) + '{"step": 8, "lo')
+  metrics.drop_lines_after(str(path), 5)
+  assert [json.loads(l)['step'] for l in path.read_text().splitlines()] == [
+      1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------- bad data
+
+def test_skipped_records_are_counted_and_limited(tmp_path, compilation_cache):
+  """data.on_error=skip through the training loop: 4 % bad records train
+  with a 5 % limit (counted in metrics and eval.json) and stop the run with
+  a 1 % limit."""
+  data = tmp_path / 'data'
+  pairs = [good_pair(i) for i in range(200)]
+  for i in range(5, 200, 25):  # 8 of 200 records have NaN features.
+    pairs[i]['region_feats'][0, 0] = np.nan
+  write_dataset(data, pairs)
+  write_dataset(data, [good_pair(i, 'val') for i in range(16)], split='val')
+
+  def config(limit):
+    c = tiny(str(data), total_steps=36, log_every=6, checkpoint_every=36)
+    c.data.on_error = 'skip'
+    c.data.max_skip_fraction = limit
+    c.eval.batch_size = 16
+    return c
+
+  # (An eval split smaller than one eval batch fails at start.)
+  too_big = config(0.05)
+  too_big.eval.batch_size = 32
+  with pytest.raises(ValueError, match=r'val.array_record holds 16 pairs, '
+                     r'fewer than config.eval.batch_size=32'):
+    train.train_and_evaluate(too_big, str(tmp_path / 'too_big'))
+
+  results = train.train_and_evaluate(config(0.05), str(tmp_path / 'ok'))
+  # 36 steps x 32 = 1152 examples = 5.76 epochs of 192 good records.
+  stats = results['data_stats']
+  assert stats['examples'] == 36 * 32
+  assert 5.5 * 8 <= stats['skipped_region_feats'] <= 6 * 8
+  assert sum(v for k, v in stats.items() if k.startswith('skipped_')) == (
+      stats['skipped_region_feats'])
+  lines = [m for m in read_lines(str(tmp_path / 'ok')) if 'loss' in m]
+  assert lines[-1]['data/skipped_region_feats'] == stats['skipped_region_feats']
+
+  with pytest.raises(ValueError, match=r'more than '
+                     r'config.data.max_skip_fraction=0.01 allows; by field: '
+                     r'region_feats \d+'):
+    train.train_and_evaluate(config(0.01), str(tmp_path / 'strict'))
