@@ -213,17 +213,8 @@ def train_and_evaluate(config, workdir):
       f'{jax.devices()[0].platform} devices, {jax.process_count()} '
       f'process(es); data {directory} ({vocab.num_tags} tags).')
 
-  # 2. Model, optimizer, state.
-  num_tags = config.model.num_tags or vocab.num_tags
-  model = CMAL(ModelConfig.from_config(config.model, num_tags))
-  tx, schedule = make_optimizer(config)
-  state, state_shardings = create_train_state(model, tx, config, specials,
-                                              mesh, axis_rules)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  log(f'Model: {num_params / 1e6:.2f}M parameters, size {config.size}, '
-      f'recipe {config.recipe}.')
-
-  # 3. Resume (only a checkpoint of the same kind of run).
+  # 2. Checkpoints: only a checkpoint of the same kind of run resumes; the
+  # check comes before the (for big models, slow) state initialisation.
   if config.resume == 'fresh' and os.path.exists(
       checkpoint.checkpoint_dir(workdir)) and jax.process_index() == 0:
     for old in (checkpoint.checkpoint_dir(workdir), best_dir(workdir)):
@@ -232,6 +223,18 @@ def train_and_evaluate(config, workdir):
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('resume_fresh')
   manager = checkpoint.make_manager(workdir, config)
+  if manager.latest_step() is not None:
+    checkpoint.check_signature(manager, manager.latest_step(), config)
+
+  # 3. Model, optimizer, state; restored if the workdir holds a checkpoint.
+  num_tags = config.model.num_tags or vocab.num_tags
+  model = CMAL(ModelConfig.from_config(config.model, num_tags))
+  tx, schedule = make_optimizer(config)
+  state, state_shardings = create_train_state(model, tx, config, specials,
+                                              mesh, axis_rules)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  log(f'Model: {num_params / 1e6:.2f}M parameters, size {config.size}, '
+      f'recipe {config.recipe}.')
   restored = checkpoint.restore(manager, state, train_iter, config)
   if restored is not None:
     state = restored

@@ -21,19 +21,24 @@ def world_dir(tmp_path_factory):
   return d
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def compilation_cache(tmp_path_factory):
-  """A persistent XLA cache for one module's runs: runs with the same shapes
-  load the train and eval steps instead of compiling them again (~25 s each
-  on 2 busy cores). The previous settings are restored afterwards."""
+  """One persistent XLA cache for the session, returned as its directory.
+
+  Runs whose jitted steps lower to the same program (same config shapes and
+  the same total_steps, which the lr schedule bakes in) load them instead of
+  compiling again (~20 s each on 2 cores); subprocesses share it through
+  JAX_COMPILATION_CACHE_DIR. The previous settings are restored at the end.
+  """
   from jax.experimental.compilation_cache import compilation_cache as cc
   names = ('jax_compilation_cache_dir',
            'jax_persistent_cache_min_compile_time_secs')
   old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp('xla_cache')))
+  cache = str(tmp_path_factory.mktemp('xla_cache'))
+  jax.config.update(names[0], cache)
   jax.config.update(names[1], 0.0)
   cc.reset_cache()
-  yield
+  yield cache
   for n, v in old.items():
     jax.config.update(n, v)
   cc.reset_cache()

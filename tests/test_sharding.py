@@ -29,7 +29,10 @@ _SCRIPT = textwrap.dedent('''
     d = sys.argv[1]
     meshes = json.loads(sys.argv[2])
     loaded = np.load(os.path.join(d, 'batch.npz'))
-    host_batch = {k: loaded[k] for k in loaded.files}
+    host_batch = {'stats': {}}
+    for k in loaded.files:  # Nested 'stats/<name>' keys back into a dict.
+        group, _, name = k.rpartition('/')
+        (host_batch[group] if group else host_batch)[name] = loaded[k]
     specials = objectives.SpecialTokens(0, 101, 102, 103, 30522)
 
     def leaf(tree, path):
@@ -104,7 +107,9 @@ def results(tmp_path_factory):
     batch = random_batch(0, B, c.data.max_text_len, c.data.max_regions,
                          c.data.max_anchors, c.model.region_feat_dim)
     d = tmp_path_factory.mktemp('sharding')
-    np.savez(d / 'batch.npz', **batch)
+    stats = batch.pop('stats')
+    np.savez(d / 'batch.npz', **batch,
+             **{f'stats/{k}': v for k, v in stats.items()})
     run_with_8_devices(_SCRIPT, d, json.dumps([list(m) for m in MESHES]),
                        fast_compile=True)
     with open(d / 'results.json') as f:
