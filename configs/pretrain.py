@@ -13,7 +13,7 @@ import ml_collections
 SIZES = {
     #        D   heads L_t L_v L_u  T   R   K  F(feat) batch steps  lr
     'tiny': (64, 2, 1, 1, 2, 24, 8, 4, 64, 32, 200, 1e-3),
-    'small': (256, 4, 2, 2, 4, 32, 10, 6, 256, 64, 360, 1e-3),
+    'small': (256, 4, 2, 2, 4, 32, 10, 6, 256, 64, 450, 1e-3),
     'base': (768, 12, 6, 6, 12, 40, 36, 8, 2048, 256, 200_000, 1e-4),
 }
 RECIPES = ('cmal', 'cmcl')
@@ -81,7 +81,7 @@ def get_config(arg=None):
   ))
   # Synthetic world used when data.dir holds no records yet.
   c.world = ml_collections.ConfigDict(dict(
-      # small: 360 steps x 64 = 2.3 epochs of 10k pairs, within the 15-minute
+      # small: 450 steps x 64 = 2.9 epochs of 10k pairs, within the 15-minute
       # CPU budget (generating 20k takes twice as long).
       num_train={'tiny': 1024, 'small': 10_000}.get(size, 20_000),
       num_eval=128 if size == 'tiny' else 512,

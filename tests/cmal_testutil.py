@@ -31,6 +31,15 @@ def write_dataset(directory, pairs, split='pretrain'):
     return path
 
 
+def tiny_with_data(**data):
+    """The tiny pretrain config with the given config.data fields."""
+    from configs import pretrain
+    c = pretrain.get_config('tiny')
+    for k, v in data.items():
+        c.data[k] = v
+    return c
+
+
 def read_all(config, directory, batch_size):
     """Every batch of one in-order pass over directory's pretrain split."""
     ds, _, _ = pipeline.make_dataset(config, str(directory), 'pretrain',

@@ -11,16 +11,10 @@ from cmal_jax.data.tokenizer import load_tokenizer
 from configs import pretrain
 import cmal_testutil
 from cmal_testutil import F, good_pair, write_dataset
+from cmal_testutil import tiny_with_data as tiny
 
 GARBAGE = b'\xc1\xc1 not msgpack'  # 0xc1 is never used by msgpack.
 N = 12
-
-
-def tiny(**data):
-  c = pretrain.get_config('tiny')
-  for k, v in data.items():
-    c.data[k] = v
-  return c
 
 
 def read_all(config, directory, batch_size=4):

@@ -20,15 +20,9 @@ from cmal_jax.model.cmal import CMAL, ModelConfig
 from configs import pretrain
 import cmal_testutil
 from cmal_testutil import F, good_pair, write_dataset
+from cmal_testutil import tiny_with_data as tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny(**data):
-  c = pretrain.get_config('tiny')
-  for k, v in data.items():
-    c.data[k] = v
-  return c
 
 
 def read_all(config, directory, batch_size=2):
