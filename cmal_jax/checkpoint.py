@@ -4,7 +4,9 @@ stopped, and only if it is the same kind of run."""
 
 import os
 
+from flax import traverse_util
 import grain
+import numpy as np
 import orbax.checkpoint as ocp
 
 from cmal_jax import guards
@@ -61,3 +63,64 @@ def restore(manager, abstract_state, data_iter, config, step=None):
       state=ocp.args.StandardRestore(abstract_state),
       data=grain.checkpoint.CheckpointRestore(data_iter)))
   return restored['state']
+
+
+# ------------------------------------------------- fine-tuning: init_from
+
+def load_pretrained_params(path, step=None):
+  """The parameters of a pre-training checkpoint, as host arrays.
+
+  path: a pre-training workdir (its latest checkpoint, or `step`), its
+  checkpoints/ folder, or one step's folder (.../checkpoints/N).
+  """
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'init_from: {path} is not a directory (a '
+                            'pre-training workdir or checkpoints/N).')
+  if os.path.basename(path).isdigit() and step is None:
+    path, step = os.path.dirname(path), int(os.path.basename(path))
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    path = os.path.join(path, 'checkpoints')
+  manager = ocp.CheckpointManager(path, item_names=ITEMS)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      raise FileNotFoundError(
+          f'init_from: {path} holds no checkpoint'
+          + (f' at step {step}' if step is not None else '')
+          + f' (steps: {manager.all_steps()}).')
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']
+  finally:
+    manager.close()
+  return state['params'], f'{path}/{step}'
+
+
+def merge_pretrained(params, pretrained, names, source='checkpoint'):
+  """`params` with the subtrees `names` taken from `pretrained`.
+
+  Every leaf under those names must exist in both with the same shape;
+  otherwise a ValueError names the parameter and both shapes. Returns
+  (merged params, number of leaves taken).
+  """
+  flat = traverse_util.flatten_dict(params, sep='/')
+  loaded = traverse_util.flatten_dict(pretrained, sep='/')
+  problems, taken = [], 0
+  for key, value in flat.items():
+    if key.split('/')[0] not in names:
+      continue
+    if key not in loaded:
+      problems.append(f'{key}: missing in the {source}')
+      continue
+    if tuple(loaded[key].shape) != tuple(value.shape):
+      problems.append(f'{key}: {source} {tuple(loaded[key].shape)}, model '
+                      f'{tuple(value.shape)}')
+      continue
+    flat[key] = np.asarray(loaded[key], dtype=value.dtype)
+    taken += 1
+  if problems:
+    raise ValueError(
+        f'init_from: the {source} does not fit this model ('
+        f'{len(problems)} parameter(s)): ' + '; '.join(problems[:5])
+        + ('; ...' if len(problems) > 5 else ''))
+  return traverse_util.unflatten_dict(flat, sep='/'), taken

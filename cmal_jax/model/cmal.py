@@ -35,16 +35,40 @@ class ModelConfig:
                          num_layers, self.dropout, jnp.dtype(self.dtype))
 
 
-class CMAL(nn.Module):
-  """Every pre-training head in one pass; the objectives pick what they use
-  (XLA drops the rest).
+# Downstream tasks and what their head outputs (DESIGN §2, "Downstream
+# heads"); the encoder parameters are the same in every task.
+TASK_HEADS = ('vqa', 've', 'nlvr2', 'rec', 'retrieval')
+# Parameters a fine-tuning run takes from a pre-trained checkpoint.
+ENCODER_PARAMS = ('text_encoder', 'vision_encoder', 'text_scale',
+                  'vision_scale', 'mask_vector', 'slots', 'unified')
 
-  Inputs (dict; shapes B batch, T text, R regions, K anchors, M predictions):
-    input_ids, text_mask [B, T]; region_feats [B, R, F]; region_boxes
-    [B, R, 4]; region_mask [B, R]; anchor_text_pos, anchor_text_end,
-    anchor_region, anchor_action [B, K]; mlm_positions [B, M].
+
+def pretrained_param_names(task):
+  """The top-level parameters `task` starts from when fine-tuning from a
+  pre-trained checkpoint: the encoders, and for retrieval the ITM head."""
+  return ENCODER_PARAMS + (('itm_head',) if task == 'retrieval' else ())
+
+
+class CMAL(nn.Module):
+  """UMSE -> CMAP -> unified encoder -> the heads of `task`.
+
+  task='pretrain': every pre-training head in one pass; the objectives pick
+  what they use (XLA drops the rest). Inputs (dict; shapes B batch, T text,
+  R regions, K anchors, M predictions): input_ids, text_mask [B, T];
+  region_feats [B, R, F]; region_boxes [B, R, 4]; region_mask [B, R];
+  anchor_text_pos, anchor_text_end, anchor_region, anchor_action [B, K];
+  mlm_positions [B, M].
+
+  Downstream tasks (CMAP off: no anchor inputs) return {'logits': ...}:
+    vqa [B, num_outputs answers], ve [B, 3], rec [B, R] (one score per
+    region slot, -1e9 on padding), retrieval [B, 2] (the ITM head);
+    nlvr2 takes both images stacked as [2B, ...] (left images first, then
+    right ones, the same statement twice) and returns [B, 2] from the two
+    [CLS] outputs concatenated.
   """
   config: ModelConfig
+  task: str = 'pretrain'
+  num_outputs: int = 0  # vqa: the answer vocabulary size.
 
   def setup(self):
     c = self.config
@@ -62,6 +86,9 @@ class CMAL(nn.Module):
     unified_cfg = c.encoder(c.unified_layers)
     self.slots = SlotEmbeddings(unified_cfg, c.max_position)
     self.unified = BertEncoder(unified_cfg)
+    if self.task != 'pretrain':
+      self.task_head = _task_head(self.task, unified_cfg, self.num_outputs)
+      return
     self.vocab_head = heads.VocabHead(unified_cfg, c.vocab_size)
     self.tag_head = heads.TagHead(unified_cfg, c.num_tags)
     self.pairing_head = heads.PairingHead(unified_cfg)
@@ -71,20 +98,31 @@ class CMAL(nn.Module):
         'itc_log_scale', axes.init(
             lambda *_: jnp.log(jnp.float32(1 / 0.07)), ()), ())
 
-  def __call__(self, inputs, *, deterministic=True):
+  def encode(self, inputs, deterministic=True):
+    """UMSE, CMAP (when the inputs carry anchor actions) and the unified
+    encoder. Returns (x [B, T + R, D], text_unit [B, T, D], region_unit
+    [B, R, D]): the unified outputs and the UMSE unit features."""
     det = deterministic
     text_unit = self.text_encoder(inputs['input_ids'], inputs['text_mask'], det)
     region_unit = self.vision_encoder(
         inputs['region_feats'], inputs['region_boxes'], inputs['region_mask'],
         det)
-    text, regions = prompt.swap_anchor_features(
-        text_unit * self.text_scale, region_unit * self.vision_scale,
-        inputs['anchor_text_pos'], inputs['anchor_text_end'],
-        inputs['anchor_region'], inputs['anchor_action'], self.mask_vector)
+    text, regions = text_unit * self.text_scale, region_unit * self.vision_scale
+    if 'anchor_action' in inputs:
+      text, regions = prompt.swap_anchor_features(
+          text, regions, inputs['anchor_text_pos'], inputs['anchor_text_end'],
+          inputs['anchor_region'], inputs['anchor_action'], self.mask_vector)
     x = self.slots(text, regions, inputs['region_boxes'], det)
     mask = jnp.concatenate([inputs['text_mask'], inputs['region_mask']], 1)
-    x = self.unified(x, mask, det)
-    T = text.shape[1]
+    return self.unified(x, mask, det), text_unit, region_unit
+
+  def __call__(self, inputs, *, deterministic=True):
+    x, text_unit, region_unit = self.encode(inputs, deterministic)
+    if self.task == 'retrieval':  # The ITM head, pre-trained or not.
+      return {'logits': self.task_head(x[:, 0])}
+    if self.task != 'pretrain':
+      return {'logits': self.task_head(x, inputs)}
+    T = inputs['input_ids'].shape[1]
     text_out, region_out = x[:, :T], x[:, T:]
 
     # AMC: at each anchor the text slot p_k and the region slot o_k.
@@ -125,3 +163,21 @@ def pool_regions(region_unit, region_mask):
   m = region_mask[..., None].astype(region_unit.dtype)
   return l2_normalize(jnp.sum(region_unit * m, 1)
                       / jnp.maximum(jnp.sum(m, 1), 1.0))
+
+
+def _task_head(task, cfg, num_outputs):
+  if task == 'vqa':
+    if num_outputs < 1:
+      raise ValueError('the vqa head needs num_outputs = the answer '
+                       f'vocabulary size, got {num_outputs}')
+    return heads.ClsClassifier(cfg, num_outputs, name='vqa_head')
+  if task == 've':
+    return heads.ClsClassifier(cfg, 3, name='ve_head')
+  if task == 'nlvr2':
+    return heads.ClsClassifier(cfg, 2, num_images=2, name='nlvr2_head')
+  if task == 'rec':
+    return heads.RegionScorer(cfg, name='rec_head')
+  if task == 'retrieval':
+    return heads.ITMHead(cfg, name='itm_head')
+  raise ValueError(f'unknown task {task!r}; tasks are pretrain and '
+                   f'{list(TASK_HEADS)}')

@@ -74,3 +74,46 @@ class ITMHead(nn.Module):
     pooled = jnp.tanh(dense(self.cfg.hidden_dim, self.cfg, 'pooler')(cls))
     return dense(2, self.cfg, 'classifier', out_axis=None)(pooled).astype(
         jnp.float32)
+
+
+# ---------------------------------------------------------- downstream heads
+
+class ClsClassifier(nn.Module):
+  """UNITER's task head on [CLS]: Dense(2D), GELU, LayerNorm, Dense(C).
+
+  VQA (C answers), SNLI-VE (C = 3), NLVR2 (num_images = 2: the [CLS]
+  outputs of the two passes are concatenated first).
+  """
+  cfg: object
+  num_classes: int
+  num_images: int = 1
+
+  @nn.compact
+  def __call__(self, x, inputs):
+    """x [num_images * B, L, D] (image i of example b at i * B + b) ->
+    logits [B, C] (float32)."""
+    cls = x[:, 0]
+    if self.num_images > 1:
+      cls = jnp.concatenate(jnp.split(cls, self.num_images, axis=0), -1)
+    h = nn.gelu(dense(2 * self.cfg.hidden_dim, self.cfg, 'dense')(cls),
+                approximate=False)
+    h = nn.LayerNorm(epsilon=self.cfg.layer_norm_eps, dtype=self.cfg.dtype,
+                     name='LayerNorm',
+                     scale_init=axes.init(nn.initializers.ones, ('mlp',)),
+                     bias_init=axes.init(nn.initializers.zeros, ('mlp',)))(h)
+    return dense(self.num_classes, self.cfg, 'classifier', in_axis='mlp',
+                 out_axis=None)(h).astype(jnp.float32)
+
+
+class RegionScorer(nn.Module):
+  """REC: one score per region slot, for a softmax over the regions."""
+  cfg: object
+
+  @nn.compact
+  def __call__(self, x, inputs):
+    """x [B, T + R, D] -> logits [B, R] (float32; -1e9 on padded slots)."""
+    regions = x[:, inputs['input_ids'].shape[1]:]
+    h = Transform(self.cfg, name='transform')(regions)
+    logits = dense(1, self.cfg, 'score', out_axis=None)(h)[..., 0]
+    return jnp.where(inputs['region_mask'] > 0, logits.astype(jnp.float32),
+                     -1e9)

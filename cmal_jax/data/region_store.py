@@ -1,0 +1,191 @@
+"""Region store: image id -> region record, the visual side of fine-tuning.
+
+Task examples (tasks.py) name their images by id; fine-tuning gets the
+regions of an id from a store, so detector features, image files and the
+synthetic world all plug in through this one interface.
+
+On disk a store is two files:
+
+  regions.array_record          one msgpack record per image: image_id +
+                                tasks.REGION_FIELDS (region_feats f32 [N, F],
+                                region_boxes f32 [N, 4], region_tags
+                                list[str] of length N, region_conf f32 [N])
+  regions.array_record.index.json
+                                {image_id: record_index}
+
+The index makes opening O(number of images), not O(data): records are read
+(and validated) only when asked for.
+
+  store = RegionStore('/data/vqa/regions.array_record')
+  regions = store['task-vqa-train-0-0000003']   # dict, float32 arrays
+"""
+
+import json
+import os
+from typing import Iterable
+
+from cmal_jax.data import records
+from cmal_jax.data import tasks
+
+REGION_STORE_FILE = 'regions.array_record'
+INDEX_SUFFIX = '.index.json'
+REGION_RECORD_FIELDS = ('image_id',) + tasks.REGION_FIELDS
+
+
+def store_path(directory: str) -> str:
+  """Where a dataset folder's region store lives."""
+  return os.path.join(directory, REGION_STORE_FILE)
+
+
+def index_path(path: str) -> str:
+  """The sidecar index of the store at `path`."""
+  return os.fspath(path) + INDEX_SUFFIX
+
+
+def validate_region_record(record: dict, *, path: str, index: int,
+                           feature_dim: int) -> dict:
+  """Checks a decoded region record; returns it with float32 numpy arrays.
+
+  Raises records.RecordError naming path, record index and field.
+  """
+  if not isinstance(record, dict):
+    raise records.RecordError(path, index, '*',
+                              f'expected a dict, got {type(record).__name__}')
+  # A region record is a pair record without the caption: reuse the pair
+  # checks (shapes, finiteness, box range, tag list) with a dummy caption.
+  checked = records.validate_pair(dict(record, caption=''), path=path,
+                                  index=index, feature_dim=feature_dim)
+  extra = sorted(set(record) - set(REGION_RECORD_FIELDS))
+  if extra:
+    raise records.RecordError(path, index, extra[0],
+                              'unexpected field in a region record')
+  return {k: checked[k] for k in REGION_RECORD_FIELDS}
+
+
+def _feature_dim_of(record: dict, allow_empty: bool = False):
+  """Width F of region_feats [N, F]; None if unknown (or N == 0, unless
+  allow_empty: a region-less record's width fixes nothing for the others)."""
+  shape = getattr(record.get('region_feats'), 'shape', None)
+  if shape is None or len(shape) != 2 or (shape[0] == 0 and not allow_empty):
+    return None
+  return int(shape[1])
+
+
+def _expected_dim(dim, record) -> int:
+  """The width to validate `record` against while the store's is unknown."""
+  if dim is not None:
+    return dim
+  own = _feature_dim_of(record, allow_empty=True)
+  return 0 if own is None else own
+
+
+def write_region_store(path: str, region_records: Iterable[dict],
+                       feature_dim: int | None = None) -> int:
+  """Writes region records to `path` + its index; returns how many.
+
+  All records must share one feature width (feature_dim, or the width of the
+  first record with regions) and have distinct image ids. Both files are
+  written atomically (temp file + rename), the index after the data.
+  """
+  path = os.fspath(path)
+  index: dict[str, int] = {}
+
+  def checked():
+    dim = feature_dim
+    for i, rec in enumerate(region_records):
+      if dim is None:
+        dim = _feature_dim_of(rec)
+      rec = validate_region_record(rec, path=path, index=i,
+                                   feature_dim=_expected_dim(dim, rec))
+      image_id = rec['image_id']
+      if image_id in index:
+        raise records.RecordError(
+            path, i, 'image_id', f'duplicate id {image_id!r} (first at '
+            f'record {index[image_id]})')
+      index[image_id] = i
+      yield rec
+
+  n = records.write_records(path, checked())
+  tmp = index_path(path) + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(index, f)
+  os.replace(tmp, index_path(path))
+  return n
+
+
+def _meta_feature_dim(path: str):
+  meta = os.path.join(os.path.dirname(os.path.abspath(path)),
+                      records.META_FILE)
+  if not os.path.exists(meta):
+    return None
+  with open(meta) as f:
+    return json.load(f).get('feature_dim')
+
+
+class RegionStore:
+  """Read-only mapping image_id -> region record, backed by ArrayRecord.
+
+  feature_dim: the expected width F; by default meta.json's feature_dim in
+  the store's folder, else the width of the first record read.
+  """
+
+  def __init__(self, path: str, feature_dim: int | None = None):
+    self.path = os.fspath(path)
+    idx = index_path(self.path)
+    if not os.path.exists(self.path):
+      raise FileNotFoundError(
+          f'{self.path}: no such region store; write it with '
+          f'region_store.write_region_store (synthetic tasks: python -m '
+          f'cmal_jax.data.world_tasks --out=DIR)')
+    if not os.path.exists(idx):
+      raise FileNotFoundError(
+          f'{idx}: no region store index next to {self.path}; write the '
+          f'store with region_store.write_region_store (or python -m '
+          f'cmal_jax.data.world_tasks)')
+    self._source = records.open_source(self.path)
+    with open(idx) as f:
+      self._index = json.load(f)
+    n = len(self._source)
+    bad = [k for k, v in self._index.items()
+           if not isinstance(v, int) or not 0 <= v < n]
+    if not isinstance(self._index, dict) or bad or len(self._index) != n:
+      raise ValueError(
+          f'{idx}: index does not match {self.path} ({len(self._index)} ids '
+          f'for {n} records{", bad entry " + repr(bad[0]) if bad else ""}); '
+          f'rewrite the store')
+    self.feature_dim = feature_dim or _meta_feature_dim(self.path)
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __contains__(self, image_id) -> bool:
+    return image_id in self._index
+
+  def image_ids(self) -> list[str]:
+    """All ids, in record order."""
+    return list(self._index)
+
+  def __getitem__(self, image_id: str) -> dict:
+    """Region record of an image: image_id + tasks.REGION_FIELDS."""
+    try:
+      i = self._index[image_id]
+    except (KeyError, TypeError):
+      raise KeyError(f'{self.path}: no regions for image id {image_id!r} '
+                     f'({len(self)} images in the store)') from None
+    try:
+      rec = records.decode_record(self._source[i])
+    except records.RecordError:
+      raise
+    except Exception as e:  # msgpack garbage: name the record.
+      raise records.RecordError(self.path, i, '*',
+                                f'cannot decode record: {e}') from e
+    if self.feature_dim is None:
+      self.feature_dim = _feature_dim_of(rec)
+    rec = validate_region_record(rec, path=self.path, index=i,
+                                 feature_dim=_expected_dim(self.feature_dim,
+                                                           rec))
+    if rec['image_id'] != image_id:  # A stale or hand-edited index.
+      raise records.RecordError(
+          self.path, i, 'image_id', f'is {rec["image_id"]!r} but the index '
+          f'maps {image_id!r} here; rewrite the store')
+    return rec

@@ -1,0 +1,199 @@
+"""Downstream heads on the shared encoder, and init_from: fine-tuning starts
+from a pre-training checkpoint's encoders (issue 3's model side)."""
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cmal_jax import checkpoint, train
+from cmal_jax.model import prompt
+from cmal_jax.model.cmal import (CMAL, ENCODER_PARAMS, ModelConfig,
+                                 pretrained_param_names)
+from cmal_testutil import random_batch
+from configs import pretrain
+
+B = 4
+
+
+def tiny_model(task='pretrain', num_outputs=0, **model_overrides):
+  c = pretrain.get_config('tiny')
+  for k, v in model_overrides.items():
+    c.model[k] = v
+  return CMAL(ModelConfig.from_config(c.model, num_tags=10), task=task,
+              num_outputs=num_outputs), c
+
+
+def task_inputs(c, batch_size=B, seed=0):
+  """A batch without anchors (CMAP is off when fine-tuning)."""
+  d = c.data
+  b = random_batch(seed, batch_size, d.max_text_len, d.max_regions,
+                   d.max_anchors, c.model.region_feat_dim)
+  return {k: jnp.asarray(b[k]) for k in (
+      'input_ids', 'text_mask', 'region_feats', 'region_boxes',
+      'region_mask')}
+
+
+def init(model, inputs):
+  """Plain parameter dict (logical-axis boxes removed). Run op by op: for
+  these one-off calls that is faster than compiling them."""
+  return nn.unbox(model.init(jax.random.key(0), inputs))['params']
+
+
+def param_shapes(model, inputs):
+  """{name: shape} tree without running anything (jax.eval_shape)."""
+  return jax.tree.map(np.shape, jax.eval_shape(lambda: init(model, inputs)))
+
+
+def logits_of(model, params, inputs):
+  return np.asarray(model.apply({'params': params}, inputs)['logits'])
+
+
+@pytest.mark.parametrize('task,num_outputs,shape', [
+    ('vqa', 7, (B, 7)), ('ve', 0, (B, 3)), ('rec', 0, (B, 8)),
+    ('retrieval', 0, (B, 2)), ('nlvr2', 0, (B // 2, 2))])
+def test_task_heads_output_shapes(task, num_outputs, shape):
+  model, c = tiny_model(task, num_outputs)
+  inputs = task_inputs(c)
+  params = init(model, inputs)
+  logits = logits_of(model, params, inputs)
+  assert logits.shape == shape and logits.dtype == np.float32
+  assert np.all(np.isfinite(logits))
+  # Every task shares the pre-training model's encoder parameters exactly.
+  pre, _ = tiny_model()
+  pre_shapes = param_shapes(pre, dict(inputs, **_no_anchors(c, B)))
+  for name in ENCODER_PARAMS:
+    assert jax.tree.map(np.shape, params[name]) == pre_shapes[name], name
+  # Task models carry no pre-training heads.
+  assert not {'vocab_head', 'tag_head', 'pairing_head'} & set(params)
+
+
+def _no_anchors(c, batch_size):
+  K = c.data.max_anchors
+  z = jnp.zeros((batch_size, K), jnp.int32)
+  return dict(anchor_text_pos=z, anchor_text_end=z, anchor_region=z,
+              anchor_action=z, mlm_positions=jnp.zeros((batch_size, 2),
+                                                       jnp.int32))
+
+
+def test_rec_scores_only_real_regions():
+  model, c = tiny_model('rec')
+  inputs = task_inputs(c)
+  params = init(model, inputs)
+  logits = logits_of(model, params, inputs)
+  mask = np.asarray(inputs['region_mask']) > 0
+  assert np.all(logits[~mask] == -1e9) and (~mask).any()
+  assert np.all(np.abs(logits[mask]) < 1e3)
+
+
+def test_nlvr2_pairs_the_two_passes_of_an_example():
+  """Example b is (left b, right b): swapping the images of one example
+  changes only that example's logits."""
+  model, c = tiny_model('nlvr2', dropout=0.0)
+  inputs = task_inputs(c, batch_size=2 * B)  # [left x B, right x B].
+  params = init(model, inputs)
+  out = logits_of(model, params, inputs)
+  order = np.arange(2 * B)
+  order[[1, B + 1]] = order[[B + 1, 1]]  # Example 1: left <-> right.
+  swapped = jax.tree.map(lambda x: x[order], inputs)
+  out2 = logits_of(model, params, swapped)
+  others = [b for b in range(B) if b != 1]
+  np.testing.assert_allclose(out2[others], out[others], rtol=1e-5, atol=1e-6)
+  assert np.abs(out2[1] - out[1]).max() > 1e-4
+
+
+def test_encode_without_anchors_equals_cmap_doing_nothing():
+  """Fine-tuning inputs have no anchors; that must equal the pre-training
+  path with every anchor action NONE."""
+  model, c = tiny_model()
+  inputs = task_inputs(c)
+  with_none = dict(inputs, **_no_anchors(c, B))
+  assert (with_none['anchor_action'] == prompt.NONE).all()
+  params = init(model, with_none)
+  x1 = model.apply({'params': params}, inputs, method=CMAL.encode)[0]
+  x2 = model.apply({'params': params}, with_none, method=CMAL.encode)[0]
+  np.testing.assert_array_equal(np.asarray(x1), np.asarray(x2))
+
+
+def test_unknown_task_and_vqa_without_answers_fail():
+  model, c = tiny_model('caption')
+  with pytest.raises(ValueError, match=r"unknown task 'caption'; tasks are "
+                     r"pretrain and \['vqa', 've', 'nlvr2', 'rec', "
+                     r"'retrieval'\]"):
+    init(model, task_inputs(c))
+  model, _ = tiny_model('vqa', 0)
+  with pytest.raises(ValueError, match='vqa head needs num_outputs'):
+    init(model, task_inputs(c))
+
+
+# -------------------------------------------------------------- init_from
+
+@pytest.fixture(scope='module')
+def pretrained(world_dir, tmp_path_factory, compilation_cache):
+  """A tiny pre-training run saved at step 1 (30 total steps, as the runs
+  of test_reliability/test_train: their compile is reused)."""
+  workdir = str(tmp_path_factory.mktemp('pretrained'))
+  c = pretrain.get_config('tiny')
+  c.data.dir = world_dir
+  c.total_steps, c.stop_at_step = 30, 1
+  c.eval.retrieval_images = 8
+  assert train.train_and_evaluate(c, workdir) is None
+  return workdir
+
+
+@pytest.mark.parametrize('task', ['vqa', 'retrieval'])
+def test_init_from_takes_the_encoders_and_keeps_fresh_heads(pretrained, task):
+  saved, where = checkpoint.load_pretrained_params(pretrained)
+  assert where.endswith('checkpoints/1')
+  model, c = tiny_model(task, 5)
+  fresh = init(model, task_inputs(c))
+  names = pretrained_param_names(task)
+  merged, taken = checkpoint.merge_pretrained(fresh, saved, names)
+  flat = flax.traverse_util.flatten_dict(merged, sep='/')
+  flat_saved = flax.traverse_util.flatten_dict(saved, sep='/')
+  flat_fresh = flax.traverse_util.flatten_dict(fresh, sep='/')
+  assert taken == sum(k.split('/')[0] in names for k in flat) > 20
+  for k, v in flat.items():
+    if k.split('/')[0] in names:
+      np.testing.assert_array_equal(v, flat_saved[k])  # Bitwise.
+    else:
+      np.testing.assert_array_equal(v, flat_fresh[k])
+  # The retrieval model starts from the pre-trained ITM head; vqa's head is new.
+  assert ('itm_head/pooler/kernel' in flat) == (task == 'retrieval')
+  # The merged parameters run.
+  assert np.all(np.isfinite(logits_of(model, merged, task_inputs(c))))
+
+
+def test_init_from_a_step_folder_and_bad_paths(pretrained, tmp_path):
+  _, where = checkpoint.load_pretrained_params(
+      f'{pretrained}/checkpoints/1')
+  assert where.endswith('checkpoints/1')
+  with pytest.raises(FileNotFoundError, match=r'init_from: .*/nowhere is not '
+                     r'a directory'):
+    checkpoint.load_pretrained_params(str(tmp_path / 'nowhere'))
+  with pytest.raises(FileNotFoundError, match=r'holds no checkpoint at step '
+                     r'7 \(steps: \[1\]\)'):
+    checkpoint.load_pretrained_params(pretrained, step=7)
+
+
+def test_init_from_a_different_size_names_the_parameter(pretrained):
+  saved, _ = checkpoint.load_pretrained_params(pretrained)
+  model, c = tiny_model('ve')
+  fresh = init(model, task_inputs(c))
+  # A checkpoint of another width: two of its parameters, reshaped.
+  other = jax.tree.map(np.asarray, saved)
+  other['mask_vector'] = np.zeros(32, np.float32)
+  other['slots']['location']['kernel'] = np.zeros((7, 32), np.float32)
+  with pytest.raises(ValueError) as e:
+    checkpoint.merge_pretrained(fresh, other, ENCODER_PARAMS)
+  assert str(e.value) == (
+      'init_from: the checkpoint does not fit this model (2 parameter(s)): '
+      'mask_vector: checkpoint (32,), model (64,); '
+      'slots/location/kernel: checkpoint (7, 32), model (7, 64)')
+  del other['unified']['layer_0']  # And 16 parameters are missing.
+  with pytest.raises(ValueError, match=r'\(18 parameter\(s\)\): .*'
+                     r'unified/layer_0/attention/key_bias: missing in the '
+                     r'checkpoint; .*; \.\.\.$'):
+    checkpoint.merge_pretrained(fresh, other, ENCODER_PARAMS)
