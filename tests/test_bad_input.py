@@ -279,12 +279,14 @@ def _no_regions(i):
   return p
 
 
-def test_image_without_regions_trains(tmp_path):
+def test_image_without_regions_trains(tmp_path, compilation_cache):
   config = tiny(itm_neg_prob=0.0)
-  pairs = [_no_regions(0)] + [good_pair(i) for i in range(1, 4)]
-  pairs += [_no_regions(i) for i in range(4, 8)]
+  # Batches of 8 on the tiny config, jitted as test_reliability's
+  # non-finite step test does: one compile for both (session XLA cache).
+  pairs = [_no_regions(0)] + [good_pair(i) for i in range(1, 8)]
+  pairs += [_no_regions(i) for i in range(8, 16)]
   write_dataset(tmp_path, pairs)
-  mixed, empty = read_all(config, tmp_path, batch_size=4)
+  mixed, empty = read_all(config, tmp_path, batch_size=8)
 
   # The empty image: a valid example with no regions and so no anchors.
   assert mixed['region_mask'][0].tolist() == [0] * config.data.max_regions
