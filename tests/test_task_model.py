@@ -89,19 +89,22 @@ def test_rec_scores_only_real_regions():
 
 
 def test_nlvr2_pairs_the_two_passes_of_an_example():
-  """Example b is (left b, right b): swapping the images of one example
-  changes only that example's logits."""
+  """Rows 2b and 2b + 1 are example b's left and right images: swapping
+  them changes only that example's logits; moving rows across examples
+  moves the logits with them."""
   model, c = tiny_model('nlvr2', dropout=0.0)
-  inputs = task_inputs(c, batch_size=2 * B)  # [left x B, right x B].
+  inputs = task_inputs(c, batch_size=2 * B)
   params = init(model, inputs)
   out = logits_of(model, params, inputs)
   order = np.arange(2 * B)
-  order[[1, B + 1]] = order[[B + 1, 1]]  # Example 1: left <-> right.
-  swapped = jax.tree.map(lambda x: x[order], inputs)
-  out2 = logits_of(model, params, swapped)
+  order[[2, 3]] = order[[3, 2]]  # Example 1: left <-> right.
+  out2 = logits_of(model, params, jax.tree.map(lambda x: x[order], inputs))
   others = [b for b in range(B) if b != 1]
   np.testing.assert_allclose(out2[others], out[others], rtol=1e-5, atol=1e-6)
   assert np.abs(out2[1] - out[1]).max() > 1e-4
+  pairs = np.array([2, 3, 0, 1] + list(range(4, 2 * B)))  # Examples 0 <-> 1.
+  out3 = logits_of(model, params, jax.tree.map(lambda x: x[pairs], inputs))
+  np.testing.assert_allclose(out3[[1, 0]], out[[0, 1]], rtol=1e-5, atol=1e-6)
 
 
 def test_encode_without_anchors_equals_cmap_doing_nothing():

@@ -62,9 +62,9 @@ class CMAL(nn.Module):
   Downstream tasks (CMAP off: no anchor inputs) return {'logits': ...}:
     vqa [B, num_outputs answers], ve [B, 3], rec [B, R] (one score per
     region slot, -1e9 on padding), retrieval [B, 2] (the ITM head);
-    nlvr2 takes both images stacked as [2B, ...] (left images first, then
-    right ones, the same statement twice) and returns [B, 2] from the two
-    [CLS] outputs concatenated.
+    nlvr2 takes the two images of each example as consecutive rows
+    [2B, ...] (left of example b at 2b, right at 2b + 1, the statement in
+    both) and returns [B, 2] from the two [CLS] outputs concatenated.
   """
   config: ModelConfig
   task: str = 'pretrain'

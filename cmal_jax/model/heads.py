@@ -90,11 +90,11 @@ class ClsClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, x, inputs):
-    """x [num_images * B, L, D] (image i of example b at i * B + b) ->
+    """x [B * num_images, L, D] (example-major: the images of example b
+    at b * num_images + i, so an example stays on one data shard) ->
     logits [B, C] (float32)."""
     cls = x[:, 0]
-    if self.num_images > 1:
-      cls = jnp.concatenate(jnp.split(cls, self.num_images, axis=0), -1)
+    cls = cls.reshape(-1, self.num_images * cls.shape[-1])
     h = nn.gelu(dense(2 * self.cfg.hidden_dim, self.cfg, 'dense')(cls),
                 approximate=False)
     h = nn.LayerNorm(epsilon=self.cfg.layer_norm_eps, dtype=self.cfg.dtype,
