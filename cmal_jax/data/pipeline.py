@@ -130,6 +130,33 @@ def keep_regions(num_regions, conf, max_regions):
   return np.sort(order)
 
 
+def pad_text(encoding, max_text_len):
+  """A tokenizer encoding -> {input_ids [T] int32, text_mask [T] int32}."""
+  arrays = dict(input_ids=np.zeros(max_text_len, np.int32),
+                text_mask=np.zeros(max_text_len, np.int32))
+  arrays['input_ids'][:len(encoding.ids)] = encoding.ids
+  arrays['text_mask'][:len(encoding.ids)] = 1
+  return arrays
+
+
+def pad_regions(image, max_regions, feature_dim):
+  """The most confident R regions of an image record, in stored order.
+
+  Returns ({region_feats [R, F] f32, region_boxes [R, 4] f32, region_mask
+  [R] int32}, keep): keep indexes the image's regions that were kept.
+  """
+  keep = keep_regions(len(image['region_conf']), image['region_conf'],
+                      max_regions)
+  n = len(keep)
+  arrays = dict(region_feats=np.zeros((max_regions, feature_dim), np.float32),
+                region_boxes=np.zeros((max_regions, 4), np.float32),
+                region_mask=np.zeros(max_regions, np.int32))
+  arrays['region_feats'][:n] = image['region_feats'][keep]
+  arrays['region_boxes'][:n] = image['region_boxes'][keep]
+  arrays['region_mask'][:n] = 1
+  return arrays, keep
+
+
 def encode_pair(caption, image, tokenizer, vocab, shapes):
   """Tokenises a caption, detects its anchors with the image, pads.
 
@@ -138,30 +165,18 @@ def encode_pair(caption, image, tokenizer, vocab, shapes):
   Returns:
     (arrays, stats): arrays of static shapes (see Shapes), stats counts.
   """
-  T, R, K, F = (shapes.max_text_len, shapes.max_regions, shapes.max_anchors,
-                shapes.feature_dim)
+  T, R, K = shapes.max_text_len, shapes.max_regions, shapes.max_anchors
   text = tokenizer.encode(caption, T)
-  keep = keep_regions(len(image['region_conf']), image['region_conf'], R)
-  n = len(keep)
+  regions, keep = pad_regions(image, R, shapes.feature_dim)
   tag_ids = image['region_tag_ids'][keep]
-  conf = image['region_conf'][keep]
-  found = anchors_lib.detect_anchors(caption, text.offsets, tag_ids, conf,
-                                     vocab, K)
-  L = len(text.ids)
+  found = anchors_lib.detect_anchors(caption, text.offsets, tag_ids,
+                                     image['region_conf'][keep], vocab, K)
+  region_tags = np.full(R, -1, np.int32)
+  region_tags[:len(keep)] = tag_ids
   arrays = dict(
-      input_ids=np.zeros(T, np.int32), text_mask=np.zeros(T, np.int32),
-      region_feats=np.zeros((R, F), np.float32),
-      region_boxes=np.zeros((R, 4), np.float32),
-      region_tags=np.full(R, -1, np.int32),
-      region_mask=np.zeros(R, np.int32),
+      pad_text(text, T), **regions, region_tags=region_tags,
       anchor_text_pos=found.text_pos, anchor_text_end=found.text_end,
       anchor_region=found.region, anchor_valid=found.valid)
-  arrays['input_ids'][:L] = text.ids
-  arrays['text_mask'][:L] = 1
-  arrays['region_feats'][:n] = image['region_feats'][keep]
-  arrays['region_boxes'][:n] = image['region_boxes'][keep]
-  arrays['region_tags'][:n] = tag_ids
-  arrays['region_mask'][:n] = 1
   stats = dict(captions_truncated=int(text.truncated),
                regions_truncated=int(len(image['region_conf']) > R),
                anchors_truncated=found.num_truncated)
