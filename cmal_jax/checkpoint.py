@@ -51,14 +51,14 @@ def check_signature(manager, step, config):
         'aside and start over.')
 
 
-def restore(manager, abstract_state, data_iter, config, step=None):
+def restore(manager, abstract_state, data_iter, step=None):
   """Restores the latest (or given) step into `abstract_state`'s shardings and
   moves `data_iter` to where it was. Returns the state, or None if the
-  workdir holds no checkpoint."""
+  workdir holds no checkpoint. Call check_signature first (train.py does,
+  before it builds the state)."""
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
-  check_signature(manager, step, config)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
       data=grain.checkpoint.CheckpointRestore(data_iter)))

@@ -235,7 +235,7 @@ def train_and_evaluate(config, workdir):
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   log(f'Model: {num_params / 1e6:.2f}M parameters, size {config.size}, '
       f'recipe {config.recipe}.')
-  restored = checkpoint.restore(manager, state, train_iter, config)
+  restored = checkpoint.restore(manager, state, train_iter)
   if restored is not None:
     state = restored
     log(f'Resumed from {workdir}/checkpoints at step {int(state.step)}.')

@@ -50,10 +50,7 @@ class Shapes:
 
 def decode_pair(raw, *, path, index, shapes, vocab):
   """Record bytes -> validated example with integer tag ids."""
-  try:
-    example = records.decode_record(raw)
-  except Exception as e:  # msgpack raises several types on garbage.
-    raise records.RecordError(path, index, '*', f'cannot decode: {e}') from e
+  example = records.decode_record_at(raw, path, index)
   if not isinstance(example, dict):
     raise records.RecordError(path, index, '*', 'record is not a dict')
   example = records.validate_pair(example, path=path, index=index,

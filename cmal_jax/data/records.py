@@ -57,6 +57,15 @@ def decode_record(data: bytes) -> dict:
   return serialization.msgpack_restore(data)
 
 
+def decode_record_at(data: bytes, path: str, index: int) -> dict:
+  """decode_record, with bytes that do not decode reported as a RecordError
+  naming the file and record (msgpack raises several exception types)."""
+  try:
+    return decode_record(data)
+  except Exception as e:
+    raise RecordError(path, index, '*', f'cannot decode: {e}') from e
+
+
 def write_records(path: str, examples: Iterable[dict | bytes]) -> int:
   """Writes examples (dicts, or bytes already encoded) to an ArrayRecord file.
 

@@ -172,13 +172,7 @@ class RegionStore:
     except (KeyError, TypeError):
       raise KeyError(f'{self.path}: no regions for image id {image_id!r} '
                      f'({len(self)} images in the store)') from None
-    try:
-      rec = records.decode_record(self._source[i])
-    except records.RecordError:
-      raise
-    except Exception as e:  # msgpack garbage: name the record.
-      raise records.RecordError(self.path, i, '*',
-                                f'cannot decode record: {e}') from e
+    rec = records.decode_record_at(self._source[i], self.path, i)
     if self.feature_dim is None:
       self.feature_dim = _feature_dim_of(rec)
     rec = validate_region_record(rec, path=self.path, index=i,

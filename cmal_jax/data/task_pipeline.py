@@ -163,10 +163,7 @@ def validate_task_example(example, task, *, path, index):
 
 def decode_task_record(raw, task, *, path, index):
   """Record bytes -> validated task example."""
-  try:
-    example = records.decode_record(raw)
-  except Exception as e:  # msgpack raises several types on garbage.
-    raise records.RecordError(path, index, '*', f'cannot decode: {e}') from e
+  example = records.decode_record_at(raw, path, index)
   return validate_task_example(example, task, path=path, index=index)
 
 
