@@ -11,6 +11,7 @@ import sys
 import time
 from importlib import metadata
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -126,19 +127,10 @@ def signature(config):
   return sig
 
 
-def _flatten(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def signature_mismatches(saved, current):
   """['model.hidden_dim: checkpoint 64, config 256', ...] (sorted)."""
-  saved, current = _flatten(saved), _flatten(current)
+  saved = traverse_util.flatten_dict(saved, sep='.')
+  current = traverse_util.flatten_dict(current, sep='.')
   return [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
           for k in sorted(set(saved) | set(current))
           if saved.get(k) != current.get(k)]

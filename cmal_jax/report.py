@@ -17,6 +17,8 @@ import re
 import sys
 import textwrap
 
+from flax import traverse_util
+
 CONFIG, METRICS, EVAL, BEST = ('config.json', 'metrics.jsonl', 'eval.json',
                                'best.json')
 # Entries of eval.json (and eval/* lines) that are not evaluation metrics.
@@ -105,18 +107,6 @@ def default_config(size, recipe):
   return json.loads(config.to_json_best_effort())
 
 
-def flatten(tree, prefix=''):
-  """{'a': {'b': 1}} -> {'a.b': 1}."""
-  flat = {}
-  for key, value in tree.items():
-    name = f'{prefix}{key}'
-    if isinstance(value, dict):
-      flat.update(flatten(value, name + '.'))
-    else:
-      flat[name] = value
-  return flat
-
-
 # ------------------------------------------------------------- formatting
 
 def fmt(value):
@@ -181,10 +171,10 @@ def config_section(config):
   size, recipe = config.get('size', 'small'), config.get('recipe', 'cmal')
   out[0] += f' ({size},{recipe})'
   try:
-    default = flatten(default_config(size, recipe))
+    default = traverse_util.flatten_dict(default_config(size, recipe), sep='.')
   except (ImportError, ValueError) as e:
     return out + [f'  (no default config to compare with: {e})']
-  value = flatten(config)
+  value = traverse_util.flatten_dict(config, sep='.')
   rows = [(k, repr(default[k]), repr(value[k])) for k in sorted(value)
           if k in default and value[k] != default[k]]
   out += table(('key', 'default', 'value'), rows) if rows else [
