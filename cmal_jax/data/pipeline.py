@@ -229,6 +229,14 @@ class BatchEncoder:
     return batch
 
 
+def check_feature_dim(directory, meta_dim, feature_dim):
+  """A data folder's meta.json feature_dim must be the config's F."""
+  if meta_dim != feature_dim:
+    raise ValueError(
+        f'{directory}/meta.json: feature_dim={meta_dim} does not match '
+        f'config model.region_feat_dim={feature_dim}.')
+
+
 def make_dataset(config, directory, split, *, batch_size, train, seed,
                  process_index=0, process_count=1):
   """The batched MapDataset of one split for this process.
@@ -243,10 +251,7 @@ def make_dataset(config, directory, split, *, batch_size, train, seed,
   vocab = anchors_lib.TagVocab.from_meta(meta)
   path = records.split_path(directory, split)
   shapes = Shapes.from_config(config)
-  if meta.get('feature_dim') != shapes.feature_dim:
-    raise ValueError(
-        f'{directory}/meta.json: feature_dim={meta.get("feature_dim")} does '
-        f'not match config model.region_feat_dim={shapes.feature_dim}.')
+  check_feature_dim(directory, meta.get('feature_dim'), shapes.feature_dim)
   source = records.open_source(path)
   # A range, not MapDataset.source: 'skip' must also survive a record that
   # cannot be read, and reads other records to replace a bad one.

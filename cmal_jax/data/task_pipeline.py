@@ -395,10 +395,8 @@ def _check_feature_dim(directory, feature_dim):
   if not os.path.exists(os.path.join(directory, records.META_FILE)):
     return
   meta_dim = records.read_meta(directory).get('feature_dim')
-  if meta_dim is not None and meta_dim != feature_dim:
-    raise ValueError(
-        f'{directory}/meta.json: feature_dim={meta_dim} does not match '
-        f'config model.region_feat_dim={feature_dim}.')
+  if meta_dim is not None:
+    pipeline.check_feature_dim(directory, meta_dim, feature_dim)
 
 
 def make_task_dataset(config, directory, task, split, *, batch_size, train,
