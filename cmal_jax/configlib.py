@@ -8,10 +8,20 @@ def _fail(field, value, why):
   raise ValueError(f'config.{field}={value!r}: {why}')
 
 
+TASKS = ('pretrain', 'vqa', 've', 'nlvr2', 'rec', 'retrieval')
+RECALLS = tuple(f'{d}_r{k}' for d in ('t2i', 'i2t') for k in (1, 5, 10))
+# What fine-tuning's evaluation reports per task (finetune.py).
+TASK_METRICS = {'vqa': ('vqa_accuracy',), 've': ('accuracy',),
+                'nlvr2': ('accuracy',), 'rec': ('accuracy',),
+                'retrieval': RECALLS + ('mean_recall',)}
+
+
 def eval_metric_names(config):
   """The accuracies and recalls the held-out evaluation reports."""
+  if config.task != 'pretrain':
+    return set(TASK_METRICS[config.task])
   names = {'mlm_acc', 'itm_acc'}
-  recalls = [f'{d}_r{k}' for d in ('t2i', 'i2t') for k in (1, 5, 10)]
+  recalls = RECALLS
   names |= {f'retrieval_{r}' for r in recalls}
   if config.loss.itc > 0:
     names |= {f'retrieval_itc_{r}' for r in recalls}
@@ -54,30 +64,12 @@ def validate(config: ml_collections.ConfigDict):
       or not 0 <= d.max_skip_fraction <= 1):
     _fail('data.max_skip_fraction', d.max_skip_fraction,
           'must be a fraction in [0, 1]')
-  for field, value in (('data.itm_neg_prob', d.itm_neg_prob),
-                       ('cmap.select_prob', config.cmap.select_prob),
-                       ('cmap.swap_prob', config.cmap.swap_prob),
-                       ('cmap.mask_prob', config.cmap.mask_prob),
-                       ('loss.mlm_prob', config.loss.mlm_prob),
-                       ('loss.mrc_prob', config.loss.mrc_prob)):
-    if not 0 <= value <= 1:
-      _fail(field, value, 'must be a probability in [0, 1]')
-  if config.cmap.swap_prob + config.cmap.mask_prob > 1:
-    _fail('cmap.mask_prob', config.cmap.mask_prob,
-          'swap_prob + mask_prob must be <= 1 (the rest keeps the anchor)')
-  for name in ('amc', 'mlm', 'itm', 'mrc', 'itc'):
-    if config.loss[name] < 0:
-      _fail(f'loss.{name}', config.loss[name], 'weights must be >= 0')
-  if not any(config.loss[n] > 0 for n in ('amc', 'mlm', 'itm', 'mrc', 'itc')):
-    _fail('loss', 'all zero', 'enable at least one objective')
-  if config.loss.amc_targets not in ('pairing', 'label', 'both'):
-    _fail('loss.amc_targets', config.loss.amc_targets,
-          "must be 'pairing', 'label' or 'both'")
-  if config.loss.amc > 0 and not config.cmap.enabled:
-    _fail('loss.amc', config.loss.amc,
-          'AMC needs CMAP: set cmap.enabled=True or loss.amc=0')
-  if config.recipe not in ('cmal', 'cmcl'):
-    _fail('recipe', config.recipe, "must be 'cmal' or 'cmcl'")
+  if config.task not in TASKS:
+    _fail('task', config.task, f'must be one of {list(TASKS)}')
+  if config.task == 'pretrain':
+    _validate_pretrain(config)
+  else:
+    _validate_finetune(config)
   for field in ('total_steps', 'batch_size', 'log_every', 'checkpoint_every'):
     if not isinstance(config[field], int) or config[field] <= 0:
       _fail(field, config[field], 'must be a positive integer')
@@ -104,3 +96,49 @@ def validate(config: ml_collections.ConfigDict):
   if len(config.mesh.shape) != 3:
     _fail('mesh.shape', tuple(config.mesh.shape),
           'needs 3 entries: (data, fsdp, tensor)')
+
+
+def _validate_pretrain(config):
+  d = config.data
+  for field, value in (('data.itm_neg_prob', d.itm_neg_prob),
+                       ('cmap.select_prob', config.cmap.select_prob),
+                       ('cmap.swap_prob', config.cmap.swap_prob),
+                       ('cmap.mask_prob', config.cmap.mask_prob),
+                       ('loss.mlm_prob', config.loss.mlm_prob),
+                       ('loss.mrc_prob', config.loss.mrc_prob)):
+    if not 0 <= value <= 1:
+      _fail(field, value, 'must be a probability in [0, 1]')
+  if config.cmap.swap_prob + config.cmap.mask_prob > 1:
+    _fail('cmap.mask_prob', config.cmap.mask_prob,
+          'swap_prob + mask_prob must be <= 1 (the rest keeps the anchor)')
+  for name in ('amc', 'mlm', 'itm', 'mrc', 'itc'):
+    if config.loss[name] < 0:
+      _fail(f'loss.{name}', config.loss[name], 'weights must be >= 0')
+  if not any(config.loss[n] > 0 for n in ('amc', 'mlm', 'itm', 'mrc', 'itc')):
+    _fail('loss', 'all zero', 'enable at least one objective')
+  if config.loss.amc_targets not in ('pairing', 'label', 'both'):
+    _fail('loss.amc_targets', config.loss.amc_targets,
+          "must be 'pairing', 'label' or 'both'")
+  if config.loss.amc > 0 and not config.cmap.enabled:
+    _fail('loss.amc', config.loss.amc,
+          'AMC needs CMAP: set cmap.enabled=True or loss.amc=0')
+  if config.recipe not in ('cmal', 'cmcl'):
+    _fail('recipe', config.recipe, "must be 'cmal' or 'cmcl'")
+
+
+def _validate_finetune(config):
+  f = config.finetune
+  if not 0 <= config.data.itm_neg_prob <= 1:
+    _fail('data.itm_neg_prob', config.data.itm_neg_prob,
+          'must be a probability in [0, 1]')
+  if not isinstance(f.num_answers, int) or f.num_answers <= 0:
+    _fail('finetune.num_answers', f.num_answers, 'must be a positive integer')
+  if f.itc < 0:
+    _fail('finetune.itc', f.itc, 'must be >= 0')
+  if not isinstance(f.rerank_k, int) or f.rerank_k < 0:
+    _fail('finetune.rerank_k', f.rerank_k, 'must be an integer >= 0')
+  if isinstance(f.test_splits, str):
+    _fail('finetune.test_splits', f.test_splits,
+          "must be a tuple of split names, e.g. ('test',)")
+  if not isinstance(config.init_step, int) or config.init_step < 0:
+    _fail('init_step', config.init_step, 'must be an integer >= 0 (0: latest)')

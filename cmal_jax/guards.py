@@ -124,6 +124,10 @@ def signature(config):
                               default=lambda o: o.to_dict()))
   for k in FREE_MODEL_FIELDS:
     sig['model'].pop(k, None)
+  if config.task != 'pretrain':  # The task head's shape.
+    sig['task'] = config.task
+    if config.task == 'vqa':
+      sig['num_answers'] = config.finetune.num_answers
   return sig
 
 

@@ -1,7 +1,8 @@
 """Entry point: python -m cmal_jax.main --config=configs/pretrain.py --workdir=DIR
 
 Starts jax.distributed when the environment says the job is multi-process,
-then dispatches on config.task.
+then trains: config.task is 'pretrain' (configs/pretrain.py) or a
+downstream task (configs/finetune.py:TASK).
 """
 
 import os
@@ -56,12 +57,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO.
   maybe_initialize_distributed()
   config = _CONFIG.value
-  if config.task == 'pretrain':
-    from cmal_jax import train
-    train.train_and_evaluate(config, _WORKDIR.value)
-  else:
-    raise ValueError(f"config.task={config.task!r}: unknown task; known: "
-                     "'pretrain'.")
+  from cmal_jax import train  # Pre-training and every fine-tuning task.
+  train.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -1,17 +1,21 @@
-"""The pre-training loop, top to bottom:
+"""The training loop, top to bottom, for pre-training and fine-tuning:
 
-  1. setup: config check, mesh, data (generated if missing), tokenizer
-  2. model, optimizer and a sharded train state
+  1. setup: config check, mesh, the job (data generated if missing, model,
+     loss, evaluation: pretrain_job here, finetune.make_job for the tasks)
+  2. optimizer and a sharded train state (fine-tuning: init_from merged in)
   3. resume from the workdir's latest checkpoint
   4. the jitted train step
-  5. the loop: step, log, checkpoint
-  6. final evaluation on held-out pairs -> workdir/eval.json
+  5. the loop: step, log, evaluate, checkpoint
+  6. final evaluation -> workdir/eval.json (fine-tuning: the best checkpoint
+     on the eval split and every test split, with predictions files)
 """
 
+import dataclasses
 import json
 import os
 import sys
 import time
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -109,18 +113,16 @@ def dummy_batch(config, batch_size):
               itm_label=z())
 
 
-def create_train_state(model, tx, config, specials, mesh, axis_rules):
+def create_train_state(job, tx, config, mesh, axis_rules):
   """Initialises the state directly in its shardings (no host copy).
 
   Returns (state, state_shardings).
   """
   def init(rng):
-    inputs, _ = objectives.prepare_inputs(
-        dummy_batch(config, 1), rng, config, specials)
-    params = model.init(rng, inputs)['params']  # Boxed: carries axis names.
+    params = job.model.init(rng, job.init_inputs(rng))['params']  # Boxed.
     return TrainState.create(
-        apply_fn=model.apply, params=params, tx=tx,
-        data_stats={k: jnp.zeros((), jnp.int32) for k in pipeline.STAT_KEYS},
+        apply_fn=job.model.apply, params=params, tx=tx,
+        data_stats={k: jnp.zeros((), jnp.int32) for k in job.stat_keys},
         nonfinite_skips=jnp.zeros((), jnp.int32))
 
   rng = jax.random.key(config.seed)
@@ -133,7 +135,8 @@ def create_train_state(model, tx, config, specials, mesh, axis_rules):
 
 # ----------------------------------------------------------- 4. train step
 
-def make_train_step(model, config, specials, schedule):
+def make_train_step(loss_fn, config, schedule):
+  """loss_fn(params, batch, rng) -> (loss, metrics): the job's objectives."""
   base_rng = jax.random.key(config.seed)
 
   def train_step(state, batch):
@@ -143,17 +146,8 @@ def make_train_step(model, config, specials, schedule):
     del batch['stats']
     # All randomness: the config seed folded with the step.
     rng = jax.random.fold_in(base_rng, state.step)
-    prep_rng, dropout_rng = jax.random.split(rng)
-
-    def loss_fn(params):
-      inputs, targets = objectives.prepare_inputs(
-          batch, prep_rng, config, specials)
-      outputs = model.apply({'params': params}, inputs, deterministic=False,
-                            rngs={'dropout': dropout_rng})
-      return objectives.compute_losses(outputs, targets, config)
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (_, metrics), grads = jax.value_and_grad(
+        lambda p: loss_fn(p, batch, rng), has_aux=True)(state.params)
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['lr'] = schedule(state.step)
     # A non-finite loss or gradient skips the update: parameters and
@@ -168,26 +162,31 @@ def make_train_step(model, config, specials, schedule):
   return train_step
 
 
-# ---------------------------------------------------------------- the run
+# -------------------------------------------------------------------- jobs
 
-# The share of skipped bad records is checked at log intervals once this many
-# examples were read (earlier, a cluster of bad records looks like a flood),
-# and always at the end.
-MIN_EXAMPLES_FOR_SKIP_CHECK = 1000
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """What differs between pre-training and fine-tuning a task.
 
-
-def train_and_evaluate(config, workdir):
-  """Pre-trains per `config`, checkpointing into and resuming from `workdir`.
-
-  Returns the final evaluation dict (also written to workdir/eval.json), or
-  None when config.stop_at_step ended the run before total_steps.
+  init_inputs(rng) -> model inputs for init; loss_fn(params, batch, rng)
+  -> (loss, metrics); evaluate(params, final) -> flat results on the eval
+  split; finish(best_params, best_step) -> extra final results (or None);
+  initial_params(params) -> params before step 0 (init_from).
   """
-  # 1. Setup.
-  configlib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh.shape)
-  axis_rules = sharding.rules(config)
-  local_batch = sharding.per_process_batch_size(config.batch_size, mesh)
+  model: Any
+  train_ds: Any  # A grain MapDataset of process-local batches.
+  epoch_size: int  # Examples in one epoch of the train split.
+  stat_keys: tuple  # batch['stats'] keys, summed into TrainState.data_stats.
+  init_inputs: Callable
+  loss_fn: Callable
+  evaluate: Callable
+  directory: str
+  finish: Callable | None = None
+  initial_params: Callable = lambda params: params
+
+
+def pretrain_job(config, workdir, mesh, axis_rules, local_batch):
+  """The Job of a pre-training config: CMAP, AMC, MLM, ITM, MRC, ITC."""
   directory = data_dir(config, workdir)
   if not config.data.dir:
     ensure_world_data(config, directory)
@@ -201,23 +200,78 @@ def train_and_evaluate(config, workdir):
       config, directory, config.data.train_split, batch_size=local_batch,
       train=True, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
-  train_iter = pipeline.to_iterator(train_ds, config)
-  num_eval = len(records.open_source(
-      records.split_path(directory, config.data.eval_split)))
+  eval_path = records.split_path(directory, config.data.eval_split)
+  num_eval = len(records.open_source(eval_path))
   if num_eval < config.eval.batch_size:  # Else evaluation would see nothing.
     raise ValueError(
-        f'{records.split_path(directory, config.data.eval_split)} holds '
-        f'{num_eval} pairs, fewer than config.eval.batch_size='
-        f'{config.eval.batch_size}: lower eval.batch_size or add pairs.')
+        f'{eval_path} holds {num_eval} pairs, fewer than '
+        f'config.eval.batch_size={config.eval.batch_size}: lower '
+        'eval.batch_size or add pairs.')
+  model = CMAL(ModelConfig.from_config(config.model,
+                                       config.model.num_tags or vocab.num_tags))
+
+  def loss_fn(params, batch, rng):
+    prep_rng, dropout_rng = jax.random.split(rng)
+    inputs, targets = objectives.prepare_inputs(batch, prep_rng, config,
+                                                specials)
+    outputs = model.apply({'params': params}, inputs, deterministic=False,
+                          rngs={'dropout': dropout_rng})
+    return objectives.compute_losses(outputs, targets, config)
+
+  def evaluate_now(params, final):
+    return evaluate.evaluate_pretrain(
+        model, params, config, directory, specials, mesh, axis_rules,
+        retrieval=final or config.eval.best_metric.startswith('retrieval'))
+
+  def init_inputs(rng):
+    return objectives.prepare_inputs(dummy_batch(config, 1), rng, config,
+                                     specials)[0]
+
+  log(f'Data {directory} ({vocab.num_tags} tags).')
+  return Job(model=model, train_ds=train_ds,
+             epoch_size=len(records.open_source(records.split_path(
+                 directory, config.data.train_split))),
+             stat_keys=pipeline.STAT_KEYS, init_inputs=init_inputs,
+             loss_fn=loss_fn, evaluate=evaluate_now, directory=directory)
+
+
+# ---------------------------------------------------------------- the run
+
+# The share of skipped bad records is checked at log intervals once this many
+# examples were read (earlier, a cluster of bad records looks like a flood),
+# and always at the end.
+MIN_EXAMPLES_FOR_SKIP_CHECK = 1000
+
+
+def train_and_evaluate(config, workdir):
+  """Pre-trains or fine-tunes (config.task) per `config`, checkpointing into
+  and resuming from `workdir`.
+
+  Returns the final evaluation dict (also written to workdir/eval.json), or
+  None when config.stop_at_step ended the run before total_steps.
+  """
+  # 1. Setup.
+  configlib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  axis_rules = sharding.rules(config)
+  local_batch = sharding.per_process_batch_size(config.batch_size, mesh)
+  if config.task == 'pretrain':
+    job = pretrain_job(config, workdir, mesh, axis_rules, local_batch)
+  else:
+    from cmal_jax import finetune
+    job = finetune.make_job(config, workdir, mesh, axis_rules, local_batch)
+  train_iter = pipeline.to_iterator(job.train_ds, config)
   log(f'Mesh {dict(mesh.shape)} over {jax.device_count()} '
       f'{jax.devices()[0].platform} devices, {jax.process_count()} '
-      f'process(es); data {directory} ({vocab.num_tags} tags).')
+      f'process(es); task {config.task}, data {job.directory}.')
 
   # 2. Checkpoints: only a checkpoint of the same kind of run resumes; the
   # check comes before the (for big models, slow) state initialisation.
   if config.resume == 'fresh' and os.path.exists(
       checkpoint.checkpoint_dir(workdir)) and jax.process_index() == 0:
-    for old in (checkpoint.checkpoint_dir(workdir), best_dir(workdir)):
+    for old in (checkpoint.checkpoint_dir(workdir), best_dir(workdir),
+                os.path.join(workdir, 'best.json')):
       if os.path.exists(old):
         log(f'config.resume=fresh: moved {old} to {guards.move_aside(old)}.')
   if jax.process_count() > 1:
@@ -226,12 +280,11 @@ def train_and_evaluate(config, workdir):
   if manager.latest_step() is not None:
     checkpoint.check_signature(manager, manager.latest_step(), config)
 
-  # 3. Model, optimizer, state; restored if the workdir holds a checkpoint.
-  num_tags = config.model.num_tags or vocab.num_tags
-  model = CMAL(ModelConfig.from_config(config.model, num_tags))
+  # 3. Optimizer and state; restored if the workdir holds a checkpoint, else
+  # (fine-tuning with init_from) the pre-trained parameters merged in.
   tx, schedule = make_optimizer(config)
-  state, state_shardings = create_train_state(model, tx, config, specials,
-                                              mesh, axis_rules)
+  state, state_shardings = create_train_state(job, tx, config, mesh,
+                                              axis_rules)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   log(f'Model: {num_params / 1e6:.2f}M parameters, size {config.size}, '
       f'recipe {config.recipe}.')
@@ -239,6 +292,11 @@ def train_and_evaluate(config, workdir):
   if restored is not None:
     state = restored
     log(f'Resumed from {workdir}/checkpoints at step {int(state.step)}.')
+  else:
+    params = job.initial_params(state.params)
+    if params is not state.params:
+      state = state.replace(params=jax.device_put(params,
+                                                  state_shardings.params))
   step = int(state.step)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -250,7 +308,7 @@ def train_and_evaluate(config, workdir):
   batch_shardings = sharding.batch_sharding(mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     step_fn = jax.jit(
-        make_train_step(model, config, specials, schedule),
+        make_train_step(job.loss_fn, config, schedule),
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0)
@@ -263,19 +321,13 @@ def train_and_evaluate(config, workdir):
             f'step {step}: the parameters hold NaN/Inf; not saved.')
     checkpoint.save(manager, step, state, train_iter, config)
 
-  def evaluate_now(final):
-    return evaluate.evaluate_pretrain(
-        model, state.params, config, directory, specials, mesh, axis_rules,
-        retrieval=final or config.eval.best_metric.startswith('retrieval'))
-
   # 5. The loop.
   writer = MetricWriter(workdir, resume_step=step)
   best = BestCheckpoint(workdir, config.eval.best_metric)
   guard = guards.NonFiniteGuard(config.max_nonfinite_steps)
   preemption = guards.Preemption()
   progress = ProgressBar(config.total_steps)
-  epoch_size = len(records.open_source(
-      records.split_path(directory, config.data.train_split)))
+  epoch_size = job.epoch_size
   window_start, window_steps, pending = time.time(), 0, []
   # stop_at_step ends this invocation early (saved; the next one resumes).
   last_step = min(config.stop_at_step or config.total_steps, config.total_steps)
@@ -313,7 +365,7 @@ def train_and_evaluate(config, workdir):
       window_start, window_steps, pending = time.time(), 0, []
     if config.eval.every_steps and step % config.eval.every_steps == 0 and (
         step < config.total_steps):
-      results = evaluate_now(final=False)
+      results = job.evaluate(state.params, final=False)
       writer.write(step, {f'eval/{k}': v for k, v in results.items()
                           if isinstance(v, (int, float))})
       best.update(step, results, state.params)
@@ -342,17 +394,20 @@ def train_and_evaluate(config, workdir):
     best.close()
     return None
 
-  # 6. Final evaluation on held-out pairs.
-  results = evaluate_now(final=True)
+  # 6. Final evaluation; fine-tuning then evaluates the best checkpoint on
+  # the eval split and every test split.
+  results = job.evaluate(state.params, final=True)
+  best.update(step, results, state.params)
+  writer.write(step, {f'eval/{k}': v for k, v in results.items()
+                      if isinstance(v, (int, float))})
+  if job.finish is not None:
+    results = job.finish(best.restore(state.params), best.step)
   results['step'] = step
   results['data_stats'] = stats
   results['nonfinite_skips'] = int(jax.device_get(state.nonfinite_skips))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:
       json.dump(results, f, indent=2)
-  writer.write(step, {f'eval/{k}': v for k, v in results.items()
-                      if isinstance(v, (int, float))})
-  best.update(step, results, state.params)
   best.close()
   writer.close()
   log('Evaluation: ' + json.dumps(
@@ -418,10 +473,11 @@ class BestCheckpoint:
   def __init__(self, workdir, metric):
     self.metric = metric
     self.json_path = os.path.join(workdir, 'best.json')
-    self.value = None
+    self.value, self.step = None, None
     if os.path.exists(self.json_path):
       with open(self.json_path) as f:
-        self.value = json.load(f)['value']
+        saved = json.load(f)
+      self.value, self.step = saved['value'], saved['step']
     self.manager = ocp.CheckpointManager(
         best_dir(workdir), item_names=('params',),
         options=ocp.CheckpointManagerOptions(
@@ -434,12 +490,20 @@ class BestCheckpoint:
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params)), force=True)
     self.manager.wait_until_finished()
-    self.value = value
+    self.value, self.step = value, step
     if jax.process_index() == 0:
       tmp = self.json_path + '.tmp'
       with open(tmp, 'w') as f:
         json.dump(dict(metric=self.metric, value=value, step=step), f)
       os.replace(tmp, self.json_path)  # Atomic: never half written.
+
+  def restore(self, params):
+    """The best parameters, in the shardings of `params` (same tree)."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        params)
+    return self.manager.restore(self.step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract)))['params']
 
   def close(self):
     self.manager.close()

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -22,7 +21,7 @@ from cmal_jax.data import tasks
 from cmal_jax.data import world
 from cmal_jax.data import world_tasks as wt
 from cmal_jax.data.tokenizer import load_tokenizer
-from configs import pretrain
+from configs import finetune
 
 SPLITS = {'train': 48, 'val': 16, 'test': 16}
 B = 8
@@ -42,10 +41,9 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def config():
-  c = pretrain.get_config('tiny')
+  c = finetune.get_config('vqa,tiny')
   c.data.max_regions = R
-  with c.ignore_type():  # 'pretrain' (a str) in pre-training configs.
-    c.task = ml_collections.ConfigDict(dict(num_answers=NUM_ANSWERS))
+  c.finetune.num_answers = NUM_ANSWERS
   return c
 
 
@@ -109,7 +107,7 @@ EXPECTED = {  # Task-specific arrays: (shape after B, dtype).
 def test_shapes_dtypes_text_and_regions(task, config, data_dir, store):
   T, F = config.data.max_text_len, config.model.region_feat_dim
   batches, info = _eval_batches(config, data_dir, task)
-  assert info['num_examples'] == SPLITS['val'] and info['num_dropped'] == 0
+  assert info['num_examples'] == SPLITS['val'] and info['num_padded'] == 0
   assert len(batches) == SPLITS['val'] // B
   lead = (B, 2) if task == 'nlvr2' else (B,)
   common = {'input_ids': ((T,), np.int32), 'text_mask': ((T,), np.int32),
@@ -228,7 +226,7 @@ def test_vqa_vocab_written_by_train_and_reused(config, data_dir, tmp_path):
   assert ds[0]['targets'].shape == (B, len(fake))
   # Another num_answers must rebuild from train, which is gone now.
   config2 = config.copy_and_resolve_references()
-  config2.task.num_answers = NUM_ANSWERS + 1
+  config2.finetune.num_answers = NUM_ANSWERS + 1
   with pytest.raises(FileNotFoundError, match='vqa_train.array_record'):
     tp.make_task_dataset(config2, d, 'vqa', 'val', batch_size=B, train=False,
                          seed=0)
@@ -388,10 +386,31 @@ def test_process_slices(config, data_dir, train):
   assert sorted(seen[0] + seen[1]) == list(range(n))
 
 
-def test_partial_batch_dropped_and_counted(config, data_dir):
+def test_eval_pads_to_whole_batches_and_marks_padding(config, data_dir):
+  # 16 examples, batch 6: 18 rows, the last two repeat record 15, invalid.
   ds, info = tp.make_task_dataset(config, data_dir, 've', 'val',
                                   batch_size=6, train=False, seed=0)
-  assert len(ds) == 2 and info['num_dropped'] == SPLITS['val'] - 12
+  assert len(ds) == 3 and info['num_padded'] == 18 - SPLITS['val']
+  batches = [ds[i] for i in range(len(ds))]
+  index = np.concatenate([b['example_index'] for b in batches])
+  valid = np.concatenate([b['valid'] for b in batches])
+  assert index.tolist() == list(range(SPLITS['val'])) + [15, 15]
+  assert valid.tolist() == [True] * SPLITS['val'] + [False, False]
+  assert sum(int(b['stats']['examples'].sum()) for b in batches) == (
+      SPLITS['val'])
+
+
+def test_eval_padding_splits_evenly_over_processes(config, data_dir):
+  # Two processes, batch 3 each: 16 -> 18 rows, 3 batches per process.
+  got = []
+  for p in range(2):
+    ds, info = tp.make_task_dataset(config, data_dir, 've', 'val',
+                                    batch_size=3, train=False, seed=0,
+                                    process_index=p, process_count=2)
+    assert len(ds) == 3 and info['num_padded'] == 2
+    got += [(int(i), bool(v)) for b in (ds[j] for j in range(len(ds)))
+            for i, v in zip(b['example_index'], b['valid'])]
+  assert sorted(i for i, v in got if v) == list(range(SPLITS['val']))
 
 
 # ------------------------------------------------------------ bad input

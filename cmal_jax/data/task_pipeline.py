@@ -89,9 +89,9 @@ def task_shapes(config):
 
 
 def num_answers_of(config):
-  """config.task.num_answers (default 100). config.task may be a plain
-  string ('pretrain') in pre-training configs."""
-  return int(_get(config.get('task'), 'num_answers', DEFAULT_NUM_ANSWERS))
+  """config.finetune.num_answers (default 100; pre-training configs have no
+  finetune section)."""
+  return int(_get(config.get('finetune'), 'num_answers', DEFAULT_NUM_ANSWERS))
 
 
 # --------------------------------------------------------------- decoding
@@ -174,15 +174,17 @@ def image_ids_of(example, task):
 
 
 class TaskDecoder:
-  """Map step: record index -> {'example', 'images': [region record],
-  'index'}. A missing image id raises the store's KeyError with the task
-  file and record index prepended."""
+  """Map step: position -> {'example', 'images': [region record], 'index',
+  'valid'}. Positions past the split's end (evaluation pads to whole
+  batches) repeat the last record with valid=False. A missing image id
+  raises the store's KeyError with the task file and record index
+  prepended."""
 
   def __init__(self, source, store, *, task, path):
     self.source, self.store, self.task, self.path = source, store, task, path
 
-  def __call__(self, index):
-    index = int(index)
+  def __call__(self, position):
+    index = min(int(position), len(self.source) - 1)
     # source[index] itself raises a RecordError for an unreadable record.
     example = decode_task_record(self.source[index], self.task,
                                  path=self.path, index=index)
@@ -190,7 +192,8 @@ class TaskDecoder:
       images = [self.store[i] for i in image_ids_of(example, self.task)]
     except KeyError as e:
       raise KeyError(f'{self.path}: record {index}: {e.args[0]}') from None
-    return dict(example=example, images=images, index=index)
+    return dict(example=example, images=images, index=index,
+                valid=int(position) < len(self.source))
 
 
 # ------------------------------------------------------- answer vocabulary
@@ -308,9 +311,12 @@ class TaskBatchEncoder:
     batch = {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
     batch['example_index'] = np.asarray([it['index'] for it in items],
                                         np.int32)
+    valid = np.asarray([it.get('valid', True) for it in items], bool)
+    batch['valid'] = valid
     # Per example (not per batch), so they shard with the batch and sum to
-    # global totals on any mesh and number of processes.
-    batch['stats'] = {k: np.asarray([s[k] for _, s in rows], np.int32)
+    # global totals on any mesh and number of processes; padding rows count
+    # nothing.
+    batch['stats'] = {k: np.asarray([s[k] for _, s in rows], np.int32) * valid
                       for k in TASK_STAT_KEYS[self.task]}
     return batch
 
@@ -404,14 +410,15 @@ def make_task_dataset(config, directory, task, split, *, batch_size, train,
   """The batched MapDataset of one task split for this process.
 
   train=True: shuffled, repeated forever (reshuffled each epoch),
-  remainder-free batches. train=False: one pass in stored order; a last
-  partial batch is dropped and counted.
+  remainder-free batches. train=False: one pass in stored order over every
+  example, padded to whole global batches (batch_size * process_count) by
+  repeating the last record with batch['valid'] False, so every process
+  runs the same number of batches and no example goes unevaluated.
 
   Returns (dataset, info): info has task, split, path, num_examples (in the
-  split file), num_local (this process's slice; train: one epoch's),
-  num_dropped (eval: this process's examples in the dropped partial batch),
-  and for vqa answer_vocab (list of str; its length is the head's
-  num_outputs).
+  split file), num_local (this process's slice; train: one epoch's; eval:
+  with padding), num_padded (eval: padding rows over all processes), and
+  for vqa answer_vocab (list of str; its length is the head's num_outputs).
   """
   if task not in tasks.TASKS:
     raise ValueError(f'unknown task {task!r}; tasks are {list(tasks.TASKS)}')
@@ -427,17 +434,21 @@ def make_task_dataset(config, directory, task, split, *, batch_size, train,
                                               num_answers_of(config))
     info['answer_vocab'] = answer_vocab
   source = records.open_source(path)
-  ds = grain.MapDataset.range(len(source)).map(
+  n = len(source)
+  if n == 0:
+    raise ValueError(f'{path}: the {task} {split} split is empty.')
+  info['num_examples'] = n
+  global_batch = batch_size * process_count
+  positions = n if train else -(-n // global_batch) * global_batch
+  info['num_padded'] = positions - n
+  ds = grain.MapDataset.range(positions).map(
       TaskDecoder(source, store, task=task, path=path))
-  info['num_examples'] = len(source)
   if train:
     ds = ds.shuffle(seed=seed).repeat(None)
-    info['num_local'] = len(range(process_index, len(source), process_count))
+    info['num_local'] = len(range(process_index, n, process_count))
   ds = ds[process_index::process_count]
-  info['num_dropped'] = 0
   if not train:
     info['num_local'] = len(ds)
-    info['num_dropped'] = len(ds) % batch_size
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=list)
   # A random_map in eval too: only retrieval draws (its negatives), and a
   # one-pass dataset's draws are a fixed function of (seed, batch index).

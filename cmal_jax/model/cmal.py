@@ -3,6 +3,7 @@
 import dataclasses
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cmal_jax.model import axes, heads, prompt
@@ -45,8 +46,10 @@ ENCODER_PARAMS = ('text_encoder', 'vision_encoder', 'text_scale',
 
 def pretrained_param_names(task):
   """The top-level parameters `task` starts from when fine-tuning from a
-  pre-trained checkpoint: the encoders, and for retrieval the ITM head."""
-  return ENCODER_PARAMS + (('itm_head',) if task == 'retrieval' else ())
+  pre-trained checkpoint: the encoders, and for retrieval the ITM head and
+  the ITC temperature."""
+  return ENCODER_PARAMS + (('itm_head', 'itc_log_scale')
+                           if task == 'retrieval' else ())
 
 
 class CMAL(nn.Module):
@@ -61,7 +64,8 @@ class CMAL(nn.Module):
 
   Downstream tasks (CMAP off: no anchor inputs) return {'logits': ...}:
     vqa [B, num_outputs answers], ve [B, 3], rec [B, R] (one score per
-    region slot, -1e9 on padding), retrieval [B, 2] (the ITM head);
+    region slot, -1e9 on padding), retrieval [B, 2] (the ITM head, plus
+    itc_text, itc_image [B, D] and itc_log_scale for ITC);
     nlvr2 takes the two images of each example as consecutive rows
     [2B, ...] (left of example b at 2b, right at 2b + 1, the statement in
     both) and returns [B, 2] from the two [CLS] outputs concatenated.
@@ -86,40 +90,65 @@ class CMAL(nn.Module):
     unified_cfg = c.encoder(c.unified_layers)
     self.slots = SlotEmbeddings(unified_cfg, c.max_position)
     self.unified = BertEncoder(unified_cfg)
-    if self.task != 'pretrain':
+    if self.task in ('pretrain', 'retrieval'):
+      self.itm_head = heads.ITMHead(unified_cfg)
+      # ITC temperature, as log(1/tau), CLIP's initial tau = 0.07.
+      self.itc_log_scale = self.param(
+          'itc_log_scale', axes.init(
+              lambda *_: jnp.log(jnp.float32(1 / 0.07)), ()), ())
+    if self.task not in ('pretrain', 'retrieval'):
       self.task_head = _task_head(self.task, unified_cfg, self.num_outputs)
+    if self.task != 'pretrain':
       return
     self.vocab_head = heads.VocabHead(unified_cfg, c.vocab_size)
     self.tag_head = heads.TagHead(unified_cfg, c.num_tags)
     self.pairing_head = heads.PairingHead(unified_cfg)
-    self.itm_head = heads.ITMHead(unified_cfg)
-    # ITC temperature, as log(1/tau), CLIP's initial tau = 0.07.
-    self.itc_log_scale = self.param(
-        'itc_log_scale', axes.init(
-            lambda *_: jnp.log(jnp.float32(1 / 0.07)), ()), ())
 
-  def encode(self, inputs, deterministic=True):
-    """UMSE, CMAP (when the inputs carry anchor actions) and the unified
-    encoder. Returns (x [B, T + R, D], text_unit [B, T, D], region_unit
-    [B, R, D]): the unified outputs and the UMSE unit features."""
-    det = deterministic
-    text_unit = self.text_encoder(inputs['input_ids'], inputs['text_mask'], det)
-    region_unit = self.vision_encoder(
-        inputs['region_feats'], inputs['region_boxes'], inputs['region_mask'],
-        det)
+  def embed_text(self, inputs, deterministic=True):
+    """UMSE text side: unit features [B, T, D]."""
+    return self.text_encoder(inputs['input_ids'], inputs['text_mask'],
+                             deterministic)
+
+  def embed_regions(self, inputs, deterministic=True):
+    """UMSE visual side: unit features [B, R, D]."""
+    return self.vision_encoder(inputs['region_feats'], inputs['region_boxes'],
+                               inputs['region_mask'], deterministic)
+
+  def fuse(self, text_unit, region_unit, inputs, deterministic=True):
+    """CMAP (when the inputs carry anchor actions) and the unified encoder
+    over UMSE unit features: [B, T, D], [B, R, D] -> [B, T + R, D]. Split
+    from encode() so retrieval can embed each caption and image once and
+    fuse only the pairs it scores."""
     text, regions = text_unit * self.text_scale, region_unit * self.vision_scale
     if 'anchor_action' in inputs:
       text, regions = prompt.swap_anchor_features(
           text, regions, inputs['anchor_text_pos'], inputs['anchor_text_end'],
           inputs['anchor_region'], inputs['anchor_action'], self.mask_vector)
-    x = self.slots(text, regions, inputs['region_boxes'], det)
+    x = self.slots(text, regions, inputs['region_boxes'], deterministic)
     mask = jnp.concatenate([inputs['text_mask'], inputs['region_mask']], 1)
-    return self.unified(x, mask, det), text_unit, region_unit
+    return self.unified(x, mask, deterministic)
+
+  def encode(self, inputs, deterministic=True):
+    """UMSE, CMAP and the unified encoder. Returns (x [B, T + R, D],
+    text_unit [B, T, D], region_unit [B, R, D]): the unified outputs and the
+    UMSE unit features."""
+    text_unit = self.embed_text(inputs, deterministic)
+    region_unit = self.embed_regions(inputs, deterministic)
+    return (self.fuse(text_unit, region_unit, inputs, deterministic),
+            text_unit, region_unit)
+
+  def itm_log_prob(self, text_unit, region_unit, inputs):
+    """Retrieval scoring from cached UMSE features: log p(match) [B]."""
+    x = self.fuse(text_unit, region_unit, inputs, True)
+    return jax.nn.log_softmax(self.itm_head(x[:, 0]))[:, 1]
 
   def __call__(self, inputs, *, deterministic=True):
     x, text_unit, region_unit = self.encode(inputs, deterministic)
-    if self.task == 'retrieval':  # The ITM head, pre-trained or not.
-      return {'logits': self.task_head(x[:, 0])}
+    if self.task == 'retrieval':  # ITM head, and ITC on UMSE outputs.
+      return {'logits': self.itm_head(x[:, 0]),
+              'itc_text': text_unit[:, 0],
+              'itc_image': pool_regions(region_unit, inputs['region_mask']),
+              'itc_log_scale': self.itc_log_scale}
     if self.task != 'pretrain':
       return {'logits': self.task_head(x, inputs)}
     T = inputs['input_ids'].shape[1]
@@ -150,12 +179,8 @@ class CMAL(nn.Module):
   def itc_embeddings(self, inputs):
     """UMSE-only pass for ITC retrieval: (text [B, D], image [B, D]), unit
     vectors; the same as __call__'s itc_text and itc_image."""
-    text_unit = self.text_encoder(inputs['input_ids'], inputs['text_mask'],
-                                  True)
-    region_unit = self.vision_encoder(
-        inputs['region_feats'], inputs['region_boxes'], inputs['region_mask'],
-        True)
-    return text_unit[:, 0], pool_regions(region_unit, inputs['region_mask'])
+    return (self.embed_text(inputs)[:, 0],
+            pool_regions(self.embed_regions(inputs), inputs['region_mask']))
 
 
 def pool_regions(region_unit, region_mask):
@@ -177,7 +202,5 @@ def _task_head(task, cfg, num_outputs):
     return heads.ClsClassifier(cfg, 2, num_images=2, name='nlvr2_head')
   if task == 'rec':
     return heads.RegionScorer(cfg, name='rec_head')
-  if task == 'retrieval':
-    return heads.ITMHead(cfg, name='itm_head')
   raise ValueError(f'unknown task {task!r}; tasks are pretrain and '
                    f'{list(TASK_HEADS)}')

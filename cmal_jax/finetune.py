@@ -1,0 +1,475 @@
+"""Fine-tuning on the downstream tasks: what differs from pre-training.
+
+train.py runs the same loop for both (checkpoints, resume, metrics,
+sharding); this module supplies the task's data, model, loss and evaluation
+(train.Job). Per task (DESIGN §2):
+
+  vqa        BCE on VQA v2 soft scores over the answer vocabulary; metric
+             VQA accuracy (official normalisation and 10-choose-9 average),
+             per question and answer type; predictions: the official VQA
+             results JSON [{"question_id", "answer"}].
+  ve, nlvr2  softmax cross-entropy over 3 / 2 labels; accuracy.
+  rec        softmax over the regions, target the region of highest IoU with
+             the gold box; correct when the chosen region's box has IoU >=
+             0.5 with the gold box.
+  retrieval  ITM cross-entropy with in-batch negatives (+ ITC when
+             finetune.itc > 0); recall@1/5/10 both ways over the whole
+             split, ITC top-k re-ranked by ITM (or ITM over every pair).
+"""
+
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cmal_jax import checkpoint, objectives, sharding, task_metrics
+from cmal_jax.data import pipeline, region_store, task_pipeline, tasks
+from cmal_jax.data import world, world_tasks
+from cmal_jax.model.cmal import CMAL, ModelConfig, pretrained_param_names
+
+MODEL_INPUTS = task_pipeline.PAIR_KEYS  # What the model reads of a batch.
+PREDICTIONS_DIR = 'predictions'
+
+
+def log(*args):
+  if jax.process_index() == 0:
+    print(*args, flush=True)
+
+
+def splits_of(config):
+  """(train split, eval split, test splits) of a fine-tuning config."""
+  return (config.data.train_split, config.data.eval_split,
+          tuple(config.finetune.test_splits))
+
+
+# ------------------------------------------------------------------- data
+
+def ensure_task_data(config, directory):
+  """Generates the synthetic world's splits of config.task where missing."""
+  train, val, tests = splits_of(config)
+  sizes = {train: config.world.num_train, val: config.world.num_eval}
+  sizes.update({s: config.world.num_test for s in tests})
+  missing = {s: n for s, n in sizes.items()
+             if not os.path.exists(tasks.task_path(directory, config.task, s))}
+  if not missing:
+    return
+  if jax.process_index() == 0:
+    t = time.time()
+    params = world.WorldParams(
+        image_size=config.world.image_size,
+        feature_dim=config.model.region_feat_dim,
+        wrong_tag_prob=config.world.wrong_tag_prob,
+        miss_prob=config.world.miss_prob,
+        max_background=config.world.max_background)
+    world_tasks.generate(directory, [config.task], missing, params,
+                         seed=config.seed)
+    log(f'Generated synthetic {config.task} splits {missing} in {directory} '
+        f'({time.time() - t:.0f}s)')
+  if jax.process_count() > 1:  # Others wait until process 0 has written.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('task_data')
+
+
+def model_inputs(batch, task):
+  """The model's inputs from a task batch: nlvr2's [B, 2, ...] image pairs
+  become [2B, ...] rows (example-major, so each example stays on its
+  shard)."""
+  if task == 'nlvr2':
+    batch = task_pipeline.flatten_image_pairs(batch)
+  return {k: batch[k] for k in MODEL_INPUTS}
+
+
+def init_inputs(config):
+  """Zero model inputs with the task's shapes, for init."""
+  rows = 2 if config.task == 'nlvr2' else 1
+  T, R, F = (config.data.max_text_len, config.data.max_regions,
+             config.model.region_feat_dim)
+  z = lambda *s, dtype=jnp.int32: jnp.zeros((rows,) + s, dtype)
+  return dict(input_ids=z(T), text_mask=z(T),
+              region_feats=z(R, F, dtype=jnp.float32),
+              region_boxes=z(R, 4, dtype=jnp.float32), region_mask=z(R))
+
+
+# ------------------------------------------------------------------ losses
+
+def task_loss(outputs, batch, config):
+  """The task's loss -> (loss, metrics) with loss_{task}, acc_{task}."""
+  task, logits = config.task, outputs['logits']
+  metrics = {}
+  if task == 'vqa':
+    # UNITER: BCE summed over the answers, averaged over questions.
+    bce = optax.sigmoid_binary_cross_entropy(logits, batch['targets'])
+    loss = jnp.mean(jnp.sum(bce, -1))
+    best = jnp.argmax(logits, -1)[:, None]
+    # The soft score of the top answer: VQA accuracy against the vocabulary.
+    acc = jnp.mean(jnp.take_along_axis(batch['targets'], best, 1))
+  elif task in ('ve', 'nlvr2'):
+    loss, acc, _ = objectives.weighted_xent(
+        logits, batch['label'], jnp.ones_like(batch['label'], bool))
+  elif task == 'rec':
+    # Examples whose target overlaps no kept region teach nothing.
+    has_target = jnp.max(batch['region_iou'], -1) > 0
+    loss, _, _ = objectives.weighted_xent(logits, batch['gold_region'],
+                                          has_target)
+    chosen = jnp.take_along_axis(batch['region_iou'],
+                                 jnp.argmax(logits, -1)[:, None], 1)[:, 0]
+    acc = jnp.mean(chosen >= task_pipeline.REC_IOU_THRESHOLD)
+  elif task == 'retrieval':
+    loss, acc, _ = objectives.weighted_xent(
+        logits, batch['itm_label'], jnp.ones_like(batch['itm_label'], bool))
+    if config.finetune.itc > 0:
+      itc, itc_acc = objectives.itc_loss(
+          outputs['itc_text'], outputs['itc_image'], outputs['itc_log_scale'],
+          batch['itm_label'] == 1)
+      metrics.update(loss_itc=itc, acc_itc=itc_acc)
+      metrics['loss_itm'] = loss
+      loss = loss + config.finetune.itc * itc
+  else:
+    raise ValueError(f'unknown task {task!r}')
+  metrics.update({f'loss_{task}': loss, f'acc_{task}': acc, 'loss': loss})
+  return loss, metrics
+
+
+def make_loss_fn(model, config):
+  """(params, batch, rng) -> (loss, metrics), for train.make_train_step."""
+  def loss_fn(params, batch, rng):
+    outputs = model.apply({'params': params},
+                          model_inputs(batch, config.task),
+                          deterministic=False, rngs={'dropout': rng})
+    return task_loss(outputs, batch, config)
+  return loss_fn
+
+
+# -------------------------------------------------------------- evaluation
+
+def make_predict_step(model, config):
+  """(params, batch) -> per-example predictions [B] (rec: and the chosen
+  region's box [B, 4] and IoU [B])."""
+  def predict(params, batch):
+    logits = model.apply({'params': params},
+                         model_inputs(batch, config.task))['logits']
+    out = {'prediction': jnp.argmax(logits, -1).astype(jnp.int32)}
+    if config.task == 'rec':
+      idx = out['prediction'][:, None]
+      out['box'] = jnp.take_along_axis(batch['region_boxes'], idx[..., None],
+                                       1)[:, 0]
+      out['iou'] = jnp.take_along_axis(batch['region_iou'], idx, 1)[:, 0]
+    return out
+  return predict
+
+
+def predict_split(predict, params, config, directory, split, mesh):
+  """Runs `predict` over a whole split: {key: [N] array in record order},
+  and the dataset info."""
+  local_batch = sharding.per_process_batch_size(config.eval.batch_size, mesh)
+  ds, info = task_pipeline.make_task_dataset(
+      config, directory, config.task, split, batch_size=local_batch,
+      train=False, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  n = info['num_examples']
+  out = {}
+  for local in ds:
+    local.pop('stats')
+    got = jax.device_get(predict(params, sharding.global_batch(local, mesh)))
+    # Predictions are replicated; their rows follow the global batch, whose
+    # example indices every process gathers the same way.
+    index, valid = (np.asarray(multihost_gather(local[k], mesh))
+                    for k in ('example_index', 'valid'))
+    for k, v in got.items():
+      if k not in out:
+        out[k] = np.zeros((n,) + v.shape[1:], v.dtype)
+      out[k][index[valid]] = v[valid]
+  return out, info
+
+
+def multihost_gather(local, mesh):
+  """A process-local batch column -> the global batch's, on every process."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def classification_results(config, directory, split, pred, info, out_dir):
+  """Metrics (and the predictions file, when out_dir) of vqa, ve, nlvr2 and
+  rec from predict_split's output."""
+  task = config.task
+  examples = task_pipeline.read_task_examples(directory, task, split)
+  results = {'num_examples': len(examples)}
+  rows = []
+  if task == 'vqa':
+    vocab = info['answer_vocab']
+    answers = [vocab[i] for i in pred['prediction']]
+    labelled = [i for i, ex in enumerate(examples) if ex['answers']]
+    results['num_labelled'] = len(labelled)
+    if labelled:  # A test split may come without answers (VQA test-dev).
+      acc = task_metrics.vqa_accuracies(
+          [answers[i] for i in labelled],
+          [examples[i]['answers'] for i in labelled])
+      results['vqa_accuracy'] = float(np.mean(acc))
+      for field in ('question_type', 'answer_type'):
+        results[f'vqa_accuracy_by_{field}'] = task_metrics.accuracy_by_type(
+            acc, [examples[i][field] for i in labelled])
+    if out_dir:
+      task_metrics.write_vqa_results(
+          os.path.join(out_dir, f'vqa_{split}_results.json'),
+          [ex['question_id'] for ex in examples], answers)
+    return results
+  if task in ('ve', 'nlvr2'):
+    names = tasks.VE_LABELS if task == 've' else (False, True)
+    gold = [names.index(ex['label']) for ex in examples]
+    correct = pred['prediction'] == np.asarray(gold)
+    key = 'pair_id' if task == 've' else 'identifier'
+    rows = [{key: ex[key], 'prediction': names[int(p)], 'label': ex['label']}
+            for ex, p in zip(examples, pred['prediction'])]
+  elif task == 'rec':
+    correct = pred['iou'] >= task_pipeline.REC_IOU_THRESHOLD
+    rows = [{'ref_id': ex['ref_id'], 'sent_id': ex['sent_id'],
+             'box': [round(float(x), 5) for x in box],
+             'iou': round(float(iou), 5), 'correct': bool(c)}
+            for ex, box, iou, c in zip(examples, pred['box'], pred['iou'],
+                                       correct)]
+  results['accuracy'] = float(np.mean(correct))
+  if out_dir:
+    write_jsonl(os.path.join(out_dir, f'{task}_{split}.jsonl'), rows)
+  return results
+
+
+def write_jsonl(path, rows):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    for row in rows:
+      f.write(json.dumps(row) + '\n')
+  os.replace(tmp, path)
+
+
+# -------------------------------------------------------------- retrieval
+
+def retrieval_inputs(config, directory, split):
+  """The split's images and captions, encoded once: (captions, images,
+  caption_image [Nc], image_ids [Ni]). captions: input_ids, text_mask
+  [Nc, T]; images: region_feats [Ni, R, F], region_boxes, region_mask."""
+  examples = task_pipeline.read_task_examples(directory, 'retrieval', split)
+  shapes = task_pipeline.task_shapes(config)
+  store = region_store.RegionStore(region_store.store_path(directory),
+                                   feature_dim=shapes.feature_dim)
+  from cmal_jax.data.tokenizer import load_tokenizer
+  tokenizer = load_tokenizer(config.data.vocab_path or None)
+  text, caption_image, images = [], [], []
+  for i, ex in enumerate(examples):
+    for caption in ex['captions']:
+      ids, mask, _ = task_pipeline.encode_text(caption, tokenizer,
+                                               shapes.max_text_len)
+      text.append((ids, mask))
+      caption_image.append(i)
+    images.append(task_pipeline.encode_regions(
+        store[ex['image_id']], shapes.max_regions, shapes.feature_dim)[0])
+  captions = dict(input_ids=np.stack([t[0] for t in text]),
+                  text_mask=np.stack([t[1] for t in text]))
+  image_arrays = {k: np.stack([im[k] for im in images]) for k in images[0]}
+  return (captions, image_arrays, np.asarray(caption_image),
+          [ex['image_id'] for ex in examples])
+
+
+def _padded_global_batches(arrays, batch_size, mesh):
+  """{k: [N, ...]} -> (global batch, number of real rows) in order, the last
+  batch padded with its last row; each process feeds its slice."""
+  n = len(next(iter(arrays.values())))
+  pi, pc = jax.process_index(), jax.process_count()
+  for start in range(0, n, batch_size):
+    idx = np.minimum(np.arange(start, start + batch_size), n - 1)
+    lo, hi = pi * batch_size // pc, (pi + 1) * batch_size // pc
+    local = {k: v[idx[lo:hi]] for k, v in arrays.items()}
+    yield sharding.global_batch(local, mesh), min(batch_size, n - start)
+
+
+def _replicated(x, mesh):
+  """A host array, identical on every process -> a replicated jax.Array."""
+  s = sharding.replicated(mesh)
+  return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+
+def retrieval_scores(model, params, config, captions, images, mesh):
+  """Text-to-image scores [Nc, Ni] and image-to-text scores [Ni, Nc].
+
+  Every caption and image goes through UMSE once. With ITC (finetune.itc
+  > 0 and rerank_k > 0) each query's top rerank_k candidates by ITC
+  similarity get their ITM log-probability and the rest -inf (ALBEF);
+  otherwise every pair is scored by ITM. Returns (t2i, i2t, pairs scored).
+  """
+  bs = config.eval.batch_size
+  rep = sharding.replicated(mesh)
+  embed_text = jax.jit(lambda p, b: model.apply(
+      {'params': p}, b, method='embed_text'), out_shardings=rep)
+  embed_regions = jax.jit(lambda p, b: model.apply(
+      {'params': p}, b, method='embed_regions'), out_shardings=rep)
+
+  def embed(fn, arrays):
+    parts = [np.asarray(jax.device_get(fn(params, b)))[:real]
+             for b, real in _padded_global_batches(arrays, bs, mesh)]
+    return np.concatenate(parts)
+
+  text_unit = embed(embed_text, captions)  # [Nc, T, D]
+  region_unit = embed(embed_regions, images)  # [Ni, R, D]
+  nc, ni = len(text_unit), len(region_unit)
+  k = config.finetune.rerank_k
+  if config.finetune.itc > 0 and k > 0:
+    text_vec = text_unit[:, 0]
+    m = images['region_mask'][..., None].astype(np.float32)
+    image_vec = (region_unit * m).sum(1) / np.maximum(m.sum(1), 1.0)
+    image_vec /= np.maximum(np.linalg.norm(image_vec, axis=-1,
+                                           keepdims=True), 1e-12)
+    sim = text_vec @ image_vec.T  # [Nc, Ni]
+    t2i_top = np.argsort(-sim, axis=1)[:, :min(k, ni)]
+    i2t_top = np.argsort(-sim.T, axis=1)[:, :min(k, nc)]
+    pairs = {(c, i) for c, row in enumerate(t2i_top) for i in row}
+    pairs |= {(c, i) for i, row in enumerate(i2t_top) for c in row}
+    pairs = np.asarray(sorted(pairs), np.int32)
+  else:
+    pairs = np.stack(np.meshgrid(np.arange(nc), np.arange(ni),
+                                 indexing='ij'), -1).reshape(-1, 2)
+    pairs = pairs.astype(np.int32)
+
+  cached = {'text_unit': text_unit, 'region_unit': region_unit, **captions,
+            **images}
+  cached = {k: _replicated(v, mesh) for k, v in cached.items()}
+
+  def score(p, c, idx):
+    cap, img = idx[:, 0], idx[:, 1]
+    inputs = {k: c[k][cap] for k in ('input_ids', 'text_mask')}
+    inputs.update({k: c[k][img] for k in ('region_feats', 'region_boxes',
+                                          'region_mask')})
+    return model.apply({'params': p}, c['text_unit'][cap],
+                       c['region_unit'][img], inputs, method='itm_log_prob')
+
+  score = jax.jit(score, out_shardings=rep)
+  values = np.concatenate([
+      np.asarray(jax.device_get(score(params, cached, b['pair'])))[:real]
+      for b, real in _padded_global_batches({'pair': pairs}, bs, mesh)])
+  t2i = np.full((nc, ni), -np.inf, np.float32)
+  t2i[pairs[:, 0], pairs[:, 1]] = values
+  return t2i, t2i.T.copy(), len(pairs)
+
+
+def retrieval_results(model, params, config, directory, split, mesh,
+                      out_dir):
+  """Recall@1/5/10 both ways, their mean, and (when out_dir) the top-10
+  of every query in predictions/retrieval_{split}.json."""
+  t0 = time.time()
+  captions, images, caption_image, image_ids = retrieval_inputs(
+      config, directory, split)
+  t2i, i2t, num_pairs = retrieval_scores(model, params, config, captions,
+                                         images, mesh)
+  image_captions = [np.flatnonzero(caption_image == i)
+                    for i in range(len(image_ids))]
+  results = {f't2i_{k}': v for k, v in task_metrics.recall_at_k(
+      t2i, caption_image).items()}
+  results.update({f'i2t_{k}': v for k, v in task_metrics.recall_at_k(
+      i2t, image_captions).items()})
+  results['mean_recall'] = float(np.mean(list(results.values())))
+  results.update(num_images=len(image_ids), num_captions=len(caption_image),
+                 pairs_scored=num_pairs, seconds=time.time() - t0)
+  if out_dir:
+    top = lambda s: np.argsort(-s, axis=1, kind='stable')[:, :10]
+    with open(os.path.join(out_dir, f'retrieval_{split}.json'), 'w') as f:
+      json.dump({
+          'images': image_ids,
+          'caption_image': caption_image.tolist(),
+          't2i_top10': top(t2i).tolist(),  # Image indices per caption.
+          'i2t_top10': top(i2t).tolist(),  # Caption indices per image.
+      }, f)
+  return results
+
+
+# --------------------------------------------------------------------- job
+
+def evaluate_split(model, params, config, directory, split, mesh, predict,
+                   out_dir=None):
+  """The task metrics of `params` on one split (predictions written to
+  out_dir when given)."""
+  if config.task == 'retrieval':
+    return retrieval_results(model, params, config, directory, split, mesh,
+                             out_dir)
+  pred, info = predict_split(predict, params, config, directory, split, mesh)
+  return classification_results(config, directory, split, pred, info, out_dir)
+
+
+def load_init_params(config):
+  """The pre-trained parameters named in config.init_from, or None."""
+  if not config.init_from:
+    return None
+  params, where = checkpoint.load_pretrained_params(
+      config.init_from, config.init_step or None)
+  return params, where
+
+
+def make_job(config, workdir, mesh, axis_rules, local_batch):
+  """The train.Job of a fine-tuning config."""
+  from cmal_jax import train  # train imports this module lazily.
+  directory = train.data_dir(config, workdir)
+  if not config.data.dir:
+    ensure_task_data(config, directory)
+  train_ds, info = task_pipeline.make_task_dataset(
+      config, directory, config.task, config.data.train_split,
+      batch_size=local_batch, train=True, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  num_outputs = len(info.get('answer_vocab', ()))
+  model = CMAL(ModelConfig.from_config(config.model, num_tags=1),
+               task=config.task, num_outputs=num_outputs)
+  _, val_split, test_splits = splits_of(config)
+  for split in (val_split,) + test_splits:  # Fail now, not after training.
+    task_pipeline.task_file(directory, config.task, split)
+  predict = None
+  if config.task != 'retrieval':
+    with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+      predict = jax.jit(make_predict_step(model, config),
+                        out_shardings=sharding.replicated(mesh))
+
+  def evaluate(params, final):
+    del final  # Every evaluation sees the whole eval split.
+    with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+      return evaluate_split(model, params, config, directory, val_split,
+                            mesh, predict)
+
+  def finish(best_params, best_step):
+    """The best checkpoint on the eval split and every test split, with
+    predictions files."""
+    out_dir = os.path.join(workdir, PREDICTIONS_DIR)
+    if jax.process_index() == 0:
+      os.makedirs(out_dir, exist_ok=True)
+    results = dict(task=config.task, best_metric=config.eval.best_metric,
+                   best_step=best_step)
+    for split in (val_split,) + test_splits:
+      with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+        results[split] = evaluate_split(
+            model, best_params, config, directory, split, mesh, predict,
+            out_dir if jax.process_index() == 0 else None)
+      log(f'{split}: ' + json.dumps(
+          {k: v for k, v in results[split].items()
+           if not isinstance(v, dict)}))
+    return results
+
+  def initial_params(params):
+    loaded = load_init_params(config)
+    if loaded is None:
+      log('init_from is empty: every parameter starts from random init.')
+      return params
+    pretrained, where = loaded
+    names = pretrained_param_names(config.task)
+    merged, taken = checkpoint.merge_pretrained(
+        jax.device_get(params), pretrained, names, source=where)
+    log(f'init_from {where}: {taken} parameter arrays ({", ".join(names)}); '
+        'the task head starts from random init.')
+    return merged
+
+  return train.Job(
+      model=model, train_ds=train_ds, epoch_size=info['num_examples'],
+      stat_keys=task_pipeline.TASK_STAT_KEYS[config.task],
+      init_inputs=lambda rng: init_inputs(config),
+      loss_fn=make_loss_fn(model, config), evaluate=evaluate, finish=finish,
+      initial_params=initial_params, directory=directory)

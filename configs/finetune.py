@@ -1,0 +1,106 @@
+# python -m cmal_jax.main --config=configs/finetune.py:vqa \
+#     --config.init_from=runs/pretrain --workdir=runs/vqa
+"""Fine-tuning on a downstream task (synthetic world, or task files you bring).
+
+Argument: comma-separated task (required) and size (default small, the size
+of the pre-trained checkpoint in init_from).
+  tasks: vqa, ve, nlvr2, rec, retrieval
+  sizes: tiny, small, base (as in configs/pretrain.py)
+
+  --config=configs/finetune.py:rec,base --config.init_from=runs/pretrain_base
+
+Without init_from the model starts from random weights (the baseline row of
+the README's results table).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+TASKS = ('vqa', 've', 'nlvr2', 'rec', 'retrieval')
+# The validation metric that picks the best checkpoint (higher is better).
+BEST_METRIC = {'vqa': 'vqa_accuracy', 've': 'accuracy', 'nlvr2': 'accuracy',
+               'rec': 'accuracy', 'retrieval': 'mean_recall'}
+#        batch steps  lr    train  val  test (synthetic examples per split)
+SIZES = {
+    'tiny': (16, 20, 1e-3, 64, 32, 32),
+    'small': (64, 300, 2e-4, 6000, 500, 500),
+    'base': (256, 20_000, 5e-5, 50_000, 5000, 5000),
+}
+
+
+def _pretrain_config(size):
+  """configs/pretrain.py's config of `size`: the model, data and mesh
+  sections must match the checkpoint fine-tuning starts from."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      'pretrain.py')
+  spec = importlib.util.spec_from_file_location('cmal_pretrain_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(size)
+
+
+def parse_arg(arg):
+  """'rec,base' -> ('rec', 'base'); the task is required."""
+  task, size = None, 'small'
+  for part in filter(None, (p.strip() for p in (arg or '').split(','))):
+    if part in TASKS:
+      task = part
+    elif part in SIZES:
+      size = part
+    else:
+      raise ValueError(
+          f'configs/finetune.py: unknown config argument {part!r}; tasks are '
+          f'{list(TASKS)}, sizes are {sorted(SIZES)}.')
+  if task is None:
+    raise ValueError('configs/finetune.py needs a task: '
+                     f'configs/finetune.py:TASK with TASK one of {list(TASKS)}.')
+  return task, size
+
+
+def get_config(arg=None):
+  task, size = parse_arg(arg)
+  batch, steps, lr, num_train, num_val, num_test = SIZES[size]
+  c = _pretrain_config(size)
+  c.task = task
+  c.recipe = 'finetune'
+  c.total_steps = steps
+  c.batch_size = batch
+  # A pre-training workdir (its latest checkpoint, or init_step), or one
+  # checkpoint folder (.../checkpoints/N); '' starts from random weights.
+  c.init_from = ''
+  c.init_step = 0  # 0: the latest.
+  # Fine-tuning keeps no CMAP and no pre-training objectives.
+  del c.cmap
+  del c.loss
+  # Task files {task}_{split}.array_record in data.dir ('' -> the
+  # synthetic world's, generated in {workdir}/data). The eval split is
+  # evaluated during training and picks the best checkpoint.
+  c.data.train_split = 'train'
+  c.data.eval_split = 'val'
+  c.finetune = ml_collections.ConfigDict(dict(
+      # Each is evaluated with the best checkpoint at the end, as is the
+      # eval split (RefCOCO+: ('testA', 'testB'); NLVR2: ('test1',)).
+      test_splits=('test',),
+      num_answers=100,  # vqa: the answer vocabulary, top-N train answers.
+      # retrieval: ITC loss weight next to ITM (0: ITM only). With ITC,
+      # evaluation ranks by ITC and re-ranks its top rerank_k by ITM (as
+      # ALBEF does); without, it scores every pair by ITM.
+      itc=1.0,
+      rerank_k=16,
+  ))
+  c.data.itm_neg_prob = 0.5  # retrieval: share of in-batch negatives.
+  c.world.num_train = num_train
+  c.world.num_eval = num_val
+  c.world.num_test = num_test
+  c.optim.lr = lr
+  c.optim.warmup_fraction = 0.1
+  c.optim.end_lr_fraction = 0.0
+  c.log_every = 5 if size == 'tiny' else 25
+  c.checkpoint_every = 10 if size == 'tiny' else 100
+  c.eval.every_steps = 10 if size == 'tiny' else 100
+  c.eval.best_metric = BEST_METRIC[task]
+  c.eval.batch_size = batch
+  del c.eval.retrieval_images
+  return c
