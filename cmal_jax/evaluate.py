@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmal_jax import objectives, sharding
+from cmal_jax import objectives, sharding, task_metrics
 from cmal_jax.data import pipeline, records
 from cmal_jax.data import anchors as anchors_lib
 from cmal_jax.data.tokenizer import load_tokenizer
@@ -100,19 +100,11 @@ def make_itm_scorer(model, config, specials):
   return score
 
 
-def _global_batches(rows, batch_size, mesh):
-  """Encoded pair dicts -> (global batch, number of real rows), the last
-  batch padded by repeating its last row; each process feeds its slice."""
-  pi, pc = jax.process_index(), jax.process_count()
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
-    real = len(chunk)
-    chunk += chunk[-1:] * (batch_size - real)
-    batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
-    batch['itm_label'] = np.ones(batch_size, np.int32)
-    local = {k: v[pi * batch_size // pc:(pi + 1) * batch_size // pc]
-             for k, v in batch.items()}
-    yield sharding.global_batch(local, mesh), real
+def _pair_arrays(rows):
+  """Encoded pair dicts -> {k: [N, ...]}, itm_label all 1 (not used)."""
+  arrays = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  arrays['itm_label'] = np.ones(len(rows), np.int32)
+  return arrays
 
 
 def itm_score_matrix(model, params, config, rows, specials, mesh):
@@ -122,7 +114,8 @@ def itm_score_matrix(model, params, config, rows, specials, mesh):
                    out_shardings=sharding.replicated(mesh))
   n = int(round(len(rows) ** 0.5))
   scores = [np.asarray(scorer(params, batch))[:real] for batch, real in
-            _global_batches(rows, config.eval.batch_size, mesh)]
+            sharding.padded_global_batches(_pair_arrays(rows),
+                                           config.eval.batch_size, mesh)]
   return np.concatenate(scores).reshape(n, n)
 
 
@@ -134,8 +127,8 @@ def itc_score_matrix(model, params, config, rows, mesh):
       lambda p, b: model.apply({'params': p}, b, method='itc_embeddings'),
       out_shardings=sharding.replicated(mesh))
   text, image = [], []
-  for batch, real in _global_batches(rows[::n + 1], config.eval.batch_size,
-                                     mesh):
+  for batch, real in sharding.padded_global_batches(
+      _pair_arrays(rows[::n + 1]), config.eval.batch_size, mesh):
     t, i = jax.device_get(embed(params, batch))
     text.append(t[:real])
     image.append(i[:real])
@@ -145,15 +138,14 @@ def itc_score_matrix(model, params, config, rows, mesh):
 def recall_at_k(scores, ks=(1, 5, 10)):
   """scores [N, N], row i = caption i, column j = image j; pair i <-> i.
 
-  Returns {t2i_r{k}, i2t_r{k}} (recall@k) in [0, 1].
+  Returns {t2i_r{k}, i2t_r{k}} (recall@k) in [0, 1]; ties count against the
+  query (task_metrics.gold_ranks).
   """
-  n = scores.shape[0]
+  gold = np.arange(scores.shape[0])
   out = {}
   for name, s in (('t2i', scores), ('i2t', scores.T)):
-    # Rank of the true match: how many candidates score strictly higher.
-    rank = np.sum(s > s[np.arange(n), np.arange(n)][:, None], axis=1)
-    for k in ks:
-      out[f'{name}_r{k}'] = float(np.mean(rank < k))
+    out.update({f'{name}_{k}': v for k, v in
+                task_metrics.recall_at_k(s, gold, ks).items()})
   return out
 
 

@@ -276,18 +276,6 @@ def retrieval_inputs(config, directory, split):
           [ex['image_id'] for ex in examples])
 
 
-def _padded_global_batches(arrays, batch_size, mesh):
-  """{k: [N, ...]} -> (global batch, number of real rows) in order, the last
-  batch padded with its last row; each process feeds its slice."""
-  n = len(next(iter(arrays.values())))
-  pi, pc = jax.process_index(), jax.process_count()
-  for start in range(0, n, batch_size):
-    idx = np.minimum(np.arange(start, start + batch_size), n - 1)
-    lo, hi = pi * batch_size // pc, (pi + 1) * batch_size // pc
-    local = {k: v[idx[lo:hi]] for k, v in arrays.items()}
-    yield sharding.global_batch(local, mesh), min(batch_size, n - start)
-
-
 def _replicated(x, mesh):
   """A host array, identical on every process -> a replicated jax.Array."""
   s = sharding.replicated(mesh)
@@ -311,7 +299,7 @@ def retrieval_scores(model, params, config, captions, images, mesh):
 
   def embed(fn, arrays):
     parts = [np.asarray(jax.device_get(fn(params, b)))[:real]
-             for b, real in _padded_global_batches(arrays, bs, mesh)]
+             for b, real in sharding.padded_global_batches(arrays, bs, mesh)]
     return np.concatenate(parts)
 
   text_unit = embed(embed_text, captions)  # [Nc, T, D]
@@ -350,7 +338,7 @@ def retrieval_scores(model, params, config, captions, images, mesh):
   score = jax.jit(score, out_shardings=rep)
   values = np.concatenate([
       np.asarray(jax.device_get(score(params, cached, b['pair'])))[:real]
-      for b, real in _padded_global_batches({'pair': pairs}, bs, mesh)])
+      for b, real in sharding.padded_global_batches({'pair': pairs}, bs, mesh)])
   t2i = np.full((nc, ni), -np.inf, np.float32)
   t2i[pairs[:, 0], pairs[:, 1]] = values
   return t2i, t2i.T.copy(), len(pairs)

@@ -71,3 +71,17 @@ def per_process_batch_size(global_batch_size, mesh):
     raise ValueError(f'config.batch_size={global_batch_size} is not divisible '
                      f'by the {jax.process_count()} processes.')
   return global_batch_size // jax.process_count()
+
+
+def padded_global_batches(arrays, batch_size, mesh):
+  """{k: [N, ...]} host arrays, the same on every process -> (global batch,
+  number of real rows) in order, for evaluation loops that must see every
+  row: the last batch is padded with the last row; each process feeds its
+  slice of every batch."""
+  n = len(next(iter(arrays.values())))
+  pi, pc = jax.process_index(), jax.process_count()
+  lo, hi = pi * batch_size // pc, (pi + 1) * batch_size // pc
+  for start in range(0, n, batch_size):
+    idx = np.minimum(np.arange(start, start + batch_size), n - 1)[lo:hi]
+    local = {k: v[idx] for k, v in arrays.items()}
+    yield global_batch(local, mesh), min(batch_size, n - start)

@@ -1,0 +1,648 @@
+"""Fine-tuning (configs/finetune.py, cmal_jax/finetune.py, train.py's task
+path) on the tiny config: the task losses against numpy, retrieval scoring
+against the model run directly, one end-to-end run per task whose
+eval.json agrees with its own predictions files, init_from a pre-training
+checkpoint, bitwise resume, and the config checks.
+
+The train_and_evaluate runs are the slow part (each task compiles its own
+train step); every run is made once per module (fixtures below) and shares
+the session's XLA cache (conftest.compilation_cache).
+"""
+
+import contextlib
+import io
+import json
+import os
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cmal_jax import (checkpoint, configlib, finetune, guards, sharding,
+                      task_metrics, train)
+from cmal_jax.data import task_pipeline, tasks, world, world_tasks
+from cmal_jax.model.cmal import CMAL, ENCODER_PARAMS, ModelConfig, pool_regions
+from cmal_testutil import assert_trees_equal
+from configs import finetune as finetune_config
+from configs import pretrain as pretrain_config
+
+TASKS = finetune_config.TASKS
+F = 64  # The tiny config's region_feat_dim.
+TOTAL_STEPS, EVAL_EVERY = 6, 3
+NUM_TRAIN, NUM_EVAL, NUM_TEST = 32, 16, 16
+
+
+def tiny_config(task, **overrides):
+  """configs/finetune.py:TASK,tiny, shrunk to a few steps on a tiny world."""
+  c = finetune_config.get_config(f'{task},tiny')
+  c.total_steps = TOTAL_STEPS
+  c.eval.every_steps = EVAL_EVERY
+  c.log_every = 3
+  c.checkpoint_every = 3
+  c.world.num_train, c.world.num_eval, c.world.num_test = (
+      NUM_TRAIN, NUM_EVAL, NUM_TEST)
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def read_json(*parts):
+  with open(os.path.join(*parts)) as f:
+    return json.load(f)
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def run_logged(config, workdir):
+  """train_and_evaluate, returning (results, what it printed)."""
+  out = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out):
+      results = train.train_and_evaluate(config, workdir)
+  except BaseException:
+    print(out.getvalue())
+    raise
+  return results, out.getvalue()
+
+
+def init_params(model, config):
+  """Fresh parameters of a task model (seed config.seed). Jitted: one
+  compile (~3 s) is cheaper than running init op by op the first time."""
+  init = jax.jit(lambda rng: nn.unbox(model.init(
+      rng, finetune.init_inputs(config)))['params'])
+  return jax.device_get(init(jax.random.key(config.seed)))
+
+
+def flat(tree):
+  return flax.traverse_util.flatten_dict(jax.device_get(tree), sep='/')
+
+
+def load_best_params(workdir):
+  best = read_json(workdir, 'best.json')
+  manager = ocp.CheckpointManager(train.best_dir(workdir),
+                                  item_names=('params',))
+  try:
+    return manager.restore(best['step'], args=ocp.args.Composite(
+        params=ocp.args.StandardRestore()))['params']
+  finally:
+    manager.close()
+
+
+# ------------------------------------------------------------ 1. task_loss
+
+def np_log_softmax(x):
+  x = np.asarray(x, np.float64)
+  m = x.max(-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def test_vqa_loss_is_summed_bce_averaged_over_questions():
+  rng = np.random.default_rng(0)
+  B, V = 5, 7
+  logits = rng.normal(0, 2, (B, V)).astype(np.float32)
+  targets = np.zeros((B, V), np.float32)
+  for b in range(B):  # Soft scores min(n / 3, 1) of a few answers.
+    idx = rng.choice(V, 2, replace=False)
+    targets[b, idx] = rng.choice([1 / 3, 2 / 3, 1.0], 2)
+  targets[3] = 0  # A question none of whose answers is in the vocabulary.
+  loss, m = finetune.task_loss({'logits': jnp.asarray(logits)},
+                               {'targets': jnp.asarray(targets)},
+                               tiny_config('vqa'))
+  x, t = logits.astype(np.float64), targets.astype(np.float64)
+  p = 1 / (1 + np.exp(-x))
+  bce = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+  expected = bce.sum(-1).mean()
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(m['loss_vqa']), expected, rtol=1e-5)
+  assert float(m['loss']) == float(loss)
+  top = targets[np.arange(B), logits.argmax(-1)]
+  np.testing.assert_allclose(float(m['acc_vqa']), top.mean(), rtol=1e-6)
+  # A non-trivial case: some top answers score, some do not.
+  assert 0 < top.mean() < 1, top
+
+
+@pytest.mark.parametrize('task,classes', [('ve', 3), ('nlvr2', 2)])
+def test_classification_loss_is_softmax_cross_entropy(task, classes):
+  rng = np.random.default_rng(1)
+  B = 6
+  logits = rng.normal(0, 2, (B, classes)).astype(np.float32)
+  labels = rng.integers(0, classes, B).astype(np.int32)
+  labels[0] = logits[0].argmax()  # At least one right, one wrong.
+  labels[1] = (logits[1].argmax() + 1) % classes
+  loss, m = finetune.task_loss({'logits': jnp.asarray(logits)},
+                               {'label': jnp.asarray(labels)},
+                               tiny_config(task))
+  expected = -np_log_softmax(logits)[np.arange(B), labels].mean()
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(m[f'loss_{task}']), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(m[f'acc_{task}']),
+                             np.mean(logits.argmax(-1) == labels), rtol=1e-6)
+
+
+def test_rec_loss_ignores_examples_without_target_and_counts_iou_hits():
+  rng = np.random.default_rng(2)
+  B, R = 6, 8
+  logits = rng.normal(0, 2, (B, R)).astype(np.float32)
+  iou = rng.uniform(0, 0.9, (B, R)).astype(np.float32)
+  iou[1] = 0  # No kept region overlaps the target: no weight.
+  iou[4] = 0
+  iou[2] = 0.1
+  iou[2, logits[2].argmax()] = 0.5  # Exactly the threshold: a hit.
+  iou[3] = 0.9
+  iou[3, logits[3].argmax()] = 0.49  # Just under: a miss.
+  gold = iou.argmax(-1).astype(np.int32)
+  batch = {'region_iou': jnp.asarray(iou), 'gold_region': jnp.asarray(gold)}
+  config = tiny_config('rec')
+  loss, m = finetune.task_loss({'logits': jnp.asarray(logits)}, batch, config)
+  has = iou.max(-1) > 0
+  ce = -np_log_softmax(logits)[np.arange(B), gold]
+  np.testing.assert_allclose(float(loss), ce[has].mean(), rtol=1e-5)
+  # Changing the targetless examples' logits changes nothing.
+  other = logits.copy()
+  other[~has] = rng.normal(0, 10, (int((~has).sum()), R))
+  loss2, _ = finetune.task_loss({'logits': jnp.asarray(other)}, batch, config)
+  assert float(loss2) == float(loss)
+  # Accuracy: the share of all examples (targetless ones included, as sure
+  # misses) whose argmax region has IoU >= 0.5.
+  chosen = iou[np.arange(B), logits.argmax(-1)]
+  assert chosen[2] == 0.5 and chosen[3] < 0.5
+  np.testing.assert_allclose(float(m['acc_rec']), np.mean(chosen >= 0.5),
+                             rtol=1e-6)
+  assert 0 < float(m['acc_rec']) < 1
+
+
+def test_retrieval_loss_adds_weighted_itc():
+  rng = np.random.default_rng(3)
+  B, D = 6, 16
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  outputs = {'logits': jnp.asarray(rng.normal(size=(B, 2)), jnp.float32),
+             'itc_text': jnp.asarray(unit(rng.normal(size=(B, D))),
+                                     jnp.float32),
+             'itc_image': jnp.asarray(unit(rng.normal(size=(B, D))),
+                                      jnp.float32),
+             'itc_log_scale': jnp.float32(np.log(1 / 0.07))}
+  batch = {'itm_label': jnp.asarray([1, 0, 1, 1, 0, 1], jnp.int32)}
+  config = tiny_config('retrieval')
+  config.finetune.itc = 0.5
+  loss, m = finetune.task_loss(outputs, batch, config)
+  itm = -np_log_softmax(outputs['logits'])[np.arange(B),
+                                           np.asarray(batch['itm_label'])]
+  np.testing.assert_allclose(float(m['loss_itm']), itm.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(loss),
+                             float(m['loss_itm']) + 0.5 * float(m['loss_itc']),
+                             rtol=1e-6)
+  config.finetune.itc = 0.0
+  loss0, m0 = finetune.task_loss(outputs, batch, config)
+  assert 'loss_itc' not in m0
+  np.testing.assert_allclose(float(loss0), itm.mean(), rtol=1e-5)
+
+
+# ------------------------------------------------------- 2. retrieval scores
+
+NUM_IMAGES = 12  # x 5 captions each.
+
+
+@pytest.fixture(scope='module')
+def retrieval_setup(tmp_path_factory, compilation_cache):
+  """A random-init tiny retrieval model and a 12-image split."""
+  d = str(tmp_path_factory.mktemp('retrieval_data'))
+  world_tasks.generate(d, ['retrieval'], {'val': NUM_IMAGES},
+                       world.WorldParams(feature_dim=F), seed=0)
+  config = tiny_config('retrieval')
+  config.data.dir = d
+  model = CMAL(ModelConfig.from_config(config.model, num_tags=1),
+               task='retrieval')
+  params = init_params(model, config)
+  captions, images, caption_image, image_ids = finetune.retrieval_inputs(
+      config, d, 'val')
+  assert captions['input_ids'].shape == (5 * NUM_IMAGES,
+                                         config.data.max_text_len)
+  assert images['region_feats'].shape == (NUM_IMAGES, config.data.max_regions,
+                                          F)
+  np.testing.assert_array_equal(caption_image,
+                                np.repeat(np.arange(NUM_IMAGES), 5))
+  assert len(image_ids) == NUM_IMAGES
+  mesh = sharding.make_mesh(config.mesh.shape)
+  axis_rules = sharding.rules(config)
+
+  def scores(**finetune_fields):
+    c = config.copy_and_resolve_references()
+    for k, v in finetune_fields.items():
+      c.finetune[k] = v
+    with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+      return finetune.retrieval_scores(model, params, c, captions, images,
+                                       mesh)
+
+  # Every pair through the model's own forward pass, directly.
+  nc, ni = len(caption_image), NUM_IMAGES
+  cap, img = (a.reshape(-1) for a in np.meshgrid(np.arange(nc), np.arange(ni),
+                                                  indexing='ij'))
+  pair_inputs = {k: captions[k][cap] for k in ('input_ids', 'text_mask')}
+  pair_inputs.update({k: images[k][img] for k in images})
+  logits = jax.jit(lambda p, x: model.apply(
+      {'params': p}, x, method='__call__')['logits'])(params, pair_inputs)
+  direct = np.asarray(jax.nn.log_softmax(logits)[:, 1]).reshape(nc, ni)
+  # ITC similarity from the model's UMSE outputs (not finetune's numpy).
+  text, image = jax.jit(lambda p: (
+      model.apply({'params': p}, captions, method='embed_text')[:, 0],
+      pool_regions(model.apply({'params': p}, images, method='embed_regions'),
+                   images['region_mask'])))(params)
+  sim = np.asarray(text @ image.T)
+  return scores, direct, sim
+
+
+def test_retrieval_itm_scores_every_pair(retrieval_setup):
+  scores, direct, _ = retrieval_setup
+  nc, ni = direct.shape
+  t2i, i2t, pairs = scores(itc=0.0)
+  assert t2i.shape == (nc, ni) == (5 * NUM_IMAGES, NUM_IMAGES)
+  assert pairs == nc * ni
+  np.testing.assert_allclose(t2i, direct, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(i2t, t2i.T)
+  assert direct.std() > 1e-4  # The scores tell pairs apart.
+  # rerank_k=0 also means every pair.
+  t2i0, _, pairs0 = scores(itc=1.0, rerank_k=0)
+  assert pairs0 == nc * ni
+  np.testing.assert_allclose(t2i0, direct, atol=1e-5, rtol=0)
+
+
+def test_retrieval_rerank_of_every_image_equals_full_itm(retrieval_setup):
+  scores, direct, _ = retrieval_setup
+  t2i, i2t, pairs = scores(itc=1.0, rerank_k=NUM_IMAGES)
+  assert pairs == direct.size
+  np.testing.assert_allclose(t2i, direct, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(i2t, t2i.T)
+
+
+def test_retrieval_rerank_scores_only_the_itc_top_k(retrieval_setup):
+  scores, direct, sim = retrieval_setup
+  k = 3
+  t2i, i2t, pairs = scores(itc=1.0, rerank_k=k)
+  finite = np.isfinite(t2i)
+  assert (finite.sum(1) >= k).all() and (finite.sum(0) >= k).all()
+  np.testing.assert_allclose(t2i[finite], direct[finite], atol=1e-5, rtol=0)
+  assert np.all(t2i[~finite] == -np.inf) and (~finite).any()
+  # Exactly each caption's top-k images and each image's top-k captions by
+  # ITC similarity (ALBEF's candidates), nothing else.
+  expected = np.zeros_like(finite)
+  top_images = np.argsort(-sim, axis=1)[:, :k]
+  top_captions = np.argsort(-sim.T, axis=1)[:, :k]
+  for c, row in enumerate(top_images):
+    expected[c, row] = True
+  for i, row in enumerate(top_captions):
+    expected[row, i] = True
+  np.testing.assert_array_equal(finite, expected)
+  assert pairs == expected.sum()
+  np.testing.assert_array_equal(i2t, t2i.T)
+
+
+# ------------------------------------------------------ pre-trained inputs
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory, compilation_cache):
+  """A tiny pre-training run saved at step 2 (total 30 as test_task_model's
+  run, so the session cache serves its compile). Step 2, not 1: the first
+  update has lr 0 (warmup), so a step-1 checkpoint holds the init params,
+  which are the same as a seed-0 fine-tuning model's encoders."""
+  root = tmp_path_factory.mktemp('ft_pretrained')
+  world_dir = str(root / 'world')
+  params = world.WorldParams(feature_dim=F)
+  world.generate_split(world_dir, 'pretrain', 64, params, seed=0)
+  world.generate_split(world_dir, 'val', 64, params, seed=0)
+  c = pretrain_config.get_config('tiny')
+  c.data.dir = world_dir
+  c.total_steps, c.stop_at_step = 30, 2
+  c.eval.retrieval_images = 8
+  workdir = str(root / 'run')
+  results, _ = run_logged(c, workdir)
+  assert results is None
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def narrow_checkpoint(tmp_path_factory):
+  """A pre-training checkpoint of another width (hidden 32, 2 heads, mlp
+  128) in the layout train.py saves (state/params, signature), written
+  directly: a second pre-training run would cost a compile."""
+  c = pretrain_config.get_config('tiny')
+  c.model.hidden_dim, c.model.num_heads, c.model.mlp_dim = 32, 2, 128
+  model = CMAL(ModelConfig.from_config(c.model, len(world.WORLD_TAGS)))
+  inputs = dict(finetune.init_inputs(finetune_config.get_config('ve,tiny')))
+  K = c.data.max_anchors
+  for k in ('anchor_text_pos', 'anchor_text_end', 'anchor_region',
+            'anchor_action'):
+    inputs[k] = jnp.zeros((1, K), jnp.int32)
+  inputs['mlm_positions'] = jnp.zeros((1, 2), jnp.int32)
+  # Only the shapes matter here: random values of the model's shapes.
+  shapes = jax.eval_shape(
+      lambda: nn.unbox(model.init(jax.random.key(1), inputs))['params'])
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(
+      lambda s: rng.normal(0, 0.02, s.shape).astype(s.dtype), shapes)
+  workdir = str(tmp_path_factory.mktemp('ft_narrow'))
+  manager = ocp.CheckpointManager(
+      checkpoint.checkpoint_dir(workdir), item_names=checkpoint.ITEMS,
+      options=ocp.CheckpointManagerOptions(create=True,
+                                           enable_async_checkpointing=False))
+  manager.save(1, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({'step': np.int32(1), 'params': params}),
+      signature=ocp.args.JsonSave(guards.signature(c))))
+  manager.wait_until_finished()
+  manager.close()
+  return workdir
+
+
+# ------------------------------------------------------ 3. end-to-end runs
+
+class Runs:
+  """One train_and_evaluate per task, made on first use (vqa: from the
+  pre-trained checkpoint, init_from; the others from random init)."""
+
+  def __init__(self, root):
+    self.root, self.done = root, {}
+
+  def __call__(self, task, init_from=''):
+    if task not in self.done:
+      config = tiny_config(task)
+      config.init_from = init_from
+      workdir = str(self.root / task)
+      results, log = run_logged(config, workdir)
+      self.done[task] = dict(workdir=workdir, config=config,
+                             results=results, log=log,
+                             data=os.path.join(workdir, 'data'))
+    assert self.done[task]['config'].init_from == init_from
+    return self.done[task]
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, compilation_cache):
+  return Runs(tmp_path_factory.mktemp('ft_runs'))
+
+
+METRICS = {'vqa': ('vqa_accuracy',), 've': ('accuracy',),
+           'nlvr2': ('accuracy',), 'rec': ('accuracy',),
+           'retrieval': configlib.RECALLS + ('mean_recall',)}
+
+
+@pytest.mark.parametrize('task', TASKS)
+def test_finetune_end_to_end(runs, task, request):
+  run = runs(task, request.getfixturevalue('pretrained')
+             if task == 'vqa' else '')
+  workdir, config, data = run['workdir'], run['config'], run['data']
+  ev = read_json(workdir, 'eval.json')
+  assert ev == json.loads(json.dumps(run['results']))  # Returned = written.
+  assert ev['task'] == task
+  assert ev['best_metric'] == finetune_config.BEST_METRIC[task]
+  assert ev['step'] == TOTAL_STEPS and ev['nonfinite_skips'] == 0
+  assert ev['data_stats']['examples'] == TOTAL_STEPS * config.batch_size
+  best = read_json(workdir, 'best.json')
+  assert best['metric'] == ev['best_metric']
+  assert ev['best_step'] == best['step'] and best['step'] in (3, 6)
+  # finish() re-evaluates the best parameters on val: the value that made
+  # them the best.
+  assert ev['val'][ev['best_metric']] == best['value']
+  for split, n in (('val', NUM_EVAL), ('test', NUM_TEST)):
+    for metric in METRICS[task]:
+      assert 0.0 <= ev[split][metric] <= 1.0, (split, metric)
+    if task != 'retrieval':
+      assert ev[split]['num_examples'] == n
+  if task == 'vqa':
+    assert 'init_from ' in run['log'] and 'checkpoints/2: ' in run['log']
+  else:
+    assert 'init_from is empty' in run['log']
+  check_predictions[task](workdir, data, ev)
+
+
+def _check_vqa(workdir, data, ev):
+  vocab = read_json(data, task_pipeline.ANSWER_VOCAB_FILE)['answers']
+  for split in ('val', 'test'):
+    examples = task_pipeline.read_task_examples(data, 'vqa', split)
+    rows = read_json(workdir, 'predictions', f'vqa_{split}_results.json')
+    assert isinstance(rows, list) and len(rows) == len(examples)
+    assert [r['question_id'] for r in rows] == [
+        ex['question_id'] for ex in examples]
+    assert all(isinstance(r['answer'], str) and r['answer'] in vocab
+               for r in rows)
+    acc = task_metrics.vqa_accuracies([r['answer'] for r in rows],
+                                      [ex['answers'] for ex in examples])
+    got = ev[split]
+    assert got['num_labelled'] == len(examples)
+    np.testing.assert_allclose(got['vqa_accuracy'], acc.mean(), rtol=1e-12)
+    by_type = got['vqa_accuracy_by_question_type']
+    types = [ex['question_type'] for ex in examples]
+    assert sorted(by_type) == sorted(set(types))
+    for t, v in by_type.items():
+      np.testing.assert_allclose(
+          v, acc[[x == t for x in types]].mean(), rtol=1e-12)
+    assert set(got['vqa_accuracy_by_answer_type']) == {
+        ex['answer_type'] for ex in examples}
+
+
+def _check_classification(task):
+  key = 'pair_id' if task == 've' else 'identifier'
+
+  def check(workdir, data, ev):
+    for split in ('val', 'test'):
+      examples = task_pipeline.read_task_examples(data, task, split)
+      rows = read_jsonl(os.path.join(workdir, 'predictions',
+                                     f'{task}_{split}.jsonl'))
+      assert [r[key] for r in rows] == [ex[key] for ex in examples]
+      assert [r['label'] for r in rows] == [ex['label'] for ex in examples]
+      labels = tasks.VE_LABELS if task == 've' else (False, True)
+      assert all(r['prediction'] in labels for r in rows)
+      acc = np.mean([r['prediction'] == r['label'] for r in rows])
+      assert ev[split]['accuracy'] == pytest.approx(acc, abs=1e-12)
+  return check
+
+
+def _check_rec(workdir, data, ev):
+  for split in ('val', 'test'):
+    examples = task_pipeline.read_task_examples(data, 'rec', split)
+    rows = read_jsonl(os.path.join(workdir, 'predictions',
+                                   f'rec_{split}.jsonl'))
+    assert [(r['ref_id'], r['sent_id']) for r in rows] == [
+        (ex['ref_id'], ex['sent_id']) for ex in examples]
+    correct = np.array([r['correct'] for r in rows])
+    assert ev[split]['accuracy'] == pytest.approx(correct.mean(), abs=1e-12)
+    iou = np.array([r['iou'] for r in rows])
+    np.testing.assert_array_equal(correct, iou >= 0.5)
+    # The reported IoU is the chosen box's with the gold box (both rounded
+    # to 5 decimals in the file).
+    recomputed = task_metrics.box_iou([r['box'] for r in rows],
+                                      [ex['target_box'] for ex in examples])
+    np.testing.assert_allclose(iou, recomputed, atol=2e-4)
+
+
+def _check_retrieval(workdir, data, ev):
+  for split in ('val', 'test'):
+    examples = task_pipeline.read_task_examples(data, 'retrieval', split)
+    got = ev[split]
+    n_captions = sum(len(ex['captions']) for ex in examples)
+    assert got['num_images'] == len(examples) == NUM_EVAL
+    assert got['num_captions'] == n_captions
+    # rerank_k (16) covers all 16 images: every caption row is scored.
+    assert n_captions * len(examples) >= got['pairs_scored'] >= n_captions * 16
+    assert got['mean_recall'] == pytest.approx(
+        np.mean([got[k] for k in configlib.RECALLS]), abs=1e-12)
+    pred = read_json(workdir, 'predictions', f'retrieval_{split}.json')
+    assert pred['images'] == [ex['image_id'] for ex in examples]
+    caption_image = np.asarray(pred['caption_image'])
+    np.testing.assert_array_equal(caption_image, np.repeat(
+        np.arange(len(examples)), [len(ex['captions']) for ex in examples]))
+    t2i, i2t = np.asarray(pred['t2i_top10']), np.asarray(pred['i2t_top10'])
+    assert t2i.shape == (n_captions, 10) and i2t.shape == (len(examples), 10)
+    for k in (1, 5, 10):
+      r_t2i = np.mean([caption_image[c] in t2i[c, :k]
+                       for c in range(n_captions)])
+      r_i2t = np.mean([i in caption_image[i2t[i, :k]]
+                       for i in range(len(examples))])
+      assert got[f't2i_r{k}'] == pytest.approx(r_t2i, abs=1e-12), k
+      assert got[f'i2t_r{k}'] == pytest.approx(r_i2t, abs=1e-12), k
+
+
+check_predictions = {'vqa': _check_vqa, 've': _check_classification('ve'),
+                     'nlvr2': _check_classification('nlvr2'),
+                     'rec': _check_rec, 'retrieval': _check_retrieval}
+
+
+# ------------------------------------------------------------ 4. init_from
+
+@pytest.fixture(scope='module')
+def vqa_data(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp('vqa_data'))
+  world_tasks.generate(d, ['vqa'], {'train': NUM_TRAIN, 'val': NUM_EVAL,
+                                    'test': NUM_TEST},
+                       world.WorldParams(feature_dim=F), seed=0)
+  return d
+
+
+def vqa_job(data, workdir, init_from):
+  """finetune.make_job of a vqa config with init_from, and fresh parameters
+  of its model."""
+  config = tiny_config('vqa')
+  config.data.dir = data
+  config.init_from = init_from
+  mesh = sharding.make_mesh(config.mesh.shape)
+  job = finetune.make_job(config, str(workdir), mesh, sharding.rules(config),
+                          config.batch_size)
+  return job, init_params(job.model, config)
+
+
+def test_init_from_takes_the_pretrained_encoders(vqa_data, pretrained,
+                                                tmp_path):
+  job, fresh = vqa_job(vqa_data, tmp_path, pretrained)
+  saved, where = checkpoint.load_pretrained_params(pretrained)
+  assert where == os.path.join(pretrained, 'checkpoints', '2')
+  merged = job.initial_params(fresh)
+  f_merged, f_saved, f_fresh = flat(merged), flat(saved), flat(fresh)
+  assert set(f_merged) == set(f_fresh)
+  assert {k.split('/')[0] for k in f_fresh} == set(ENCODER_PARAMS) | {
+      'task_head'}
+  encoder_keys = [k for k in f_merged if k.split('/')[0] in ENCODER_PARAMS]
+  assert len(encoder_keys) > 20
+  for k in encoder_keys:
+    assert f_merged[k].dtype == f_fresh[k].dtype
+    np.testing.assert_array_equal(f_merged[k], f_saved[k], err_msg=k)
+  # Pre-training changed them, so the check above is not init == init.
+  assert any(not np.array_equal(f_saved[k], f_fresh[k]) for k in encoder_keys)
+  # The task head is not in the checkpoint and keeps its fresh values.
+  assert not any(k.startswith('task_head') for k in f_saved)
+  head = [k for k in f_merged if k.startswith('task_head/')]
+  assert head
+  for k in head:
+    np.testing.assert_array_equal(f_merged[k], f_fresh[k], err_msg=k)
+
+
+def test_init_from_a_missing_directory(vqa_data, tmp_path):
+  missing = str(tmp_path / 'no_such_pretrain_run')
+  job, fresh = vqa_job(vqa_data, tmp_path, missing)
+  with pytest.raises(FileNotFoundError) as e:
+    job.initial_params(fresh)
+  assert missing in str(e.value)
+
+
+def test_init_from_another_size_names_parameter_and_shapes(
+    vqa_data, narrow_checkpoint, tmp_path):
+  job, fresh = vqa_job(vqa_data, tmp_path, narrow_checkpoint)
+  with pytest.raises(ValueError) as e:
+    job.initial_params(fresh)
+  message = str(e.value)
+  where = os.path.join(narrow_checkpoint, 'checkpoints', '1')
+  assert message.startswith(f'init_from: the {where} does not fit this model')
+  # e.g. "text_encoder/.../kernel: <where> (64, 32), model (64, 64)".
+  problems = message.split('): ', 1)[1].rstrip('; .').split('; ')
+  assert len(problems) == 5  # The first five of many.
+  flat_fresh = flat(fresh)
+  for problem in problems:
+    name, rest = problem.split(': ', 1)
+    assert name.split('/')[0] in ENCODER_PARAMS, problem
+    shape = tuple(flat_fresh[name].shape)
+    assert rest.endswith(f', model {shape}'), problem
+    assert rest.startswith(f'{where} ('), problem
+    assert '32' in rest.split(', model')[0], problem
+
+
+# --------------------------------------------------------------- 5. resume
+
+def test_resume_matches_an_uninterrupted_run(runs, tmp_path):
+  """ve stopped at step 3 and run again to the end == the e2e ve run."""
+  whole = runs('ve')
+  workdir = str(tmp_path / 'resumed')
+  first, _ = run_logged(tiny_config('ve', stop_at_step=3), workdir)
+  assert first is None
+  assert not os.path.exists(os.path.join(workdir, 'eval.json'))
+  assert read_json(workdir, 'best.json')['step'] == 3
+  results, log = run_logged(tiny_config('ve'), workdir)
+  assert f'Resumed from {workdir}/checkpoints at step 3.' in log
+  a, b = read_json(whole['workdir'], 'eval.json'), read_json(workdir,
+                                                             'eval.json')
+  assert b == a  # Metrics, best_step, data_stats: all exactly the same.
+  assert results['val'] == a['val'] and results['test'] == a['test']
+  for split in ('val', 'test'):
+    name = os.path.join('predictions', f've_{split}.jsonl')
+    assert read_jsonl(os.path.join(workdir, name)) == read_jsonl(
+        os.path.join(whole['workdir'], name))
+  # The same parameters, bitwise: the best and the final ones.
+  assert_trees_equal(load_best_params(workdir),
+                     load_best_params(whole['workdir']), min_leaves=20)
+  final_a, _ = checkpoint.load_pretrained_params(whole['workdir'],
+                                                 TOTAL_STEPS)
+  final_b, _ = checkpoint.load_pretrained_params(workdir, TOTAL_STEPS)
+  assert_trees_equal(final_b, final_a, min_leaves=20)
+
+
+# --------------------------------------------------------------- 6. config
+
+@pytest.mark.parametrize('task', TASKS)
+def test_finetune_configs_validate(task):
+  c = finetune_config.get_config(f'{task},tiny')
+  configlib.validate(c)
+  assert c.task == task and c.init_from == '' and c.size == 'tiny'
+  assert c.eval.best_metric == finetune_config.BEST_METRIC[task]
+  assert 'cmap' not in c and 'loss' not in c
+  assert tuple(c.finetune.test_splits) == ('test',)
+
+
+def test_finetune_config_argument_errors():
+  with pytest.raises(ValueError, match=r'configs/finetune\.py needs a task: '
+                     r"configs/finetune\.py:TASK with TASK one of \['vqa', "):
+    finetune_config.get_config('tiny')
+  with pytest.raises(ValueError, match=r"unknown config argument 'huge'; "
+                     r"tasks are .*, sizes are \['base', 'small', 'tiny'\]"):
+    finetune_config.get_config('vqa,huge')
+
+
+def test_finetune_config_rejects_a_pretraining_best_metric():
+  c = finetune_config.get_config('ve,tiny')
+  c.eval.best_metric = 'itm_acc'
+  with pytest.raises(ValueError, match=r"^config\.eval\.best_metric='itm_acc'"
+                     r": not a metric this recipe evaluates; one of "
+                     r"\['accuracy'\]$"):
+    configlib.validate(c)
