@@ -60,12 +60,7 @@ def ensure_task_data(config, directory):
     return
   if jax.process_index() == 0:
     t = time.time()
-    params = world.WorldParams(
-        image_size=config.world.image_size,
-        feature_dim=config.model.region_feat_dim,
-        wrong_tag_prob=config.world.wrong_tag_prob,
-        miss_prob=config.world.miss_prob,
-        max_background=config.world.max_background)
+    params = world.WorldParams.from_config(config)
     world_tasks.generate(directory, [config.task], missing, params,
                          seed=config.seed)
     log(f'Generated synthetic {config.task} splits {missing} in {directory} '

@@ -47,12 +47,7 @@ def data_dir(config, workdir):
 
 def ensure_world_data(config, directory):
   """Generates the synthetic world's splits where they are missing."""
-  params = world.WorldParams(
-      image_size=config.world.image_size,
-      feature_dim=config.model.region_feat_dim,
-      wrong_tag_prob=config.world.wrong_tag_prob,
-      miss_prob=config.world.miss_prob,
-      max_background=config.world.max_background)
+  params = world.WorldParams.from_config(config)
   for split, num in ((config.data.train_split, config.world.num_train),
                      (config.data.eval_split, config.world.num_eval)):
     if os.path.exists(records.split_path(directory, split)):

@@ -69,6 +69,15 @@ class WorldParams:
   box_jitter: int = 1            # +- pixels of noise on each box side.
   max_regions: int = 8
 
+  @classmethod
+  def from_config(cls, config):
+    """The world of a run config (config.world, model.region_feat_dim)."""
+    w = config.world
+    return cls(image_size=w.image_size,
+               feature_dim=config.model.region_feat_dim,
+               wrong_tag_prob=w.wrong_tag_prob, miss_prob=w.miss_prob,
+               max_background=w.max_background)
+
 
 @dataclasses.dataclass
 class Object:
