@@ -20,13 +20,22 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def maybe_initialize_distributed():
-  """jax.distributed for TPU pods, SLURM or explicit coordinator variables."""
+  """jax.distributed for TPU pods, SLURM or explicit coordinator variables
+  (JAX_COORDINATOR_ADDRESS=host:port with JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID, which JAX does not read itself)."""
   import jax
-  multi = (os.environ.get('JAX_COORDINATOR_ADDRESS')
-           or int(os.environ.get('SLURM_NTASKS', '1')) > 1
-           or os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0)
-  if multi:
-    jax.distributed.initialize()
+  env = os.environ
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    missing = [k for k in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
+               if k not in env]
+    if missing:
+      sys.exit(f'JAX_COORDINATOR_ADDRESS is set but {" and ".join(missing)} '
+               'not: set both (the number of processes, this one\'s index).')
+    jax.distributed.initialize(num_processes=int(env['JAX_NUM_PROCESSES']),
+                               process_id=int(env['JAX_PROCESS_ID']))
+  elif (int(env.get('SLURM_NTASKS', '1')) > 1
+        or env.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0):
+    jax.distributed.initialize()  # JAX detects the cluster.
 
 
 def parse_flags(argv):

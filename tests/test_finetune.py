@@ -5,8 +5,10 @@ eval.json agrees with its own predictions files, init_from a pre-training
 checkpoint, bitwise resume, and the config checks.
 
 The train_and_evaluate runs are the slow part (each task compiles its own
-train step); every run is made once per module (fixtures below) and shares
-the session's XLA cache (conftest.compilation_cache).
+train step, ~15 s with dropout, ~8 s without): every run is made once per
+module (fixtures below) and shares the session's XLA cache
+(conftest.compilation_cache). Only ve keeps the config's dropout, for the
+resume test; the other runs and the pre-training run turn it off.
 """
 
 import contextlib
@@ -24,7 +26,7 @@ import pytest
 
 from cmal_jax import (checkpoint, configlib, finetune, guards, sharding,
                       task_metrics, train)
-from cmal_jax.data import task_pipeline, tasks, world, world_tasks
+from cmal_jax.data import pipeline, task_pipeline, tasks, world, world_tasks
 from cmal_jax.model.cmal import CMAL, ENCODER_PARAMS, ModelConfig, pool_regions
 from cmal_testutil import assert_trees_equal
 from configs import finetune as finetune_config
@@ -78,6 +80,17 @@ def init_params(model, config):
   init = jax.jit(lambda rng: nn.unbox(model.init(
       rng, finetune.init_inputs(config)))['params'])
   return jax.device_get(init(jax.random.key(config.seed)))
+
+
+def random_params(model, inputs, seed):
+  """Random values in the shapes of `model`'s parameters, without running
+  init (jax.eval_shape): for checks where only shapes and identity
+  matter."""
+  shapes = jax.eval_shape(
+      lambda: nn.unbox(model.init(jax.random.key(0), inputs))['params'])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda s: rng.normal(0, 0.02, s.shape).astype(s.dtype), shapes)
 
 
 def flat(tree):
@@ -220,6 +233,11 @@ def retrieval_setup(tmp_path_factory, compilation_cache):
   model = CMAL(ModelConfig.from_config(config.model, num_tags=1),
                task='retrieval')
   params = init_params(model, config)
+  # At init the ITM head scores every pair within ~1e-4 of log(1/2); a
+  # larger classifier spreads the scores so that equality checks mean
+  # something.
+  params['itm_head']['classifier']['kernel'] = 30.0 * params['itm_head'][
+      'classifier']['kernel']
   captions, images, caption_image, image_ids = finetune.retrieval_inputs(
       config, d, 'val')
   assert captions['input_ids'].shape == (5 * NUM_IMAGES,
@@ -266,7 +284,7 @@ def test_retrieval_itm_scores_every_pair(retrieval_setup):
   assert pairs == nc * ni
   np.testing.assert_allclose(t2i, direct, atol=1e-5, rtol=0)
   np.testing.assert_array_equal(i2t, t2i.T)
-  assert direct.std() > 1e-4  # The scores tell pairs apart.
+  assert direct.std() > 2e-3  # The scores tell pairs apart.
   # rerank_k=0 also means every pair.
   t2i0, _, pairs0 = scores(itc=1.0, rerank_k=0)
   assert pairs0 == nc * ni
@@ -281,6 +299,14 @@ def test_retrieval_rerank_of_every_image_equals_full_itm(retrieval_setup):
   np.testing.assert_array_equal(i2t, t2i.T)
 
 
+def top_k_sets(sim, k, tol=1e-5):
+  """([Q, I] bool) the entries surely among each row's top k by `sim`, and
+  those that may be (within tol of the k-th value: near-ties may go either
+  way between two float computations of the same similarity)."""
+  kth = -np.sort(-sim, axis=1)[:, k - 1:k]
+  return sim > kth + tol, sim >= kth - tol
+
+
 def test_retrieval_rerank_scores_only_the_itc_top_k(retrieval_setup):
   scores, direct, sim = retrieval_setup
   k = 3
@@ -289,28 +315,26 @@ def test_retrieval_rerank_scores_only_the_itc_top_k(retrieval_setup):
   assert (finite.sum(1) >= k).all() and (finite.sum(0) >= k).all()
   np.testing.assert_allclose(t2i[finite], direct[finite], atol=1e-5, rtol=0)
   assert np.all(t2i[~finite] == -np.inf) and (~finite).any()
-  # Exactly each caption's top-k images and each image's top-k captions by
-  # ITC similarity (ALBEF's candidates), nothing else.
-  expected = np.zeros_like(finite)
-  top_images = np.argsort(-sim, axis=1)[:, :k]
-  top_captions = np.argsort(-sim.T, axis=1)[:, :k]
-  for c, row in enumerate(top_images):
-    expected[c, row] = True
-  for i, row in enumerate(top_captions):
-    expected[row, i] = True
-  np.testing.assert_array_equal(finite, expected)
-  assert pairs == expected.sum()
+  assert pairs == finite.sum()
   np.testing.assert_array_equal(i2t, t2i.T)
+  # Each caption's top-k images and each image's top-k captions by ITC
+  # similarity (ALBEF's candidates), and nothing else.
+  t2i_sure, t2i_maybe = top_k_sets(sim, k)
+  i2t_sure, i2t_maybe = top_k_sets(sim.T, k)
+  sure, maybe = t2i_sure | i2t_sure.T, t2i_maybe | i2t_maybe.T
+  assert np.all(finite[sure]), np.argwhere(sure & ~finite)
+  assert not np.any(finite & ~maybe), np.argwhere(finite & ~maybe)
+  assert sure.sum() >= 0.9 * maybe.sum()  # Near-ties are rare.
 
 
 # ------------------------------------------------------ pre-trained inputs
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory, compilation_cache):
-  """A tiny pre-training run saved at step 2 (total 30 as test_task_model's
-  run, so the session cache serves its compile). Step 2, not 1: the first
-  update has lr 0 (warmup), so a step-1 checkpoint holds the init params,
-  which are the same as a seed-0 fine-tuning model's encoders."""
+  """A tiny pre-training run (without dropout) saved at step 2. Step 2, not
+  1: the first update has lr 0 (warmup), so a step-1 checkpoint holds the
+  init params, which are the same as a seed-0 fine-tuning model's
+  encoders."""
   root = tmp_path_factory.mktemp('ft_pretrained')
   world_dir = str(root / 'world')
   params = world.WorldParams(feature_dim=F)
@@ -320,6 +344,7 @@ def pretrained(tmp_path_factory, compilation_cache):
   c.data.dir = world_dir
   c.total_steps, c.stop_at_step = 30, 2
   c.eval.retrieval_images = 8
+  c.model.dropout = 0.0  # Halves the train step's compile.
   workdir = str(root / 'run')
   results, _ = run_logged(c, workdir)
   assert results is None
@@ -340,12 +365,7 @@ def narrow_checkpoint(tmp_path_factory):
             'anchor_action'):
     inputs[k] = jnp.zeros((1, K), jnp.int32)
   inputs['mlm_positions'] = jnp.zeros((1, 2), jnp.int32)
-  # Only the shapes matter here: random values of the model's shapes.
-  shapes = jax.eval_shape(
-      lambda: nn.unbox(model.init(jax.random.key(1), inputs))['params'])
-  rng = np.random.default_rng(1)
-  params = jax.tree.map(
-      lambda s: rng.normal(0, 0.02, s.shape).astype(s.dtype), shapes)
+  params = random_params(model, inputs, seed=1)  # Only shapes matter.
   workdir = str(tmp_path_factory.mktemp('ft_narrow'))
   manager = ocp.CheckpointManager(
       checkpoint.checkpoint_dir(workdir), item_names=checkpoint.ITEMS,
@@ -372,6 +392,8 @@ class Runs:
     if task not in self.done:
       config = tiny_config(task)
       config.init_from = init_from
+      if task != 've':  # ve keeps dropout for the resume test; without,
+        config.model.dropout = 0.0  # the train step compiles twice as fast.
       workdir = str(self.root / task)
       results, log = run_logged(config, workdir)
       self.done[task] = dict(workdir=workdir, config=config,
@@ -488,9 +510,13 @@ def _check_retrieval(workdir, data, ev):
     assert got['num_images'] == len(examples) == NUM_EVAL
     assert got['num_captions'] == n_captions
     # rerank_k (16) covers all 16 images: every caption row is scored.
-    assert n_captions * len(examples) >= got['pairs_scored'] >= n_captions * 16
+    assert got['pairs_scored'] == n_captions * len(examples)
     assert got['mean_recall'] == pytest.approx(
         np.mean([got[k] for k in configlib.RECALLS]), abs=1e-12)
+    # Two images sharing a caption text would tie in i2t, and the ranks
+    # (ties count against the query) could disagree with the top-10 order.
+    texts = [c for ex in examples for c in set(ex['captions'])]
+    assert len(texts) == len(set(texts))
     pred = read_json(workdir, 'predictions', f'retrieval_{split}.json')
     assert pred['images'] == [ex['image_id'] for ex in examples]
     caption_image = np.asarray(pred['caption_image'])
@@ -524,15 +550,16 @@ def vqa_data(tmp_path_factory):
 
 
 def vqa_job(data, workdir, init_from):
-  """finetune.make_job of a vqa config with init_from, and fresh parameters
-  of its model."""
+  """finetune.make_job of a vqa config with init_from, and parameters for
+  its model as train.py would pass them to job.initial_params (random
+  values: initial_params only merges)."""
   config = tiny_config('vqa')
   config.data.dir = data
   config.init_from = init_from
   mesh = sharding.make_mesh(config.mesh.shape)
   job = finetune.make_job(config, str(workdir), mesh, sharding.rules(config),
                           config.batch_size)
-  return job, init_params(job.model, config)
+  return job, random_params(job.model, finetune.init_inputs(config), seed=2)
 
 
 def test_init_from_takes_the_pretrained_encoders(vqa_data, pretrained,
@@ -544,20 +571,39 @@ def test_init_from_takes_the_pretrained_encoders(vqa_data, pretrained,
   f_merged, f_saved, f_fresh = flat(merged), flat(saved), flat(fresh)
   assert set(f_merged) == set(f_fresh)
   assert {k.split('/')[0] for k in f_fresh} == set(ENCODER_PARAMS) | {
-      'task_head'}
+      'vqa_head'}
   encoder_keys = [k for k in f_merged if k.split('/')[0] in ENCODER_PARAMS]
   assert len(encoder_keys) > 20
   for k in encoder_keys:
     assert f_merged[k].dtype == f_fresh[k].dtype
     np.testing.assert_array_equal(f_merged[k], f_saved[k], err_msg=k)
-  # Pre-training changed them, so the check above is not init == init.
-  assert any(not np.array_equal(f_saved[k], f_fresh[k]) for k in encoder_keys)
+  assert all(not np.array_equal(f_saved[k], f_fresh[k])
+             for k in encoder_keys if f_saved[k].size > 1)
   # The task head is not in the checkpoint and keeps its fresh values.
-  assert not any(k.startswith('task_head') for k in f_saved)
-  head = [k for k in f_merged if k.startswith('task_head/')]
+  assert not any(k.startswith('vqa_head') for k in f_saved)
+  head = [k for k in f_merged if k.startswith('vqa_head/')]
   assert head
   for k in head:
     np.testing.assert_array_equal(f_merged[k], f_fresh[k], err_msg=k)
+
+
+@pytest.mark.xfail(strict=True, raises=(KeyError, FileNotFoundError), reason=(
+    'checkpoint.load_pretrained_params (checkpoint.py:80) takes any path '
+    'whose last component is all digits for a step folder '
+    '(.../checkpoints/N), even a workdir that holds checkpoints/: '
+    "init_from='runs/7' looks for step 7 in runs/ and fails (orbax "
+    'KeyError: Item "state" was not found) instead of loading '
+    'runs/7/checkpoints/<latest>.'))
+def test_init_from_a_workdir_named_by_a_number(vqa_data, pretrained,
+                                               tmp_path):
+  numbered = tmp_path / '7'
+  os.symlink(pretrained, numbered)  # A pre-training workdir named '7'.
+  job, fresh = vqa_job(vqa_data, tmp_path / 'work', str(numbered))
+  merged = flat(job.initial_params(fresh))
+  saved = flat(checkpoint.load_pretrained_params(pretrained)[0])
+  for k, v in merged.items():
+    if k.split('/')[0] in ENCODER_PARAMS:
+      np.testing.assert_array_equal(v, saved[k], err_msg=k)
 
 
 def test_init_from_a_missing_directory(vqa_data, tmp_path):
@@ -616,6 +662,33 @@ def test_resume_matches_an_uninterrupted_run(runs, tmp_path):
                                                  TOTAL_STEPS)
   final_b, _ = checkpoint.load_pretrained_params(workdir, TOTAL_STEPS)
   assert_trees_equal(final_b, final_a, min_leaves=20)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    'train.create_train_state builds TrainState.step as a weak-typed int32 '
+    '(TrainState.create(step=0)), checkpoint.restore returns a strong '
+    'int32 step: a resumed run traces jit(train_step) with other input '
+    'types, so it never hits the compilation cache of a fresh run with the '
+    'same config (and recompiles, ~15 s on tiny).'))
+def test_a_restored_state_has_the_types_of_a_fresh_one(runs, tmp_path):
+  whole = runs('ve')
+  config = tiny_config('ve')
+  config.data.dir = whole['data']
+  mesh, rules = sharding.make_mesh(config.mesh.shape), sharding.rules(config)
+  job = finetune.make_job(config, str(tmp_path), mesh, rules,
+                          config.batch_size)
+  tx, _ = train.make_optimizer(config)
+  fresh, _ = train.create_train_state(job, tx, config, mesh, rules)
+  manager = checkpoint.make_manager(whole['workdir'], config)
+  try:
+    restored = checkpoint.restore(
+        manager, fresh, pipeline.to_iterator(job.train_ds, config), step=3)
+  finally:
+    manager.close()
+  assert int(restored.step) == 3
+  types = lambda state: [(jax.tree_util.keystr(p), jax.typeof(x)) for p, x in
+                         jax.tree_util.tree_leaves_with_path(state)]
+  assert types(restored) == types(fresh)
 
 
 # --------------------------------------------------------------- 6. config
