@@ -25,7 +25,7 @@ BEST_METRIC = {'vqa': 'vqa_accuracy', 've': 'accuracy', 'nlvr2': 'accuracy',
 #        batch steps  lr    train  val  test (synthetic examples per split)
 SIZES = {
     'tiny': (16, 20, 1e-3, 64, 32, 32),
-    'small': (64, 300, 2e-4, 6000, 500, 500),
+    'small': (64, 300, 5e-4, 6000, 500, 500),
     'base': (256, 20_000, 5e-5, 50_000, 5000, 5000),
 }
 
