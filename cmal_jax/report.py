@@ -86,25 +86,31 @@ def is_number(v):
 
 def is_score(name):
   """Accuracies and recalls (higher is better), not counts like num_pairs."""
-  return 'acc' in name or re.search(r'_r\d+$', name) is not None
+  return ('acc' in name or 'recall' in name
+          or re.search(r'_r\d+$', name) is not None)
 
 
-def load_pretrain_configs():
-  """configs/pretrain.py, which lives at the repo root, not in the package."""
+def load_config_module(name):
+  """configs/{name}.py, which lives at the repo root, not in the package."""
+  import importlib
   try:
-    from configs import pretrain
+    return importlib.import_module(f'configs.{name}')
   except ImportError:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
-    from configs import pretrain
-  return pretrain
+    return importlib.import_module(f'configs.{name}')
 
 
-def default_config(size, recipe):
-  """The defaults for size,recipe as config.json would hold them (tuples
-  become lists)."""
-  config = load_pretrain_configs().get_config(f'{size},{recipe}')
-  return json.loads(config.to_json_best_effort())
+def default_config(config):
+  """The defaults of the run's config file and argument, as config.json
+  would hold them (tuples become lists)."""
+  task, size = config.get('task', 'pretrain'), config.get('size', 'small')
+  if task == 'pretrain':
+    default = load_config_module('pretrain').get_config(
+        f'{size},{config.get("recipe", "cmal")}')
+  else:
+    default = load_config_module('finetune').get_config(f'{task},{size}')
+  return json.loads(default.to_json_best_effort())
 
 
 # ------------------------------------------------------------- formatting
@@ -169,9 +175,10 @@ def config_section(config):
   if config is None:
     return out + [f'  ({CONFIG} missing)']
   size, recipe = config.get('size', 'small'), config.get('recipe', 'cmal')
-  out[0] += f' ({size},{recipe})'
+  task = config.get('task', 'pretrain')
+  out[0] += f' ({size},{recipe})' if task == 'pretrain' else f' ({task},{size})'
   try:
-    default = traverse_util.flatten_dict(default_config(size, recipe), sep='.')
+    default = traverse_util.flatten_dict(default_config(config), sep='.')
   except (ImportError, ValueError) as e:
     return out + [f'  (no default config to compare with: {e})']
   value = traverse_util.flatten_dict(config, sep='.')
@@ -208,8 +215,11 @@ def training_section(lines):
 def final_eval(lines, evaluation):
   """(title, {metric: value}) of the final evaluation, or (title, None)."""
   if evaluation is not None:
-    values = {k: v for k, v in evaluation.items()
-              if k not in NOT_EVAL_METRICS and is_number(v)}
+    # Fine-tuning nests one dict per split: 'test/accuracy'.
+    flat = traverse_util.flatten_dict(
+        {k: v for k, v in evaluation.items() if k not in NOT_EVAL_METRICS},
+        sep='/')
+    values = {k: v for k, v in flat.items() if is_number(v)}
     step = evaluation.get('step', '?')
     return f'Final evaluation ({EVAL}, step {step})', values
   evals = eval_lines(lines)

@@ -36,6 +36,7 @@ TASKS = finetune_config.TASKS
 F = 64  # The tiny config's region_feat_dim.
 TOTAL_STEPS, EVAL_EVERY = 6, 3
 NUM_TRAIN, NUM_EVAL, NUM_TEST = 32, 16, 16
+CLS_ID = 101  # [CLS] in the BERT uncased vocabulary.
 
 
 def tiny_config(task, **overrides):
@@ -233,11 +234,17 @@ def retrieval_setup(tmp_path_factory, compilation_cache):
   model = CMAL(ModelConfig.from_config(config.model, num_tags=1),
                task='retrieval')
   params = init_params(model, config)
-  # At init the ITM head scores every pair within ~1e-4 of log(1/2); a
-  # larger classifier spreads the scores so that equality checks mean
-  # something.
+  # At init the ITM head scores every pair within ~1e-4 of log(1/2), and
+  # every caption's [CLS] vector (ITC) is nearly the same. A larger ITM
+  # classifier, and a [CLS] input of zeros (its output is then the mix of
+  # the caption's tokens that attention gives it), make both scores tell
+  # pairs apart, so that the equality and top-k checks mean something.
   params['itm_head']['classifier']['kernel'] = 30.0 * params['itm_head'][
       'classifier']['kernel']
+  for table, row in (('word_embeddings', CLS_ID), ('position_embeddings', 0)):
+    emb = np.array(params['text_encoder'][table]['embedding'])  # A copy.
+    emb[row] = 0.0
+    params['text_encoder'][table]['embedding'] = emb
   captions, images, caption_image, image_ids = finetune.retrieval_inputs(
       config, d, 'val')
   assert captions['input_ids'].shape == (5 * NUM_IMAGES,
@@ -301,10 +308,11 @@ def test_retrieval_rerank_of_every_image_equals_full_itm(retrieval_setup):
 
 def top_k_sets(sim, k, tol=1e-5):
   """([Q, I] bool) the entries surely among each row's top k by `sim`, and
-  those that may be (within tol of the k-th value: near-ties may go either
-  way between two float computations of the same similarity)."""
-  kth = -np.sort(-sim, axis=1)[:, k - 1:k]
-  return sim > kth + tol, sim >= kth - tol
+  those that may be: two float computations of the same similarity may
+  order values within tol of each other either way. Without such
+  near-ties, both are exactly the top k."""
+  ranked = -np.sort(-sim, axis=1)
+  return sim > ranked[:, k:k + 1] + tol, sim >= ranked[:, k - 1:k] - tol
 
 
 def test_retrieval_rerank_scores_only_the_itc_top_k(retrieval_setup):
@@ -324,7 +332,7 @@ def test_retrieval_rerank_scores_only_the_itc_top_k(retrieval_setup):
   sure, maybe = t2i_sure | i2t_sure.T, t2i_maybe | i2t_maybe.T
   assert np.all(finite[sure]), np.argwhere(sure & ~finite)
   assert not np.any(finite & ~maybe), np.argwhere(finite & ~maybe)
-  assert sure.sum() >= 0.9 * maybe.sum()  # Near-ties are rare.
+  assert (sure == maybe).all()  # No near-ties: the checks are exact.
 
 
 # ------------------------------------------------------ pre-trained inputs
