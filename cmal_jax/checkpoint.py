@@ -77,10 +77,10 @@ def load_pretrained_params(path, step=None):
   if not os.path.isdir(path):
     raise FileNotFoundError(f'init_from: {path} is not a directory (a '
                             'pre-training workdir or checkpoints/N).')
-  if os.path.basename(path).isdigit() and step is None:
-    path, step = os.path.dirname(path), int(os.path.basename(path))
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
+  if os.path.isdir(os.path.join(path, 'checkpoints')):  # A workdir.
     path = os.path.join(path, 'checkpoints')
+  elif os.path.basename(path).isdigit() and step is None:  # checkpoints/N.
+    path, step = os.path.dirname(path), int(os.path.basename(path))
   manager = ocp.CheckpointManager(path, item_names=ITEMS)
   try:
     step = manager.latest_step() if step is None else step

@@ -115,10 +115,13 @@ def create_train_state(job, tx, config, mesh, axis_rules):
   """
   def init(rng):
     params = job.model.init(rng, job.init_inputs(rng))['params']  # Boxed.
-    return TrainState.create(
+    state = TrainState.create(
         apply_fn=job.model.apply, params=params, tx=tx,
         data_stats={k: jnp.zeros((), jnp.int32) for k in job.stat_keys},
         nonfinite_skips=jnp.zeros((), jnp.int32))
+    # create() starts from a weak-typed step; a restored one is int32, and
+    # the jitted step must see one type to reuse its compilation.
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
   rng = jax.random.key(config.seed)
   with nn.logical_axis_rules(axis_rules):

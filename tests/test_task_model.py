@@ -134,22 +134,16 @@ def test_unknown_task_and_vqa_without_answers_fail():
 # -------------------------------------------------------------- init_from
 
 @pytest.fixture(scope='module')
-def pretrained(world_dir, tmp_path_factory, compilation_cache):
-  """A tiny pre-training run saved at step 1 (30 total steps, as the runs
-  of test_reliability/test_train: their compile is reused)."""
-  workdir = str(tmp_path_factory.mktemp('pretrained'))
-  c = pretrain.get_config('tiny')
-  c.data.dir = world_dir
-  c.total_steps, c.stop_at_step = 30, 1
-  c.eval.retrieval_images = 8
-  assert train.train_and_evaluate(c, workdir) is None
-  return workdir
+def pretrained(pretrained_tiny):
+  """conftest's tiny pre-training run, saved at step 2 (its encoders differ
+  from a fresh model's)."""
+  return pretrained_tiny
 
 
 @pytest.mark.parametrize('task', ['vqa', 'retrieval'])
 def test_init_from_takes_the_encoders_and_keeps_fresh_heads(pretrained, task):
   saved, where = checkpoint.load_pretrained_params(pretrained)
-  assert where.endswith('checkpoints/1')
+  assert where.endswith('checkpoints/2')
   model, c = tiny_model(task, 5)
   fresh = init(model, task_inputs(c))
   names = pretrained_param_names(task)
@@ -171,13 +165,13 @@ def test_init_from_takes_the_encoders_and_keeps_fresh_heads(pretrained, task):
 
 def test_init_from_a_step_folder_and_bad_paths(pretrained, tmp_path):
   _, where = checkpoint.load_pretrained_params(
-      f'{pretrained}/checkpoints/1')
-  assert where.endswith('checkpoints/1')
+      f'{pretrained}/checkpoints/2')
+  assert where.endswith('checkpoints/2')
   with pytest.raises(FileNotFoundError, match=r'init_from: .*/nowhere is not '
                      r'a directory'):
     checkpoint.load_pretrained_params(str(tmp_path / 'nowhere'))
   with pytest.raises(FileNotFoundError, match=r'holds no checkpoint at step '
-                     r'7 \(steps: \[1\]\)'):
+                     r"7 \(steps: \[2\]\)"):
     checkpoint.load_pretrained_params(pretrained, step=7)
 
 
