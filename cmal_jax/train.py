@@ -108,16 +108,18 @@ def dummy_batch(config, batch_size):
               itm_label=z())
 
 
-def create_train_state(job, tx, config, mesh, axis_rules):
+def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,
+                       axis_rules):
   """Initialises the state directly in its shardings (no host copy).
 
-  Returns (state, state_shardings).
+  init_inputs(rng) -> the model's inputs for init; stat_keys: the data
+  counters kept in the state. Returns (state, state_shardings).
   """
   def init(rng):
-    params = job.model.init(rng, job.init_inputs(rng))['params']  # Boxed.
+    params = model.init(rng, init_inputs(rng))['params']  # Boxed.
     state = TrainState.create(
-        apply_fn=job.model.apply, params=params, tx=tx,
-        data_stats={k: jnp.zeros((), jnp.int32) for k in job.stat_keys},
+        apply_fn=model.apply, params=params, tx=tx,
+        data_stats={k: jnp.zeros((), jnp.int32) for k in stat_keys},
         nonfinite_skips=jnp.zeros((), jnp.int32))
     # create() starts from a weak-typed step; a restored one is int32, and
     # the jitted step must see one type to reuse its compilation.
@@ -183,6 +185,24 @@ class Job:
   initial_params: Callable = lambda params: params
 
 
+def pretrain_objectives(model, config, specials):
+  """(init_inputs(rng), loss_fn(params, batch, rng)) of pre-training:
+  objectives.prepare_inputs' corruption, then the configured losses."""
+  def loss_fn(params, batch, rng):
+    prep_rng, dropout_rng = jax.random.split(rng)
+    inputs, targets = objectives.prepare_inputs(batch, prep_rng, config,
+                                                specials)
+    outputs = model.apply({'params': params}, inputs, deterministic=False,
+                          rngs={'dropout': dropout_rng})
+    return objectives.compute_losses(outputs, targets, config)
+
+  def init_inputs(rng):
+    return objectives.prepare_inputs(dummy_batch(config, 1), rng, config,
+                                     specials)[0]
+
+  return init_inputs, loss_fn
+
+
 def pretrain_job(config, workdir, mesh, axis_rules, local_batch):
   """The Job of a pre-training config: CMAP, AMC, MLM, ITM, MRC, ITC."""
   directory = data_dir(config, workdir)
@@ -207,23 +227,12 @@ def pretrain_job(config, workdir, mesh, axis_rules, local_batch):
         'eval.batch_size or add pairs.')
   model = CMAL(ModelConfig.from_config(config.model,
                                        config.model.num_tags or vocab.num_tags))
-
-  def loss_fn(params, batch, rng):
-    prep_rng, dropout_rng = jax.random.split(rng)
-    inputs, targets = objectives.prepare_inputs(batch, prep_rng, config,
-                                                specials)
-    outputs = model.apply({'params': params}, inputs, deterministic=False,
-                          rngs={'dropout': dropout_rng})
-    return objectives.compute_losses(outputs, targets, config)
+  init_inputs, loss_fn = pretrain_objectives(model, config, specials)
 
   def evaluate_now(params, final):
     return evaluate.evaluate_pretrain(
         model, params, config, directory, specials, mesh, axis_rules,
         retrieval=final or config.eval.best_metric.startswith('retrieval'))
-
-  def init_inputs(rng):
-    return objectives.prepare_inputs(dummy_batch(config, 1), rng, config,
-                                     specials)[0]
 
   log(f'Data {directory} ({vocab.num_tags} tags).')
   return Job(model=model, train_ds=train_ds,
@@ -281,8 +290,8 @@ def train_and_evaluate(config, workdir):
   # 3. Optimizer and state; restored if the workdir holds a checkpoint, else
   # (fine-tuning with init_from) the pre-trained parameters merged in.
   tx, schedule = make_optimizer(config)
-  state, state_shardings = create_train_state(job, tx, config, mesh,
-                                              axis_rules)
+  state, state_shardings = create_train_state(
+      job.model, job.init_inputs, job.stat_keys, tx, config, mesh, axis_rules)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   log(f'Model: {num_params / 1e6:.2f}M parameters, size {config.size}, '
       f'recipe {config.recipe}.')

@@ -301,11 +301,14 @@ def test_image_without_regions_trains(tmp_path, compilation_cache):
   tok = load_tokenizer(None)
   specials = objectives.SpecialTokens.from_tokenizer(tok)
   model = CMAL(ModelConfig.from_config(config.model, len(world.WORLD_TAGS)))
+  init_inputs, loss_fn = train.pretrain_objectives(model, config,
+                                                        specials)
   tx, schedule = train.make_optimizer(config)
   mesh = sharding.make_mesh(config.mesh.shape)
   rules = sharding.rules(config)
-  state, _ = train.create_train_state(model, tx, config, specials, mesh, rules)
-  step = jax.jit(train.make_train_step(model, config, specials, schedule))
+  state, _ = train.create_train_state(
+      model, init_inputs, pipeline.STAT_KEYS, tx, config, mesh, rules)
+  step = jax.jit(train.make_train_step(loss_fn, config, schedule))
   for batch in (mixed, empty):
     batch = jax.tree.map(jnp.asarray, batch)
     with jax.set_mesh(mesh):

@@ -662,7 +662,8 @@ def test_a_restored_state_has_the_types_of_a_fresh_one(runs, tmp_path):
   job = finetune.make_job(config, str(tmp_path), mesh, rules,
                           config.batch_size)
   tx, _ = train.make_optimizer(config)
-  fresh, _ = train.create_train_state(job, tx, config, mesh, rules)
+  fresh, _ = train.create_train_state(job.model, job.init_inputs,
+                                      job.stat_keys, tx, config, mesh, rules)
   manager = checkpoint.make_manager(whole['workdir'], config)
   try:
     restored = checkpoint.restore(

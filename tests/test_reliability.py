@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cmal_jax import checkpoint, guards, metrics, objectives, sharding, train
+from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.model.cmal import CMAL, ModelConfig
 from cmal_testutil import (assert_trees_equal, good_pair, random_batch,
@@ -254,11 +255,14 @@ def step_setup():
   config = pretrain.get_config('tiny')
   specials = objectives.SpecialTokens.from_tokenizer(load_tokenizer(None))
   model = CMAL(ModelConfig.from_config(config.model, 10))
+  init_inputs, loss_fn = train.pretrain_objectives(model, config,
+                                                        specials)
   tx, schedule = train.make_optimizer(config)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   rules = sharding.rules(config)
-  state, _ = train.create_train_state(model, tx, config, specials, mesh, rules)
-  step = jax.jit(train.make_train_step(model, config, specials, schedule))
+  state, _ = train.create_train_state(
+      model, init_inputs, pipeline.STAT_KEYS, tx, config, mesh, rules)
+  step = jax.jit(train.make_train_step(loss_fn, config, schedule))
   c = config.data
   batch = random_batch(0, 8, c.max_text_len, c.max_regions, c.max_anchors,
                        config.model.region_feat_dim)

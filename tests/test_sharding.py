@@ -22,6 +22,7 @@ _SCRIPT = textwrap.dedent('''
     import jax
     import numpy as np
     from cmal_jax import objectives, sharding, train
+    from cmal_jax.data import pipeline
     from cmal_jax.model.cmal import CMAL, ModelConfig
     from configs.pretrain import get_config
 
@@ -47,9 +48,11 @@ _SCRIPT = textwrap.dedent('''
         mesh = sharding.make_mesh(config.mesh.shape, devices=devices)
         rules = sharding.rules(config)
         model = CMAL(ModelConfig.from_config(config.model, num_tags=10))
+        init_inputs, loss_fn = train.pretrain_objectives(model, config,
+                                                              specials)
         tx, schedule = train.make_optimizer(config)
         state, state_shardings = train.create_train_state(
-            model, tx, config, specials, mesh, rules)
+      model, init_inputs, pipeline.STAT_KEYS, tx, config, mesh, rules)
         params0 = jax.device_get(state.params)
         q = leaf(state.params, ('unified', 'layer_0', 'attention',
                                 'query_kernel'))
@@ -68,7 +71,7 @@ _SCRIPT = textwrap.dedent('''
             batch['region_feats'].addressable_shards[0].data.shape)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             step_fn = jax.jit(
-                train.make_train_step(model, config, specials, schedule),
+                train.make_train_step(loss_fn, config, schedule),
                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                 out_shardings=(state_shardings, sharding.replicated(mesh)),
                 donate_argnums=0)

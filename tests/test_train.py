@@ -284,9 +284,12 @@ def test_itc_embeddings_match_the_full_pass(world_dir):
   specials = objectives.SpecialTokens.from_tokenizer(load_tokenizer(None))
   model = CMAL(ModelConfig.from_config(config.model, 10))
   mesh = sharding.make_mesh(config.mesh.shape)
+  init_inputs, loss_fn = train.pretrain_objectives(model, config,
+                                                        specials)
   rules = sharding.rules(config)
   tx, _ = train.make_optimizer(config)
-  state, _ = train.create_train_state(model, tx, config, specials, mesh, rules)
+  state, _ = train.create_train_state(
+      model, init_inputs, pipeline.STAT_KEYS, tx, config, mesh, rules)
   rows = list(evaluate.retrieval_pairs(config, world_dir, 'val', 5))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     sims = evaluate.itc_score_matrix(model, state.params, config, rows, mesh)
