@@ -27,18 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cmal_jax import checkpoint, objectives, sharding, task_metrics
-from cmal_jax.data import pipeline, region_store, task_pipeline, tasks
+from cmal_jax import checkpoint, objectives, sharding, task_metrics, train
+from cmal_jax.data import region_store, task_pipeline, tasks
 from cmal_jax.data import world, world_tasks
-from cmal_jax.model.cmal import CMAL, ModelConfig, pretrained_param_names
+from cmal_jax.model.cmal import (CMAL, ModelConfig, pool_regions,
+                                 pretrained_param_names)
+from cmal_jax.train import log
 
 MODEL_INPUTS = task_pipeline.PAIR_KEYS  # What the model reads of a batch.
 PREDICTIONS_DIR = 'predictions'
-
-
-def log(*args):
-  if jax.process_index() == 0:
-    print(*args, flush=True)
 
 
 def splits_of(config):
@@ -302,12 +299,9 @@ def retrieval_scores(model, params, config, captions, images, mesh):
   nc, ni = len(text_unit), len(region_unit)
   k = config.finetune.rerank_k
   if config.finetune.itc > 0 and k > 0:
-    text_vec = text_unit[:, 0]
-    m = images['region_mask'][..., None].astype(np.float32)
-    image_vec = (region_unit * m).sum(1) / np.maximum(m.sum(1), 1.0)
-    image_vec /= np.maximum(np.linalg.norm(image_vec, axis=-1,
-                                           keepdims=True), 1e-12)
-    sim = text_vec @ image_vec.T  # [Nc, Ni]
+    # The model's own ITC embeddings (CMAL.itc_embeddings), from the caches.
+    image_vec = np.asarray(pool_regions(region_unit, images['region_mask']))
+    sim = text_unit[:, 0] @ image_vec.T  # [Nc, Ni]
     t2i_top = np.argsort(-sim, axis=1)[:, :min(k, ni)]
     i2t_top = np.argsort(-sim.T, axis=1)[:, :min(k, nc)]
     pairs = {(c, i) for c, row in enumerate(t2i_top) for i in row}
@@ -393,7 +387,6 @@ def load_init_params(config):
 
 def make_job(config, workdir, mesh, axis_rules, local_batch):
   """The train.Job of a fine-tuning config."""
-  from cmal_jax import train  # train imports this module lazily.
   directory = train.data_dir(config, workdir)
   if not config.data.dir:
     ensure_task_data(config, directory)
