@@ -135,6 +135,8 @@ def _validate_finetune(config):
     _fail('finetune.num_answers', f.num_answers, 'must be a positive integer')
   if f.itc < 0:
     _fail('finetune.itc', f.itc, 'must be >= 0')
+  if not f.pretrained_lr_mult > 0:
+    _fail('finetune.pretrained_lr_mult', f.pretrained_lr_mult, 'must be > 0')
   if not isinstance(f.rerank_k, int) or f.rerank_k < 0:
     _fail('finetune.rerank_k', f.rerank_k, 'must be an integer >= 0')
   if isinstance(f.test_splits, str):

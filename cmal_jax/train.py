@@ -31,7 +31,7 @@ from cmal_jax import (checkpoint, configlib, evaluate, guards, objectives,
 from cmal_jax.data import pipeline, records, world
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.metrics import MetricWriter
-from cmal_jax.model.cmal import CMAL, ModelConfig
+from cmal_jax.model.cmal import CMAL, ModelConfig, pretrained_param_names
 
 
 def log(*args):
@@ -91,7 +91,23 @@ def make_optimizer(config):
       optax.clip_by_global_norm(o.grad_clip_norm),
       optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                   mask=decay_mask))
+  slow, mult = pretrained_lr(config)
+  if slow:  # Fine-tuning: gentler steps on what init_from loaded.
+    tx = optax.chain(tx, optax.masked(
+        optax.scale(mult),
+        lambda params: {k: jax.tree.map(lambda _: k in slow, v)
+                        for k, v in params.items()}))
   return tx, schedule
+
+
+def pretrained_lr(config):
+  """(top-level parameter names, lr multiplier) of the parameters a
+  fine-tuning run takes from init_from; ((), 1.0) when there are none or
+  finetune.pretrained_lr_mult is 1."""
+  mult = config.get('finetune', {}).get('pretrained_lr_mult', 1.0)
+  if not config.get('init_from') or mult == 1.0:
+    return (), 1.0
+  return pretrained_param_names(config.task), mult
 
 
 def dummy_batch(config, batch_size):

@@ -89,6 +89,11 @@ def get_config(arg=None):
       # ALBEF does); without, it scores every pair by ITM.
       itc=1.0,
       rerank_k=16,
+      # The lr of the parameters taken from init_from, as a multiple of
+      # optim.lr (the task head's): a small step keeps what pre-training
+      # learnt (measured in the README's results). No effect without
+      # init_from.
+      pretrained_lr_mult=1.0,
   ))
   c.data.itm_neg_prob = 0.5  # retrieval: share of in-batch negatives.
   c.world.num_train = num_train

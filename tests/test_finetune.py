@@ -704,3 +704,11 @@ def test_finetune_config_rejects_a_pretraining_best_metric():
                      r": not a metric this recipe evaluates; one of "
                      r"\['accuracy'\]$"):
     configlib.validate(c)
+
+
+def test_finetune_config_rejects_a_non_positive_pretrained_lr_mult():
+  c = finetune_config.get_config('vqa,tiny')
+  c.finetune.pretrained_lr_mult = 0.0
+  with pytest.raises(ValueError, match=r'^config\.finetune\.pretrained_lr_mult'
+                     r'=0\.0: must be > 0'):
+    configlib.validate(c)

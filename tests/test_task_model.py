@@ -194,3 +194,36 @@ def test_init_from_a_different_size_names_the_parameter(pretrained):
                      r'unified/layer_0/attention/key_bias: missing in the '
                      r'checkpoint; .*; \.\.\.$'):
     checkpoint.merge_pretrained(fresh, other, ENCODER_PARAMS)
+
+
+def test_vqa_head_starts_at_the_rare_answer_prior():
+  """Every VQA answer starts at logit -log(N) (sigmoid ~ 1/N), the other
+  heads at 0."""
+  model, c = tiny_model('vqa', 50)
+  params = init(model, task_inputs(c))
+  np.testing.assert_allclose(params['vqa_head']['classifier']['bias'],
+                             np.full(50, -np.log(50), np.float32), rtol=1e-6)
+  model, c = tiny_model('ve')
+  params = init(model, task_inputs(c))
+  assert np.all(params['ve_head']['classifier']['bias'] == 0)
+
+
+@pytest.mark.parametrize('init_from,mult,expected', [
+    ('runs/pretrain', 0.1, 0.1), ('', 0.1, 1.0), ('runs/pretrain', 1.0, 1.0)])
+def test_pretrained_lr_mult_scales_the_steps_of_loaded_parameters(
+    init_from, mult, expected):
+  """With init_from, the parameters it loads (here `unified`) step
+  `pretrained_lr_mult` times as far as the fresh head for the same
+  gradient; without init_from everything steps alike."""
+  from configs import finetune as finetune_config
+  c = finetune_config.get_config('vqa,tiny')
+  c.init_from, c.finetune.pretrained_lr_mult = init_from, mult
+  c.optim.warmup_fraction = 0.0
+  tx, _ = train.make_optimizer(c)
+  params = {'unified': {'kernel': jnp.ones((3, 2))},
+            'vqa_head': {'kernel': jnp.ones((3, 2))}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  head, loaded = updates['vqa_head']['kernel'], updates['unified']['kernel']
+  assert float(jnp.abs(head).min()) > 0
+  np.testing.assert_allclose(loaded, expected * head, rtol=1e-6)

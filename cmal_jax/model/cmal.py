@@ -1,6 +1,7 @@
 """The CMAL model: UMSE -> CMAP -> unified encoder -> heads."""
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -195,7 +196,9 @@ def _task_head(task, cfg, num_outputs):
     if num_outputs < 1:
       raise ValueError('the vqa head needs num_outputs = the answer '
                        f'vocabulary size, got {num_outputs}')
-    return heads.ClsClassifier(cfg, num_outputs, name='vqa_head')
+    # sigmoid(-log N) ~ 1/N: about one answer of N is right.
+    return heads.ClsClassifier(cfg, num_outputs, name='vqa_head',
+                               initial_logit=-math.log(num_outputs))
   if task == 've':
     return heads.ClsClassifier(cfg, 3, name='ve_head')
   if task == 'nlvr2':

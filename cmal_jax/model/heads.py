@@ -7,10 +7,11 @@ from cmal_jax.model import axes
 from cmal_jax.model.unified import layer_norm
 
 
-def dense(features, cfg, name, in_axis='embed', out_axis='mlp'):
+def dense(features, cfg, name, in_axis='embed', out_axis='mlp', bias=0.0):
   return nn.Dense(features, dtype=cfg.dtype, name=name,
                   kernel_init=axes.init(axes.bert_init, (in_axis, out_axis)),
-                  bias_init=axes.init(nn.initializers.zeros, (out_axis,)))
+                  bias_init=axes.init(nn.initializers.constant(bias),
+                                      (out_axis,)))
 
 
 class Transform(nn.Module):
@@ -87,6 +88,10 @@ class ClsClassifier(nn.Module):
   cfg: object
   num_classes: int
   num_images: int = 1
+  # Initial logit of every class. VQA's BCE sets it to the log-odds of a
+  # rare answer, so the first steps need not push 100 logits down through
+  # the pre-trained encoder (RetinaNet's prior initialisation).
+  initial_logit: float = 0.0
 
   @nn.compact
   def __call__(self, x, inputs):
@@ -102,7 +107,8 @@ class ClsClassifier(nn.Module):
                      scale_init=axes.init(nn.initializers.ones, ('mlp',)),
                      bias_init=axes.init(nn.initializers.zeros, ('mlp',)))(h)
     return dense(self.num_classes, self.cfg, 'classifier', in_axis='mlp',
-                 out_axis=None)(h).astype(jnp.float32)
+                 out_axis=None, bias=self.initial_logit)(h).astype(
+                     jnp.float32)
 
 
 class RegionScorer(nn.Module):
