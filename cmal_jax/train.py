@@ -91,23 +91,24 @@ def make_optimizer(config):
       optax.clip_by_global_norm(o.grad_clip_norm),
       optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                   mask=decay_mask))
+  # Fine-tuning: gentler steps on what init_from loaded. Always chained (an
+  # empty mask when nothing was loaded), so the optimizer state keeps one
+  # structure and a run resumes whatever the multiplier.
   slow, mult = pretrained_lr(config)
-  if slow:  # Fine-tuning: gentler steps on what init_from loaded.
-    tx = optax.chain(tx, optax.masked(
-        optax.scale(mult),
-        lambda params: {k: jax.tree.map(lambda _: k in slow, v)
-                        for k, v in params.items()}))
+  tx = optax.chain(tx, optax.masked(
+      optax.scale(mult),
+      lambda params: {k: jax.tree.map(lambda _: k in slow, v)
+                      for k, v in params.items()}))
   return tx, schedule
 
 
 def pretrained_lr(config):
   """(top-level parameter names, lr multiplier) of the parameters a
-  fine-tuning run takes from init_from; ((), 1.0) when there are none or
-  finetune.pretrained_lr_mult is 1."""
-  mult = config.get('finetune', {}).get('pretrained_lr_mult', 1.0)
-  if not config.get('init_from') or mult == 1.0:
+  fine-tuning run takes from init_from; ((), 1.0) when it loads none."""
+  if not config.get('init_from'):
     return (), 1.0
-  return pretrained_param_names(config.task), mult
+  return (pretrained_param_names(config.task),
+          config.finetune.pretrained_lr_mult)
 
 
 def dummy_batch(config, batch_size):

@@ -227,3 +227,21 @@ def test_pretrained_lr_mult_scales_the_steps_of_loaded_parameters(
   head, loaded = updates['vqa_head']['kernel'], updates['unified']['kernel']
   assert float(jnp.abs(head).min()) > 0
   np.testing.assert_allclose(loaded, expected * head, rtol=1e-6)
+
+
+def test_optimizer_state_has_one_structure_whatever_the_multiplier():
+  """A fine-tuning run resumes after init_from or pretrained_lr_mult
+  changed: the optimizer state's tree is the same, as is pre-training's."""
+  from configs import finetune as finetune_config
+  params = {'unified': {'kernel': jnp.ones((3, 2))},
+            'vqa_head': {'kernel': jnp.ones((3, 2))}}
+  structures = set()
+  for init_from, mult in (('', 1.0), ('runs/pretrain', 1.0),
+                          ('runs/pretrain', 0.2)):
+    c = finetune_config.get_config('vqa,tiny')
+    c.init_from, c.finetune.pretrained_lr_mult = init_from, mult
+    tx, _ = train.make_optimizer(c)
+    structures.add(jax.tree.structure(tx.init(params)))
+  tx, _ = train.make_optimizer(pretrain.get_config('tiny'))
+  structures.add(jax.tree.structure(tx.init(params)))
+  assert len(structures) == 1
