@@ -13,6 +13,7 @@ from cmal_jax.model import prompt
 from cmal_jax.model.cmal import (CMAL, ENCODER_PARAMS, ModelConfig,
                                  pretrained_param_names)
 from cmal_testutil import random_batch
+from configs import finetune as finetune_config
 from configs import pretrain
 
 B = 4
@@ -208,6 +209,11 @@ def test_vqa_head_starts_at_the_rare_answer_prior():
   assert np.all(params['ve_head']['classifier']['bias'] == 0)
 
 
+# A loaded encoder part and a fresh head, for the optimizer tests.
+OPTIMIZER_PARAMS = {'unified': {'kernel': jnp.ones((3, 2))},
+                    'vqa_head': {'kernel': jnp.ones((3, 2))}}
+
+
 @pytest.mark.parametrize('init_from,mult,expected', [
     ('runs/pretrain', 0.1, 0.1), ('', 0.1, 1.0), ('runs/pretrain', 1.0, 1.0)])
 def test_pretrained_lr_mult_scales_the_steps_of_loaded_parameters(
@@ -215,15 +221,12 @@ def test_pretrained_lr_mult_scales_the_steps_of_loaded_parameters(
   """With init_from, the parameters it loads (here `unified`) step
   `pretrained_lr_mult` times as far as the fresh head for the same
   gradient; without init_from everything steps alike."""
-  from configs import finetune as finetune_config
   c = finetune_config.get_config('vqa,tiny')
   c.init_from, c.finetune.pretrained_lr_mult = init_from, mult
   c.optim.warmup_fraction = 0.0
   tx, _ = train.make_optimizer(c)
-  params = {'unified': {'kernel': jnp.ones((3, 2))},
-            'vqa_head': {'kernel': jnp.ones((3, 2))}}
-  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), OPTIMIZER_PARAMS)
+  updates, _ = tx.update(grads, tx.init(OPTIMIZER_PARAMS), OPTIMIZER_PARAMS)
   head, loaded = updates['vqa_head']['kernel'], updates['unified']['kernel']
   assert float(jnp.abs(head).min()) > 0
   np.testing.assert_allclose(loaded, expected * head, rtol=1e-6)
@@ -232,16 +235,13 @@ def test_pretrained_lr_mult_scales_the_steps_of_loaded_parameters(
 def test_optimizer_state_has_one_structure_whatever_the_multiplier():
   """A fine-tuning run resumes after init_from or pretrained_lr_mult
   changed: the optimizer state's tree is the same, as is pre-training's."""
-  from configs import finetune as finetune_config
-  params = {'unified': {'kernel': jnp.ones((3, 2))},
-            'vqa_head': {'kernel': jnp.ones((3, 2))}}
   structures = set()
   for init_from, mult in (('', 1.0), ('runs/pretrain', 1.0),
                           ('runs/pretrain', 0.2)):
     c = finetune_config.get_config('vqa,tiny')
     c.init_from, c.finetune.pretrained_lr_mult = init_from, mult
     tx, _ = train.make_optimizer(c)
-    structures.add(jax.tree.structure(tx.init(params)))
+    structures.add(jax.tree.structure(tx.init(OPTIMIZER_PARAMS)))
   tx, _ = train.make_optimizer(pretrain.get_config('tiny'))
-  structures.add(jax.tree.structure(tx.init(params)))
+  structures.add(jax.tree.structure(tx.init(OPTIMIZER_PARAMS)))
   assert len(structures) == 1
