@@ -67,16 +67,18 @@ def restore(manager, abstract_state, data_iter, step=None):
 
 # ------------------------------------------------- fine-tuning: init_from
 
-def load_pretrained_params(path, step=None):
-  """The parameters of a pre-training checkpoint, as host arrays.
+def load_pretrained_params(path, step=None, what='init_from'):
+  """The parameters of a training checkpoint, as host arrays, and where
+  they came from ('.../checkpoints/N').
 
-  path: a pre-training workdir (its latest checkpoint, or `step`), its
-  checkpoints/ folder, or one step's folder (.../checkpoints/N).
+  path: a workdir (its latest checkpoint, or `step`), its checkpoints/
+  folder, or one step's folder (.../checkpoints/N). `what` starts the error
+  messages (the flag that named the path).
   """
   path = os.path.abspath(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'init_from: {path} is not a directory (a '
-                            'pre-training workdir or checkpoints/N).')
+    raise FileNotFoundError(f'{what}: {path} is not a directory (a '
+                            'training workdir or checkpoints/N).')
   if os.path.isdir(os.path.join(path, 'checkpoints')):  # A workdir.
     path = os.path.join(path, 'checkpoints')
   elif os.path.basename(path).isdigit() and step is None:  # checkpoints/N.
@@ -86,7 +88,7 @@ def load_pretrained_params(path, step=None):
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
       raise FileNotFoundError(
-          f'init_from: {path} holds no checkpoint'
+          f'{what}: {path} holds no checkpoint'
           + (f' at step {step}' if step is not None else '')
           + f' (steps: {manager.all_steps()}).')
     state = manager.restore(step, args=ocp.args.Composite(

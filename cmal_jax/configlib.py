@@ -93,6 +93,9 @@ def validate(config: ml_collections.ConfigDict):
     _fail('optim.lr', o.lr, 'must be > 0')
   if not 0 <= o.warmup_fraction < 1:
     _fail('optim.warmup_fraction', o.warmup_fraction, 'must be in [0, 1)')
+  if config.get('init', {}).get('bert'):  # Sizes checked before any work.
+    from cmal_jax.export import bert
+    bert.check_config(config.init.bert, config.model)
   if len(config.mesh.shape) != 3:
     _fail('mesh.shape', tuple(config.mesh.shape),
           'needs 3 entries: (data, fsdp, tensor)')

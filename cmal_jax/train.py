@@ -111,6 +111,19 @@ def pretrained_lr(config):
           config.finetune.pretrained_lr_mult)
 
 
+def bert_params(config, params):
+  """`params` with what config.init.bert's BERT folder initialises (the
+  unified encoder and the embeddings it sees); unchanged when it is ''."""
+  if not config.get('init', {}).get('bert'):
+    return params
+  from cmal_jax.export import bert
+  params, taken = bert.init_params(jax.device_get(params), config.init.bert,
+                                   config.model)
+  log(f'init.bert {bert.resolve_path(config.init.bert)}: {taken} parameter '
+      'arrays (unified encoder, slot and text embeddings, ITM pooler).')
+  return params
+
+
 def dummy_batch(config, batch_size):
   """Zeros with the pipeline's shapes, for init and shape inference."""
   T, R, K = (config.data.max_text_len, config.data.max_regions,
@@ -317,7 +330,7 @@ def train_and_evaluate(config, workdir):
     state = restored
     log(f'Resumed from {workdir}/checkpoints at step {int(state.step)}.')
   else:
-    params = job.initial_params(state.params)
+    params = job.initial_params(bert_params(config, state.params))
     if params is not state.params:
       state = state.replace(params=jax.device_put(params,
                                                   state_shardings.params))

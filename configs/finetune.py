@@ -26,6 +26,7 @@ BEST_METRIC = {'vqa': 'vqa_accuracy', 've': 'accuracy', 'nlvr2': 'accuracy',
 SIZES = {
     'tiny': (16, 20, 1e-3, 64, 32, 32),
     'small': (64, 300, 5e-4, 6000, 500, 500),
+    'minilm': (64, 300, 5e-4, 6000, 500, 500),
     'base': (256, 20_000, 5e-5, 50_000, 5000, 5000),
 }
 

