@@ -533,6 +533,52 @@ check_predictions = {'vqa': _check_vqa, 've': _check_classification('ve'),
                      'rec': _check_rec, 'retrieval': _check_retrieval}
 
 
+def test_vqa_model_exported_to_pytorch_gives_the_same_answers(runs, pretrained,
+                                                              tmp_path):
+  """python -m cmal_jax.export --step=best on the fine-tuned VQA run; the
+  PyTorch mirror answers every test question as the JAX run's predictions
+  file does."""
+  import subprocess
+  import sys
+  import torch
+  from cmal_jax.export.torch_model import CMAL as TorchCMAL
+  run = runs('vqa', pretrained)
+  out = str(tmp_path / 'vqa_export')
+  r = subprocess.run([sys.executable, '-m', 'cmal_jax.export',
+                      f'--workdir={run["workdir"]}', '--step=best',
+                      f'--out={out}'], capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr
+  assert 'Exported vqa model' in r.stdout
+  model = TorchCMAL.from_pretrained(out)
+  exported = read_json(out, 'config.json')
+  vocab = read_json(run['data'], task_pipeline.ANSWER_VOCAB_FILE)['answers']
+  assert exported['answers'] == vocab
+  assert exported['num_outputs'] == len(vocab)
+  config = run['config']
+  ds, info = task_pipeline.make_task_dataset(
+      config, run['data'], 'vqa', 'test', batch_size=8, train=False,
+      seed=0, process_index=0, process_count=1)
+  jax_model = CMAL(ModelConfig.from_config(config.model, num_tags=1),
+                   task='vqa', num_outputs=len(vocab))
+  best = load_best_params(run['workdir'])
+  answers = [None] * info['num_examples']
+  for batch in ds:
+    inputs = finetune.model_inputs(batch, 'vqa')
+    with torch.no_grad():
+      logits = model({k: torch.from_numpy(np.asarray(v))
+                      for k, v in inputs.items()})['logits'].numpy()
+    # Not only the argmax: the scores themselves agree.
+    np.testing.assert_allclose(
+        logits, jax_model.apply({'params': best}, inputs)['logits'],
+        atol=1e-5, rtol=0)
+    for i, ok, b in zip(batch['example_index'], batch['valid'],
+                        logits.argmax(-1)):
+      if ok:
+        answers[i] = vocab[b]
+  jax_rows = read_json(run['workdir'], 'predictions', 'vqa_test_results.json')
+  assert answers == [row['answer'] for row in jax_rows]
+
+
 # ------------------------------------------------------------ 4. init_from
 
 @pytest.fixture(scope='module')
