@@ -152,6 +152,40 @@ def test_torch_swap_matches_jax_swap():
       regions[b, inputs['anchor_region'][b, k]])
 
 
+def test_torch_mirror_loads_and_runs_without_jax(tmp_path):
+  """A PyTorch-only deployment: with jax and flax unimportable, the mirror
+  still loads an export and gives the JAX model's outputs."""
+  config = export_config('d64h2', 've')
+  params = random_params(config)
+  inputs = random_inputs(config)
+  out = str(tmp_path / 'export')
+  export.write_export(out, params, config)
+  np.savez(str(tmp_path / 'inputs.npz'), **inputs)
+  script = f"""
+import sys
+sys.modules['jax'] = sys.modules['flax'] = None  # Any import fails.
+import numpy as np, torch
+from cmal_jax.export.torch_model import CMAL
+model = CMAL.from_pretrained({out!r})
+inputs = dict(np.load({str(tmp_path / 'inputs.npz')!r}))
+with torch.no_grad():
+  logits = model({{k: torch.from_numpy(v) for k, v in inputs.items()}})
+np.save({str(tmp_path / 'logits.npy')!r}, logits['logits'].numpy())
+"""
+  r = subprocess.run([sys.executable, '-c', script], capture_output=True,
+                     text=True)
+  assert r.returncode == 0, r.stderr
+  want = export.flax_model(config).apply({'params': params}, inputs)
+  np.testing.assert_allclose(np.load(tmp_path / 'logits.npy'),
+                             want['logits'], atol=1e-5, rtol=0)
+
+
+def test_torch_mirror_numbers_anchor_actions_as_jax():
+  assert (torch_model.NONE, torch_model.SWAP, torch_model.MASK,
+          torch_model.KEEP) == (prompt.NONE, prompt.SWAP, prompt.MASK,
+                                prompt.KEEP)
+
+
 def test_names_follow_the_table():
   assert mapping.torch_name('unified/layer_3/attention/query_kernel') == (
       'unified.layer.3.attention.self.query.weight', 'heads_in')
@@ -399,6 +433,52 @@ def test_bert_weights_of_another_shape_name_both_shapes(tmp_path,
                      r'weight: the BERT checkpoint .* \(384, 1000\), model '
                      r'\(384, 1536\)'):
     bert.init_params(params, folder, c.model)
+
+
+def test_bert_pytorch_model_bin_with_old_names(tmp_path, minilm_params):
+  """The older format: pytorch_model.bin of a BertForPreTraining ('bert.'
+  prefixes, LayerNorm gamma/beta, an MLM head to ignore) gives the same
+  parameters as the safetensors folder."""
+  config, want, taken = minilm_params
+  st = load_file(os.path.join(MINILM, 'model.safetensors'))
+  old = {'bert.' + k.replace('LayerNorm.weight', 'LayerNorm.gamma')
+         .replace('LayerNorm.bias', 'LayerNorm.beta'): torch.from_numpy(v)
+         for k, v in st.items()}
+  old['cls.predictions.bias'] = torch.zeros(30522)
+  folder = tmp_path / 'old_bert'
+  folder.mkdir()
+  torch.save(old, str(folder / 'pytorch_model.bin'))
+  shutil.copy(os.path.join(MINILM, 'config.json'), folder / 'config.json')
+  zeros = jax.tree.map(np.zeros_like, want)
+  c = pretrain_config.get_config('minilm')
+  got, got_taken = bert.init_params(zeros, str(folder), c.model)
+  assert got_taken == taken
+  assert export.trees_equal(got, want)
+
+
+def test_export_cli_of_a_pretraining_checkpoint(pretrained_tiny, tmp_path):
+  """python -m cmal_jax.export --step=2 on conftest's tiny pre-training run:
+  PyTorch loads it and hands back the checkpoint's parameters bitwise;
+  a second export needs --overwrite."""
+  from cmal_jax import checkpoint
+  out = str(tmp_path / 'pt')
+  r = run_export_cli(f'--workdir={pretrained_tiny}', '--step=2',
+                     f'--out={out}')
+  assert r.returncode == 0, r.stderr
+  assert 'Exported pretrain model' in r.stdout
+  saved, where = checkpoint.load_pretrained_params(pretrained_tiny, 2)
+  config = json.load(open(os.path.join(out, export.CONFIG_FILE)))
+  assert config['source']['checkpoint'] == where
+  assert config['model']['num_tags'] == 10  # From the tag head's shape.
+  model = torch_model.CMAL.from_pretrained(out)
+  assert export.trees_equal(model.jax_params(), saved)
+  r = run_export_cli(f'--workdir={pretrained_tiny}', f'--out={out}')
+  assert r.returncode == 1 and 'pass --overwrite' in r.stderr
+  r = run_export_cli(f'--workdir={pretrained_tiny}', f'--out={out}',
+                     '--overwrite', '--step=3')
+  assert r.returncode == 1 and 'holds no checkpoint at step 3' in r.stderr
+  assert export.trees_equal(  # The failed export left the good one.
+      torch_model.CMAL.from_pretrained(out).jax_params(), saved)
 
 
 def test_bert_folder_without_weights_or_config(tmp_path):

@@ -8,6 +8,8 @@ and task head) with the same parameter tree, named by `mapping.py`.
 
 Inputs and outputs are those of the JAX model (see its docstring). Only
 this module imports torch; `python -m cmal_jax.export` writes without it.
+It needs neither JAX nor Flax (only `jax_params` does), so a PyTorch
+deployment can load an export without them.
 """
 
 import json
@@ -18,8 +20,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from cmal_jax.export import mapping
-from cmal_jax.model.prompt import KEEP, MASK, NONE, SWAP  # noqa: F401
+# CMAP's anchor actions, as cmal_jax.model.prompt numbers them.
+NONE, SWAP, MASK, KEEP = 0, 1, 2, 3
 
 CONFIG_FILE, WEIGHTS_FILE = 'config.json', 'model.safetensors'
 
@@ -338,7 +340,7 @@ class CMAL(nn.Module):
 
   def jax_params(self):
     """The parameters in the JAX model's tree (numpy), through mapping."""
-    from cmal_jax.export import export  # JAX, only when asked for.
+    from cmal_jax.export import export, mapping  # JAX, only when asked.
     template = export.abstract_params(self.config)
     state = {k: v.detach().cpu().numpy() for k, v in self.state_dict().items()}
     return mapping.from_torch_state(state, template, 'the PyTorch model')
