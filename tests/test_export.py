@@ -371,6 +371,24 @@ def test_pretraining_starts_from_init_bert(world_dir, compilation_cache,
     assert not np.allclose(got[k], want[k]), k
 
 
+@pytest.mark.parametrize('arg', ['pretrain.py:minilm', 'pretrain.py:minilm,cmcl',
+                                 'finetune.py:vqa,minilm'])
+def test_minilm_presets_fit_the_shipped_checkpoint(arg):
+  """The presets validate, which reads MiniLM's config.json and compares
+  every size (check_config)."""
+  from cmal_jax import configlib
+  from configs import finetune as finetune_config
+  module, _, preset = arg.partition(':')
+  c = (pretrain_config if module == 'pretrain.py'
+       else finetune_config).get_config(preset)
+  assert c.init.bert == 'minilm'
+  configlib.validate(c)
+  c.model.num_heads = 6  # Same shapes, other heads: still refused.
+  with pytest.raises(ValueError, match='num_attention_heads 12, '
+                     'config.model.num_heads 6'):
+    configlib.validate(c)
+
+
 def test_init_bert_of_another_size_fails_at_start(tmp_path):
   from cmal_jax import train
   c = pretrain_config.get_config('tiny')
