@@ -229,10 +229,10 @@ def test_round_trip_through_safetensors_is_bitwise(size, tmp_path):
   assert H * (D // H) == q.shape[0]
 
 
-def hf_bert(folder):
+def hf_bert(folder, **kwargs):
   import transformers
   model, info = transformers.BertModel.from_pretrained(
-      folder, output_loading_info=True, attn_implementation='eager')
+      folder, output_loading_info=True, attn_implementation='eager', **kwargs)
   return model.eval(), info
 
 
@@ -242,8 +242,14 @@ def test_unified_bert_folder_loads_into_transformers(tmp_path):
   out = str(tmp_path / 'export')
   export.write_export(out, params, config)
   model, info = hf_bert(os.path.join(out, export.BERT_DIR))
-  assert info['missing_keys'] == set() or not info['missing_keys']
-  assert not info['unexpected_keys'] and not info['mismatched_keys']
+  assert not info['missing_keys'] and not info['unexpected_keys']
+  assert not info['mismatched_keys']
+  # A task model has no ITM pooler: its folder loads without a pooler.
+  ve = export_config('d60h5', 've')
+  export.write_export(str(tmp_path / 've'), random_params(ve), ve)
+  _, ve_info = hf_bert(str(tmp_path / 've' / export.BERT_DIR),
+                       add_pooling_layer=False)
+  assert not ve_info['missing_keys'] and not ve_info['unexpected_keys']
   # The documented snippet: our hybrid embeddings through BertModel.encoder.
   inputs = random_inputs(config, seed=4)
   mirror = torch_model.CMAL.from_pretrained(out)
