@@ -739,7 +739,8 @@ def test_finetune_config_argument_errors():
                      r"configs/finetune\.py:TASK with TASK one of \['vqa', "):
     finetune_config.get_config('tiny')
   with pytest.raises(ValueError, match=r"unknown config argument 'huge'; "
-                     r"tasks are .*, sizes are \['base', 'small', 'tiny'\]"):
+                     r"tasks are .*, sizes are \['base', 'minilm', 'small', "
+                     r"'tiny'\]"):
     finetune_config.get_config('vqa,huge')
 
 
