@@ -192,6 +192,17 @@ def make_train_step(loss_fn, config, schedule):
   return train_step
 
 
+def jit_train_step(loss_fn, config, schedule, state_shardings, mesh):
+  """The jitted train step (state, batch) -> (state, metrics) with the
+  state donated (updated in place) and the batch split over data x fsdp.
+  Call it under jax.set_mesh(mesh) and the config's axis rules."""
+  return jax.jit(
+      make_train_step(loss_fn, config, schedule),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+
+
 # -------------------------------------------------------------------- jobs
 
 @dataclasses.dataclass(frozen=True)
@@ -342,13 +353,9 @@ def train_and_evaluate(config, workdir):
       f.write(json.dumps(dict(guards.run_info(mesh), start_step=step)) + '\n')
 
   # 4. The jitted step; the state is donated, so it is updated in place.
-  batch_shardings = sharding.batch_sharding(mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-    step_fn = jax.jit(
-        make_train_step(job.loss_fn, config, schedule),
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0)
+  step_fn = jit_train_step(job.loss_fn, config, schedule, state_shardings,
+                           mesh)
+  with jax.set_mesh(mesh):
     state_is_finite = jax.jit(lambda s: guards.all_finite(s.params))
 
   def save_checkpoint():

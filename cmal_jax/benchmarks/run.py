@@ -1,0 +1,395 @@
+"""python -m cmal_jax.benchmarks [--sizes=tiny,small,base] [--steps=10]
+
+Measures, in one run and side by side:
+  1. peak: a large float32 jnp.dot, GFLOP/s (what MFU is relative to);
+  2. the pre-training step (CMAL: AMC + MLM + ITM, CMAP on; forward,
+     backward, optimizer) per size: examples/s, median step time (min/max
+     over the timed steps), FLOPs per step from XLA's cost analysis, MFU;
+  3. the same step in the PyTorch mirror (same weights, batch, objectives,
+     optimizer): eager and torch.compile, and JAX / PyTorch;
+  4. the JAX step with CMAP off;
+  5. the input pipeline alone (default workers), and its ratio to what the
+     train step consumes;
+  6. the train step's compile time;
+  7. on paper, for --paper_size at its config batch: FLOPs and bytes per
+     step and the step time and MFU they imply on an H100 and a TPU v5e.
+Writes BENCHMARKS.md (table + machine) and BENCHMARKS.json (one object per
+measurement: name, size, value, unit) to --out_dir.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cmal_jax import objectives, sharding, train
+from cmal_jax.data import pipeline
+from cmal_jax.data.tokenizer import load_tokenizer
+
+# Batch sizes that keep a CPU step in seconds; --batch overrides them.
+CPU_BATCH = {'tiny': 32, 'small': 64, 'base': 16, 'minilm': 64}
+# Dense bf16 peak FLOP/s and memory bandwidth (bytes/s), vendor figures.
+ACCELERATORS = {
+    'H100 SXM': (989e12, 3.35e12),
+    'TPU v5e': (197e12, 819e9),
+}
+
+
+# ------------------------------------------------------------- measuring
+
+def timed(fn, steps, warmup):
+  """Runs fn() warmup + steps times (fn blocks until its result is ready).
+  -> {'median', 'min', 'max'} seconds over the timed calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return dict(median=statistics.median(times), min=min(times),
+              max=max(times))
+
+
+def measure_peak(n, steps, warmup):
+  """A float32 [n, n] @ [n, n] -> (GFLOP/s at the median, timing)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  t = timed(lambda: dot(a, a).block_until_ready(), steps, warmup)
+  return 2 * n ** 3 / t['median'] / 1e9, t
+
+
+def bench_config(size, batch, cmap=True, records=''):
+  """The pre-training config of `size` (CMAL recipe) at `batch`, on
+  `records` (a records directory) or a synthetic world just big enough for
+  the benchmark."""
+  from configs import pretrain  # The repository's configs/ (see main()).
+  config = pretrain.get_config(size)
+  config.data.dir = records
+  config.batch_size = batch
+  config.cmap.enabled = cmap
+  config.world.num_train = max(8 * batch, 512)
+  config.eval.batch_size = min(config.eval.batch_size, 64)
+  config.world.num_eval = config.eval.batch_size
+  return config
+
+
+class JaxStep:
+  """A pre-training job's train state and jitted step on one batch."""
+
+  def __init__(self, config, workdir):
+    self.config = config
+    self.mesh = sharding.make_mesh(config.mesh.shape)
+    self.axis_rules = sharding.rules(config)
+    local = sharding.per_process_batch_size(config.batch_size, self.mesh)
+    self.job = train.pretrain_job(config, workdir, self.mesh, self.axis_rules,
+                                  local)
+    tx, schedule = train.make_optimizer(config)
+    with self.scope():
+      self.state, shardings = train.create_train_state(
+          self.job.model, self.job.init_inputs, self.job.stat_keys, tx,
+          config, self.mesh, self.axis_rules)
+      self.step_fn = train.jit_train_step(self.job.loss_fn, config, schedule,
+                                          shardings, self.mesh)
+    self.iterator = pipeline.to_iterator(self.job.train_ds, config)
+    self.local_batch = next(self.iterator)
+    self.batch = sharding.global_batch(self.local_batch, self.mesh)
+    self.params = jax.device_get(self.state.params)  # Before any update.
+
+  def scope(self):
+    import contextlib
+    import flax.linen as nn
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.axis_rules))
+    return stack
+
+  def compile(self, batch=None):
+    """-> (compiled step, seconds to lower and compile). batch: shapes to
+    compile for (default the real batch)."""
+    with self.scope():
+      t = time.perf_counter()
+      compiled = self.step_fn.lower(self.state, batch or self.batch).compile()
+      return compiled, time.perf_counter() - t
+
+  def run(self, compiled, steps, warmup):
+    def one():
+      self.state, metrics = compiled(self.state, self.batch)
+      jax.block_until_ready(metrics['loss'])
+    with self.scope():
+      return timed(one, steps, warmup)
+
+  def corrupted_inputs(self):
+    """(inputs, targets) of one step's corruption, as numpy."""
+    specials = objectives.SpecialTokens.from_tokenizer(load_tokenizer(
+        self.config.data.vocab_path or None))
+    batch = {k: v for k, v in self.local_batch.items() if k != 'stats'}
+    prepare = jax.jit(lambda b, r: objectives.prepare_inputs(
+        b, r, self.config, specials))
+    return jax.device_get(prepare(batch, jax.random.key(1)))
+
+
+def cost(compiled):
+  """XLA's cost analysis of a compiled step: (FLOPs, bytes accessed)."""
+  c = compiled.cost_analysis()
+  if isinstance(c, (list, tuple)):  # Older JAX: one dict per computation.
+    c = c[0]
+  return float(c.get('flops', 0.0)), float(c.get('bytes accessed', 0.0))
+
+
+def abstract_batch(batch, global_batch_size):
+  """ShapeDtypeStructs of `batch` at another global batch size."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((global_batch_size,) + x.shape[1:],
+                                     x.dtype, sharding=x.sharding), batch)
+
+
+# ---------------------------------------------------------------- the run
+
+class Results:
+  """Measurements in order: name, size, value, unit (+ min/max)."""
+
+  def __init__(self):
+    self.rows = []
+
+  def add(self, name, size, value, unit, **extra):
+    row = dict(name=name, size=size, value=value, unit=unit, **extra)
+    self.rows.append(row)
+    shown = f'{value:.4g}' if isinstance(value, float) else value
+    print(f'  {name} [{size}]: {shown} {unit}', flush=True)
+    return value
+
+  def get(self, name, size):
+    for r in self.rows:
+      if r['name'] == name and r['size'] == size:
+        return r['value']
+    return None
+
+
+def bench_size(size, batch, args, results, data_root, peak_flops):
+  """Steps 2-6 for one size."""
+  print(f'{size} (batch {batch}):', flush=True)
+  workdir = os.path.join(data_root, size)
+  step = JaxStep(bench_config(size, batch, records=args.records), workdir)
+  compiled, compile_s = step.compile()
+  results.add('jax_compile_time', size, compile_s, 's')
+  flops, bytes_accessed = cost(compiled)
+  results.add('flops_per_step', size, flops, 'FLOP')
+  t = step.run(compiled, args.steps, args.warmup)
+  results.add('jax_step_time', size, t['median'], 's', min=t['min'],
+              max=t['max'])
+  jax_eps = results.add('jax_examples_per_sec', size, batch / t['median'],
+                        'examples/s')
+  results.add('jax_mfu', size, flops / t['median'] / peak_flops,
+              'fraction of peak')
+
+  if args.torch:
+    inputs, targets = step.corrupted_inputs()
+    for mode in ['eager'] + (['compile'] if args.torch_compile else []):
+      try:
+        t_torch = torch_step_time(step, inputs, targets, mode, args)
+      except Exception as e:  # torch.compile needs a working toolchain.
+        results.add(f'torch_{mode}_examples_per_sec', size, None,
+                    'examples/s', error=f'{type(e).__name__}: {e}'[:300])
+        continue
+      results.add(f'torch_{mode}_step_time', size, t_torch['median'], 's',
+                  min=t_torch['min'], max=t_torch['max'])
+      torch_eps = results.add(f'torch_{mode}_examples_per_sec', size,
+                              batch / t_torch['median'], 'examples/s')
+      results.add(f'jax_over_torch_{mode}', size, jax_eps / torch_eps, 'ratio')
+
+  off = JaxStep(bench_config(size, batch, cmap=False, records=args.records),
+                os.path.join(data_root, size))
+  compiled_off, _ = off.compile()
+  t_off = off.run(compiled_off, args.steps, args.warmup)
+  results.add('jax_step_time_cmap_off', size, t_off['median'], 's',
+              min=t_off['min'], max=t_off['max'])
+  results.add('cmap_overhead', size, t['median'] / t_off['median'] - 1,
+              'fraction of the step')
+
+  if size in args.pipeline_sizes:
+    it = step.iterator
+    def one_batch():
+      next(it)
+    t_pipe = timed(one_batch, args.pipeline_batches, 5)
+    # Per batch, then examples/s over the median batch time.
+    pipe_eps = results.add('pipeline_examples_per_sec', size,
+                           batch / t_pipe['median'], 'examples/s',
+                           min=batch / t_pipe['max'],
+                           max=batch / t_pipe['min'])
+    results.add('pipeline_over_step_consumption', size, pipe_eps / jax_eps,
+                'ratio')
+  return step
+
+
+def torch_step_time(step, inputs, targets, mode, args):
+  import torch
+  from cmal_jax.benchmarks import torch_step
+  from cmal_jax.export import export
+  model_config = export.export_config(step.config, step.params)
+  lr = float(train.make_optimizer(step.config)[1](1))
+  _, run = torch_step.make_torch_step(
+      model_config, step.params, step.config, lr,
+      compile_mode=None if mode == 'eager' else 'default')
+  ti, tt = torch_step.to_torch(inputs), torch_step.to_torch(targets)
+  # Compiling happens in the warm-up steps (at least one).
+  return timed(lambda: run(ti, tt).item(), args.steps,
+               max(args.warmup, 1 if mode == 'compile' else 0))
+
+
+def paper_figures(size, args, results, data_root):
+  """Item 7: FLOPs and bytes of one step at the config's batch, compiled
+  (not run) here, and what they imply on accelerators."""
+  from configs import pretrain
+  batch = pretrain.get_config(size).batch_size
+  step = JaxStep(bench_config(size, CPU_BATCH.get(size, 16),
+                              records=args.records),
+                 os.path.join(data_root, size))
+  compiled, _ = step.compile(abstract_batch(step.batch, batch))
+  flops, bytes_accessed = cost(compiled)
+  results.add('paper_flops_per_step', size, flops, 'FLOP', batch=batch)
+  results.add('paper_bytes_per_step', size, bytes_accessed, 'bytes',
+              batch=batch)
+  for name, (peak, bandwidth) in ACCELERATORS.items():
+    roofline = max(flops / peak, bytes_accessed / bandwidth)
+    results.add(f'paper_{name}_step_time_roofline', size, roofline, 's',
+                batch=batch)
+    results.add(f'paper_{name}_mfu_roofline', size, flops / roofline / peak,
+                'fraction of peak', batch=batch)
+    results.add(f'paper_{name}_step_time_at_50pct_mfu', size,
+                flops / (0.5 * peak), 's', batch=batch)
+
+
+# ----------------------------------------------------------------- output
+
+def machine():
+  """What the figures were measured on."""
+  cpu = platform.processor() or ''
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next((l.split(':', 1)[1].strip() for l in f
+                  if l.startswith('model name')), cpu)
+  except OSError:
+    pass
+  memory = None
+  try:
+    with open('/proc/meminfo') as f:
+      memory = int(f.readline().split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  info = dict(cpu=cpu, cores=os.cpu_count(), memory_bytes=memory,
+              python=platform.python_version(), jax=jax.__version__,
+              backend=jax.default_backend(), devices=jax.device_count(),
+              device_kind=jax.devices()[0].device_kind,
+              xla_flags=os.environ.get('XLA_FLAGS', ''),
+              time=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
+  try:
+    import torch
+    info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+  except ImportError:
+    info['torch'] = None
+  return info
+
+
+def fmt(value, unit):
+  if value is None:
+    return 'failed'
+  if unit == 'FLOP' or unit == 'bytes':
+    return f'{value / 1e9:.1f} G{"FLOP" if unit == "FLOP" else "B"}'
+  if unit.startswith('fraction'):
+    return f'{100 * value:.1f} %'
+  if unit == 's':
+    return f'{value * 1e3:.1f} ms' if value < 1 else f'{value:.2f} s'
+  if unit == 'ratio':
+    return f'{value:.2f}×'
+  return f'{value:.1f} {unit}'
+
+
+def write_outputs(out_dir, results, info, args):
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'BENCHMARKS.json'), 'w') as f:
+    json.dump(dict(machine=info, command=args.command,
+                   measurements=results.rows), f, indent=1)
+  lines = ['# Benchmarks', '',
+           f'`{args.command}`, {info["time"]}.', '',
+           '**Machine:** ' + ', '.join(f'{k} {v}' for k, v in info.items()
+                                       if k != 'time'), '',
+           '| measurement | size | value | min – max | note |',
+           '|---|---|---|---|---|']
+  for r in results.rows:
+    spread = (f'{fmt(r["min"], r["unit"])} – {fmt(r["max"], r["unit"])}'
+              if 'min' in r else '')
+    note = r.get('error') or (f'batch {r["batch"]}' if 'batch' in r else '')
+    lines.append(f'| {r["name"]} | {r["size"]} | {fmt(r["value"], r["unit"])}'
+                 f' | {spread} | {note} |')
+  with open(os.path.join(out_dir, 'BENCHMARKS.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog='python -m cmal_jax.benchmarks',
+                              description=__doc__.split('\n\n')[1])
+  p.add_argument('--sizes', default='tiny,small,base')
+  p.add_argument('--batch', default='',
+                 help='size=batch overrides, e.g. base=32,small=128')
+  p.add_argument('--steps', type=int, default=10, help='timed steps')
+  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--peak_n', type=int, default=4096,
+                 help='the peak matmul is [n, n] @ [n, n]')
+  p.add_argument('--torch', action=argparse.BooleanOptionalAction,
+                 default=True, help='time the PyTorch mirror')
+  p.add_argument('--torch_compile', action=argparse.BooleanOptionalAction,
+                 default=True, help='also time torch.compile')
+  p.add_argument('--pipeline_sizes', default='small')
+  p.add_argument('--pipeline_batches', type=int, default=50)
+  p.add_argument('--paper_size', default='base',
+                 help="the size of item 7 ('' skips it)")
+  p.add_argument('--data_dir', default='',
+                 help='where the synthetic data goes (default a temp dir); '
+                 'reused when it exists')
+  p.add_argument('--records', default='',
+                 help='a records directory (python -m cmal_jax.data.world) '
+                 'to read instead of generating a world per size')
+  p.add_argument('--out_dir', default='.')
+  args = p.parse_args(argv)
+  args.sizes = [s for s in args.sizes.split(',') if s]
+  args.pipeline_sizes = [s for s in args.pipeline_sizes.split(',') if s]
+  overrides = dict(kv.split('=') for kv in args.batch.split(',') if kv)
+  args.batches = {s: int(overrides.get(s, CPU_BATCH.get(s, 16)))
+                  for s in args.sizes}
+  return args
+
+
+def main(argv=None):
+  import sys
+  args = parse_args(argv)
+  args.command = 'python -m cmal_jax.benchmarks ' + ' '.join(
+      sys.argv[1:] if argv is None else argv)
+  # configs/ lives next to the package in the repository.
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  info = machine()
+  print('Machine:', json.dumps(info), flush=True)
+  results = Results()
+  peak, t = measure_peak(args.peak_n, max(args.steps, 3), 1)
+  results.add('peak_matmul', f'{args.peak_n}²', peak, 'GFLOP/s',
+              min=2 * args.peak_n ** 3 / t['max'] / 1e9,
+              max=2 * args.peak_n ** 3 / t['min'] / 1e9)
+  with tempfile.TemporaryDirectory() as tmp:
+    data_root = args.data_dir or tmp
+    for size in args.sizes:
+      bench_size(size, args.batches[size], args, results, data_root,
+                 peak * 1e9)
+    if args.paper_size:
+      paper_figures(args.paper_size, args, results, data_root)
+  write_outputs(args.out_dir, results, info, args)
+  print(f'Wrote {args.out_dir}/BENCHMARKS.md and BENCHMARKS.json.')

@@ -1,0 +1,125 @@
+"""The benchmark's PyTorch step computes what the JAX step computes (losses
+and gradients of every pre-training objective), and a one-step smoke run of
+`python -m cmal_jax.benchmarks` on tiny writes its table and JSON. No
+timing is asserted here."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import torch
+
+from flax import traverse_util
+
+from cmal_jax import objectives, train
+from cmal_jax.benchmarks import run, torch_step
+from cmal_jax.data import pipeline
+from cmal_jax.data.tokenizer import load_tokenizer
+from cmal_jax.export import export, mapping, torch_model, torch_objectives
+from cmal_jax.model.cmal import CMAL, ModelConfig
+from configs import pretrain
+
+
+def tiny_config(world_dir, **loss):
+  c = pretrain.get_config('tiny')
+  c.data.dir = world_dir
+  c.model.dropout = 0.0  # Deterministic in both frameworks.
+  c.loss.update(loss)
+  return c
+
+
+def corrupted_batch(config, world_dir):
+  """A real pipeline batch of 8, corrupted as in training (CMAP on)."""
+  ds, vocab, _ = pipeline.make_dataset(config, world_dir, 'pretrain',
+                                       batch_size=8, train=False, seed=0)
+  batch = {k: v for k, v in ds[0].items() if k != 'stats'}
+  specials = objectives.SpecialTokens.from_tokenizer(load_tokenizer())
+  inputs, targets = jax.device_get(objectives.prepare_inputs(
+      batch, jax.random.key(3), config, specials))
+  return inputs, targets, vocab.num_tags
+
+
+@pytest.mark.parametrize('loss', [dict(), dict(mrc=1.0, itc=1.0),
+                                  dict(amc_targets='pairing')])
+def test_torch_losses_and_gradients_match_jax(world_dir, loss):
+  config = tiny_config(world_dir, **loss)
+  inputs, targets, num_tags = corrupted_batch(config, world_dir)
+  assert np.sum(targets['amc_weights']) > 0  # Anchors are swapped.
+  model = CMAL(ModelConfig.from_config(config.model, num_tags))
+  params = nn.unbox(model.init(jax.random.key(0), inputs)['params'])
+
+  def jax_loss(p):
+    return objectives.compute_losses(model.apply({'params': p}, inputs),
+                                     targets, config)
+  (loss_j, metrics_j), grads_j = jax.value_and_grad(jax_loss, has_aux=True)(
+      params)
+
+  mirror = torch_model.CMAL(export.export_config(config, params))
+  mirror.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in
+                          mapping.to_torch_state(params).items()})
+  mirror.train()  # Dropout is 0, so train mode computes the same.
+  loss_t, metrics_t = torch_objectives.compute_losses(
+      mirror(torch_step.to_torch(inputs)), torch_step.to_torch(targets),
+      config.loss)
+  loss_t.backward()
+
+  assert set(metrics_t) == set(metrics_j)
+  expected = {'loss_amc_pair', 'loss_mlm', 'loss_itm'} | (
+      {'loss_mrc', 'loss_itc'} if 'itc' in loss else set()) | (
+          set() if loss.get('amc_targets') == 'pairing'
+          else {'loss_amc_label'})
+  assert {k for k in metrics_j if k.startswith('loss_')} == expected
+  for k in metrics_j:
+    np.testing.assert_allclose(metrics_t[k].item(), float(metrics_j[k]),
+                               atol=1e-5, rtol=1e-5, err_msg=k)
+  torch_grads = {n: p.grad.numpy() for n, p in mirror.named_parameters()
+                 if p.grad is not None}
+  jax_grads = mapping.to_torch_state(jax.device_get(grads_j))
+  assert set(torch_grads) <= set(jax_grads)
+  # Parameters the losses do not reach have zero gradients in JAX.
+  for name, g in jax_grads.items():
+    np.testing.assert_allclose(torch_grads.get(name, np.zeros_like(g)), g,
+                               atol=2e-5, rtol=1e-4, err_msg=name)
+  assert len(torch_grads) > 50
+
+
+def test_no_decay_matches_the_jax_decay_mask(world_dir):
+  config = tiny_config(world_dir)
+  inputs, _, num_tags = corrupted_batch(config, world_dir)
+  params = nn.unbox(CMAL(ModelConfig.from_config(config.model, num_tags)).init(
+      jax.random.key(0), inputs)['params'])
+  decays = {mapping.torch_name(k)[0]: d for k, d in traverse_util.flatten_dict(
+      train.decay_mask(params), sep='/').items()}
+  assert {n for n, d in decays.items() if not d} == {
+      n for n in decays if torch_step.no_decay(n)}
+  assert sum(not d for d in decays.values()) > 10
+
+
+def test_benchmark_smoke_run_writes_the_table(world_dir, tmp_path):
+  out = tmp_path / 'out'
+  run.main(['--sizes=tiny', '--steps=1', '--warmup=0', '--peak_n=128',
+            '--no-torch_compile', '--pipeline_sizes=tiny',
+            '--pipeline_batches=2', '--paper_size=tiny',
+            f'--records={world_dir}', f'--data_dir={tmp_path / "data"}',
+            f'--out_dir={out}'])
+  result = json.loads((out / 'BENCHMARKS.json').read_text())
+  rows = {(r['name'], r['size']): r for r in result['measurements']}
+  for name in ('jax_step_time', 'jax_examples_per_sec', 'jax_mfu',
+               'flops_per_step', 'jax_compile_time',
+               'torch_eager_examples_per_sec', 'jax_over_torch_eager',
+               'cmap_overhead', 'pipeline_examples_per_sec',
+               'pipeline_over_step_consumption', 'paper_flops_per_step',
+               'paper_H100 SXM_step_time_roofline'):
+    assert (name, 'tiny') in rows, name
+    assert isinstance(rows[name, 'tiny']['value'], float), name
+  assert rows['flops_per_step', 'tiny']['value'] > 1e6
+  assert rows['jax_examples_per_sec', 'tiny']['value'] > 0
+  # 32 examples per step at the config batch (32 for tiny).
+  assert rows['paper_flops_per_step', 'tiny']['batch'] == 32
+  assert result['machine']['cores'] == os.cpu_count()
+  table = (out / 'BENCHMARKS.md').read_text()
+  assert '| jax_over_torch_eager | tiny |' in table
+  assert '**Machine:**' in table
