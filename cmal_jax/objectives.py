@@ -10,7 +10,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from cmal_jax.model import prompt
 
@@ -152,8 +151,18 @@ def weighted_xent(logits, labels, weights):
   """
   w = weights.astype(jnp.float32)
   labels = jnp.maximum(labels, 0)  # Unweighted entries may hold -1.
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  logits = logits.astype(jnp.float32)
+  # The label's logit through a one-hot product, not a gather: its gradient
+  # is then elementwise and fuses into the softmax's, where a gather's is a
+  # scatter into a zero [..., C] buffer (C = 30522 for the vocabulary).
+  label_logit = jnp.sum(
+      logits * jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype),
+      -1)
+  ce = jax.nn.logsumexp(logits, -1) - label_logit
+  # Right when the label's logit is the top one: argmax's (value, index)
+  # reduction over the vocabulary cost more than the loss. Ties count as
+  # right (the only ties are masked -1e9 slots, never labels).
+  correct = (label_logit >= jnp.max(logits, -1)).astype(jnp.float32)
   n = jnp.sum(w)
   denom = jnp.maximum(n, 1.0)
   return jnp.sum(ce * w) / denom, jnp.sum(correct * w) / denom, n

@@ -119,12 +119,15 @@ class JaxStep:
       compiled = self.step_fn.lower(self.state, batch or self.batch).compile()
       return compiled, time.perf_counter() - t
 
-  def run(self, compiled, steps, warmup):
-    def one():
-      self.state, metrics = compiled(self.state, self.batch)
-      jax.block_until_ready(metrics['loss'])
-    with self.scope():
-      return timed(one, steps, warmup)
+  def stepper(self, compiled):
+    """-> step(): runs one train step, returns its seconds."""
+    def step():
+      with self.scope():
+        t = time.perf_counter()
+        self.state, metrics = compiled(self.state, self.batch)
+        jax.block_until_ready(metrics['loss'])
+        return time.perf_counter() - t
+    return step
 
   def corrupted_inputs(self):
     """(inputs, targets) of one step's corruption, as numpy."""
@@ -173,75 +176,139 @@ class Results:
     return None
 
 
+def interleaved(contenders, rounds, warmup, pause=0.3):
+  """Times each contender's step(), round by round in turn (the order
+  rotating each round), so a noisy machine slows them alike.
+  contenders: {name: step() -> seconds}. A pause after each step lets the
+  last one's thread pool go idle (OpenMP threads spin for a while after a
+  parallel region). -> {name: {'median', 'min', 'max'}}."""
+  names = list(contenders)
+  times = {name: [] for name in names}
+  for r in range(warmup + rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      t = contenders[name]()
+      time.sleep(pause)
+      if r >= warmup:
+        times[name].append(t)
+  return {name: dict(median=statistics.median(ts), min=min(ts), max=max(ts))
+          for name, ts in times.items()}
+
+
 def bench_size(size, batch, args, results, data_root, peak_flops):
-  """Steps 2-6 for one size."""
+  """Items 2-6 for one size: the JAX step with CMAP on and off and the
+  PyTorch steps, interleaved; then the pipeline alone."""
   print(f'{size} (batch {batch}):', flush=True)
   workdir = os.path.join(data_root, size)
   step = JaxStep(bench_config(size, batch, records=args.records), workdir)
   compiled, compile_s = step.compile()
   results.add('jax_compile_time', size, compile_s, 's')
-  flops, bytes_accessed = cost(compiled)
+  flops, _ = cost(compiled)
   results.add('flops_per_step', size, flops, 'FLOP')
-  t = step.run(compiled, args.steps, args.warmup)
-  results.add('jax_step_time', size, t['median'], 's', min=t['min'],
-              max=t['max'])
-  jax_eps = results.add('jax_examples_per_sec', size, batch / t['median'],
-                        'examples/s')
-  results.add('jax_mfu', size, flops / t['median'] / peak_flops,
-              'fraction of peak')
-
+  off = JaxStep(bench_config(size, batch, cmap=False, records=args.records),
+                workdir)
+  compiled_off, _ = off.compile()
+  contenders = {'jax': step.stepper(compiled),
+                'jax_cmap_off': off.stepper(compiled_off)}
+  workers = []
   if args.torch:
     inputs, targets = step.corrupted_inputs()
     for mode in ['eager'] + (['compile'] if args.torch_compile else []):
       try:
-        t_torch = torch_step_time(step, inputs, targets, mode, args)
+        worker = TorchWorker(step, inputs, targets, mode)
+        first = worker.step()  # torch.compile compiles here.
       except Exception as e:  # torch.compile needs a working toolchain.
         results.add(f'torch_{mode}_examples_per_sec', size, None,
                     'examples/s', error=f'{type(e).__name__}: {e}'[:300])
         continue
-      results.add(f'torch_{mode}_step_time', size, t_torch['median'], 's',
-                  min=t_torch['min'], max=t_torch['max'])
-      torch_eps = results.add(f'torch_{mode}_examples_per_sec', size,
-                              batch / t_torch['median'], 'examples/s')
-      results.add(f'jax_over_torch_{mode}', size, jax_eps / torch_eps, 'ratio')
+      if mode == 'compile':
+        results.add('torch_compile_first_step_time', size, first, 's')
+      workers.append(worker)
+      contenders[f'torch_{mode}'] = worker.step
+  try:
+    t = interleaved(contenders, args.steps, args.warmup)
+  finally:
+    for worker in workers:
+      worker.close()
 
-  off = JaxStep(bench_config(size, batch, cmap=False, records=args.records),
-                os.path.join(data_root, size))
-  compiled_off, _ = off.compile()
-  t_off = off.run(compiled_off, args.steps, args.warmup)
-  results.add('jax_step_time_cmap_off', size, t_off['median'], 's',
-              min=t_off['min'], max=t_off['max'])
-  results.add('cmap_overhead', size, t['median'] / t_off['median'] - 1,
+  def add_time(name, timing):
+    results.add(f'{name}_step_time', size, timing['median'], 's',
+                min=timing['min'], max=timing['max'])
+    return results.add(f'{name}_examples_per_sec', size,
+                       batch / timing['median'], 'examples/s')
+  jax_eps = add_time('jax', t['jax'])
+  results.add('jax_mfu', size, flops / t['jax']['median'] / peak_flops,
+              'fraction of peak')
+  for name in contenders:
+    if name.startswith('torch_'):
+      torch_eps = add_time(name, t[name])
+      results.add(f'jax_over_{name}', size, jax_eps / torch_eps, 'ratio')
+  add_time('jax_cmap_off', t['jax_cmap_off'])
+  results.add('cmap_overhead', size,
+              t['jax']['median'] / t['jax_cmap_off']['median'] - 1,
               'fraction of the step')
 
   if size in args.pipeline_sizes:
     it = step.iterator
-    def one_batch():
-      next(it)
-    t_pipe = timed(one_batch, args.pipeline_batches, 5)
-    # Per batch, then examples/s over the median batch time.
+    t_pipe = timed(lambda: next(it), args.pipeline_batches, 5)
     pipe_eps = results.add('pipeline_examples_per_sec', size,
                            batch / t_pipe['median'], 'examples/s',
                            min=batch / t_pipe['max'],
                            max=batch / t_pipe['min'])
     results.add('pipeline_over_step_consumption', size, pipe_eps / jax_eps,
                 'ratio')
-  return step
 
 
-def torch_step_time(step, inputs, targets, mode, args):
-  import torch
-  from cmal_jax.benchmarks import torch_step
-  from cmal_jax.export import export
-  model_config = export.export_config(step.config, step.params)
-  lr = float(train.make_optimizer(step.config)[1](1))
-  _, run = torch_step.make_torch_step(
-      model_config, step.params, step.config, lr,
-      compile_mode=None if mode == 'eager' else 'default')
-  ti, tt = torch_step.to_torch(inputs), torch_step.to_torch(targets)
-  # Compiling happens in the warm-up steps (at least one).
-  return timed(lambda: run(ti, tt).item(), args.steps,
-               max(args.warmup, 1 if mode == 'compile' else 0))
+class TorchWorker:
+  """The PyTorch mirror's step in its own process (spawned), so neither
+  framework's thread pool competes with the other's; step() runs one step
+  there and returns its seconds."""
+
+  def __init__(self, step, inputs, targets, mode):
+    import multiprocessing
+    from cmal_jax.export import export
+    job = dict(model_config=export.export_config(step.config, step.params),
+               params=step.params, config=step.config,
+               lr=float(train.make_optimizer(step.config)[1](1)),
+               inputs=inputs, targets=targets, mode=mode)
+    ctx = multiprocessing.get_context('spawn')
+    self.conn, child = ctx.Pipe()
+    self.process = ctx.Process(target=_torch_worker, args=(child, job),
+                               daemon=True)
+    self.process.start()
+    self._receive()  # Ready, or the error that stopped it.
+
+  def _receive(self):
+    kind, value = self.conn.recv()
+    if kind == 'error':
+      self.close()
+      raise RuntimeError(value)
+    return value
+
+  def step(self):
+    self.conn.send('step')
+    return self._receive()
+
+  def close(self):
+    if self.process.is_alive():
+      self.conn.send('stop')
+      self.process.join(30)
+
+
+def _torch_worker(conn, job):
+  try:
+    from cmal_jax.benchmarks import torch_step
+    _, run_step = torch_step.make_torch_step(
+        job['model_config'], job['params'], job['config'], job['lr'],
+        compile_mode=None if job['mode'] == 'eager' else 'default')
+    inputs = torch_step.to_torch(job['inputs'])
+    targets = torch_step.to_torch(job['targets'])
+    conn.send(('ready', None))
+    while conn.recv() == 'step':
+      t = time.perf_counter()
+      run_step(inputs, targets).item()
+      conn.send(('time', time.perf_counter() - t))
+  except Exception as e:  # Reported to the parent, which names it.
+    conn.send(('error', f'{type(e).__name__}: {e}'))
 
 
 def paper_figures(size, args, results, data_root):

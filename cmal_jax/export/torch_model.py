@@ -382,16 +382,18 @@ class CMAL(nn.Module):
     text_out, region_out = x[:, :T], x[:, T:]
     at_word = gather_slots(text_out, inputs['anchor_text_pos'])
     at_region = gather_slots(region_out, inputs['anchor_region'])
-    words = self.text_encoder.word_embeddings.weight
+    K = at_word.shape[1]
+    words = self.vocab_head(torch.cat(
+        [at_word, gather_slots(text_out, inputs['mlm_positions'])], 1),
+                            self.text_encoder.word_embeddings.weight)
     return {
         'amc_t2r_logits': self.pairing_head(
             at_word, region_out, inputs['region_mask'], 'text', 'region'),
         'amc_r2t_logits': self.pairing_head(
             at_region, text_out, inputs['text_mask'], 'region', 'text'),
-        'amc_word_logits': self.vocab_head(at_word, words),
+        'amc_word_logits': words[:, :K],
         'amc_tag_logits': self.tag_head(at_region),
-        'mlm_logits': self.vocab_head(
-            gather_slots(text_out, inputs['mlm_positions']), words),
+        'mlm_logits': words[:, K:],
         'mrc_logits': self.tag_head(region_out),
         'itm_logits': self.itm_head(x[:, 0]),
         **itc(),

@@ -21,7 +21,8 @@ def weighted_xent(logits, labels, weights):
   labels = torch.clamp(labels.long(), min=0)  # Unweighted entries may be -1.
   ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(),
                        reduction='none').view(labels.shape)
-  correct = (torch.argmax(logits, -1) == labels).float()
+  label_logit = torch.gather(logits.float(), -1, labels[..., None])[..., 0]
+  correct = (label_logit >= torch.amax(logits.float(), -1)).float()
   n = torch.sum(w)
   denom = torch.clamp(n, min=1.0)
   return torch.sum(ce * w) / denom, torch.sum(correct * w) / denom, n

@@ -158,16 +158,20 @@ class CMAL(nn.Module):
     # AMC: at each anchor the text slot p_k and the region slot o_k.
     at_word = prompt.gather_slots(text_out, inputs['anchor_text_pos'])  # [B, K, D]
     at_region = prompt.gather_slots(region_out, inputs['anchor_region'])  # [B, K, D]
-    attend = self.text_encoder.attend
+    # One vocabulary pass for the AMC words and the MLM positions: the
+    # [*, V] logits and their gradient are most of a small model's step.
+    K = at_word.shape[1]
+    words = self.vocab_head(jnp.concatenate(
+        [at_word, prompt.gather_slots(text_out, inputs['mlm_positions'])], 1),
+                            self.text_encoder.attend)
     out = {
         'amc_t2r_logits': self.pairing_head(
             at_word, region_out, inputs['region_mask'], 'text', 'region'),
         'amc_r2t_logits': self.pairing_head(
             at_region, text_out, inputs['text_mask'], 'region', 'text'),
-        'amc_word_logits': self.vocab_head(at_word, attend),
+        'amc_word_logits': words[:, :K],
         'amc_tag_logits': self.tag_head(at_region),
-        'mlm_logits': self.vocab_head(
-            prompt.gather_slots(text_out, inputs['mlm_positions']), attend),
+        'mlm_logits': words[:, K:],
         'mrc_logits': self.tag_head(region_out),
         'itm_logits': self.itm_head(x[:, 0]),
         # ITC uses UMSE outputs: text [CLS] and mean-pooled regions.
