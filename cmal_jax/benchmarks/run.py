@@ -177,15 +177,17 @@ class Results:
 
 
 def interleaved(contenders, rounds, warmup, pause=0.3):
-  """Times each contender's step(), round by round in turn (the order
-  rotating each round), so a noisy machine slows them alike.
+  """Times each contender's step(), round by round in turn (in a new
+  random order each round, so none always follows the same other), so a
+  noisy machine slows them alike.
   contenders: {name: step() -> seconds}. A pause after each step lets the
   last one's thread pool go idle (OpenMP threads spin for a while after a
   parallel region). -> {name: {'median', 'min', 'max'}}."""
   names = list(contenders)
   times = {name: [] for name in names}
+  order = np.random.default_rng(0)
   for r in range(warmup + rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:
+    for name in order.permutation(names):
       t = contenders[name]()
       time.sleep(pause)
       if r >= warmup:
@@ -295,6 +297,9 @@ class TorchWorker:
 
 
 def _torch_worker(conn, job):
+  # torch.compile's parallel compile workers would outlive the compile and
+  # share the cores with the timed steps.
+  os.environ.setdefault('TORCHINDUCTOR_COMPILE_THREADS', '1')
   try:
     from cmal_jax.benchmarks import torch_step
     _, run_step = torch_step.make_torch_step(
