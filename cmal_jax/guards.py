@@ -53,16 +53,6 @@ class Preemption:
       self._previous = None
 
 
-def keep_if_finite(finite, new_state, old_state):
-  """The new parameters and optimizer state where `finite`, else the old
-  ones (a skipped update); everything else from new_state."""
-  params, opt_state = jax.tree.map(
-      lambda new, old: jnp.where(finite, new, old),
-      (new_state.params, new_state.opt_state),
-      (old_state.params, old_state.opt_state))
-  return new_state.replace(params=params, opt_state=opt_state)
-
-
 def all_finite(tree):
   """True (a device scalar) when every float leaf of `tree` is finite."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
