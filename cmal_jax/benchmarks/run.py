@@ -159,11 +159,17 @@ def abstract_batch(batch, global_batch_size):
 class Results:
   """Measurements in order: name, size, value, unit (+ min/max)."""
 
-  def __init__(self):
-    self.rows = []
+  def __init__(self, rows=None, **defaults):
+    self.rows = [] if rows is None else rows
+    self.defaults = defaults
+
+  def for_batch(self, batch):
+    """The same results, each new row recording `batch`."""
+    return Results(self.rows, batch=batch)
 
   def add(self, name, size, value, unit, **extra):
-    row = dict(name=name, size=size, value=value, unit=unit, **extra)
+    row = dict(name=name, size=size, value=value, unit=unit,
+               **{**self.defaults, **extra})
     self.rows.append(row)
     shown = f'{value:.4g}' if isinstance(value, float) else value
     print(f'  {name} [{size}]: {shown} {unit}', flush=True)
@@ -200,6 +206,7 @@ def bench_size(size, batch, args, results, data_root, peak_flops):
   """Items 2-6 for one size: the JAX step with CMAP on and off and the
   PyTorch steps, interleaved; then the pipeline alone."""
   print(f'{size} (batch {batch}):', flush=True)
+  results = results.for_batch(batch)  # Every row of this size names it.
   workdir = os.path.join(data_root, size)
   step = JaxStep(bench_config(size, batch, records=args.records), workdir)
   compiled, compile_s = step.compile()
