@@ -213,11 +213,11 @@ def bench_size(size, batch, args, results, data_root, peak_flops):
   results.add('jax_compile_time', size, compile_s, 's')
   flops, _ = cost(compiled)
   results.add('flops_per_step', size, flops, 'FLOP')
-  off = JaxStep(bench_config(size, batch, cmap=False, records=args.records),
-                workdir)
-  compiled_off, _ = off.compile()
-  contenders = {'jax': step.stepper(compiled),
-                'jax_cmap_off': off.stepper(compiled_off)}
+  contenders = {'jax': step.stepper(compiled)}
+  if args.cmap_off:
+    off = JaxStep(bench_config(size, batch, cmap=False,
+                               records=args.records), workdir)
+    contenders['jax_cmap_off'] = off.stepper(off.compile()[0])
   workers = []
   if args.torch:
     inputs, targets = step.corrupted_inputs()
@@ -251,10 +251,11 @@ def bench_size(size, batch, args, results, data_root, peak_flops):
     if name.startswith('torch_'):
       torch_eps = add_time(name, t[name])
       results.add(f'jax_over_{name}', size, jax_eps / torch_eps, 'ratio')
-  add_time('jax_cmap_off', t['jax_cmap_off'])
-  results.add('cmap_overhead', size,
-              t['jax']['median'] / t['jax_cmap_off']['median'] - 1,
-              'fraction of the step')
+  if args.cmap_off:
+    add_time('jax_cmap_off', t['jax_cmap_off'])
+    results.add('cmap_overhead', size,
+                t['jax']['median'] / t['jax_cmap_off']['median'] - 1,
+                'fraction of the step')
 
   if size in args.pipeline_sizes:
     it = step.iterator
@@ -426,6 +427,8 @@ def parse_args(argv):
                  default=True, help='time the PyTorch mirror')
   p.add_argument('--torch_compile', action=argparse.BooleanOptionalAction,
                  default=True, help='also time torch.compile')
+  p.add_argument('--cmap_off', action=argparse.BooleanOptionalAction,
+                 default=True, help='also time the step with CMAP off')
   p.add_argument('--pipeline_sizes', default='small')
   p.add_argument('--pipeline_batches', type=int, default=50)
   p.add_argument('--paper_size', default='base',
