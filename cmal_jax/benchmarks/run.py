@@ -175,12 +175,6 @@ class Results:
     print(f'  {name} [{size}]: {shown} {unit}', flush=True)
     return value
 
-  def get(self, name, size):
-    for r in self.rows:
-      if r['name'] == name and r['size'] == size:
-        return r['value']
-    return None
-
 
 def interleaved(contenders, rounds, warmup, pause=0.3):
   """Times each contender's step(), round by round in turn (in a new
