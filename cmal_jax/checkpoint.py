@@ -2,16 +2,60 @@
 the run's signature together, so a restored run continues exactly where it
 stopped, and only if it is the same kind of run."""
 
+import dataclasses
+import json
 import os
+from typing import Any
 
 from flax import traverse_util
 import grain
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from cmal_jax import guards
 
 ITEMS = ('state', 'data', 'signature')
+
+
+class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
+  """Grain's iterator handler, plus restoring under another process count.
+
+  Grain writes one state per process (process_<i>-of-<n>.json). Our
+  pipeline's local batch k is global batch k on every process
+  (pipeline.process_rows), so all saved states agree and any process may
+  take one: a run resumed on other hardware continues at the same global
+  batch. Differing states (a pipeline without that property) are refused.
+  """
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    mine = directory / (f'process_{jax.process_index()}-of-'
+                        f'{jax.process_count()}.json')
+    if mine.exists():
+      return super().restore(directory, item=item)
+    saved = sorted(directory.glob('process_*-of-*.json'))
+    states = {path.read_text() for path in saved}
+    if len(states) != 1:
+      raise ValueError(
+          f'{directory}: the data iterator was saved by '
+          f'{len(saved)} processes in {len(states)} different states; it '
+          f'cannot be restored in a run of {jax.process_count()} processes.')
+    item.set_state(json.loads(states.pop()))
+    item.start_prefetch()
+    return item
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any
 
 
 def checkpoint_dir(workdir):
@@ -32,7 +76,7 @@ def save(manager, step, state, data_iter, config):
   leaves a checkpoint that restore would take for complete."""
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iter),
+      data=DataSave(data_iter),
       signature=ocp.args.JsonSave(guards.signature(config))), force=True)
   manager.wait_until_finished()
 
@@ -61,7 +105,7 @@ def restore(manager, abstract_state, data_iter, step=None):
     return None
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iter)))
+      data=DataRestore(data_iter)))
   return restored['state']
 
 

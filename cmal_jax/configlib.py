@@ -8,6 +8,8 @@ def _fail(field, value, why):
   raise ValueError(f'config.{field}={value!r}: {why}')
 
 
+# model.remat: 'none' or a jax.checkpoint policy (model/unified.py).
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 TASKS = ('pretrain', 'vqa', 've', 'nlvr2', 'rec', 'retrieval')
 RECALLS = tuple(f'{d}_r{k}' for d in ('t2i', 'i2t') for k in (1, 5, 10))
 # What fine-tuning's evaluation reports per task (finetune.py).
@@ -96,9 +98,20 @@ def validate(config: ml_collections.ConfigDict):
   if config.get('init', {}).get('bert'):  # Sizes checked before any work.
     from cmal_jax.export import bert
     bert.check_config(config.init.bert, config.model)
-  if len(config.mesh.shape) != 3:
+  if len(config.mesh.shape) not in (0, 3):
     _fail('mesh.shape', tuple(config.mesh.shape),
-          'needs 3 entries: (data, fsdp, tensor)')
+          "needs 3 entries, (data, fsdp, tensor), or () for the preset's")
+  if m.remat not in REMAT_POLICIES:
+    _fail('model.remat', m.remat, f'must be one of {list(REMAT_POLICIES)}')
+  if not isinstance(config.grad_accum_steps, int) or (
+      config.grad_accum_steps <= 0):
+    _fail('grad_accum_steps', config.grad_accum_steps,
+          'must be a positive integer')
+  if config.batch_size % config.grad_accum_steps:
+    _fail('grad_accum_steps', config.grad_accum_steps,
+          f'must divide config.batch_size={config.batch_size}')
+  if not isinstance(d.itm_group, int) or d.itm_group <= 0:
+    _fail('data.itm_group', d.itm_group, 'must be a positive integer')
 
 
 def _validate_pretrain(config):

@@ -89,35 +89,57 @@ def init_inputs(config):
 
 # ------------------------------------------------------------------ losses
 
-def task_loss(outputs, batch, config):
-  """The task's loss -> (loss, metrics) with loss_{task}, acc_{task}."""
+def task_denominators(batch, config):
+  """What the task's means divide by, over the whole batch (see
+  objectives.loss_denominators): its rows, and for REC's loss the rows
+  whose target overlaps a kept region."""
+  count = lambda w: jnp.maximum(jnp.sum(w.astype(jnp.float32)), 1.0)
+  d = {'rows': jnp.float32(jax.tree.leaves(batch)[0].shape[0])}
+  if config.task == 'rec':
+    d['rec_targets'] = count(jnp.max(batch['region_iou'], -1) > 0)
+  if config.task == 'retrieval':
+    d['itc'] = count(batch['itm_label'] == 1)
+  return d
+
+
+def task_loss(outputs, batch, config, denominators=None):
+  """The task's loss -> (loss, metrics) with loss_{task}, acc_{task}.
+
+  denominators: task_denominators of the whole batch when `batch` is a
+  micro-batch; None computes them from `batch`.
+  """
   task, logits = config.task, outputs['logits']
+  d = (task_denominators(batch, config) if denominators is None
+       else denominators)
+  mean = lambda x: jnp.sum(x) / d['rows']
   metrics = {}
   if task == 'vqa':
     # UNITER: BCE summed over the answers, averaged over questions.
     bce = optax.sigmoid_binary_cross_entropy(logits, batch['targets'])
-    loss = jnp.mean(jnp.sum(bce, -1))
+    loss = mean(jnp.sum(bce, -1))
     best = jnp.argmax(logits, -1)[:, None]
     # The soft score of the top answer: VQA accuracy against the vocabulary.
-    acc = jnp.mean(jnp.take_along_axis(batch['targets'], best, 1))
+    acc = mean(jnp.take_along_axis(batch['targets'], best, 1))
   elif task in ('ve', 'nlvr2'):
     loss, acc, _ = objectives.weighted_xent(
-        logits, batch['label'], jnp.ones_like(batch['label'], bool))
+        logits, batch['label'], jnp.ones_like(batch['label'], bool),
+        d['rows'])
   elif task == 'rec':
     # Examples whose target overlaps no kept region teach nothing.
     has_target = jnp.max(batch['region_iou'], -1) > 0
     loss, _, _ = objectives.weighted_xent(logits, batch['gold_region'],
-                                          has_target)
+                                          has_target, d['rec_targets'])
     chosen = jnp.take_along_axis(batch['region_iou'],
                                  jnp.argmax(logits, -1)[:, None], 1)[:, 0]
-    acc = jnp.mean(chosen >= task_pipeline.REC_IOU_THRESHOLD)
+    acc = mean(chosen >= task_pipeline.REC_IOU_THRESHOLD)
   elif task == 'retrieval':
     loss, acc, _ = objectives.weighted_xent(
-        logits, batch['itm_label'], jnp.ones_like(batch['itm_label'], bool))
+        logits, batch['itm_label'], jnp.ones_like(batch['itm_label'], bool),
+        d['rows'])
     if config.finetune.itc > 0:
       itc, itc_acc = objectives.itc_loss(
           outputs['itc_text'], outputs['itc_image'], outputs['itc_log_scale'],
-          batch['itm_label'] == 1)
+          batch['itm_label'] == 1, d['itc'])
       metrics.update(loss_itc=itc, acc_itc=itc_acc)
       metrics['loss_itm'] = loss
       loss = loss + config.finetune.itc * itc
@@ -127,14 +149,18 @@ def task_loss(outputs, batch, config):
   return loss, metrics
 
 
-def make_loss_fn(model, config):
-  """(params, batch, rng) -> (loss, metrics), for train.make_train_step."""
-  def loss_fn(params, batch, rng):
+def make_loss(model, config):
+  """The task's train.Loss; no corruption step, so prepare is the
+  identity."""
+  def loss_fn(params, batch, rng, denominators):
     outputs = model.apply({'params': params},
                           model_inputs(batch, config.task),
                           deterministic=False, rngs={'dropout': rng})
-    return task_loss(outputs, batch, config)
-  return loss_fn
+    return task_loss(outputs, batch, config, denominators)
+
+  return train.Loss(prepare=lambda batch, rng: batch, loss=loss_fn,
+                    denominators=lambda batch: task_denominators(batch,
+                                                                 config))
 
 
 # -------------------------------------------------------------- evaluation
@@ -447,5 +473,5 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
       model=model, train_ds=train_ds, epoch_size=info['num_examples'],
       stat_keys=task_pipeline.TASK_STAT_KEYS[config.task],
       init_inputs=lambda rng: init_inputs(config),
-      loss_fn=make_loss_fn(model, config), evaluate=evaluate, finish=finish,
+      loss=make_loss(model, config), evaluate=evaluate, finish=finish,
       initial_params=initial_params, directory=directory)

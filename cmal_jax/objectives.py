@@ -144,10 +144,13 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
   return inputs, targets
 
 
-def weighted_xent(logits, labels, weights):
+def weighted_xent(logits, labels, weights, denom=None):
   """Mean cross-entropy and accuracy over weighted entries.
 
   logits [..., C], labels [...] int, weights [...] -> (loss, acc, count).
+  denom: what the sums are divided by; default the entries' total weight
+  (at least 1). Gradient accumulation passes the whole batch's, so the
+  micro-batches' losses add up to the batch's.
   """
   w = weights.astype(jnp.float32)
   labels = jnp.maximum(labels, 0)  # Unweighted entries may hold -1.
@@ -164,31 +167,52 @@ def weighted_xent(logits, labels, weights):
   # right (the only ties are masked -1e9 slots, never labels).
   correct = (label_logit >= jnp.max(logits, -1)).astype(jnp.float32)
   n = jnp.sum(w)
-  denom = jnp.maximum(n, 1.0)
+  denom = jnp.maximum(n, 1.0) if denom is None else denom
   return jnp.sum(ce * w) / denom, jnp.sum(correct * w) / denom, n
 
 
-def itc_loss(text, image, log_scale, positive):
+def itc_loss(text, image, log_scale, positive, denom=None):
   """InfoNCE both ways over the matched pairs of the global batch.
 
   text, image [B, D] unit vectors; positive [B] marks pairs whose caption is
   their image's own. Under jit the batch is global, so every shard's pairs
-  are negatives for every other shard's.
+  are negatives for every other shard's (with gradient accumulation, those
+  of the same micro-batch). denom: as in weighted_xent.
   """
   logits = jnp.einsum('id,jd->ij', text, image).astype(jnp.float32)
   logits = logits * jnp.exp(jnp.minimum(log_scale, math.log(100.0)))
   pair_ok = positive[:, None] & positive[None, :]
   logits = jnp.where(pair_ok, logits, -1e9)
   labels = jnp.arange(text.shape[0])
-  t2i = weighted_xent(logits, labels, positive)
-  i2t = weighted_xent(logits.T, labels, positive)
+  t2i = weighted_xent(logits, labels, positive, denom)
+  i2t = weighted_xent(logits.T, labels, positive, denom)
   return (t2i[0] + i2t[0]) / 2, (t2i[1] + i2t[1]) / 2
 
 
-def compute_losses(outputs, targets, config):
-  """Weighted sum of the enabled objectives -> (loss, metrics dict)."""
+def loss_denominators(targets, config):
+  """What each objective's mean divides by: its number of entries in the
+  batch (at least 1). Computed once over the whole batch, so that with
+  gradient accumulation the micro-batches' losses and metrics add up to the
+  batch's exactly (ITC aside: its negatives are the micro-batch's)."""
+  count = lambda w: jnp.maximum(jnp.sum(w.astype(jnp.float32)), 1.0)
+  amc = targets['amc_weights']
+  return dict(amc=count(amc), amc_tag=count(amc & (targets['amc_tag'] >= 0)),
+              mlm=count(targets['mlm_weights']),
+              itm=count(jnp.ones_like(targets['itm_label'])),
+              mrc=count(targets['mrc_weights']),
+              itc=count(targets['positive']))
+
+
+def compute_losses(outputs, targets, config, denominators=None):
+  """Weighted sum of the enabled objectives -> (loss, metrics dict).
+
+  denominators: loss_denominators of the whole batch when `targets` are a
+  micro-batch's; None computes them from `targets`.
+  """
   lc = config.loss
   metrics, total = {}, 0.0
+  d = (loss_denominators(targets, config) if denominators is None
+       else denominators)
 
   def add(name, weight, loss):
     nonlocal total
@@ -199,41 +223,44 @@ def compute_losses(outputs, targets, config):
     w = targets['amc_weights']
     if lc.amc_targets in ('pairing', 'both'):
       t2r, t2r_acc, n = weighted_xent(outputs['amc_t2r_logits'],
-                                      targets['amc_region'], w)
+                                      targets['amc_region'], w, d['amc'])
       r2t, r2t_acc, _ = weighted_xent(outputs['amc_r2t_logits'],
-                                      targets['amc_text_pos'], w)
+                                      targets['amc_text_pos'], w, d['amc'])
       add('amc_pair', lc.amc, (t2r + r2t) / 2)
       metrics.update(acc_amc_t2r=t2r_acc, acc_amc_r2t=r2t_acc,
                      acc_amc_pair=(t2r_acc + r2t_acc) / 2, amc_anchors=n)
     if lc.amc_targets in ('label', 'both'):
       word, word_acc, _ = weighted_xent(outputs['amc_word_logits'],
-                                        targets['amc_word'], w)
+                                        targets['amc_word'], w, d['amc'])
       tag_w = w & (targets['amc_tag'] >= 0)
       tag, tag_acc, _ = weighted_xent(outputs['amc_tag_logits'],
-                                      targets['amc_tag'], tag_w)
+                                      targets['amc_tag'], tag_w,
+                                      d['amc_tag'])
       add('amc_label', lc.amc, (word + tag) / 2)
       metrics.update(acc_amc_word=word_acc, acc_amc_tag=tag_acc)
   if lc.mlm > 0:
     loss, acc, _ = weighted_xent(outputs['mlm_logits'],
                                  targets['mlm_targets'],
-                                 targets['mlm_weights'])
+                                 targets['mlm_weights'], d['mlm'])
     add('mlm', lc.mlm, loss)
     metrics['acc_mlm'] = acc
   if lc.itm > 0:
     loss, acc, _ = weighted_xent(outputs['itm_logits'], targets['itm_label'],
-                                 jnp.ones_like(targets['itm_label'], bool))
+                                 jnp.ones_like(targets['itm_label'], bool),
+                                 d['itm'])
     add('itm', lc.itm, loss)
     metrics['acc_itm'] = acc
   if lc.mrc > 0:
     logits = jnp.take_along_axis(
         outputs['mrc_logits'], targets['mrc_positions'][..., None], axis=1)
     loss, acc, _ = weighted_xent(logits, targets['mrc_targets'],
-                                 targets['mrc_weights'])
+                                 targets['mrc_weights'], d['mrc'])
     add('mrc', lc.mrc, loss)
     metrics['acc_mrc'] = acc
   if lc.itc > 0:
     loss, acc = itc_loss(outputs['itc_text'], outputs['itc_image'],
-                         outputs['itc_log_scale'], targets['positive'])
+                         outputs['itc_log_scale'], targets['positive'],
+                         d['itc'])
     add('itc', lc.itc, loss)
     metrics['acc_itc'] = acc
   metrics['loss'] = total

@@ -12,6 +12,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -139,11 +140,12 @@ def dummy_batch(config, batch_size):
 
 
 def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,
-                       axis_rules):
+                       axis_rules, abstract_only=False):
   """Initialises the state directly in its shardings (no host copy).
 
   init_inputs(rng) -> the model's inputs for init; stat_keys: the data
-  counters kept in the state. Returns (state, state_shardings).
+  counters kept in the state. Returns (state, state_shardings); with
+  abstract_only, the state as jax.ShapeDtypeStructs (compile_only).
   """
   def init(rng):
     params = model.init(rng, init_inputs(rng))['params']  # Boxed.
@@ -159,15 +161,80 @@ def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,
   with nn.logical_axis_rules(axis_rules):
     abstract = jax.eval_shape(init, rng)
     shardings = sharding.logical_shardings(abstract, mesh, axis_rules)
+    if abstract_only:  # Shapes, dtypes and shardings; nothing allocated.
+      return jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          nn.unbox(abstract), shardings), shardings
     state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
   return state, shardings
 
 
 # ----------------------------------------------------------- 4. train step
 
-def make_train_step(loss_fn, config, schedule):
-  """loss_fn(params, batch, rng) -> (loss, metrics): the job's objectives."""
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """A job's objectives, in the three parts gradient accumulation needs.
+
+  prepare(batch, rng) -> batch: the parameter-free corruption (CMAP's
+    anchor actions, MLM masking), applied to the whole batch so that
+    accumulating micro-batches sees the same corruption as one batch.
+  loss(params, batch, rng, denominators) -> (loss, metrics): the model's
+    losses on a (micro-)batch; rng is for dropout.
+  denominators(batch) -> {name: scalar}: what each mean divides by, over
+    the whole batch; losses and metrics are then sums over micro-batches.
+  """
+  prepare: Callable
+  loss: Callable
+  denominators: Callable
+
+
+def split_micro_batches(batch, num):
+  """{k: [B, ...]} -> {k: [num, B / num, ...]}; micro-batch i holds rows
+  i, i + num, ... so that each is spread over every batch shard (a shard's
+  consecutive rows go to different micro-batches) and needs no transfer."""
+  def split(x):
+    x = x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(
+        x, (None, 'batch') + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(loss, config, schedule):
+  """The train step (state, batch) -> (state, metrics) of a Loss.
+
+  config.grad_accum_steps > 1 sums the gradients of that many micro-batches
+  (lax.scan, one micro-batch's activations live at a time): the same update
+  as one batch up to float rounding, ITC's in-batch negatives aside.
+  """
   base_rng = jax.random.key(config.seed)
+  num_micro = config.grad_accum_steps
+
+  def grads_and_metrics(params, batch, rng):
+    prep_rng, dropout_rng = jax.random.split(rng)
+    batch = loss.prepare(batch, prep_rng)
+    denominators = loss.denominators(batch)
+    value_and_grad = jax.value_and_grad(loss.loss, has_aux=True)
+    if num_micro == 1:
+      (_, metrics), grads = value_and_grad(params, batch, dropout_rng,
+                                           denominators)
+      return grads, metrics
+
+    def accumulate(carry, micro):
+      i, micro_batch = micro
+      (_, metrics), grads = value_and_grad(
+          params, micro_batch, jax.random.fold_in(dropout_rng, i),
+          denominators)
+      return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+    micro_batches = split_micro_batches(batch, num_micro)
+    (_, metric_shapes), grad_shapes = jax.eval_shape(
+        value_and_grad, params, jax.tree.map(lambda x: x[0], micro_batches),
+        dropout_rng, denominators)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         (grad_shapes, metric_shapes))
+    (grads, metrics), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(num_micro), micro_batches))
+    return grads, metrics
 
   def train_step(state, batch):
     batch = dict(batch)
@@ -176,8 +243,7 @@ def make_train_step(loss_fn, config, schedule):
     del batch['stats']
     # All randomness: the config seed folded with the step.
     rng = jax.random.fold_in(base_rng, state.step)
-    (_, metrics), grads = jax.value_and_grad(
-        lambda p: loss_fn(p, batch, rng), has_aux=True)(state.params)
+    grads, metrics = grads_and_metrics(state.params, batch, rng)
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['lr'] = schedule(state.step)
     # A non-finite loss or gradient skips the update: parameters and
@@ -195,12 +261,12 @@ def make_train_step(loss_fn, config, schedule):
   return train_step
 
 
-def jit_train_step(loss_fn, config, schedule, state_shardings, mesh):
+def jit_train_step(loss, config, schedule, state_shardings, mesh):
   """The jitted train step (state, batch) -> (state, metrics) with the
   state donated (updated in place) and the batch split over data x fsdp.
   Call it under jax.set_mesh(mesh) and the config's axis rules."""
   return jax.jit(
-      make_train_step(loss_fn, config, schedule),
+      make_train_step(loss, config, schedule),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0)
@@ -212,8 +278,8 @@ def jit_train_step(loss_fn, config, schedule, state_shardings, mesh):
 class Job:
   """What differs between pre-training and fine-tuning a task.
 
-  init_inputs(rng) -> model inputs for init; loss_fn(params, batch, rng)
-  -> (loss, metrics); evaluate(params, final) -> flat results on the eval
+  init_inputs(rng) -> model inputs for init; loss: the objectives (a
+  Loss); evaluate(params, final) -> flat results on the eval
   split; finish(best_params, best_step) -> extra final results (or None);
   initial_params(params) -> params before step 0 (init_from).
   """
@@ -222,7 +288,7 @@ class Job:
   epoch_size: int  # Examples in one epoch of the train split.
   stat_keys: tuple  # batch['stats'] keys, summed into TrainState.data_stats.
   init_inputs: Callable
-  loss_fn: Callable
+  loss: Loss
   evaluate: Callable
   directory: str
   finish: Callable | None = None
@@ -230,21 +296,26 @@ class Job:
 
 
 def pretrain_objectives(model, config, specials):
-  """(init_inputs(rng), loss_fn(params, batch, rng)) of pre-training:
-  objectives.prepare_inputs' corruption, then the configured losses."""
-  def loss_fn(params, batch, rng):
-    prep_rng, dropout_rng = jax.random.split(rng)
-    inputs, targets = objectives.prepare_inputs(batch, prep_rng, config,
-                                                specials)
-    outputs = model.apply({'params': params}, inputs, deterministic=False,
-                          rngs={'dropout': dropout_rng})
-    return objectives.compute_losses(outputs, targets, config)
+  """(init_inputs(rng), Loss) of pre-training: objectives.prepare_inputs'
+  corruption, then the configured losses."""
+  def prepare(batch, rng):
+    inputs, targets = objectives.prepare_inputs(batch, rng, config, specials)
+    return dict(inputs=inputs, targets=targets)
+
+  def loss_fn(params, batch, rng, denominators):
+    outputs = model.apply({'params': params}, batch['inputs'],
+                          deterministic=False, rngs={'dropout': rng})
+    return objectives.compute_losses(outputs, batch['targets'], config,
+                                     denominators)
 
   def init_inputs(rng):
     return objectives.prepare_inputs(dummy_batch(config, 1), rng, config,
                                      specials)[0]
 
-  return init_inputs, loss_fn
+  return init_inputs, Loss(
+      prepare=prepare, loss=loss_fn,
+      denominators=lambda batch: objectives.loss_denominators(
+          batch['targets'], config))
 
 
 def pretrain_job(config, workdir, mesh, axis_rules, local_batch):
@@ -258,6 +329,15 @@ def pretrain_job(config, workdir, mesh, axis_rules, local_batch):
         f'config.model.vocab_size={config.model.vocab_size} does not match '
         f'the vocabulary {tokenizer.vocab_path} ({tokenizer.vocab_size}).')
   specials = objectives.SpecialTokens.from_tokenizer(tokenizer)
+  eval_local = sharding.per_process_batch_size(config.eval.batch_size, mesh)
+  for field, rows in (('batch_size', local_batch),
+                      ('eval.batch_size', eval_local)):
+    if rows % config.data.itm_group:
+      raise ValueError(
+          f'config.data.itm_group={config.data.itm_group} must divide the '
+          f'per-process batch of config.{field} ({rows} rows over '
+          f'{jax.process_count()} process(es)): ITM negatives are drawn '
+          'within groups of that many rows.')
   train_ds, vocab, _ = pipeline.make_dataset(
       config, directory, config.data.train_split, batch_size=local_batch,
       train=True, seed=config.seed, process_index=jax.process_index(),
@@ -271,7 +351,7 @@ def pretrain_job(config, workdir, mesh, axis_rules, local_batch):
         'eval.batch_size or add pairs.')
   model = CMAL(ModelConfig.from_config(config.model,
                                        config.model.num_tags or vocab.num_tags))
-  init_inputs, loss_fn = pretrain_objectives(model, config, specials)
+  init_inputs, loss = pretrain_objectives(model, config, specials)
 
   def evaluate_now(params, final):
     return evaluate.evaluate_pretrain(
@@ -283,7 +363,7 @@ def pretrain_job(config, workdir, mesh, axis_rules, local_batch):
              epoch_size=len(records.open_source(records.split_path(
                  directory, config.data.train_split))),
              stat_keys=pipeline.STAT_KEYS, init_inputs=init_inputs,
-             loss_fn=loss_fn, evaluate=evaluate_now, directory=directory)
+             loss=loss, evaluate=evaluate_now, directory=directory)
 
 
 # ---------------------------------------------------------------- the run
@@ -304,7 +384,7 @@ def train_and_evaluate(config, workdir):
   # 1. Setup.
   configlib.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh = sharding.mesh_from_config(config)
   axis_rules = sharding.rules(config)
   local_batch = sharding.per_process_batch_size(config.batch_size, mesh)
   if config.task == 'pretrain':
@@ -316,6 +396,10 @@ def train_and_evaluate(config, workdir):
   log(f'Mesh {dict(mesh.shape)} over {jax.device_count()} '
       f'{jax.devices()[0].platform} devices, {jax.process_count()} '
       f'process(es); task {config.task}, data {job.directory}.')
+
+  if config.compile_only:
+    return compile_report(job, config, workdir, mesh, axis_rules,
+                          next(train_iter))
 
   # 2. Checkpoints: only a checkpoint of the same kind of run resumes; the
   # check comes before the (for big models, slow) state initialisation.
@@ -356,7 +440,7 @@ def train_and_evaluate(config, workdir):
       f.write(json.dumps(dict(guards.run_info(mesh), start_step=step)) + '\n')
 
   # 4. The jitted step; the state is donated, so it is updated in place.
-  step_fn = jit_train_step(job.loss_fn, config, schedule, state_shardings,
+  step_fn = jit_train_step(job.loss, config, schedule, state_shardings,
                            mesh)
   with jax.set_mesh(mesh):
     state_is_finite = jax.jit(lambda s: guards.all_finite(s.params))
@@ -463,6 +547,66 @@ def train_and_evaluate(config, workdir):
 
 
 # ---------------------------------------------------------------- helpers
+
+def compile_report(job, config, workdir, mesh, axis_rules, local_batch):
+  """config.compile_only: compiles the train step for `mesh` from abstract
+  shapes (no parameters are allocated), prints per-device memory and FLOPs
+  per step, writes them to workdir/compile.json and returns them."""
+  tx, schedule = make_optimizer(config)
+  state, state_shardings = create_train_state(
+      job.model, job.init_inputs, job.stat_keys, tx, config, mesh, axis_rules,
+      abstract_only=True)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(
+          (x.shape[0] * jax.process_count(),) + x.shape[1:], x.dtype,
+          sharding=batch_sharding), local_batch)
+  step_fn = jit_train_step(job.loss, config, schedule, state_shardings, mesh)
+  t = time.time()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+    compiled = step_fn.lower(state, batch).compile()
+  seconds = time.time() - t
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  per_device = lambda tree: sum(
+      math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
+      for s in jax.tree.leaves(tree))
+  report = dict(
+      mesh=dict(mesh.shape), sharding=config.sharding,
+      devices=jax.device_count(), platform=jax.devices()[0].platform,
+      batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps,
+      dtype=config.model.dtype, remat=config.model.remat,
+      compile_seconds=round(seconds, 2),
+      parameters=sum(x.size for x in jax.tree.leaves(state.params)),
+      # Per device, in bytes; the state is params + optimizer state + counters.
+      params_bytes=per_device(state.params),
+      state_bytes=per_device(state),
+      argument_bytes=memory.argument_size_in_bytes,
+      output_bytes=memory.output_size_in_bytes,
+      alias_bytes=memory.alias_size_in_bytes,
+      temp_bytes=memory.temp_size_in_bytes,
+      generated_code_bytes=memory.generated_code_size_in_bytes,
+      # The state is donated, so its output aliases its input.
+      peak_bytes=(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                  - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
+      flops_per_device=float(cost.get('flops', 0.0)),
+  )
+  report['flops_per_step'] = report['flops_per_device'] * jax.device_count()
+  gib = lambda b: f'{b / 2**30:.3f} GiB'
+  log(f'compile_only: mesh {report["mesh"]}, sharding {config.sharding}, '
+      f'{report["devices"]} {report["platform"]} devices, batch '
+      f'{config.batch_size}; compiled in {seconds:.1f}s.\n'
+      f'  per device: state {gib(report["state_bytes"])} (parameters '
+      f'{gib(report["params_bytes"])}), temporaries '
+      f'{gib(report["temp_bytes"])}, peak {gib(report["peak_bytes"])}\n'
+      f'  FLOPs per step: {report["flops_per_step"]:.3e} '
+      f'({report["flops_per_device"]:.3e} per device)')
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'compile.json'), 'w') as f:
+      json.dump(report, f, indent=2)
+  return report
+
 
 def format_log_line(step, total_steps, mean):
   """One line: step, epoch, losses, accuracies, lr, grad norm, speed, ETA."""

@@ -63,7 +63,13 @@ def get_config(arg=None):
       vocab_size=30522,  # Checked against the tokenizer at start.
       max_position=512,  # BERT's table size, so BERT checkpoints map 1:1.
       num_tags=0,  # 0: read from the data's tag vocabulary (meta.json).
-      dtype='float32',  # Activations; 'bfloat16' on accelerators.
+      # Computation dtype; parameters and optimizer state stay float32, and
+      # softmaxes and losses run in float32. 'bfloat16' on accelerators.
+      dtype='float32',
+      # Rematerialise each encoder layer in the backward pass: 'none', or a
+      # policy saying what to keep: 'full' (keep nothing), 'dots' (matmul
+      # outputs), 'dots_no_batch' (matmuls without batch dims).
+      remat='none',
   ))
 
   c.init = ml_collections.ConfigDict(dict(
@@ -83,6 +89,10 @@ def get_config(arg=None):
       max_regions=regions,
       max_anchors=anchors,
       itm_neg_prob=0.5,
+      # ITM negatives pair rows within groups of this many consecutive rows
+      # of the global batch, so a batch is the same however many processes
+      # read it; it must divide every process's batch.
+      itm_group=8,
       num_threads=2,  # Grain read threads per process.
       prefetch=4,
       # A bad record: 'raise' stops naming file, record and field; 'skip'
@@ -134,20 +144,25 @@ def get_config(arg=None):
       grad_clip_norm=1.0,
   ))
 
-  # Mesh axes (data, fsdp, tensor); -1 takes the remaining devices.
-  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
-  # Logical axis -> mesh axes. The batch is split over data x fsdp.
-  c.axis_rules = (
-      ('batch', ('data', 'fsdp')),
-      ('embed', 'fsdp'),
-      ('mlp', 'tensor'),
-      ('heads', 'tensor'),
-      ('vocab', 'tensor'),
-      ('kv', None),
-      ('length', None),
-      ('tags', None),
-      ('feature', None),
-  )
+  # Sharding preset (cmal_jax/sharding.py PRESETS): 'dp' (replicated
+  # parameters), 'fsdp' (parameters and optimizer state sharded over `fsdp`),
+  # 'dp_tp' (heads, MLP and vocabulary over `tensor`), 'fsdp_tp' (both), or
+  # 'custom' (config.axis_rules as given). The batch is always split over
+  # data x fsdp.
+  c.sharding = 'dp'
+  # Mesh axes (data, fsdp, tensor); one -1 takes the remaining devices.
+  # () takes the preset's shape: dp (-1, 1, 1), fsdp (1, -1, 1), dp_tp and
+  # fsdp_tp need it given, e.g. (-1, 1, 2).
+  c.mesh = ml_collections.ConfigDict(dict(shape=()))
+  # sharding='custom': logical axis -> mesh axes, e.g.
+  # (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ...).
+  c.axis_rules = ()
+  # Micro-batches per step: the batch is split in this many parts whose
+  # gradients are summed (same update as one batch, less activation memory).
+  c.grad_accum_steps = 1
+  # Compile the train step for the configured mesh, print per-device memory
+  # and FLOPs per step (also workdir/compile.json), and exit without training.
+  c.compile_only = False
 
   c.log_every = 10 if size == 'tiny' else 50
   c.checkpoint_every = 100 if size == 'tiny' else 500

@@ -304,7 +304,7 @@ def test_image_without_regions_trains(tmp_path, compilation_cache):
   init_inputs, loss_fn = train.pretrain_objectives(model, config,
                                                         specials)
   tx, schedule = train.make_optimizer(config)
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh = sharding.mesh_from_config(config)
   rules = sharding.rules(config)
   state, _ = train.create_train_state(
       model, init_inputs, pipeline.STAT_KEYS, tx, config, mesh, rules)

@@ -256,7 +256,7 @@ def retrieval_setup(tmp_path_factory, compilation_cache):
                                 np.repeat(np.arange(NUM_IMAGES), 5))
   assert (captions['input_ids'][:, 0] == CLS_ID).all()
   assert len(image_ids) == NUM_IMAGES
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh = sharding.mesh_from_config(config)
   axis_rules = sharding.rules(config)
 
   def scores(**finetune_fields):
@@ -597,7 +597,7 @@ def vqa_job(data, workdir, init_from):
   config = tiny_config('vqa')
   config.data.dir = data
   config.init_from = init_from
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh = sharding.mesh_from_config(config)
   job = finetune.make_job(config, str(workdir), mesh, sharding.rules(config),
                           config.batch_size)
   return job, random_params(job.model, finetune.init_inputs(config), seed=2)
@@ -704,7 +704,7 @@ def test_a_restored_state_has_the_types_of_a_fresh_one(runs, tmp_path):
   whole = runs('ve')
   config = tiny_config('ve')
   config.data.dir = whole['data']
-  mesh, rules = sharding.make_mesh(config.mesh.shape), sharding.rules(config)
+  mesh, rules = sharding.mesh_from_config(config), sharding.rules(config)
   job = finetune.make_job(config, str(tmp_path), mesh, rules,
                           config.batch_size)
   tx, _ = train.make_optimizer(config)

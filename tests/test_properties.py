@@ -256,6 +256,7 @@ def test_batch_encoder_properties(data, size, neg_prob, seed):
   tok = load_tokenizer(None)
   config = pretrain.get_config('tiny')
   config.data.itm_neg_prob = neg_prob
+  config.data.itm_group = size  # One group: pick_itm_captions' own draw.
   examples = []
   for _ in range(size):
     caption = data.draw(CAPTIONS)
@@ -286,9 +287,10 @@ def test_batch_encoder_properties(data, size, neg_prob, seed):
 
   # Each row is encode_pair of the caption it was fed; negatives pair a
   # caption with another image, never with its own.
+  group_rng = np.random.default_rng(
+      (int(np.random.default_rng(seed).integers(2**62)), 0))
   caption_index, label = pipeline.pick_itm_captions(
-      [e['image_id'] for e in examples], np.random.default_rng(seed),
-      neg_prob)
+      [e['image_id'] for e in examples], group_rng, neg_prob)
   np.testing.assert_array_equal(batch['itm_label'], label)
   for i, (image, c) in enumerate(zip(examples, caption_index)):
     assert (examples[c]['image_id'] != image['image_id']) == (label[i] == 0)

@@ -1,4 +1,6 @@
-"""One train step on 1 device and on 8 fake CPU devices (DESIGN.md §5).
+"""Two train steps on 1 device and on 8 fake CPU devices under each
+sharding preset (DESIGN.md §5), and the per-device memory the compiled step
+reports for each.
 
 Runs in one subprocess (XLA_FLAGS must be set before JAX starts, and the
 parent pytest process has usually started JAX already): the 1-device reference
@@ -14,7 +16,9 @@ import pytest
 from cmal_testutil import random_batch, run_with_8_devices
 
 B = 16
-MESHES = ((2, 4, 1), (4, 1, 2))
+# (preset, mesh shape) on 8 devices; fsdp_tp on all three axes at once.
+MESHES = (('dp', (8, 1, 1)), ('fsdp', (1, 8, 1)), ('dp_tp', (4, 1, 2)),
+          ('fsdp_tp', (2, 2, 2)))
 
 _SCRIPT = textwrap.dedent('''
     import json, os, sys
@@ -41,11 +45,12 @@ _SCRIPT = textwrap.dedent('''
             tree = tree[k]
         return tree
 
-    def run(shape, devices):
+    def run(preset, shape, devices):
         config = get_config('tiny')
         config.batch_size = len(host_batch['input_ids'])
+        config.sharding = preset
         config.mesh.shape = tuple(shape)
-        mesh = sharding.make_mesh(config.mesh.shape, devices=devices)
+        mesh = sharding.mesh_from_config(config, devices=devices)
         rules = sharding.rules(config)
         model = CMAL(ModelConfig.from_config(config.model, num_tags=10))
         init_inputs, loss_fn = train.pretrain_objectives(model, config,
@@ -70,11 +75,14 @@ _SCRIPT = textwrap.dedent('''
         info['batch_shard'] = list(
             batch['region_feats'].addressable_shards[0].data.shape)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            step_fn = jax.jit(
-                train.make_train_step(loss_fn, config, schedule),
-                in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                out_shardings=(state_shardings, sharding.replicated(mesh)),
-                donate_argnums=0)
+            step_fn = train.jit_train_step(loss_fn, config, schedule,
+                                           state_shardings, mesh).lower(
+                                               state, batch).compile()
+        memory = step_fn.memory_analysis()
+        info['argument_bytes'] = memory.argument_size_in_bytes
+        info['state_bytes'] = sum(
+            x.addressable_shards[0].data.nbytes
+            for x in jax.tree.leaves(state))
         metrics = []
         for _ in range(2):
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -86,10 +94,10 @@ _SCRIPT = textwrap.dedent('''
         return info, params0, params1
 
     results = {}
-    ref_info, ref_p0, ref_p1 = run((1, 1, 1), jax.devices()[:1])
+    ref_info, ref_p0, ref_p1 = run('dp', (1, 1, 1), jax.devices()[:1])
     results['ref'] = ref_info
-    for shape in meshes:
-        info, p0, p1 = run(shape, jax.devices())
+    for preset, shape in meshes:
+        info, p0, p1 = run(preset, shape, jax.devices())
         # Initial parameters: bit for bit (threefry is partitionable).
         info['init_max_diff'] = max(
             float(np.max(np.abs(a - b))) for a, b in zip(
@@ -97,7 +105,7 @@ _SCRIPT = textwrap.dedent('''
         info['step_max_diff'] = max(
             float(np.max(np.abs(a - b))) for a, b in zip(
                 jax.tree.leaves(ref_p1), jax.tree.leaves(p1)))
-        results[str(tuple(shape))] = info
+        results[preset] = info
     with open(os.path.join(d, 'results.json'), 'w') as f:
         json.dump(results, f)
 ''')
@@ -113,8 +121,7 @@ def results(tmp_path_factory):
     stats = batch.pop('stats')
     np.savez(d / 'batch.npz', **batch,
              **{f'stats/{k}': v for k, v in stats.items()})
-    run_with_8_devices(_SCRIPT, d, json.dumps([list(m) for m in MESHES]),
-                       fast_compile=True)
+    run_with_8_devices(_SCRIPT, d, json.dumps(MESHES), fast_compile=True)
     with open(d / 'results.json') as f:
         return json.load(f)
 
@@ -133,9 +140,9 @@ def test_reference_runs_on_one_device(results):
         + m['loss_itm'], rtol=1e-6)
 
 
-@pytest.mark.parametrize('shape', MESHES)
-def test_same_loss_and_metrics_on_8_devices(results, shape):
-    ref, got = results['ref'], results[str(shape)]
+@pytest.mark.parametrize('preset', [p for p, _ in MESHES])
+def test_same_loss_and_metrics_on_8_devices(results, preset):
+    ref, got = results['ref'], results[preset]
     assert got['devices'] == 8 and got['step'] == 2
     assert got['init_max_diff'] == 0.0  # Same initial parameters.
     for step in range(2):
@@ -149,17 +156,40 @@ def test_same_loss_and_metrics_on_8_devices(results, shape):
     assert got['step_max_diff'] < 1e-5
 
 
-def test_parameters_sharded_as_the_rules_say(results):
+def test_parameters_sharded_as_the_presets_say(results):
     D, H = 64, 2
-    t = results[str((4, 1, 2))]
-    assert t['query_shape'] == [D, H, D // H]
-    assert t['query_spec'][:2] == ['fsdp', 'tensor']  # embed, heads.
-    assert t['query_shard'] == [D, H // 2, D // H]  # Heads split in two.
+    dp = results['dp']  # Replicated: every device holds everything.
+    assert dp['query_shard'] == dp['query_shape'] == [D, H, D // H]
+    assert dp['mlp_shard'] == dp['mlp_shape'] == [D, 4 * D]
+    assert dp['batch_shard'][0] == B // 8
+    f = results['fsdp']  # The model width split over fsdp=8.
+    assert f['query_spec'][0] == 'fsdp' and f['mlp_spec'][0] == 'fsdp'
+    assert f['query_shard'] == [D // 8, H, D // H]
+    assert f['mlp_shard'] == [D // 8, 4 * D]
+    assert f['batch_shard'][0] == B // 8  # The batch over data x fsdp.
+    t = results['dp_tp']  # Heads and MLP width split over tensor=2.
+    assert t['query_spec'][:2] == [None, 'tensor']
+    assert t['query_shard'] == [D, H // 2, D // H]
+    assert t['mlp_shard'] == [D, 4 * D // 2]
     assert t['batch_shard'][0] == B // 4
-    f = results[str((2, 4, 1))]
-    assert f['mlp_shape'] == [D, 4 * D]
-    assert f['mlp_spec'][0] == 'fsdp' and f['mlp_spec'][1] == 'tensor'
-    assert f['mlp_shard'] == [D // 4, 4 * D]  # embed split over fsdp=4.
-    assert f['batch_shard'][0] == B // 8
+    ft = results['fsdp_tp']  # Both: width over fsdp=2, heads over tensor=2.
+    assert ft['query_spec'][:2] == ['fsdp', 'tensor']
+    assert ft['query_shard'] == [D // 2, H // 2, D // H]
+    assert ft['mlp_shard'] == [D // 2, 4 * D // 2]
+    assert ft['batch_shard'][0] == B // 4
     ref = results['ref']
     assert ref['query_shard'] == ref['query_shape']
+
+
+def test_fsdp_lowers_the_per_device_state_memory(results):
+    """Parameters + optimizer state per device, from the arrays and from
+    the compiled step's memory analysis (its arguments: state + batch)."""
+    dp, fsdp = results['dp'], results['fsdp']
+    # Nearly all of the state is sharded along the width: under 1/4 of dp's
+    # (not 1/8: biases of width != D, scalars and the step stay whole).
+    assert fsdp['state_bytes'] < dp['state_bytes'] / 4
+    assert fsdp['argument_bytes'] < dp['argument_bytes'] / 4
+    assert dp['state_bytes'] == results['ref']['state_bytes']
+    print(f"per-device state: dp {dp['state_bytes']} B, fsdp "
+          f"{fsdp['state_bytes']} B; compiled arguments: dp "
+          f"{dp['argument_bytes']} B, fsdp {fsdp['argument_bytes']} B")

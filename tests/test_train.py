@@ -283,7 +283,7 @@ def test_itc_embeddings_match_the_full_pass(world_dir):
   config = tiny_config(world_dir, 'tiny,cmcl')
   specials = objectives.SpecialTokens.from_tokenizer(load_tokenizer(None))
   model = CMAL(ModelConfig.from_config(config.model, 10))
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh = sharding.mesh_from_config(config)
   init_inputs, loss_fn = train.pretrain_objectives(model, config,
                                                         specials)
   rules = sharding.rules(config)

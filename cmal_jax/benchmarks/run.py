@@ -86,7 +86,7 @@ class JaxStep:
 
   def __init__(self, config, workdir):
     self.config = config
-    self.mesh = sharding.make_mesh(config.mesh.shape)
+    self.mesh = sharding.mesh_from_config(config)
     self.axis_rules = sharding.rules(config)
     local = sharding.per_process_batch_size(config.batch_size, self.mesh)
     self.job = train.pretrain_job(config, workdir, self.mesh, self.axis_rules,
@@ -96,7 +96,7 @@ class JaxStep:
       self.state, shardings = train.create_train_state(
           self.job.model, self.job.init_inputs, self.job.stat_keys, tx,
           config, self.mesh, self.axis_rules)
-      self.step_fn = train.jit_train_step(self.job.loss_fn, config, schedule,
+      self.step_fn = train.jit_train_step(self.job.loss, config, schedule,
                                           shardings, self.mesh)
     self.iterator = pipeline.to_iterator(self.job.train_ds, config)
     self.local_batch = next(self.iterator)

@@ -2,13 +2,16 @@
 
   ArrayRecord source -> decode + validate (knows file and record index;
      data.on_error='skip' replaces a bad record by the next good one)
-  -> seeded shuffle, reshuffled every epoch -> this process's slice
-  -> batch of raw examples -> random_map: ITM negatives within the batch,
-     tokenise, detect anchors for the pair actually fed, pad, stack
+  -> seeded shuffle, reshuffled every epoch -> this process's block of
+     each global batch (process_rows)
+  -> batch of raw examples -> random_map: ITM negatives within groups of
+     data.itm_group rows, tokenise, detect anchors for the pair actually
+     fed, pad, stack
   -> IterDataset with prefetch threads (its state is checkpointed).
 
 Every random choice is a function of (seed, element index), so the stream
-is identical on every run and after a restore.
+is identical on every run, after a restore, and for any number of
+processes.
 """
 
 import dataclasses
@@ -180,6 +183,31 @@ def encode_pair(caption, image, tokenizer, vocab, shapes):
   return arrays, stats
 
 
+def pick_itm_captions_in_groups(image_ids, rng, neg_prob, group,
+                                first_group=0):
+  """pick_itm_captions within consecutive groups of `group` rows.
+
+  Group g of the global batch (this process's rows start at group
+  `first_group`) draws from its own generator, seeded by `rng` (the same
+  on every process) and g: a global batch is then the same however many
+  processes build it. Returns (caption_index [B], itm_label [B]).
+  """
+  n = len(image_ids)
+  if n % group:
+    raise ValueError(
+        f'config.data.itm_group={group} must divide the per-process batch '
+        f'{n} (ITM negatives are drawn within groups of that many rows).')
+  base = int(rng.integers(2**62))
+  caption_index, itm_label = np.arange(n), np.ones(n, np.int32)
+  for start in range(0, n, group):
+    g_rng = np.random.default_rng((base, first_group + start // group))
+    index, label = pick_itm_captions(image_ids[start:start + group], g_rng,
+                                     neg_prob)
+    caption_index[start:start + group] = index + start
+    itm_label[start:start + group] = label
+  return caption_index, itm_label
+
+
 def pick_itm_captions(image_ids, rng, neg_prob):
   """For each example, the index of the caption it is fed with.
 
@@ -199,16 +227,19 @@ def pick_itm_captions(image_ids, rng, neg_prob):
 class BatchEncoder:
   """random_map step: a list of decoded examples -> one padded batch."""
 
-  def __init__(self, config, vocab):
+  def __init__(self, config, vocab, process_index=0):
     self.shapes = Shapes.from_config(config)
     self.vocab_path = config.data.vocab_path or None
     self.neg_prob = config.data.itm_neg_prob
+    self.group = config.data.itm_group
+    self.process_index = process_index
     self.vocab = vocab
 
   def __call__(self, examples, rng):
     tokenizer = load_tokenizer(self.vocab_path)  # Cached per process.
-    caption_index, itm_label = pick_itm_captions(
-        [e['image_id'] for e in examples], rng, self.neg_prob)
+    caption_index, itm_label = pick_itm_captions_in_groups(
+        [e['image_id'] for e in examples], rng, self.neg_prob, self.group,
+        first_group=self.process_index * len(examples) // self.group)
     rows, counts = [], []
     for image, c in zip(examples, caption_index):
       arrays, stats = encode_pair(examples[c]['caption'], image, tokenizer,
@@ -258,15 +289,32 @@ def make_dataset(config, directory, split, *, batch_size, train, seed,
   ds = grain.MapDataset.range(len(source)).map(RecordDecoder(
       source, path=path, shapes=shapes, vocab=vocab,
       on_error=config.data.on_error))
-  num_dropped = 0
   if train:
     ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds[process_index::process_count]
-  if not train:
-    num_dropped = len(ds) % batch_size
+  num_dropped = 0 if train else len(ds) % (batch_size * process_count)
+  ds = process_rows(ds, batch_size, process_index, process_count)
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=list)
-  ds = ds.random_map(BatchEncoder(config, vocab), seed=seed)
+  ds = ds.random_map(BatchEncoder(config, vocab, process_index), seed=seed)
   return ds, vocab, num_dropped
+
+
+def process_rows(ds, batch_size, process_index, process_count):
+  """The rows of `ds` this process feeds, batch_size per global batch.
+
+  Global batch k is rows [k * G, (k + 1) * G) of `ds` (G = batch_size *
+  process_count, whole global batches only); process p takes its block
+  [p * batch_size, (p + 1) * batch_size), which lands on p's devices. The
+  global batches, and with them the losses, are the same for any number of
+  processes, and local batch k is global batch k on every process, so an
+  iterator position restores under another process count.
+  """
+  if process_count == 1:
+    return ds
+  total = batch_size * process_count
+  def row(q):
+    return ds[(q // batch_size) * total + process_index * batch_size
+              + q % batch_size]
+  return grain.MapDataset.range(len(ds) // total * batch_size).map(row)
 
 
 def _skip_counts(stats):

@@ -24,7 +24,13 @@ class ModelConfig:
   vocab_size: int
   num_tags: int
   max_position: int
+  # Compute dtype: 'float32', 'bfloat16' or 'float16'. Parameters stay
+  # float32; softmaxes, LayerNorm statistics, the unit-sphere features and
+  # every logit stay float32 (see model/unified.py).
   dtype: str = 'float32'
+  # Rematerialise encoder layers: 'none', 'full', 'dots', 'dots_no_batch'
+  # (unified.REMAT_POLICIES).
+  remat: str = 'none'
 
   @classmethod
   def from_config(cls, model_config, num_tags):
@@ -34,7 +40,8 @@ class ModelConfig:
 
   def encoder(self, num_layers):
     return EncoderConfig(self.hidden_dim, self.num_heads, self.mlp_dim,
-                         num_layers, self.dropout, jnp.dtype(self.dtype))
+                         num_layers, self.dropout, jnp.dtype(self.dtype),
+                         remat=self.remat)
 
 
 # Downstream tasks and what their head outputs (DESIGN §2, "Downstream
@@ -120,7 +127,10 @@ class CMAL(nn.Module):
     over UMSE unit features: [B, T, D], [B, R, D] -> [B, T + R, D]. Split
     from encode() so retrieval can embed each caption and image once and
     fuse only the pairs it scores."""
-    text, regions = text_unit * self.text_scale, region_unit * self.vision_scale
+    # Float32 unit features, scaled, then CMAP and on in the compute dtype.
+    dt = jnp.dtype(self.config.dtype)
+    text = (text_unit * self.text_scale).astype(dt)
+    regions = (region_unit * self.vision_scale).astype(dt)
     if 'anchor_action' in inputs:
       text, regions = prompt.swap_anchor_features(
           text, regions, inputs['anchor_text_pos'], inputs['anchor_text_end'],

@@ -1,23 +1,27 @@
 """Uni-modal semantic encoding (UMSE): one Transformer per modality, each
-ending on the unit hypersphere of its own space."""
+ending on the unit hypersphere of its own space.
+
+The encoders compute in cfg.dtype; the sphere projection returns float32 and
+the unit features are float32 (they feed ITC's similarity logits directly).
+"""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from cmal_jax.model import axes
-from cmal_jax.model.unified import BertEncoder, layer_norm, location_features
+from cmal_jax.model.unified import (BertEncoder, dense, embed, layer_norm,
+                                    location_features)
 
 
 def sphere_projection(cfg, name='sphere'):
-  """The Dense projection that precedes L2 normalisation."""
-  return nn.Dense(cfg.hidden_dim, dtype=cfg.dtype, name=name,
-                  kernel_init=axes.init(axes.bert_init, ('embed', 'mlp')),
-                  bias_init=axes.init(nn.initializers.zeros, ('mlp',)))
+  """The Dense projection that precedes L2 normalisation: operands in the
+  compute dtype, accumulated into and returned as float32."""
+  return dense(cfg.hidden_dim, cfg, name, ('embed', 'mlp'), float32_out=True)
 
 
 def l2_normalize(x):
-  """[..., D] -> unit vectors (float32)."""
+  """[..., D] -> unit vectors, computed in and returned as float32."""
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
 
@@ -31,12 +35,9 @@ class TextEncoder(nn.Module):
   def setup(self):
     cfg = self.cfg
     # Tied with the MLM / AMC-label vocabulary softmax (see `attend`).
-    self.word_embeddings = nn.Embed(
-        self.vocab_size, cfg.hidden_dim, name='word_embeddings',
-        embedding_init=axes.init(axes.bert_init, ('vocab', 'embed')))
-    self.position_embeddings = nn.Embed(
-        self.max_position, cfg.hidden_dim, name='position_embeddings',
-        embedding_init=axes.init(axes.bert_init, ('vocab', 'embed')))
+    self.word_embeddings = embed(self.vocab_size, cfg, 'word_embeddings')
+    self.position_embeddings = embed(self.max_position, cfg,
+                                     'position_embeddings')
     self.norm = layer_norm(cfg, 'LayerNorm')
     self.dropout = nn.Dropout(cfg.dropout)
     self.encoder = BertEncoder(cfg, name='encoder')
@@ -54,8 +55,20 @@ class TextEncoder(nn.Module):
     return l2_normalize(self.sphere(x))
 
   def attend(self, x):
-    """Tied vocabulary logits: [..., D] -> [..., V]."""
-    return self.word_embeddings.attend(x)
+    """Tied vocabulary logits: [..., D] -> [..., V], float32.
+
+    Not nn.Embed.attend, whose output is in the compute dtype: bfloat16
+    logits keep 8 bits, so a logit of 10 is off by up to 0.03 and the MLM /
+    AMC-word softmax over 30522 words reads rounded values that no later
+    cast recovers. The operands are cast to the compute dtype (the matmul
+    runs at bfloat16 speed) and the product accumulates into float32 and
+    stays float32; the [..., V] output is float32 anyway once the loss
+    reads it.
+    """
+    dt = self.cfg.dtype
+    table = self.word_embeddings.embedding
+    return jnp.dot(x.astype(dt), table.astype(dt).T,
+                   preferred_element_type=jnp.float32)
 
 
 class VisionEncoder(nn.Module):
@@ -67,11 +80,9 @@ class VisionEncoder(nn.Module):
   def __call__(self, region_feats, region_boxes, region_mask, deterministic):
     """feats [B, R, F], boxes [B, R, 4], mask [B, R] -> unit [B, R, D]."""
     cfg = self.cfg
-    dense = lambda name: nn.Dense(
-        cfg.hidden_dim, dtype=cfg.dtype, name=name,
-        kernel_init=axes.init(axes.bert_init, ('feature', 'embed')),
-        bias_init=axes.init(nn.initializers.zeros, ('embed',)))
-    x = dense('feature')(region_feats) + dense('location')(
+    linear = lambda name: dense(cfg.hidden_dim, cfg, name,
+                                ('feature', 'embed'))
+    x = linear('feature')(region_feats) + linear('location')(
         location_features(region_boxes))
     x = nn.Dropout(cfg.dropout)(layer_norm(cfg, 'LayerNorm')(x),
                                 deterministic=deterministic)

@@ -1,17 +1,22 @@
-"""Output heads on the unified encoder."""
+"""Output heads on the unified encoder.
+
+The heads compute in the compute dtype (cfg.dtype); the layer that makes
+logits takes its operands in it but accumulates into and returns float32
+(`logits=True`), so no logit a loss reads was rounded to bfloat16.
+"""
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cmal_jax.model import axes
+from cmal_jax.model import axes, unified
 from cmal_jax.model.unified import layer_norm
 
 
-def dense(features, cfg, name, in_axis='embed', out_axis='mlp', bias=0.0):
-  return nn.Dense(features, dtype=cfg.dtype, name=name,
-                  kernel_init=axes.init(axes.bert_init, (in_axis, out_axis)),
-                  bias_init=axes.init(nn.initializers.constant(bias),
-                                      (out_axis,)))
+def dense(features, cfg, name, in_axis='embed', out_axis='mlp', bias=0.0,
+          logits=False):
+  return unified.dense(features, cfg, name, (in_axis, out_axis),
+                       bias_init=nn.initializers.constant(bias),
+                       float32_out=logits)
 
 
 class Transform(nn.Module):
@@ -32,9 +37,10 @@ class VocabHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, attend):
-    """x [..., D], attend: embedding.attend -> logits [..., V] (float32)."""
+    """x [..., D], attend: TextEncoder.attend (float32 logits, see there)
+    -> logits [..., V] (float32)."""
     bias = self.param('bias', axes.init(nn.initializers.zeros, ('vocab',)),
-                      (self.vocab_size,))
+                      (self.vocab_size,), unified.PARAM_DTYPE)
     return attend(Transform(self.cfg, name='transform')(x)).astype(
         jnp.float32) + bias
 
@@ -47,8 +53,8 @@ class TagHead(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = Transform(self.cfg, name='transform')(x)
-    return dense(self.num_tags, self.cfg, 'classifier',
-                 out_axis='tags')(x).astype(jnp.float32)
+    return dense(self.num_tags, self.cfg, 'classifier', out_axis='tags',
+                 logits=True)(x).astype(jnp.float32)
 
 
 class PairingHead(nn.Module):
@@ -61,7 +67,8 @@ class PairingHead(nn.Module):
     proj = {side: dense(self.cfg.hidden_dim, self.cfg, f'{side}_proj')
             for side in ('text', 'region')}
     q, k = proj[query_side](queries), proj[key_side](keys)
-    logits = jnp.einsum('bkd,bld->bkl', q, k).astype(jnp.float32)
+    logits = jnp.einsum('bkd,bld->bkl', q, k,
+                        preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
     return jnp.where(key_mask[:, None, :] > 0, logits, -1e9)
 
@@ -73,8 +80,8 @@ class ITMHead(nn.Module):
   @nn.compact
   def __call__(self, cls):
     pooled = jnp.tanh(dense(self.cfg.hidden_dim, self.cfg, 'pooler')(cls))
-    return dense(2, self.cfg, 'classifier', out_axis=None)(pooled).astype(
-        jnp.float32)
+    return dense(2, self.cfg, 'classifier', out_axis=None,
+                 logits=True)(pooled).astype(jnp.float32)
 
 
 # ---------------------------------------------------------- downstream heads
@@ -103,11 +110,11 @@ class ClsClassifier(nn.Module):
     h = nn.gelu(dense(2 * self.cfg.hidden_dim, self.cfg, 'dense')(cls),
                 approximate=False)
     h = nn.LayerNorm(epsilon=self.cfg.layer_norm_eps, dtype=self.cfg.dtype,
-                     name='LayerNorm',
+                     param_dtype=unified.PARAM_DTYPE, name='LayerNorm',
                      scale_init=axes.init(nn.initializers.ones, ('mlp',)),
                      bias_init=axes.init(nn.initializers.zeros, ('mlp',)))(h)
     return dense(self.num_classes, self.cfg, 'classifier', in_axis='mlp',
-                 out_axis=None, bias=self.initial_logit)(h).astype(
+                 out_axis=None, bias=self.initial_logit, logits=True)(h).astype(
                      jnp.float32)
 
 
@@ -120,6 +127,6 @@ class RegionScorer(nn.Module):
     """x [B, T + R, D] -> logits [B, R] (float32; -1e9 on padded slots)."""
     regions = x[:, inputs['input_ids'].shape[1]:]
     h = Transform(self.cfg, name='transform')(regions)
-    logits = dense(1, self.cfg, 'score', out_axis=None)(h)[..., 0]
+    logits = dense(1, self.cfg, 'score', out_axis=None, logits=True)(h)[..., 0]
     return jnp.where(inputs['region_mask'] > 0, logits.astype(jnp.float32),
                      -1e9)

@@ -10,6 +10,13 @@ Each `BertLayer` maps one-to-one onto Hugging Face `BertLayer`:
   output_norm                  <-> output.LayerNorm
 Attention kernels are stored per head, [D, heads, head_dim], so heads can be
 sharded on the `tensor` mesh axis; export reshapes them to [D, D].
+
+Mixed precision (EncoderConfig.dtype = the compute dtype): parameters are
+always float32 (PARAM_DTYPE) and cast to the compute dtype where they are
+used, so matmuls and activations run in it; attention logits and softmax,
+LayerNorm statistics (Flax promotes them to at least float32), the
+hypersphere L2 normalisation and every logit a loss reads are float32.
+With dtype float32 every cast is a no-op.
 """
 
 import dataclasses
@@ -28,13 +35,62 @@ class EncoderConfig:
   mlp_dim: int
   num_layers: int
   dropout: float = 0.1
-  dtype: jnp.dtype = jnp.float32
+  dtype: jnp.dtype = jnp.float32  # Compute dtype; parameters stay float32.
   layer_norm_eps: float = 1e-12  # BERT's value.
+  # Rematerialise each BertLayer in the backward pass: 'none' or a key of
+  # REMAT_POLICIES.
+  remat: str = 'none'
+
+
+# Parameters are float32 whatever the compute dtype (optimizer state too).
+PARAM_DTYPE = jnp.float32
+
+
+def _f32_dot_general(*args, **kwargs):
+  """lax.dot_general accumulating into and returning float32, whatever the
+  operand dtype (with float32 operands it is plain lax.dot_general)."""
+  return jax.lax.dot_general(*args, preferred_element_type=jnp.float32,
+                             **kwargs)
+
+
+def _cast_operands(inputs, kernel, bias, dtype=None):
+  """Dense's promote_dtype for float32 outputs: input and kernel in the
+  compute dtype, the bias left float32 (it is added to a float32 result)."""
+  return (jnp.asarray(inputs, dtype), jnp.asarray(kernel, dtype),
+          None if bias is None else jnp.asarray(bias, jnp.float32))
+
+
+def dense(features, cfg, name, kernel_axes, bias_init=nn.initializers.zeros,
+          float32_out=False):
+  """nn.Dense in the compute dtype with float32 parameters.
+
+  float32_out: operands in the compute dtype but accumulated into and
+  returned as float32 (for logits and the hypersphere projection; the
+  accumulator is float32 anyway, so this costs only the wider output).
+  """
+  extra = dict(dot_general=_f32_dot_general,
+               promote_dtype=_cast_operands) if float32_out else {}
+  return nn.Dense(features, dtype=cfg.dtype, param_dtype=PARAM_DTYPE,
+                  name=name,
+                  kernel_init=axes.init(axes.bert_init, kernel_axes),
+                  bias_init=axes.init(bias_init, kernel_axes[-1:]), **extra)
+
+
+def embed(num_embeddings, cfg, name):
+  """nn.Embed with a float32 table whose lookups are in the compute dtype."""
+  return nn.Embed(num_embeddings, cfg.hidden_dim, dtype=cfg.dtype,
+                  param_dtype=PARAM_DTYPE, name=name,
+                  embedding_init=axes.init(axes.bert_init, ('vocab', 'embed')))
 
 
 def layer_norm(cfg, name):
+  """LayerNorm returning the compute dtype; its mean and variance, the
+  normalisation, scale and bias are float32 (flax.linen.normalization
+  _compute_stats promotes its input to at least float32, and _normalize
+  works on those float32 statistics before casting the result)."""
   return nn.LayerNorm(
-      epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, name=name,
+      epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=PARAM_DTYPE,
+      name=name,
       scale_init=axes.init(nn.initializers.ones, ('embed',)),
       bias_init=axes.init(nn.initializers.zeros, ('embed',)))
 
@@ -46,10 +102,11 @@ class SelfAttention(nn.Module):
   def projection(self, name, x, kernel_shape, kernel_axes, bias_axes,
                  equation):
     kernel = self.param(f'{name}_kernel', axes.init(axes.bert_init,
-                                                    kernel_axes), kernel_shape)
+                                                    kernel_axes), kernel_shape,
+                        PARAM_DTYPE)
     bias = self.param(f'{name}_bias', axes.init(nn.initializers.zeros,
                                                 bias_axes),
-                      kernel_shape[-len(bias_axes):])
+                      kernel_shape[-len(bias_axes):], PARAM_DTYPE)
     dt = self.cfg.dtype
     return jnp.einsum(equation, x.astype(dt), kernel.astype(dt)) + bias.astype(
         dt)
@@ -65,14 +122,16 @@ class SelfAttention(nn.Module):
         'bld,dhk->blhk')
     q, k, v = qkv('query'), qkv('key'), qkv('value')
     q = axes.constrain(q, ('batch', 'length', 'heads', 'kv'))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(
-        jnp.float32(head_dim)).astype(cfg.dtype)
+    # Logits and softmax in float32: q . k accumulates into float32 (free on
+    # a matrix unit), so logits of tens are not rounded to bfloat16's 8 bits.
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(
+                            jnp.float32(head_dim))
     # Finite fill: a row with no real key (an image with zero regions) gives a
     # uniform average instead of NaN; padding outputs are never read.
     big_neg = jnp.finfo(logits.dtype).min
     logits = jnp.where(mask[:, None, None, :] > 0, logits, big_neg)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(
-        cfg.dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
     probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     return self.projection('out', out, (H, head_dim, D),
@@ -90,27 +149,47 @@ class BertLayer(nn.Module):
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     attn = SelfAttention(cfg, name='attention')(x, mask, deterministic)
     x = layer_norm(cfg, 'attention_norm')(x + drop(attn))
-    h = nn.Dense(cfg.mlp_dim, dtype=cfg.dtype, name='intermediate',
-                 kernel_init=axes.init(axes.bert_init, ('embed', 'mlp')),
-                 bias_init=axes.init(nn.initializers.zeros, ('mlp',)))(x)
+    h = dense(cfg.mlp_dim, cfg, 'intermediate', ('embed', 'mlp'))(x)
     h = nn.gelu(h, approximate=False)  # BERT's exact erf GELU.
     h = axes.constrain(h, ('batch', 'length', 'mlp'))
-    h = nn.Dense(cfg.hidden_dim, dtype=cfg.dtype, name='output',
-                 kernel_init=axes.init(axes.bert_init, ('mlp', 'embed')),
-                 bias_init=axes.init(nn.initializers.zeros, ('embed',)))(h)
+    h = dense(cfg.hidden_dim, cfg, 'output', ('mlp', 'embed'))(h)
     x = layer_norm(cfg, 'output_norm')(x + drop(h))
     return axes.constrain(x, ('batch', 'length', 'embed'))
 
 
+# EncoderConfig.remat -> what a rematerialised layer keeps for the backward
+# pass (jax.checkpoint policy): 'full' nothing but its input, 'dots' every
+# matmul output, 'dots_no_batch' the matmuls without batch dimensions (the
+# weight matmuls, not attention's q.k and probs.v).
+REMAT_POLICIES = {
+    'full': None,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+# nn.remat counts the module as argument 0: BertLayer.__call__(self, x, mask,
+# deterministic) has `deterministic` at 3, static so Dropout sees a bool.
+_REMAT_LAYERS = {
+    name: nn.remat(BertLayer, policy=policy, static_argnums=(3,))
+    for name, policy in REMAT_POLICIES.items()}
+
+
 class BertEncoder(nn.Module):
-  """A stack of `BertLayer`s named layer_0 ... layer_{L-1}."""
+  """A stack of `BertLayer`s named layer_0 ... layer_{L-1}, each
+  rematerialised in the backward pass unless cfg.remat is 'none' (the
+  parameters are the same either way)."""
   cfg: EncoderConfig
 
   @nn.compact
   def __call__(self, x, mask, deterministic):
     """x [B, L, D], mask [B, L] -> [B, L, D]."""
+    remat = self.cfg.remat
+    if remat != 'none' and remat not in _REMAT_LAYERS:
+      raise ValueError(f'remat={remat!r}: expected one of '
+                       f"{['none'] + list(_REMAT_LAYERS)}")
+    layer = BertLayer if remat == 'none' else _REMAT_LAYERS[remat]
     for i in range(self.cfg.num_layers):
-      x = BertLayer(self.cfg, name=f'layer_{i}')(x, mask, deterministic)
+      # `deterministic` positional: nn.remat's static_argnums are positions.
+      x = layer(self.cfg, name=f'layer_{i}')(x, mask, deterministic)
     return x
 
 
@@ -137,13 +216,9 @@ class SlotEmbeddings(nn.Module):
     """text [B, T, D], regions [B, R, D], boxes [B, R, 4] -> [B, T+R, D]."""
     cfg = self.cfg
     T = text.shape[1]
-    pos = nn.Embed(self.max_position, cfg.hidden_dim, name='position_embeddings',
-                   embedding_init=axes.init(axes.bert_init, ('vocab', 'embed')))
-    typ = nn.Embed(2, cfg.hidden_dim, name='token_type_embeddings',
-                   embedding_init=axes.init(axes.bert_init, ('vocab', 'embed')))
-    loc = nn.Dense(cfg.hidden_dim, dtype=cfg.dtype, name='location',
-                   kernel_init=axes.init(axes.bert_init, ('feature', 'embed')),
-                   bias_init=axes.init(nn.initializers.zeros, ('embed',)))
+    pos = embed(self.max_position, cfg, 'position_embeddings')
+    typ = embed(2, cfg, 'token_type_embeddings')
+    loc = dense(cfg.hidden_dim, cfg, 'location', ('feature', 'embed'))
     text = text + pos(jnp.arange(T))[None] + typ(jnp.zeros((), jnp.int32))
     regions = (regions + loc(location_features(region_boxes))
                + typ(jnp.ones((), jnp.int32)))
