@@ -6,7 +6,9 @@ downstream task (configs/finetune.py:TASK).
 """
 
 import os
+import socket
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -19,23 +21,72 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics '
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, for a multi-process '
+    'job started by hand (default: $JAX_COORDINATOR_ADDRESS). TPU pods and '
+    'SLURM are detected without it.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'With --coordinator_address: the number of '
+    'processes (default: $JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'With --coordinator_address: this process\'s index '
+    '(default: $JAX_PROCESS_ID).')
+_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout', 300, 'Seconds to wait for the coordinator and the '
+    'other processes at start-up.')
+
+
+def wait_for_coordinator(address, timeout):
+  """Returns once a TCP connection to host:port succeeds; exits with a
+  message naming the address after `timeout` seconds. (JAX's own timeout
+  aborts the process from C++ with a bare DEADLINE_EXCEEDED.)"""
+  host, _, port = address.rpartition(':')
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host.strip('[]'), int(port)), timeout=2):
+        return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        sys.exit(f'FATAL: could not reach the coordinator {address} within '
+                 f'{timeout}s (--coordinator_address / '
+                 f'JAX_COORDINATOR_ADDRESS): {e}. Is process 0 running, and '
+                 'is the port open from this host?')
+      time.sleep(0.5)
+
+
 def maybe_initialize_distributed():
-  """jax.distributed for TPU pods, SLURM or explicit coordinator variables
-  (JAX_COORDINATOR_ADDRESS=host:port with JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID, which JAX does not read itself)."""
+  """jax.distributed for TPU pods, SLURM or an explicit coordinator (flags or
+  JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID, which
+  JAX does not read itself); nothing for a single process."""
   import jax
   env = os.environ
-  if env.get('JAX_COORDINATOR_ADDRESS'):
-    missing = [k for k in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
-               if k not in env]
+  address = _COORDINATOR.value or env.get('JAX_COORDINATOR_ADDRESS')
+  timeout = _TIMEOUT.value
+  if address:
+    given = dict(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    for name, var in (('num_processes', 'JAX_NUM_PROCESSES'),
+                      ('process_id', 'JAX_PROCESS_ID')):
+      if given[name] is None and var in env:
+        given[name] = int(env[var])
+    missing = [f'--{k} ({v})' for k, v in (
+        ('num_processes', 'JAX_NUM_PROCESSES'),
+        ('process_id', 'JAX_PROCESS_ID')) if given[k] is None]
     if missing:
-      sys.exit(f'JAX_COORDINATOR_ADDRESS is set but {" and ".join(missing)} '
-               'not: set both (the number of processes, this one\'s index).')
-    jax.distributed.initialize(num_processes=int(env['JAX_NUM_PROCESSES']),
-                               process_id=int(env['JAX_PROCESS_ID']))
+      sys.exit(f'FATAL: a coordinator ({address}) is given but not '
+               f'{" and ".join(missing)}: set the number of processes and '
+               'this one\'s index.')
+    if not 0 <= given['process_id'] < given['num_processes']:
+      sys.exit(f'FATAL: process_id={given["process_id"]} is not in '
+               f'[0, num_processes={given["num_processes"]}).')
+    if given['process_id'] > 0:
+      wait_for_coordinator(address, timeout)
+    jax.distributed.initialize(address, initialization_timeout=timeout,
+                               **given)
   elif (int(env.get('SLURM_NTASKS', '1')) > 1
         or env.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0):
-    jax.distributed.initialize()  # JAX detects the cluster.
+    # JAX detects the cluster.
+    jax.distributed.initialize(initialization_timeout=timeout)
 
 
 def parse_flags(argv):
