@@ -199,42 +199,45 @@ def split_micro_batches(batch, num):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(loss, config, schedule):
-  """The train step (state, batch) -> (state, metrics) of a Loss.
+def loss_and_grads(loss, params, batch, rng, num_micro=1):
+  """Gradients and metrics of a Loss on `batch` -> (grads, metrics).
 
-  config.grad_accum_steps > 1 sums the gradients of that many micro-batches
-  (lax.scan, one micro-batch's activations live at a time): the same update
-  as one batch up to float rounding, ITC's in-batch negatives aside.
+  num_micro > 1 sums the gradients of that many micro-batches (lax.scan,
+  one micro-batch's activations live at a time): the same as one batch up
+  to float rounding (the corruption is drawn once for the whole batch and
+  the means divide by whole-batch counts), ITC's in-batch negatives and
+  dropout's draws aside.
   """
-  base_rng = jax.random.key(config.seed)
-  num_micro = config.grad_accum_steps
-
-  def grads_and_metrics(params, batch, rng):
-    prep_rng, dropout_rng = jax.random.split(rng)
-    batch = loss.prepare(batch, prep_rng)
-    denominators = loss.denominators(batch)
-    value_and_grad = jax.value_and_grad(loss.loss, has_aux=True)
-    if num_micro == 1:
-      (_, metrics), grads = value_and_grad(params, batch, dropout_rng,
-                                           denominators)
-      return grads, metrics
-
-    def accumulate(carry, micro):
-      i, micro_batch = micro
-      (_, metrics), grads = value_and_grad(
-          params, micro_batch, jax.random.fold_in(dropout_rng, i),
-          denominators)
-      return jax.tree.map(jnp.add, carry, (grads, metrics)), None
-
-    micro_batches = split_micro_batches(batch, num_micro)
-    (_, metric_shapes), grad_shapes = jax.eval_shape(
-        value_and_grad, params, jax.tree.map(lambda x: x[0], micro_batches),
-        dropout_rng, denominators)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         (grad_shapes, metric_shapes))
-    (grads, metrics), _ = jax.lax.scan(
-        accumulate, zeros, (jnp.arange(num_micro), micro_batches))
+  prep_rng, dropout_rng = jax.random.split(rng)
+  batch = loss.prepare(batch, prep_rng)
+  denominators = loss.denominators(batch)
+  value_and_grad = jax.value_and_grad(loss.loss, has_aux=True)
+  if num_micro == 1:
+    (_, metrics), grads = value_and_grad(params, batch, dropout_rng,
+                                         denominators)
     return grads, metrics
+
+  def accumulate(carry, micro):
+    i, micro_batch = micro
+    (_, metrics), grads = value_and_grad(
+        params, micro_batch, jax.random.fold_in(dropout_rng, i), denominators)
+    return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+  micro_batches = split_micro_batches(batch, num_micro)
+  (_, metric_shapes), grad_shapes = jax.eval_shape(
+      value_and_grad, params, jax.tree.map(lambda x: x[0], micro_batches),
+      dropout_rng, denominators)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       (grad_shapes, metric_shapes))
+  (grads, metrics), _ = jax.lax.scan(
+      accumulate, zeros, (jnp.arange(num_micro), micro_batches))
+  return grads, metrics
+
+
+def make_train_step(loss, config, schedule):
+  """The train step (state, batch) -> (state, metrics) of a Loss, with
+  config.grad_accum_steps micro-batches (loss_and_grads)."""
+  base_rng = jax.random.key(config.seed)
 
   def train_step(state, batch):
     batch = dict(batch)
@@ -243,7 +246,8 @@ def make_train_step(loss, config, schedule):
     del batch['stats']
     # All randomness: the config seed folded with the step.
     rng = jax.random.fold_in(base_rng, state.step)
-    grads, metrics = grads_and_metrics(state.params, batch, rng)
+    grads, metrics = loss_and_grads(loss, state.params, batch, rng,
+                                    config.grad_accum_steps)
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['lr'] = schedule(state.step)
     # A non-finite loss or gradient skips the update: parameters and
