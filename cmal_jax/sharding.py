@@ -125,7 +125,10 @@ def rules(config):
   if config.sharding == 'custom':
     pairs = config.axis_rules
   else:
-    pairs = PRESETS[config.sharding][0] + _COMMON_RULES
+    # The batch rule first: Flax gives a mesh axis to the first logical axis
+    # that asks for it, so activations [batch, length, embed] split their
+    # batch over (data, fsdp) rather than their width over fsdp.
+    pairs = _COMMON_RULES + PRESETS[config.sharding][0]
   return tuple((name, tuple(m) if isinstance(m, (list, tuple)) else m)
                for name, m in pairs)
 
