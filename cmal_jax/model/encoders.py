@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from cmal_jax.model import axes
-from cmal_jax.model.unified import (BertEncoder, dense, embed, layer_norm,
-                                    location_features)
+from cmal_jax.model.unified import (BertEncoder, dense, dot_general_f32,
+                                    embed, layer_norm, location_features)
 
 
 def sphere_projection(cfg, name='sphere'):
@@ -60,15 +60,21 @@ class TextEncoder(nn.Module):
     Not nn.Embed.attend, whose output is in the compute dtype: bfloat16
     logits keep 8 bits, so a logit of 10 is off by up to 0.03 and the MLM /
     AMC-word softmax over 30522 words reads rounded values that no later
-    cast recovers. The operands are cast to the compute dtype (the matmul
-    runs at bfloat16 speed) and the product accumulates into float32 and
-    stays float32; the [..., V] output is float32 anyway once the loss
-    reads it.
+    cast recovers. So the operands are cast to the compute dtype (the
+    matmul and its backward run at bfloat16 speed) and the product
+    accumulates into float32 and stays float32 (dot_general_f32): the cost
+    is a float32 [..., V] buffer where a bfloat16 one would do.
     """
     dt = self.cfg.dtype
-    table = self.word_embeddings.embedding
-    return jnp.dot(x.astype(dt), table.astype(dt).T,
-                   preferred_element_type=jnp.float32)
+    # Batch-sharded, width whole, and so is x's cotangent. Left free, XLA
+    # gives the backward product d_logits @ table (table [V, D] over
+    # (tensor, fsdp), batch over (data, fsdp)) a layout its SPMD partitioner
+    # gets wrong when data, fsdp and tensor are all > 1: the batch shards
+    # come back permuted (fsdp_tp's gradients 1.6 % off; XLA bug, JAX 0.10.2).
+    x = axes.constrain(x, ('batch',) + (None,) * (x.ndim - 1))
+    table = self.word_embeddings.embedding.astype(dt).T  # [D, V]
+    return dot_general_f32(x.astype(dt), table,
+                           (((x.ndim - 1,), (0,)), ((), ())))
 
 
 class VisionEncoder(nn.Module):

@@ -67,8 +67,7 @@ class PairingHead(nn.Module):
     proj = {side: dense(self.cfg.hidden_dim, self.cfg, f'{side}_proj')
             for side in ('text', 'region')}
     q, k = proj[query_side](queries), proj[key_side](keys)
-    logits = jnp.einsum('bkd,bld->bkl', q, k,
-                        preferred_element_type=jnp.float32)
+    logits = unified.dot_general_f32(q, k, (((2,), (2,)), ((0,), (0,))))
     logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
     return jnp.where(key_mask[:, None, :] > 0, logits, -1e9)
 

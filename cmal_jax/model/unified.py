@@ -20,6 +20,7 @@ With dtype float32 every cast is a no-op.
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -46,11 +47,43 @@ class EncoderConfig:
 PARAM_DTYPE = jnp.float32
 
 
-def _f32_dot_general(*args, **kwargs):
-  """lax.dot_general accumulating into and returning float32, whatever the
-  operand dtype (with float32 operands it is plain lax.dot_general)."""
-  return jax.lax.dot_general(*args, preferred_element_type=jnp.float32,
-                             **kwargs)
+def dot_general_f32(lhs, rhs, dimension_numbers, precision=None,
+                    preferred_element_type=None):
+  """lax.dot_general with float32 output from float32 accumulation, for
+  operands in the compute dtype (for logits; a drop-in Dense.dot_general).
+
+  With float32 operands it is plain lax.dot_general. Otherwise the backward
+  pass casts the float32 cotangent to the operands' dtype, so its two
+  matmuls run in the compute dtype too (as after a bfloat16 matmul and a
+  cast), not as mixed bfloat16 x float32 products.
+  """
+  del preferred_element_type  # Always float32.
+  if lhs.dtype == rhs.dtype == jnp.float32:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision)
+  return _low_precision_dot_f32(lhs, rhs, dimension_numbers, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _low_precision_dot_f32(lhs, rhs, dimension_numbers, precision):
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                             preferred_element_type=jnp.float32)
+
+
+def _low_precision_dot_f32_fwd(lhs, rhs, dimension_numbers, precision):
+  return (_low_precision_dot_f32(lhs, rhs, dimension_numbers, precision),
+          (lhs, rhs))
+
+
+def _low_precision_dot_f32_bwd(dimension_numbers, precision, operands, g):
+  lhs, rhs = operands
+  _, vjp = jax.vjp(
+      lambda a, b: jax.lax.dot_general(a, b, dimension_numbers, precision),
+      lhs, rhs)  # The recomputed product is unused (XLA drops it).
+  return vjp(g.astype(jnp.result_type(lhs, rhs)))
+
+
+_low_precision_dot_f32.defvjp(_low_precision_dot_f32_fwd,
+                              _low_precision_dot_f32_bwd)
 
 
 def _cast_operands(inputs, kernel, bias, dtype=None):
@@ -68,7 +101,7 @@ def dense(features, cfg, name, kernel_axes, bias_init=nn.initializers.zeros,
   returned as float32 (for logits and the hypersphere projection; the
   accumulator is float32 anyway, so this costs only the wider output).
   """
-  extra = dict(dot_general=_f32_dot_general,
+  extra = dict(dot_general=dot_general_f32,
                promote_dtype=_cast_operands) if float32_out else {}
   return nn.Dense(features, dtype=cfg.dtype, param_dtype=PARAM_DTYPE,
                   name=name,
@@ -124,6 +157,8 @@ class SelfAttention(nn.Module):
     q = axes.constrain(q, ('batch', 'length', 'heads', 'kv'))
     # Logits and softmax in float32: q . k accumulates into float32 (free on
     # a matrix unit), so logits of tens are not rounded to bfloat16's 8 bits.
+    # A plain dot (not dot_general_f32), so that remat policies see it; its
+    # backward multiplies the float32 cotangent with bfloat16 q and k.
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k,
                         preferred_element_type=jnp.float32) / jnp.sqrt(
                             jnp.float32(head_dim))
