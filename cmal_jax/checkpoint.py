@@ -4,7 +4,6 @@ stopped, and only if it is the same kind of run."""
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 from flax import traverse_util
@@ -59,7 +58,8 @@ class DataRestore(ocp.args.CheckpointArgs):
 
 
 def checkpoint_dir(workdir):
-  return os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  """workdir/checkpoints: absolute when local, as given when gs://."""
+  return str(guards.workdir_path(workdir, 'checkpoints'))
 
 
 def make_manager(workdir, config):
@@ -119,14 +119,15 @@ def load_pretrained_params(path, step=None, what='init_from'):
   folder, or one step's folder (.../checkpoints/N). `what` starts the error
   messages (the flag that named the path).
   """
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = guards.workdir_path(path)  # May be a pod's gs:// workdir.
+  if not path.is_dir():
     raise FileNotFoundError(f'{what}: {path} is not a directory (a '
                             'training workdir or checkpoints/N).')
-  if os.path.isdir(os.path.join(path, 'checkpoints')):  # A workdir.
-    path = os.path.join(path, 'checkpoints')
-  elif os.path.basename(path).isdigit() and step is None:  # checkpoints/N.
-    path, step = os.path.dirname(path), int(os.path.basename(path))
+  if (path / 'checkpoints').is_dir():  # A workdir.
+    path = path / 'checkpoints'
+  elif path.name.isdigit() and step is None:  # checkpoints/N.
+    path, step = path.parent, int(path.name)
+  path = str(path)
   manager = ocp.CheckpointManager(path, item_names=ITEMS)
   try:
     step = manager.latest_step() if step is None else step

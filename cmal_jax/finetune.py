@@ -21,13 +21,15 @@ import json
 import os
 import time
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cmal_jax import checkpoint, objectives, sharding, task_metrics, train
+from cmal_jax import (checkpoint, guards, objectives, sharding, task_metrics,
+                      train)
 from cmal_jax.data import region_store, task_pipeline, tasks
 from cmal_jax.data import world, world_tasks
 from cmal_jax.model.cmal import (CMAL, ModelConfig, pool_regions,
@@ -46,22 +48,32 @@ def splits_of(config):
 
 # ------------------------------------------------------------------- data
 
-def ensure_task_data(config, directory):
-  """Generates the synthetic world's splits of config.task where missing."""
-  train, val, tests = splits_of(config)
-  sizes = {train: config.world.num_train, val: config.world.num_eval}
-  sizes.update({s: config.world.num_test for s in tests})
+def ensure_task_data(config, directory, every_process=False):
+  """Generates the synthetic world's splits of config.task where missing.
+
+  By default process 0 writes them and the others wait (a shared workdir);
+  every_process: each process makes them all in `directory` on its own
+  disk (a remote workdir's train.local_world_dir), see train.generate_once.
+  """
+  sizes = train.synthetic_splits(config)
+
+  def generate(out_dir, splits):
+    t = time.time()
+    params = world.WorldParams.from_config(config)
+    world_tasks.generate(out_dir, [config.task], splits, params,
+                         seed=config.seed)
+    log(f'Generated synthetic {config.task} splits {splits} in {directory} '
+        f'({time.time() - t:.0f}s)')
+
+  if every_process:
+    train.generate_once(directory, lambda tmp: generate(tmp, sizes))
+    return
   missing = {s: n for s, n in sizes.items()
              if not os.path.exists(tasks.task_path(directory, config.task, s))}
   if not missing:
     return
   if jax.process_index() == 0:
-    t = time.time()
-    params = world.WorldParams.from_config(config)
-    world_tasks.generate(directory, [config.task], missing, params,
-                         seed=config.seed)
-    log(f'Generated synthetic {config.task} splits {missing} in {directory} '
-        f'({time.time() - t:.0f}s)')
+    generate(directory, missing)
   if jax.process_count() > 1:  # Others wait until process 0 has written.
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('task_data')
@@ -233,10 +245,11 @@ def classification_results(config, directory, split, pred, info, out_dir):
       for field in ('question_type', 'answer_type'):
         results[f'vqa_accuracy_by_{field}'] = task_metrics.accuracy_by_type(
             acc, [examples[i][field] for i in labelled])
-    if out_dir:
-      task_metrics.write_vqa_results(
-          os.path.join(out_dir, f'vqa_{split}_results.json'),
-          [ex['question_id'] for ex in examples], answers)
+    if out_dir:  # task_metrics.write_vqa_results' JSON, local or gs://.
+      guards.write_text_atomic(
+          epath.Path(out_dir) / f'vqa_{split}_results.json',
+          json.dumps(task_metrics.vqa_results_json(
+              [ex['question_id'] for ex in examples], answers)))
     return results
   if task in ('ve', 'nlvr2'):
     names = tasks.VE_LABELS if task == 've' else (False, True)
@@ -254,16 +267,13 @@ def classification_results(config, directory, split, pred, info, out_dir):
                                        correct)]
   results['accuracy'] = float(np.mean(correct))
   if out_dir:
-    write_jsonl(os.path.join(out_dir, f'{task}_{split}.jsonl'), rows)
+    write_jsonl(epath.Path(out_dir) / f'{task}_{split}.jsonl', rows)
   return results
 
 
 def write_jsonl(path, rows):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    for row in rows:
-      f.write(json.dumps(row) + '\n')
-  os.replace(tmp, path)
+  guards.write_text_atomic(path, ''.join(json.dumps(row) + '\n'
+                                         for row in rows))
 
 
 # -------------------------------------------------------------- retrieval
@@ -379,13 +389,13 @@ def retrieval_results(model, params, config, directory, split, mesh,
                  pairs_scored=num_pairs, seconds=time.time() - t0)
   if out_dir:
     top = lambda s: np.argsort(-s, axis=1, kind='stable')[:, :10]
-    with open(os.path.join(out_dir, f'retrieval_{split}.json'), 'w') as f:
-      json.dump({
-          'images': image_ids,
-          'caption_image': caption_image.tolist(),
-          't2i_top10': top(t2i).tolist(),  # Image indices per caption.
-          'i2t_top10': top(i2t).tolist(),  # Caption indices per image.
-      }, f)
+    guards.write_text_atomic(
+        epath.Path(out_dir) / f'retrieval_{split}.json', json.dumps({
+            'images': image_ids,
+            'caption_image': caption_image.tolist(),
+            't2i_top10': top(t2i).tolist(),  # Image indices per caption.
+            'i2t_top10': top(i2t).tolist(),  # Caption indices per image.
+        }))
   return results
 
 
@@ -415,7 +425,8 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
   """The train.Job of a fine-tuning config."""
   directory = train.data_dir(config, workdir)
   if not config.data.dir:
-    ensure_task_data(config, directory)
+    ensure_task_data(config, directory,
+                     every_process=guards.is_remote(workdir))
   train_ds, info = task_pipeline.make_task_dataset(
       config, directory, config.task, config.data.train_split,
       batch_size=local_batch, train=True, seed=config.seed,
@@ -441,9 +452,9 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
   def finish(best_params, best_step):
     """The best checkpoint on the eval split and every test split, with
     predictions files."""
-    out_dir = os.path.join(workdir, PREDICTIONS_DIR)
+    out_dir = epath.Path(workdir) / PREDICTIONS_DIR  # Local or gs://.
     if jax.process_index() == 0:
-      os.makedirs(out_dir, exist_ok=True)
+      out_dir.mkdir(parents=True, exist_ok=True)
     results = dict(task=config.task, best_metric=config.eval.best_metric,
                    best_step=best_step)
     for split in (val_split,) + test_splits:

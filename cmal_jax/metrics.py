@@ -1,10 +1,13 @@
 """Metrics to workdir/metrics.jsonl (machine-readable) and TensorBoard event
-files (workdir/tensorboard); only process 0 writes."""
+files (workdir/tensorboard); only process 0 writes. The workdir may be
+local or gs://."""
 
 import json
-import os
 
+from etils import epath
 import jax
+
+from cmal_jax import guards
 
 
 class MetricWriter:
@@ -17,41 +20,64 @@ class MetricWriter:
     if not self.active:
       return
     from tensorboardX import SummaryWriter  # Imported lazily: heavy.
-    path = os.path.join(workdir, 'metrics.jsonl')
-    if os.path.exists(path):
-      drop_lines_after(path, resume_step)
-    self.jsonl = open(path, 'a')
-    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    path = epath.Path(workdir) / 'metrics.jsonl'
+    # A GCS object cannot be appended to: for a remote workdir keep every
+    # line in memory and rewrite the whole object on each write (the file
+    # is small). Simpler than a local copy to upload, and each rewrite is
+    # a whole object, never a torn line.
+    self.remote_lines = None
+    if guards.is_remote(workdir):
+      self.remote_lines = (kept_lines(path.read_text(), resume_step)
+                           if path.exists() else [])
+      self.path = path
+    else:
+      if path.exists():
+        drop_lines_after(path, resume_step)
+      self.jsonl = open(path, 'a')
+    # tensorboardX 2.6.5 writes gs:// itself (record_writer.GCSRecordWriter)
+    # but only with google-cloud-storage installed (gcsfs, which epath needs
+    # for gs://, pulls it in); each flush uploads the whole event file.
+    self.tb = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
 
   def write(self, step, scalars):
     if not self.active:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self.jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
-    self.jsonl.flush()
+    line = json.dumps({'step': int(step), **scalars}) + '\n'
+    if self.remote_lines is not None:
+      self.remote_lines.append(line)
+      guards.write_text_atomic(self.path, ''.join(self.remote_lines))
+    else:
+      self.jsonl.write(line)
+      self.jsonl.flush()
     for k, v in scalars.items():
       self.tb.add_scalar(k, v, int(step))
     self.tb.flush()
 
   def close(self):
     if self.active:
-      self.jsonl.close()
+      if self.remote_lines is None:
+        self.jsonl.close()
       self.tb.close()
+
+
+def kept_lines(text, step):
+  """The lines of a metrics.jsonl text of steps <= `step` (an incomplete
+  line, from a killed writer, goes too)."""
+  kept = []
+  for line in text.splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if record.get('step', 0) <= step:
+      kept.append(json.dumps(record) + '\n')
+  return kept
 
 
 def drop_lines_after(path, step):
   """Rewrites a metrics.jsonl keeping the lines of steps <= `step` (an
   incomplete last line, from a killed writer, goes too); atomic."""
-  kept = []
   with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if record.get('step', 0) <= step:
-        kept.append(json.dumps(record) + '\n')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+    text = f.read()
+  guards.write_text_atomic(path, ''.join(kept_lines(text, step)))

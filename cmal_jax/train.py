@@ -11,10 +11,13 @@
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
@@ -43,22 +47,92 @@ def log(*args):
 # ----------------------------------------------------------------- 1. setup
 
 def data_dir(config, workdir):
-  return config.data.dir or os.path.join(workdir, 'data')
+  """config.data.dir, else where the synthetic data goes: workdir/data, or
+  for a remote workdir (gs://...) local_world_dir (ArrayRecord reads local
+  files only)."""
+  if config.data.dir:
+    return config.data.dir
+  if guards.is_remote(workdir):
+    return local_world_dir(config)
+  return os.path.join(workdir, 'data')
 
 
-def ensure_world_data(config, directory):
-  """Generates the synthetic world's splits where they are missing."""
+def synthetic_splits(config):
+  """{split: examples} of the synthetic data config.task reads."""
+  sizes = {config.data.train_split: config.world.num_train,
+           config.data.eval_split: config.world.num_eval}
+  if config.task != 'pretrain':
+    sizes.update({s: config.world.num_test
+                  for s in config.finetune.test_splits})
+  return sizes
+
+
+def local_world_dir(config):
+  """A folder on this host's disk named by everything the synthetic data
+  depends on (task, world, seed, splits), so runs that need the same data
+  share it and any other change gets a folder of its own."""
+  what = dict(task=config.task, seed=config.seed,
+              world=dataclasses.asdict(world.WorldParams.from_config(config)),
+              splits=synthetic_splits(config))
+  digest = hashlib.sha256(
+      json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+  return os.path.join(tempfile.gettempdir(), 'cmal_world',
+                      f'{config.task}-{digest}')
+
+
+def generate_once(directory, generate):
+  """Runs generate(folder) into a private folder and renames it to
+  `directory` unless that exists. Several processes of one host may do this
+  at once: the first rename wins, the others drop their copy; `directory`
+  only ever appears complete. Returns True if this call made it."""
+  if os.path.isdir(directory):
+    return False
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + '.tmp-',
+                         dir=parent)
+  try:
+    generate(tmp)
+    try:
+      os.rename(tmp, directory)  # Atomic; fails if another made it first.
+      return True
+    except OSError:
+      if not os.path.isdir(directory):
+        raise
+      return False
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_world_data(config, directory, every_process=False):
+  """Generates the synthetic world's splits where they are missing.
+
+  By default process 0 writes them and the others wait (a shared workdir);
+  every_process: each process makes the whole world in `directory` on its
+  own disk (a remote workdir's local_world_dir), see generate_once.
+  """
   params = world.WorldParams.from_config(config)
-  for split, num in ((config.data.train_split, config.world.num_train),
-                     (config.data.eval_split, config.world.num_eval)):
+  splits = ((config.data.train_split, config.world.num_train),
+            (config.data.eval_split, config.world.num_eval))
+
+  def generate(out_dir, split, num):
+    t = time.time()
+    world.generate_split(out_dir, split, num, params, seed=config.seed,
+                         workers=min(4, os.cpu_count() or 1))
+    log(f'Generated {num} synthetic {split} pairs in {directory} '
+        f'({time.time() - t:.0f}s)')
+
+  if every_process:
+    def generate_all(out_dir):
+      for split, num in splits:
+        generate(out_dir, split, num)
+    generate_once(directory, generate_all)
+    return
+  for split, num in splits:
     if os.path.exists(records.split_path(directory, split)):
       continue
     if jax.process_index() == 0:
-      t = time.time()
-      world.generate_split(directory, split, num, params, seed=config.seed,
-                           workers=min(4, os.cpu_count() or 1))
-      log(f'Generated {num} synthetic {split} pairs in {directory} '
-          f'({time.time() - t:.0f}s)')
+      generate(directory, split, num)
   if jax.process_count() > 1:  # Others wait until process 0 has written.
     multihost_utils.sync_global_devices('world_data')
 
@@ -326,7 +400,8 @@ def pretrain_job(config, workdir, mesh, axis_rules, local_batch):
   """The Job of a pre-training config: CMAP, AMC, MLM, ITM, MRC, ITC."""
   directory = data_dir(config, workdir)
   if not config.data.dir:
-    ensure_world_data(config, directory)
+    ensure_world_data(config, directory,
+                      every_process=guards.is_remote(workdir))
   tokenizer = load_tokenizer(config.data.vocab_path or None)
   if tokenizer.vocab_size != config.model.vocab_size:
     raise ValueError(
@@ -387,7 +462,7 @@ def train_and_evaluate(config, workdir):
   """
   # 1. Setup.
   configlib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or gs://.
   mesh = sharding.mesh_from_config(config)
   axis_rules = sharding.rules(config)
   local_batch = sharding.per_process_batch_size(config.batch_size, mesh)
@@ -407,11 +482,11 @@ def train_and_evaluate(config, workdir):
 
   # 2. Checkpoints: only a checkpoint of the same kind of run resumes; the
   # check comes before the (for big models, slow) state initialisation.
-  if config.resume == 'fresh' and os.path.exists(
-      checkpoint.checkpoint_dir(workdir)) and jax.process_index() == 0:
+  if config.resume == 'fresh' and jax.process_index() == 0 and epath.Path(
+      checkpoint.checkpoint_dir(workdir)).exists():
     for old in (checkpoint.checkpoint_dir(workdir), best_dir(workdir),
                 os.path.join(workdir, 'best.json')):
-      if os.path.exists(old):
+      if epath.Path(old).exists():
         log(f'config.resume=fresh: moved {old} to {guards.move_aside(old)}.')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('resume_fresh')
@@ -438,10 +513,13 @@ def train_and_evaluate(config, workdir):
                                                   state_shardings.params))
   step = int(state.step)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, 'run_info.json'), 'a') as f:
-      f.write(json.dumps(dict(guards.run_info(mesh), start_step=step)) + '\n')
+    guards.write_text_atomic(epath.Path(workdir) / 'config.json',
+                             config.to_json_best_effort(indent=2))
+    # One line per start; read and rewritten, as GCS cannot append.
+    info = epath.Path(workdir) / 'run_info.json'
+    guards.write_text_atomic(info, (info.read_text() if info.exists() else '')
+                             + json.dumps(dict(guards.run_info(mesh),
+                                               start_step=step)) + '\n')
 
   # 4. The jitted step; the state is donated, so it is updated in place.
   step_fn = jit_train_step(job.loss, config, schedule, state_shardings,
@@ -541,8 +619,8 @@ def train_and_evaluate(config, workdir):
   results['data_stats'] = stats
   results['nonfinite_skips'] = int(jax.device_get(state.nonfinite_skips))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    guards.write_text_atomic(epath.Path(workdir) / 'eval.json',
+                             json.dumps(results, indent=2))
   best.close()
   writer.close()
   log('Evaluation: ' + json.dumps(
@@ -607,8 +685,8 @@ def compile_report(job, config, workdir, mesh, axis_rules, local_batch):
       f'  FLOPs per step: {report["flops_per_step"]:.3e} '
       f'({report["flops_per_device"]:.3e} per device)')
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'compile.json'), 'w') as f:
-      json.dump(report, f, indent=2)
+    guards.write_text_atomic(epath.Path(workdir) / 'compile.json',
+                             json.dumps(report, indent=2))
   return report
 
 
@@ -658,7 +736,8 @@ class ProgressBar:
 
 
 def best_dir(workdir):
-  return os.path.abspath(os.path.join(workdir, 'best'))
+  """workdir/best: absolute when local, as given when gs://."""
+  return str(guards.workdir_path(workdir, 'best'))
 
 
 class BestCheckpoint:
@@ -667,11 +746,10 @@ class BestCheckpoint:
 
   def __init__(self, workdir, metric):
     self.metric = metric
-    self.json_path = os.path.join(workdir, 'best.json')
+    self.json_path = epath.Path(workdir) / 'best.json'
     self.value, self.step = None, None
-    if os.path.exists(self.json_path):
-      with open(self.json_path) as f:
-        saved = json.load(f)
+    if self.json_path.exists():
+      saved = json.loads(self.json_path.read_text())
       self.value, self.step = saved['value'], saved['step']
     self.manager = ocp.CheckpointManager(
         best_dir(workdir), item_names=('params',),
@@ -687,10 +765,8 @@ class BestCheckpoint:
     self.manager.wait_until_finished()
     self.value, self.step = value, step
     if jax.process_index() == 0:
-      tmp = self.json_path + '.tmp'
-      with open(tmp, 'w') as f:
-        json.dump(dict(metric=self.metric, value=value, step=step), f)
-      os.replace(tmp, self.json_path)  # Atomic: never half written.
+      guards.write_text_atomic(self.json_path, json.dumps(
+          dict(metric=self.metric, value=value, step=step)))
 
   def restore(self, params):
     """The best parameters, in the shardings of `params` (same tree)."""

@@ -8,8 +8,9 @@
 #       configs/pretrain.py:base --config.sharding=fsdp
 #
 # jax.distributed finds the pod's workers by itself (TPU_WORKER_HOSTNAMES).
-# Data: the synthetic world is generated per worker into a local folder;
-# real records go to --config.data.dir on a disk every worker can read.
+# Data: with a gs:// workdir each worker generates the synthetic world into
+# its own local temp folder (ArrayRecord is read from local disk); real
+# records go to --config.data.dir on a disk every worker can read.
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 TPU_NAME ZONE gs://WORKDIR [CONFIG] [--config.x=y ...]" >&2
@@ -30,7 +31,7 @@ gcloud compute tpus tpu-vm scp /tmp/cmal-jax.tgz "$TPU":~/ --zone="$ZONE" \
   && cd cmal-jax && pip install -q -r requirements.txt 'jax[tpu]==0.10.2' gcsfs"
 # nohup: the run survives the ssh session; each worker logs to its own file.
 "${SSH[@]}" --command="cd cmal-jax && nohup python -m cmal_jax.main \
-  --config=$CONFIG --workdir=$WORKDIR --config.data.dir=/tmp/cmal_data $* \
+  --config=$CONFIG --workdir=$WORKDIR $* \
   > ~/cmal-jax.log 2>&1 &"
 echo "Started on every worker of $TPU; logs: ~/cmal-jax.log on each worker,"
 echo "metrics: $WORKDIR/metrics.jsonl (process 0)."

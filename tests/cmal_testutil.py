@@ -41,7 +41,10 @@ def tiny_with_data(**data):
 
 
 def read_all(config, directory, batch_size):
-    """Every batch of one in-order pass over directory's pretrain split."""
+    """Every batch of one in-order pass over directory's pretrain split
+    (ITM negatives drawn within each whole batch)."""
+    config = config.copy_and_resolve_references()
+    config.data.itm_group = batch_size
     ds, _, _ = pipeline.make_dataset(config, str(directory), 'pretrain',
                                      batch_size=batch_size, train=False,
                                      seed=0)
