@@ -126,7 +126,7 @@ def test_raise_mode_carries_zero_skip_counters(tmp_path):
 def test_skip_is_deterministic(bad_dir):
   """Two reads of the shuffled, repeated stream (one through the prefetching
   iterator) are identical, and each epoch skips the same records."""
-  config = tiny(on_error='skip')
+  config = tiny(on_error='skip', itm_group=4)
 
   def dataset():
     ds, _, _ = pipeline.make_dataset(config, str(bad_dir), 'pretrain',
