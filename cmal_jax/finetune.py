@@ -30,11 +30,11 @@ import optax
 
 from cmal_jax import (checkpoint, guards, objectives, sharding, task_metrics,
                       train)
-from cmal_jax.data import region_store, task_pipeline, tasks
+from cmal_jax.data import region_store, synthetic, task_pipeline, tasks
 from cmal_jax.data import world, world_tasks
 from cmal_jax.model.cmal import (CMAL, ModelConfig, pool_regions,
                                  pretrained_param_names)
-from cmal_jax.train import log
+from cmal_jax.guards import log
 
 MODEL_INPUTS = task_pipeline.PAIR_KEYS  # What the model reads of a batch.
 PREDICTIONS_DIR = 'predictions'
@@ -53,9 +53,9 @@ def ensure_task_data(config, directory, every_process=False):
 
   By default process 0 writes them and the others wait (a shared workdir);
   every_process: each process makes them all in `directory` on its own
-  disk (a remote workdir's train.local_world_dir), see train.generate_once.
+  disk (a remote workdir's synthetic.local_world_dir), see synthetic.generate_once.
   """
-  sizes = train.synthetic_splits(config)
+  sizes = synthetic.synthetic_splits(config)
 
   def generate(out_dir, splits):
     t = time.time()
@@ -66,7 +66,7 @@ def ensure_task_data(config, directory, every_process=False):
         f'({time.time() - t:.0f}s)')
 
   if every_process:
-    train.generate_once(directory, lambda tmp: generate(tmp, sizes))
+    synthetic.generate_once(directory, lambda tmp: generate(tmp, sizes))
     return
   missing = {s: n for s, n in sizes.items()
              if not os.path.exists(tasks.task_path(directory, config.task, s))}
@@ -423,7 +423,7 @@ def load_init_params(config):
 
 def make_job(config, workdir, mesh, axis_rules, local_batch):
   """The train.Job of a fine-tuning config."""
-  directory = train.data_dir(config, workdir)
+  directory = synthetic.data_dir(config, workdir)
   if not config.data.dir:
     ensure_task_data(config, directory,
                      every_process=guards.is_remote(workdir))

@@ -16,6 +16,13 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
+
+def log(*args):
+  """print on process 0 only (every process runs the same code)."""
+  if jax.process_index() == 0:
+    print(*args, flush=True)
+
+
 # Config fields that define the run's parameters and objectives: a checkpoint
 # made with other values is not resumed. Dropout and the activation dtype do
 # not change the parameters, so they may differ.

@@ -22,7 +22,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 import pytest
 
 from cmal_jax import checkpoint, finetune, guards, metrics, train
-from cmal_jax.data import records, tasks
+from cmal_jax.data import records, synthetic, tasks
 from configs import finetune as finetune_configs
 from configs import pretrain as pretrain_configs
 
@@ -164,19 +164,19 @@ def _tiny(task='pretrain', **world):
 def test_remote_workdir_world_goes_to_a_local_folder(monkeypatch, tmp_path):
   monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
   config = _tiny()
-  folder = train.data_dir(config, 'gs://b/runs/x')
+  folder = synthetic.data_dir(config, 'gs://b/runs/x')
   assert os.path.dirname(folder) == str(tmp_path / 'cmal_world')
-  assert train.data_dir(config, 'gs://b/runs/other') == folder  # Shared.
+  assert synthetic.data_dir(config, 'gs://b/runs/other') == folder  # Shared.
   for other in (_tiny(num_train=512), _tiny(image_size=32)):
-    assert train.data_dir(other, 'gs://b/runs/x') != folder
+    assert synthetic.data_dir(other, 'gs://b/runs/x') != folder
   seeded = _tiny()
   seeded.seed += 1
-  assert train.data_dir(seeded, 'gs://b/runs/x') != folder
-  assert train.data_dir(_tiny('ve'), 'gs://b/runs/x') != folder
+  assert synthetic.data_dir(seeded, 'gs://b/runs/x') != folder
+  assert synthetic.data_dir(_tiny('ve'), 'gs://b/runs/x') != folder
   # Local workdirs and data.dir: as before.
-  assert train.data_dir(config, 'runs/x') == os.path.join('runs/x', 'data')
+  assert synthetic.data_dir(config, 'runs/x') == os.path.join('runs/x', 'data')
   config.data.dir = '/data/records'
-  assert train.data_dir(config, 'gs://b/runs/x') == '/data/records'
+  assert synthetic.data_dir(config, 'gs://b/runs/x') == '/data/records'
 
 
 def test_generate_once_race_has_one_winner(tmp_path):
@@ -190,7 +190,7 @@ def test_generate_once_race_has_one_winner(tmp_path):
     both_generating.wait()  # Both have a private copy before either renames.
 
   threads = [threading.Thread(
-      target=lambda: won.append(train.generate_once(target, generate)),
+      target=lambda: won.append(synthetic.generate_once(target, generate)),
       name=f't{i}') for i in range(2)]
   for t in threads:
     t.start()
@@ -199,12 +199,12 @@ def test_generate_once_race_has_one_winner(tmp_path):
   assert sorted(won) == [False, True]
   assert os.listdir(tmp_path / 'world') == ['w']  # No private copy left.
   assert open(os.path.join(target, 'data')).read() in ('t0', 't1')
-  assert train.generate_once(target, None) is False  # Complete: skipped.
+  assert synthetic.generate_once(target, None) is False  # Complete: skipped.
 
 
 GENERATE = '''
 import os, sys, time
-from cmal_jax import train
+from cmal_jax.data import synthetic
 from configs import pretrain
 config = pretrain.get_config('tiny')
 config.world.num_train, config.world.num_eval = 96, 16
@@ -213,7 +213,7 @@ open(me, 'w').close()
 deadline = time.time() + 60
 while not os.path.exists(other) and time.time() < deadline:
   time.sleep(0.01)  # Start together.
-train.ensure_world_data(config, directory, every_process=True)
+synthetic.ensure_world_data(config, directory, every_process=True)
 '''
 
 
@@ -240,7 +240,7 @@ def test_two_processes_generate_one_world(tmp_path):
 def test_finetune_task_data_of_a_remote_workdir(monkeypatch, tmp_path):
   monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
   config = _tiny('ve', num_train=32, num_eval=16, num_test=16)
-  directory = train.data_dir(config, 'gs://b/runs/ve')
+  directory = synthetic.data_dir(config, 'gs://b/runs/ve')
   finetune.ensure_task_data(config, directory, every_process=True)
   for split, num in (('train', 32), ('val', 16), ('test', 16)):
     path = tasks.task_path(directory, 've', split)
@@ -274,5 +274,5 @@ def test_tiny_run_with_a_gs_workdir(fake_gcs, monkeypatch, tmp_path):
   assert len(text('run_info.json').splitlines()) == 1
   assert StubSummaryWriter.logdirs[-1] == 'gs://b/runs/x/tensorboard'
   world_dirs = os.listdir(tmp_path / 'cmal_world')  # Local, not in gs://.
-  assert world_dirs == [os.path.basename(train.data_dir(config, 'gs://b/x'))]
+  assert world_dirs == [os.path.basename(synthetic.data_dir(config, 'gs://b/x'))]
   assert os.listdir(tmp_path / 'orbax' / 'checkpoints') == ['1']

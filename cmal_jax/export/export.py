@@ -38,7 +38,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from cmal_jax import checkpoint, train
-from cmal_jax.data import task_pipeline, tokenizer
+from cmal_jax.data import synthetic, task_pipeline, tokenizer
 from cmal_jax.export import bert, mapping
 from cmal_jax.model.cmal import CMAL, ModelConfig
 from cmal_jax.model.unified import EncoderConfig
@@ -142,7 +142,7 @@ def load_params(workdir, step=None):
 
 def answer_vocab(run_config, workdir):
   """The VQA run's answers (the head's output order), or None."""
-  directory = train.data_dir(run_config, workdir)
+  directory = synthetic.data_dir(run_config, workdir)
   path = os.path.join(directory, task_pipeline.ANSWER_VOCAB_FILE)
   if run_config.task != 'vqa' or not os.path.isfile(path):
     return None

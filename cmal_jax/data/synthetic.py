@@ -1,0 +1,113 @@
+"""Where the synthetic world goes and who writes it.
+
+A local workdir keeps it in {workdir}/data, written by process 0 while the
+others wait. A remote workdir (gs://...) cannot hold it (ArrayRecord reads
+local files), so every process writes it to a folder on its own disk, named
+by everything the data depends on.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import jax
+from jax.experimental import multihost_utils
+
+from cmal_jax import guards
+from cmal_jax.data import records, world
+from cmal_jax.guards import log
+
+
+def data_dir(config, workdir):
+  """config.data.dir, else where the synthetic data goes: workdir/data, or
+  for a remote workdir (gs://...) local_world_dir (ArrayRecord reads local
+  files only)."""
+  if config.data.dir:
+    return config.data.dir
+  if guards.is_remote(workdir):
+    return local_world_dir(config)
+  return os.path.join(workdir, 'data')
+
+
+def synthetic_splits(config):
+  """{split: examples} of the synthetic data config.task reads."""
+  sizes = {config.data.train_split: config.world.num_train,
+           config.data.eval_split: config.world.num_eval}
+  if config.task != 'pretrain':
+    sizes.update({s: config.world.num_test
+                  for s in config.finetune.test_splits})
+  return sizes
+
+
+def local_world_dir(config):
+  """A folder on this host's disk named by everything the synthetic data
+  depends on (task, world, seed, splits), so runs that need the same data
+  share it and any other change gets a folder of its own."""
+  what = dict(task=config.task, seed=config.seed,
+              world=dataclasses.asdict(world.WorldParams.from_config(config)),
+              splits=synthetic_splits(config))
+  digest = hashlib.sha256(
+      json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+  return os.path.join(tempfile.gettempdir(), 'cmal_world',
+                      f'{config.task}-{digest}')
+
+
+def generate_once(directory, generate):
+  """Runs generate(folder) into a private folder and renames it to
+  `directory` unless that exists. Several processes of one host may do this
+  at once: the first rename wins, the others drop their copy; `directory`
+  only ever appears complete. Returns True if this call made it."""
+  if os.path.isdir(directory):
+    return False
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + '.tmp-',
+                         dir=parent)
+  try:
+    generate(tmp)
+    try:
+      os.rename(tmp, directory)  # Atomic; fails if another made it first.
+      return True
+    except OSError:
+      if not os.path.isdir(directory):
+        raise
+      return False
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_world_data(config, directory, every_process=False):
+  """Generates the synthetic world's splits where they are missing.
+
+  By default process 0 writes them and the others wait (a shared workdir);
+  every_process: each process makes the whole world in `directory` on its
+  own disk (a remote workdir's local_world_dir), see generate_once.
+  """
+  params = world.WorldParams.from_config(config)
+  splits = ((config.data.train_split, config.world.num_train),
+            (config.data.eval_split, config.world.num_eval))
+
+  def generate(out_dir, split, num):
+    t = time.time()
+    world.generate_split(out_dir, split, num, params, seed=config.seed,
+                         workers=min(4, os.cpu_count() or 1))
+    log(f'Generated {num} synthetic {split} pairs in {directory} '
+        f'({time.time() - t:.0f}s)')
+
+  if every_process:
+    def generate_all(out_dir):
+      for split, num in splits:
+        generate(out_dir, split, num)
+    generate_once(directory, generate_all)
+    return
+  for split, num in splits:
+    if os.path.exists(records.split_path(directory, split)):
+      continue
+    if jax.process_index() == 0:
+      generate(directory, split, num)
+  if jax.process_count() > 1:  # Others wait until process 0 has written.
+    multihost_utils.sync_global_devices('world_data')
