@@ -6,6 +6,7 @@ test_multihost.py.)"""
 import json
 import os
 import socket
+import subprocess
 
 import jax
 import numpy as np
@@ -194,3 +195,29 @@ def test_unreachable_coordinator_fails_with_its_address():
     main.wait_for_coordinator(f'127.0.0.1:{port}', timeout=1)
   assert f'could not reach the coordinator 127.0.0.1:{port} within 1s' in (
       str(e.value))
+
+
+# -------------------------------------------------------------- launchers
+
+LAUNCH = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'launch')
+
+
+@pytest.mark.parametrize('script', ['tpu_pod.sh', 'slurm_gpu.sbatch',
+                                    'local.sh'])
+def test_launch_scripts_parse(script):
+  proc = subprocess.run(['bash', '-n', os.path.join(LAUNCH, script)],
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize('args,message', [
+    ([], 'usage: '),
+    (['tpu', 'zone', 'runs/x'], 'WORKDIR must be gs://... (shared by all '
+     'workers), got runs/x'),
+])
+def test_tpu_pod_script_checks_its_arguments_before_gcloud(args, message):
+  proc = subprocess.run(['bash', os.path.join(LAUNCH, 'tpu_pod.sh'), *args],
+                        capture_output=True, text=True,
+                        env=dict(os.environ, PATH='/usr/bin:/bin'))
+  assert proc.returncode == 2 and message in proc.stderr
