@@ -552,7 +552,18 @@ def compile_report(job, config, workdir, mesh, axis_rules, local_batch):
   seconds = time.time() - t
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops_per_device = float(
+      (cost[0] if isinstance(cost, (list, tuple)) else cost).get('flops', 0))
+  if config.grad_accum_steps > 1:
+    # XLA's cost analysis counts a loop body once. The step's FLOPs are
+    # those of the same step without micro-batches, from its lowering
+    # (the whole program, before it is split over devices).
+    one_batch = config.copy_and_resolve_references()
+    one_batch.grad_accum_steps = 1
+    with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+      cost = jit_train_step(job.loss, one_batch, schedule, state_shardings,
+                            mesh).lower(state, batch).cost_analysis()
+    flops_per_device = float(cost.get('flops', 0)) / jax.device_count()
   per_device = lambda tree: sum(
       math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
       for s in jax.tree.leaves(tree))
@@ -574,7 +585,7 @@ def compile_report(job, config, workdir, mesh, axis_rules, local_batch):
       # The state is donated, so its output aliases its input.
       peak_bytes=(memory.argument_size_in_bytes + memory.output_size_in_bytes
                   - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
-      flops_per_device=float(cost.get('flops', 0.0)),
+      flops_per_device=flops_per_device,
   )
   report['flops_per_step'] = report['flops_per_device'] * jax.device_count()
   gib = lambda b: f'{b / 2**30:.3f} GiB'

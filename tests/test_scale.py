@@ -183,6 +183,14 @@ def test_compile_only_reports_memory_and_flops(world_dir, tmp_path,
   with open(tmp_path / 'compile.json') as f:
     assert json.load(f) == report
   assert not os.path.exists(tmp_path / 'checkpoints')  # Nothing trained.
+  # Four micro-batches: the same FLOPs per step (XLA's count of the loop
+  # body is not taken as the step's), fewer live activations.
+  c.grad_accum_steps = 4
+  micro = train.train_and_evaluate(c, str(tmp_path / 'micro'))
+  assert micro['state_bytes'] == report['state_bytes']
+  assert micro['temp_bytes'] < report['temp_bytes']
+  np.testing.assert_allclose(micro['flops_per_step'],
+                             report['flops_per_step'], rtol=0.1)
 
 
 # -------------------------------------------------------------- multi-host
