@@ -386,6 +386,31 @@ def test_process_slices(config, data_dir, train):
   assert sorted(seen[0] + seen[1]) == list(range(n))
 
 
+@pytest.mark.parametrize('task', ['ve', 'retrieval'])
+def test_training_batches_do_not_depend_on_the_process_count(config,
+                                                             data_dir, task):
+  """Process p feeds its block of every global batch, and retrieval draws
+  its captions and negatives per group of rows: 1 process x batch 8 and 2
+  processes x batch 4 make the same global batches."""
+  c = config.copy_and_resolve_references()
+  c.data.itm_group = 4
+  one = tp.make_task_dataset(c, data_dir, task, 'train', batch_size=8,
+                             train=True, seed=5)[0]
+  two = [tp.make_task_dataset(c, data_dir, task, 'train', batch_size=4,
+                              train=True, seed=5, process_index=p,
+                              process_count=2)[0] for p in range(2)]
+  for k in range(3):
+    want = one[k]
+    for key in want:
+      if key == 'stats':
+        continue
+      np.testing.assert_array_equal(
+          np.concatenate([ds[k][key] for ds in two]), want[key],
+          err_msg=f'{task} {key} of batch {k}')
+  if task == 'retrieval':
+    assert 0 < one[0]['itm_label'].sum() < 8  # Negatives were drawn.
+
+
 def test_eval_pads_to_whole_batches_and_marks_padding(config, data_dir):
   # 16 examples, batch 6: 18 rows, the last two repeat record 15, invalid.
   ds, info = tp.make_task_dataset(config, data_dir, 've', 'val',

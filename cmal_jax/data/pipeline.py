@@ -183,28 +183,34 @@ def encode_pair(caption, image, tokenizer, vocab, shapes):
   return arrays, stats
 
 
-def pick_itm_captions_in_groups(image_ids, rng, neg_prob, group,
-                                first_group=0):
-  """pick_itm_captions within consecutive groups of `group` rows.
+def row_groups(n, rng, group, first_group=0):
+  """[(rows, generator)] for consecutive groups of `group` of n rows.
 
   Group g of the global batch (this process's rows start at group
-  `first_group`) draws from its own generator, seeded by `rng` (the same
-  on every process) and g: a global batch is then the same however many
-  processes build it. Returns (caption_index [B], itm_label [B]).
+  `first_group`) draws from its own generator, seeded by `rng` (the same on
+  every process) and g: random choices made per group are then the same
+  however many processes build the global batch.
   """
-  n = len(image_ids)
   if n % group:
     raise ValueError(
         f'config.data.itm_group={group} must divide the per-process batch '
         f'{n} (ITM negatives are drawn within groups of that many rows).')
   base = int(rng.integers(2**62))
+  return [(slice(start, start + group),
+           np.random.default_rng((base, first_group + start // group)))
+          for start in range(0, n, group)]
+
+
+def pick_itm_captions_in_groups(image_ids, rng, neg_prob, group,
+                                first_group=0):
+  """pick_itm_captions within each of row_groups' groups.
+  Returns (caption_index [B], itm_label [B])."""
+  n = len(image_ids)
   caption_index, itm_label = np.arange(n), np.ones(n, np.int32)
-  for start in range(0, n, group):
-    g_rng = np.random.default_rng((base, first_group + start // group))
-    index, label = pick_itm_captions(image_ids[start:start + group], g_rng,
-                                     neg_prob)
-    caption_index[start:start + group] = index + start
-    itm_label[start:start + group] = label
+  for rows, group_rng in row_groups(n, rng, group, first_group):
+    index, label = pick_itm_captions(image_ids[rows], group_rng, neg_prob)
+    caption_index[rows] = index + rows.start
+    itm_label[rows] = label
   return caption_index, itm_label
 
 

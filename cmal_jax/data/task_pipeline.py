@@ -42,6 +42,7 @@ from cmal_jax.data.tokenizer import load_tokenizer
 ANSWER_VOCAB_FILE = 'answer_vocab.json'
 DEFAULT_NUM_ANSWERS = 100
 DEFAULT_ITM_NEG_PROB = 0.5
+DEFAULT_ITM_GROUP = 8
 
 # The example field holding the text fed with the image (retrieval: one of
 # its `captions`, chosen per batch).
@@ -290,8 +291,13 @@ class TaskBatchEncoder:
   answer_vocab: the VQA answers (vqa only).
   """
 
-  def __init__(self, config, task, *, train, answer_vocab=None):
+  def __init__(self, config, task, *, train, answer_vocab=None,
+               process_index=0):
     self.task, self.train = task, train
+    # Training draws per group of rows of the global batch (pipeline.
+    # row_groups), so a batch does not depend on the number of processes.
+    self.group = _get(config.data, 'itm_group', DEFAULT_ITM_GROUP)
+    self.process_index = process_index
     self.shapes = task_shapes(config)
     self.vocab_path = _get(config.data, 'vocab_path', '') or None
     self.neg_prob = _get(config.data, 'itm_neg_prob', DEFAULT_ITM_NEG_PROB)
@@ -358,11 +364,22 @@ class TaskBatchEncoder:
 
   def _retrieval_rows(self, items, tokenizer, rng):
     """ITM rows: each image with its own caption, or (with probability
-    itm_neg_prob) the caption of another image of the batch."""
+    itm_neg_prob) the caption of another image of its group of rows
+    (training: data.itm_group rows; evaluation: the batch)."""
     examples = [it['example'] for it in items]
-    captions = pick_retrieval_captions(examples, rng, self.train)
-    caption_index, itm_label = pipeline.pick_itm_captions(
-        [ex['image_id'] for ex in examples], rng, self.neg_prob)
+    n = len(examples)
+    groups = (pipeline.row_groups(n, rng, self.group,
+                                  self.process_index * n // self.group)
+              if self.train else [(slice(0, n), rng)])
+    captions, caption_index = [], np.arange(n)
+    itm_label = np.ones(n, np.int32)
+    for rows, group_rng in groups:
+      captions += pick_retrieval_captions(examples[rows], group_rng,
+                                          self.train)
+      index, label = pipeline.pick_itm_captions(
+          [ex['image_id'] for ex in examples[rows]], group_rng,
+          self.neg_prob)
+      caption_index[rows], itm_label[rows] = index + rows.start, label
     rows = []
     for item, c, label in zip(items, caption_index, itm_label):
       arrays, stats = encode_example(captions[c], item['images'][0],
@@ -446,12 +463,17 @@ def make_task_dataset(config, directory, task, split, *, batch_size, train,
   if train:
     ds = ds.shuffle(seed=seed).repeat(None)
     info['num_local'] = len(range(process_index, n, process_count))
-  ds = ds[process_index::process_count]
-  if not train:
+    # This process's block of each global batch: training batches are the
+    # same for any number of processes (resumes under another count too).
+    ds = pipeline.process_rows(ds, batch_size, process_index, process_count)
+  else:
+    # Round-robin, which predictions' reassembly expects.
+    ds = ds[process_index::process_count]
     info['num_local'] = len(ds)
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=list)
   # A random_map in eval too: only retrieval draws (its negatives), and a
   # one-pass dataset's draws are a fixed function of (seed, batch index).
   ds = ds.random_map(TaskBatchEncoder(config, task, train=train,
-                                      answer_vocab=answer_vocab), seed=seed)
+                                      answer_vocab=answer_vocab,
+                                      process_index=process_index), seed=seed)
   return ds, info
