@@ -138,8 +138,8 @@ def _validate_pretrain(config):
   if config.loss.amc > 0 and not config.cmap.enabled:
     _fail('loss.amc', config.loss.amc,
           'AMC needs CMAP: set cmap.enabled=True or loss.amc=0')
-  if config.recipe not in ('cmal', 'cmcl'):
-    _fail('recipe', config.recipe, "must be 'cmal' or 'cmcl'")
+  if config.recipe not in ('cmal', 'cmcl', 'mlm_itm'):
+    _fail('recipe', config.recipe, "must be 'cmal', 'cmcl' or 'mlm_itm'")
 
 
 def _validate_finetune(config):

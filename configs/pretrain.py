@@ -4,7 +4,8 @@
 Argument: comma-separated size and recipe, both optional.
   sizes:   tiny (unit tests), small (default; a CPU run), base (accelerators),
            minilm (small's data, the unified encoder from MiniLM-L6-H384)
-  recipes: cmal (default: AMC + MLM + ITM), cmcl (ITC + MLM + ITM, CMAP off)
+  recipes: cmal (default: AMC + MLM + ITM), cmcl (ITC + MLM + ITM, CMAP off),
+           mlm_itm (MLM + ITM alone, CMAP off: the baseline of both)
 
   --config=configs/pretrain.py:base,cmcl --config.total_steps=10000
 """
@@ -20,7 +21,7 @@ SIZES = {
     # initialised from it (init.bert).
     'minilm': (384, 12, 2, 2, 6, 32, 10, 6, 256, 64, 450, 5e-4),
 }
-RECIPES = ('cmal', 'cmcl')
+RECIPES = ('cmal', 'cmcl', 'mlm_itm')
 
 
 def parse_arg(arg):

@@ -1,0 +1,340 @@
+"""CMAL vs contrastive pre-training at small corpus sizes (the paper's claim).
+
+  python -m cmal_jax.experiments.data_efficiency --out=runs/data_efficiency
+
+For every seed and corpus size it pre-trains the same model with three
+recipes, CMAL (AMC + MLM + ITM), CMCL (ITC + MLM + ITM) and MLM + ITM, with
+the same steps and batch; fine-tunes each checkpoint (and a random init) on
+the tasks; and writes a table (mean ± std over seeds) and a plot of each
+task's test metric against the corpus size, one line per recipe.
+
+Every run is its own workdir under OUT/runs and leaves OUT/results/NAME.json
+when it is done, so an interrupted grid continues where it stopped (a run
+cut short resumes from its checkpoint). --parallel N runs N at a time, each
+in its own process (on GPUs, one GPU each).
+"""
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import queue
+import shutil
+import time
+
+RECIPES = ('cmal', 'cmcl', 'mlm_itm')
+TASKS = ('ve', 'rec', 'vqa')
+# The test metric of each task (configs/finetune.py BEST_METRIC).
+TASK_METRIC = {'ve': 'accuracy', 'rec': 'accuracy', 'vqa': 'vqa_accuracy',
+               'nlvr2': 'accuracy', 'retrieval': 'mean_recall'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One pre-training or fine-tuning run of the grid."""
+  kind: str  # 'pretrain' or 'finetune'.
+  seed: int
+  recipe: str  # A pre-training recipe, or 'random' (fine-tuning from scratch).
+  corpus: int  # Pre-training pairs (0 for 'random').
+  task: str = 'pretrain'
+
+  @property
+  def name(self):
+    init = (f'{self.recipe}-{self.corpus}' if self.recipe != 'random'
+            else 'random')
+    return f'{self.task}-{init}-s{self.seed}'
+
+  @property
+  def pretrain(self):
+    """The pre-training run this fine-tuning starts from."""
+    return Run('pretrain', self.seed, self.recipe, self.corpus)
+
+
+def grid(args):
+  """Every run, pre-training before the fine-tuning that needs it."""
+  runs = []
+  for seed in args.seeds:
+    for corpus in args.corpus_sizes:
+      for recipe in args.recipes:
+        runs.append(Run('pretrain', seed, recipe, corpus))
+    for task in args.tasks:
+      if args.random_init:
+        runs.append(Run('finetune', seed, 'random', 0, task))
+      for corpus in args.corpus_sizes:
+        for recipe in args.recipes:
+          runs.append(Run('finetune', seed, recipe, corpus, task))
+  return runs
+
+
+def run_config(run, args, out):
+  """The ml_collections config of `run` (imports JAX: call in a worker)."""
+  from configs import finetune, pretrain
+  if run.kind == 'pretrain':
+    c = pretrain.get_config(f'{args.size},{run.recipe}')
+    c.world.num_train = run.corpus
+    c.total_steps = args.pretrain_steps or c.total_steps
+    c.data.dir = data_folder(out, 'pretrain', run.seed, run.corpus)
+  else:
+    c = finetune.get_config(f'{run.task},{args.size}')
+    c.total_steps = args.finetune_steps or c.total_steps
+    c.data.dir = data_folder(out, run.task, run.seed)
+    if run.recipe != 'random':
+      c.init_from = os.path.join(out, 'runs', run.pretrain.name)
+  c.seed = run.seed
+  c.batch_size = args.batch_size or c.batch_size
+  if run.kind == 'pretrain':  # Zero-shot retrieval over this many images.
+    c.eval.retrieval_images = min(c.eval.retrieval_images,
+                                  args.retrieval_images)
+  return c
+
+
+def data_folder(out, task, seed, corpus=None):
+  size = f'-{corpus}' if corpus is not None else ''
+  return os.path.join(out, 'data', f'{task}{size}-s{seed}')
+
+
+def result_path(out, run):
+  return os.path.join(out, 'results', run.name + '.json')
+
+
+def summarise(run, results, seconds):
+  """The small JSON a finished run leaves: what the table needs."""
+  out = dict(run=run.name, **dataclasses.asdict(run),
+             seconds=round(seconds, 1))
+  if run.kind == 'pretrain':
+    keep = ('amc_pair_acc', 'amc_pair_acc_all_swapped', 'itm_acc', 'mlm_acc',
+            'retrieval_t2i_r1', 'retrieval_i2t_r1', 'retrieval_itc_t2i_r1',
+            'retrieval_itc_i2t_r1')
+    out['metrics'] = {k: results[k] for k in keep if k in results}
+  else:
+    metric = TASK_METRIC[run.task]
+    test = next(k for k in results if k.startswith('test'))
+    out['metrics'] = {'val': results['val'][metric],
+                      'test': results[test][metric], 'metric': metric,
+                      'best_step': results['best_step']}
+  return out
+
+
+def execute(run, args, out):
+  """Runs `run` in this process (resuming its workdir) and writes its
+  result JSON; returns the summary."""
+  import jax
+  from cmal_jax import finetune, train
+  from cmal_jax.data import synthetic
+  if not jax.config.jax_compilation_cache_dir:
+    # Runs of one seed and kind compile the same programs: the second one
+    # loads them (corpus sizes and recipes of a kind share shapes).
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.join(out, 'xla_cache'))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  config = run_config(run, args, out)
+  # The data of a (seed, corpus) or (seed, task) is generated once, for
+  # every recipe; both calls only write the splits that are missing.
+  if run.kind == 'pretrain':
+    synthetic.ensure_world_data(config, config.data.dir)
+  else:
+    finetune.ensure_task_data(config, config.data.dir)
+  workdir = os.path.join(out, 'runs', run.name)
+  t = time.time()
+  results = train.train_and_evaluate(config, workdir)
+  summary = summarise(run, results, time.time() - t)
+  path = result_path(out, run)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(summary, f, indent=1)
+  os.replace(path + '.tmp', path)  # Atomic: a result is whole or absent.
+  if args.delete_checkpoints and run.kind == 'finetune':
+    shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
+  return summary
+
+
+def run_grid(args):
+  out = os.path.abspath(args.out)
+  runs = grid(args)
+  todo = [r for r in runs if not os.path.exists(result_path(out, r))]
+  print(f'{len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to go.',
+        flush=True)
+  if args.parallel <= 1:
+    for i, run in enumerate(todo):
+      summary = execute(run, args, out)
+      print(f'[{i + 1}/{len(todo)}] {run.name}: {summary["metrics"]} '
+            f'({summary["seconds"]:.0f}s)', flush=True)
+  else:
+    _run_parallel(todo, args, out)
+  return write_report(out, runs, args)
+
+
+def _run_parallel(todo, args, out):
+  """Pre-training first (fine-tuning needs it), each phase N at a time."""
+  ctx = multiprocessing.get_context('spawn')
+  devices = ctx.Manager().Queue()
+  for i in range(args.parallel):
+    devices.put(i)
+  for kind in ('pretrain', 'finetune'):
+    phase = [r for r in todo if r.kind == kind]
+    with concurrent.futures.ProcessPoolExecutor(
+        args.parallel, mp_context=ctx, initializer=_pin_device,
+        initargs=(devices,)) as pool:
+      futures = {pool.submit(execute, r, args, out): r for r in phase}
+      for future in concurrent.futures.as_completed(futures):
+        summary = future.result()
+        print(f'{futures[future].name}: {summary["metrics"]}', flush=True)
+
+
+def _pin_device(devices):
+  """Each worker process takes one GPU (harmless elsewhere)."""
+  try:
+    os.environ['CUDA_VISIBLE_DEVICES'] = str(devices.get_nowait())
+  except queue.Empty:
+    pass
+
+
+# ------------------------------------------------------------------ report
+
+def load_results(out, runs):
+  results = {}
+  for run in runs:
+    path = result_path(out, run)
+    if os.path.exists(path):
+      with open(path) as f:
+        results[run] = json.load(f)
+  return results
+
+
+def mean_std(values):
+  if not values:
+    return float('nan'), float('nan')
+  m = sum(values) / len(values)
+  sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if (
+      len(values) > 1) else 0.0
+  return m, sd
+
+
+def table(results, args):
+  """{(task, recipe, corpus): (mean, std, n)} of the test metrics, and the
+  pre-training metrics {(recipe, corpus): {metric: (mean, std, n)}}."""
+  tasks, pre = {}, {}
+  for run, r in results.items():
+    key = (run.recipe, run.corpus)
+    if run.kind == 'pretrain':
+      for k, v in r['metrics'].items():
+        pre.setdefault(key, {}).setdefault(k, []).append(v)
+    else:
+      tasks.setdefault((run.task,) + key, []).append(r['metrics']['test'])
+  fold = lambda vs: (*mean_std(vs), len(vs))
+  return ({k: fold(v) for k, v in tasks.items()},
+          {k: {m: fold(v) for m, v in d.items()} for k, d in pre.items()})
+
+
+def write_report(out, runs, args):
+  """OUT/results.md, OUT/results.json and OUT/data_efficiency.png (and the
+  same in --docs when given). Returns the task table."""
+  results = load_results(out, runs)
+  tasks, pre = table(results, args)
+  fmt = lambda t: (f'{t[0]:.3f} ± {t[1]:.3f}' if t[2] > 1 else
+                   f'{t[0]:.3f}') if t else '-'
+  lines = [f'# Data efficiency: CMAL vs CMCL vs MLM + ITM ({args.size})', '',
+           f'{len(results)} of {len(runs)} runs finished; seeds '
+           f'{list(args.seeds)}; pre-training {args.pretrain_steps or "default"}'
+           f' steps, fine-tuning {args.finetune_steps or "default"} steps, '
+           f'batch {args.batch_size or "default"}. Test metric, mean ± std '
+           'over seeds.', '',
+           '| recipe | corpus | ' + ' | '.join(
+               f'{t} ({TASK_METRIC[t]})' for t in args.tasks)
+           + ' | AMC pairing | ITM | zero-shot R@1 t2i |',
+           '|---|---|' + '---|' * (len(args.tasks) + 3)]
+  if args.random_init:
+    lines.append('| random init | - | ' + ' | '.join(
+        fmt(tasks.get((t, 'random', 0))) for t in args.tasks) + ' | - | - | - |')
+  for recipe in args.recipes:
+    for corpus in args.corpus_sizes:
+      p = pre.get((recipe, corpus), {})
+      lines.append(f'| {recipe} | {corpus} | ' + ' | '.join(
+          fmt(tasks.get((t, recipe, corpus))) for t in args.tasks) + ' | '
+          + ' | '.join(fmt(p.get(m)) for m in (
+              'amc_pair_acc', 'itm_acc', 'retrieval_t2i_r1')) + ' |')
+  lines += ['', 'Produced by:', '', '    python -m '
+            'cmal_jax.experiments.data_efficiency ' + ' '.join(args.argv), '']
+  text = '\n'.join(lines)
+  targets = [out] + ([args.docs] if args.docs else [])
+  for folder in targets:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'data_efficiency.md'), 'w') as f:
+      f.write(text)
+    with open(os.path.join(folder, 'data_efficiency.json'), 'w') as f:
+      json.dump([r for r in results.values()], f, indent=1)
+    plot(tasks, args, os.path.join(folder, 'data_efficiency.png'))
+  print(text, flush=True)
+  return tasks
+
+
+def plot(tasks, args, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(args.tasks),
+                           figsize=(4 * len(args.tasks), 3.2), squeeze=False)
+  for ax, task in zip(axes[0], args.tasks):
+    for recipe in args.recipes:
+      points = [(c, tasks[(task, recipe, c)]) for c in args.corpus_sizes
+                if (task, recipe, c) in tasks]
+      if points:
+        xs = [c for c, _ in points]
+        ys = [t[0] for _, t in points]
+        err = [t[1] for _, t in points]
+        ax.errorbar(xs, ys, yerr=err, marker='o', capsize=3, label=recipe)
+    if (task, 'random', 0) in tasks:
+      ax.axhline(tasks[(task, 'random', 0)][0], color='grey', ls='--',
+                 label='random init')
+    ax.set_xscale('log')
+    ax.set_xlabel('pre-training pairs')
+    ax.set_title(f'{task} test {TASK_METRIC[task]}')
+  axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def parse_args(argv=None):
+  ints = lambda s: tuple(int(x) for x in s.split(',') if x)
+  words = lambda s: tuple(x for x in s.split(',') if x)
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--out', required=True, help='Where runs/, results/, data/ '
+                  'and the table go.')
+  ap.add_argument('--size', default='tiny', help='Model size (configs).')
+  ap.add_argument('--corpus_sizes', type=ints, default=(2000, 10000, 50000))
+  ap.add_argument('--seeds', type=ints, default=(0, 1, 2))
+  ap.add_argument('--recipes', type=words, default=RECIPES)
+  ap.add_argument('--tasks', type=words, default=TASKS)
+  ap.add_argument('--pretrain_steps', type=int, default=0,
+                  help='0: the size config default.')
+  ap.add_argument('--finetune_steps', type=int, default=0)
+  ap.add_argument('--batch_size', type=int, default=0)
+  ap.add_argument('--retrieval_images', type=int, default=100)
+  ap.add_argument('--no-random_init', dest='random_init',
+                  action='store_false')
+  ap.add_argument('--parallel', type=int, default=1)
+  ap.add_argument('--delete_checkpoints', action='store_true',
+                  help='Drop fine-tuning checkpoints once a run is done.')
+  ap.add_argument('--docs', default='', help='Also write the table and plot '
+                  'here (e.g. docs/).')
+  args = ap.parse_args(argv)
+  for recipe in args.recipes:
+    if recipe not in RECIPES:
+      ap.error(f'--recipes: unknown recipe {recipe!r}; one of {RECIPES}')
+  for task in args.tasks:
+    if task not in TASK_METRIC:
+      ap.error(f'--tasks: unknown task {task!r}; one of {sorted(TASK_METRIC)}')
+  args.argv = list(argv) if argv is not None else __import__('sys').argv[1:]
+  return args
+
+
+def main(argv=None):
+  return run_grid(parse_args(argv))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,66 @@
+"""The data-efficiency experiment end to end on `tiny`: its smallest corpus,
+one seed, every recipe and a random init, one task; then a resume that has
+nothing left to run."""
+
+import json
+import os
+
+import pytest
+
+from cmal_jax.experiments import data_efficiency as de
+
+ARGS = ['--size=tiny', '--corpus_sizes=256', '--seeds=0', '--tasks=ve',
+        '--pretrain_steps=6', '--finetune_steps=4', '--retrieval_images=8']
+
+
+@pytest.fixture(scope='module')
+def grid_out(tmp_path_factory, compilation_cache):
+  out = tmp_path_factory.mktemp('data_efficiency')
+  docs = out / 'docs'
+  de.main(ARGS + [f'--out={out}', f'--docs={docs}'])
+  return out
+
+
+def test_every_run_leaves_a_result(grid_out):
+  names = sorted(os.listdir(grid_out / 'results'))
+  assert names == sorted(
+      [f'pretrain-{r}-256-s0.json' for r in de.RECIPES]
+      + [f've-{r}-256-s0.json' for r in de.RECIPES] + ['ve-random-s0.json'])
+  with open(grid_out / 'results' / 'pretrain-cmal-256-s0.json') as f:
+    cmal = json.load(f)
+  assert cmal['recipe'] == 'cmal' and cmal['corpus'] == 256
+  assert 0 <= cmal['metrics']['amc_pair_acc'] <= 1
+  with open(grid_out / 'results' / 'pretrain-cmcl-256-s0.json') as f:
+    assert 'retrieval_itc_t2i_r1' in json.load(f)['metrics']
+  with open(grid_out / 'results' / 've-cmcl-256-s0.json') as f:
+    ve = json.load(f)
+  assert ve['metrics']['metric'] == 'accuracy'
+  assert 0 <= ve['metrics']['test'] <= 1
+  # Fine-tuning started from its recipe's pre-training run.
+  with open(grid_out / 'runs' / 've-cmcl-256-s0' / 'config.json') as f:
+    assert json.load(f)['init_from'].endswith('runs/pretrain-cmcl-256-s0')
+
+
+def test_table_and_plot_are_written(grid_out):
+  for folder in (grid_out, grid_out / 'docs'):
+    text = (folder / 'data_efficiency.md').read_text()
+    assert '7 of 7 runs finished' in text
+    for recipe in de.RECIPES:
+      assert f'| {recipe} | 256 | ' in text
+    assert '| random init | - | ' in text
+    assert (folder / 'data_efficiency.png').stat().st_size > 5000
+    assert len(json.loads((folder / 'data_efficiency.json').read_text())) == 7
+
+
+def test_a_rerun_resumes_with_nothing_to_do(grid_out, capsys):
+  tasks = de.main(ARGS + [f'--out={grid_out}'])
+  assert '7 runs, 7 done, 0 to go.' in capsys.readouterr().out
+  mean, std, n = tasks[('ve', 'cmal', 256)]
+  assert n == 1 and std == 0.0 and 0 <= mean <= 1
+
+
+def test_bad_arguments_are_refused():
+  with pytest.raises(SystemExit):
+    de.parse_args(['--out=x', '--recipes=cmal,contrastive'])
+  with pytest.raises(SystemExit):
+    de.parse_args(['--out=x', '--tasks=captioning'])
