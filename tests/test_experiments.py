@@ -1,6 +1,6 @@
 """The data-efficiency experiment end to end on `tiny`: its smallest corpus,
-one seed, every recipe and a random init, one task; then a resume that has
-nothing left to run."""
+one seed, every recipe, one ablation and a random init, one task; then a
+resume that has nothing left to run."""
 
 import json
 import os
@@ -10,7 +10,8 @@ import pytest
 from cmal_jax.experiments import data_efficiency as de
 
 ARGS = ['--size=tiny', '--corpus_sizes=256', '--seeds=0', '--tasks=ve',
-        '--pretrain_steps=6', '--finetune_steps=4', '--retrieval_images=8']
+        '--pretrain_steps=6', '--finetune_steps=4', '--retrieval_images=8',
+        '--ablations=mask_only']
 
 
 @pytest.fixture(scope='module')
@@ -24,8 +25,8 @@ def grid_out(tmp_path_factory, compilation_cache):
 def test_every_run_leaves_a_result(grid_out):
   names = sorted(os.listdir(grid_out / 'results'))
   assert names == sorted(
-      [f'pretrain-{r}-256-s0.json' for r in de.RECIPES]
-      + [f've-{r}-256-s0.json' for r in de.RECIPES] + ['ve-random-s0.json'])
+      [f'{k}-{r}-256-s0.json' for k in ('pretrain', 've')
+       for r in de.RECIPES + ('cmal+mask_only',)] + ['ve-random-s0.json'])
   with open(grid_out / 'results' / 'pretrain-cmal-256-s0.json') as f:
     cmal = json.load(f)
   assert cmal['recipe'] == 'cmal' and cmal['corpus'] == 256
@@ -36,6 +37,10 @@ def test_every_run_leaves_a_result(grid_out):
     ve = json.load(f)
   assert ve['metrics']['metric'] == 'accuracy'
   assert 0 <= ve['metrics']['test'] <= 1
+  with open(grid_out / 'runs' / 'pretrain-cmal+mask_only-256-s0' /
+            'config.json') as f:
+    cmap = json.load(f)['cmap']
+  assert cmap['swap_prob'] == 0.0 and cmap['mask_prob'] == 0.9
   # Fine-tuning started from its recipe's pre-training run.
   with open(grid_out / 'runs' / 've-cmcl-256-s0' / 'config.json') as f:
     assert json.load(f)['init_from'].endswith('runs/pretrain-cmcl-256-s0')
@@ -44,17 +49,18 @@ def test_every_run_leaves_a_result(grid_out):
 def test_table_and_plot_are_written(grid_out):
   for folder in (grid_out, grid_out / 'docs'):
     text = (folder / 'data_efficiency.md').read_text()
-    assert '7 of 7 runs finished' in text
+    assert '9 of 9 runs finished' in text
     for recipe in de.RECIPES:
       assert f'| {recipe} | 256 | ' in text
     assert '| random init | - | ' in text
+    assert '| cmal+mask_only | 256 | ' in text
     assert (folder / 'data_efficiency.png').stat().st_size > 5000
-    assert len(json.loads((folder / 'data_efficiency.json').read_text())) == 7
+    assert len(json.loads((folder / 'data_efficiency.json').read_text())) == 9
 
 
 def test_a_rerun_resumes_with_nothing_to_do(grid_out, capsys):
   tasks = de.main(ARGS + [f'--out={grid_out}'])
-  assert '7 runs, 7 done, 0 to go.' in capsys.readouterr().out
+  assert '9 runs, 9 done, 0 to go.' in capsys.readouterr().out
   mean, std, n = tasks[('ve', 'cmal', 256)]
   assert n == 1 and std == 0.0 and 0 <= mean <= 1
 
@@ -64,3 +70,5 @@ def test_bad_arguments_are_refused():
     de.parse_args(['--out=x', '--recipes=cmal,contrastive'])
   with pytest.raises(SystemExit):
     de.parse_args(['--out=x', '--tasks=captioning'])
+  with pytest.raises(SystemExit):
+    de.parse_args(['--out=x', '--ablations=no_swap'])

@@ -32,6 +32,18 @@ TASK_METRIC = {'ve': 'accuracy', 'rec': 'accuracy', 'vqa': 'vqa_accuracy',
                'nlvr2': 'accuracy', 'retrieval': 'mean_recall'}
 
 
+# CMAL's own choices, ablated on the smallest corpus (--ablations): name ->
+# config overrides of the cmal recipe (the main cmal run is the reference:
+# both AMC targets, select_prob 0.5, swap 0.8 / mask 0.1 / keep 0.1).
+ABLATIONS = {
+    'amc_pairing': {'loss.amc_targets': 'pairing'},
+    'amc_label': {'loss.amc_targets': 'label'},
+    'select_0.25': {'cmap.select_prob': 0.25},
+    'select_0.75': {'cmap.select_prob': 0.75},
+    'mask_only': {'cmap.swap_prob': 0.0, 'cmap.mask_prob': 0.9},
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One pre-training or fine-tuning run of the grid."""
@@ -40,32 +52,37 @@ class Run:
   recipe: str  # A pre-training recipe, or 'random' (fine-tuning from scratch).
   corpus: int  # Pre-training pairs (0 for 'random').
   task: str = 'pretrain'
+  ablation: str = ''  # A key of ABLATIONS (recipe cmal), or ''.
 
   @property
   def name(self):
-    init = (f'{self.recipe}-{self.corpus}' if self.recipe != 'random'
-            else 'random')
+    recipe = f'{self.recipe}+{self.ablation}' if self.ablation else (
+        self.recipe)
+    init = f'{recipe}-{self.corpus}' if self.recipe != 'random' else 'random'
     return f'{self.task}-{init}-s{self.seed}'
 
   @property
   def pretrain(self):
     """The pre-training run this fine-tuning starts from."""
-    return Run('pretrain', self.seed, self.recipe, self.corpus)
+    return Run('pretrain', self.seed, self.recipe, self.corpus,
+               ablation=self.ablation)
 
 
 def grid(args):
   """Every run, pre-training before the fine-tuning that needs it."""
   runs = []
+  smallest = min(args.corpus_sizes)
+  ablations = [(smallest, a) for a in args.ablations]
   for seed in args.seeds:
-    for corpus in args.corpus_sizes:
-      for recipe in args.recipes:
-        runs.append(Run('pretrain', seed, recipe, corpus))
+    inits = [(c, r, '') for c in args.corpus_sizes for r in args.recipes]
+    inits += [(c, 'cmal', a) for c, a in ablations]
+    for corpus, recipe, ablation in inits:
+      runs.append(Run('pretrain', seed, recipe, corpus, ablation=ablation))
     for task in args.tasks:
       if args.random_init:
         runs.append(Run('finetune', seed, 'random', 0, task))
-      for corpus in args.corpus_sizes:
-        for recipe in args.recipes:
-          runs.append(Run('finetune', seed, recipe, corpus, task))
+      for corpus, recipe, ablation in inits:
+        runs.append(Run('finetune', seed, recipe, corpus, task, ablation))
   return runs
 
 
@@ -74,6 +91,9 @@ def run_config(run, args, out):
   from configs import finetune, pretrain
   if run.kind == 'pretrain':
     c = pretrain.get_config(f'{args.size},{run.recipe}')
+    for field, value in ABLATIONS.get(run.ablation, {}).items():
+      section, name = field.split('.')
+      c[section][name] = value
     c.world.num_train = run.corpus
     c.total_steps = args.pretrain_steps or c.total_steps
     c.data.dir = data_folder(out, 'pretrain', run.seed, run.corpus)
@@ -218,7 +238,8 @@ def table(results, args):
   pre-training metrics {(recipe, corpus): {metric: (mean, std, n)}}."""
   tasks, pre = {}, {}
   for run, r in results.items():
-    key = (run.recipe, run.corpus)
+    key = (run.recipe + (f'+{run.ablation}' if run.ablation else ''),
+           run.corpus)
     if run.kind == 'pretrain':
       for k, v in r['metrics'].items():
         pre.setdefault(key, {}).setdefault(k, []).append(v)
@@ -249,13 +270,14 @@ def write_report(out, runs, args):
   if args.random_init:
     lines.append('| random init | - | ' + ' | '.join(
         fmt(tasks.get((t, 'random', 0))) for t in args.tasks) + ' | - | - | - |')
-  for recipe in args.recipes:
-    for corpus in args.corpus_sizes:
-      p = pre.get((recipe, corpus), {})
-      lines.append(f'| {recipe} | {corpus} | ' + ' | '.join(
-          fmt(tasks.get((t, recipe, corpus))) for t in args.tasks) + ' | '
-          + ' | '.join(fmt(p.get(m)) for m in (
-              'amc_pair_acc', 'itm_acc', 'retrieval_t2i_r1')) + ' |')
+  rows = [(r, c) for r in args.recipes for c in args.corpus_sizes]
+  rows += [(f'cmal+{a}', min(args.corpus_sizes)) for a in args.ablations]
+  for recipe, corpus in rows:  # A recipe (or ablation) and corpus size.
+    p = pre.get((recipe, corpus), {})
+    lines.append(f'| {recipe} | {corpus} | ' + ' | '.join(
+        fmt(tasks.get((t, recipe, corpus))) for t in args.tasks) + ' | '
+        + ' | '.join(fmt(p.get(m)) for m in (
+            'amc_pair_acc', 'itm_acc', 'retrieval_t2i_r1')) + ' |')
   lines += ['', 'Produced by:', '', '    python -m '
             'cmal_jax.experiments.data_efficiency ' + ' '.join(args.argv), '']
   text = '\n'.join(lines)
@@ -314,6 +336,9 @@ def parse_args(argv=None):
   ap.add_argument('--finetune_steps', type=int, default=0)
   ap.add_argument('--batch_size', type=int, default=0)
   ap.add_argument('--retrieval_images', type=int, default=100)
+  ap.add_argument('--ablations', type=words, default=(),
+                  help=f'CMAL ablations on the smallest corpus, of '
+                  f'{sorted(ABLATIONS)}, or "all".')
   ap.add_argument('--no-random_init', dest='random_init',
                   action='store_false')
   ap.add_argument('--parallel', type=int, default=1)
@@ -325,6 +350,12 @@ def parse_args(argv=None):
   for recipe in args.recipes:
     if recipe not in RECIPES:
       ap.error(f'--recipes: unknown recipe {recipe!r}; one of {RECIPES}')
+  if args.ablations == ('all',):
+    args.ablations = tuple(ABLATIONS)
+  for ablation in args.ablations:
+    if ablation not in ABLATIONS:
+      ap.error(f'--ablations: unknown ablation {ablation!r}; one of '
+               f'{sorted(ABLATIONS)}')
   for task in args.tasks:
     if task not in TASK_METRIC:
       ap.error(f'--tasks: unknown task {task!r}; one of {sorted(TASK_METRIC)}')
