@@ -100,6 +100,11 @@ def run_config(run, args, out):
   else:
     c = finetune.get_config(f'{run.task},{args.size}')
     c.total_steps = args.finetune_steps or c.total_steps
+    if args.finetune_examples:  # Synthetic train / val / test examples.
+      c.world.num_train, c.world.num_eval, c.world.num_test = (
+          args.finetune_examples)
+      # Periodic evaluations on the larger val split: a handful per run.
+      c.eval.every_steps = max(c.total_steps // 5, 1)
     c.data.dir = data_folder(out, run.task, run.seed)
     if run.recipe != 'random':
       c.init_from = os.path.join(out, 'runs', run.pretrain.name)
@@ -335,6 +340,9 @@ def parse_args(argv=None):
                   help='0: the size config default.')
   ap.add_argument('--finetune_steps', type=int, default=0)
   ap.add_argument('--batch_size', type=int, default=0)
+  ap.add_argument('--finetune_examples', type=ints, default=(),
+                  help='train,val,test synthetic examples per task (default: '
+                  "the size config's; tiny's 64,32,32 only smoke-test).")
   ap.add_argument('--retrieval_images', type=int, default=100)
   ap.add_argument('--ablations', type=words, default=(),
                   help=f'CMAL ablations on the smallest corpus, of '
@@ -350,6 +358,8 @@ def parse_args(argv=None):
   for recipe in args.recipes:
     if recipe not in RECIPES:
       ap.error(f'--recipes: unknown recipe {recipe!r}; one of {RECIPES}')
+  if args.finetune_examples and len(args.finetune_examples) != 3:
+    ap.error('--finetune_examples: three numbers, train,val,test')
   if args.ablations == ('all',):
     args.ablations = tuple(ABLATIONS)
   for ablation in args.ablations:
