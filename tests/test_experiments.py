@@ -4,6 +4,7 @@ resume that has nothing left to run."""
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -14,11 +15,19 @@ ARGS = ['--size=tiny', '--corpus_sizes=256', '--seeds=0', '--tasks=ve',
         '--ablations=mask_only']
 
 
+def git(folder, *args):
+  return subprocess.run(['git', *args], cwd=folder, check=True,
+                        capture_output=True, text=True).stdout
+
+
 @pytest.fixture(scope='module')
 def grid_out(tmp_path_factory, compilation_cache):
   out = tmp_path_factory.mktemp('data_efficiency')
+  git(out, 'init', '-q')
+  git(out, 'config', 'user.email', 'test@example.com')
+  git(out, 'config', 'user.name', 'test')
   docs = out / 'docs'
-  de.main(ARGS + [f'--out={out}', f'--docs={docs}'])
+  de.main(ARGS + [f'--out={out}', f'--docs={docs}', '--commit'])
   return out
 
 
@@ -44,6 +53,13 @@ def test_every_run_leaves_a_result(grid_out):
   # Fine-tuning started from its recipe's pre-training run.
   with open(grid_out / 'runs' / 've-cmcl-256-s0' / 'config.json') as f:
     assert json.load(f)['init_from'].endswith('runs/pretrain-cmcl-256-s0')
+
+
+def test_each_result_was_committed_as_it_finished(grid_out):
+  log = git(grid_out, 'log', '--format=%s').splitlines()
+  assert len(log) == 9 and log[-1] == 'data_efficiency: pretrain-cmal-256-s0'
+  assert git(grid_out, 'ls-files').split() == sorted(
+      f'results/{f}' for f in os.listdir(grid_out / 'results'))
 
 
 def test_table_and_plot_are_written(grid_out):

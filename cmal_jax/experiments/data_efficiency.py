@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import queue
 import shutil
+import subprocess
 import time
 
 RECIPES = ('cmal', 'cmcl', 'mlm_itm')
@@ -176,6 +177,18 @@ def execute(run, args, out):
   return summary
 
 
+def commit_result(out, run):
+  """--commit: the run's result JSON in its own git commit, so a grid cut
+  short by a machine restart keeps what it finished (OUT/results must be
+  inside a git checkout; runs/ and data/ are not added)."""
+  path = result_path(out, run)
+  folder = os.path.dirname(path)
+  git = lambda *a: subprocess.run(['git', *a], cwd=folder, check=True,
+                                  capture_output=True, text=True)
+  git('add', path)
+  git('commit', '-m', f'data_efficiency: {run.name}', '--', path)
+
+
 def run_grid(args):
   out = os.path.abspath(args.out)
   runs = grid(args)
@@ -185,6 +198,8 @@ def run_grid(args):
   if args.parallel <= 1:
     for i, run in enumerate(todo):
       summary = execute(run, args, out)
+      if args.commit:
+        commit_result(out, run)
       print(f'[{i + 1}/{len(todo)}] {run.name}: {summary["metrics"]} '
             f'({summary["seconds"]:.0f}s)', flush=True)
   else:
@@ -206,6 +221,8 @@ def _run_parallel(todo, args, out):
       futures = {pool.submit(execute, r, args, out): r for r in phase}
       for future in concurrent.futures.as_completed(futures):
         summary = future.result()
+        if args.commit:
+          commit_result(out, futures[future])
         print(f'{futures[future].name}: {summary["metrics"]}', flush=True)
 
 
@@ -352,6 +369,8 @@ def parse_args(argv=None):
   ap.add_argument('--parallel', type=int, default=1)
   ap.add_argument('--delete_checkpoints', action='store_true',
                   help='Drop fine-tuning checkpoints once a run is done.')
+  ap.add_argument('--commit', action='store_true',
+                  help='git-commit each result JSON as its run finishes.')
   ap.add_argument('--docs', default='', help='Also write the table and plot '
                   'here (e.g. docs/).')
   args = ap.parse_args(argv)
