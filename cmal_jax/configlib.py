@@ -8,8 +8,6 @@ def _fail(field, value, why):
   raise ValueError(f'config.{field}={value!r}: {why}')
 
 
-# model.remat: 'none' or a jax.checkpoint policy (model/unified.py).
-REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 TASKS = ('pretrain', 'vqa', 've', 'nlvr2', 'rec', 'retrieval')
 RECALLS = tuple(f'{d}_r{k}' for d in ('t2i', 'i2t') for k in (1, 5, 10))
 # What fine-tuning's evaluation reports per task (finetune.py).
@@ -101,8 +99,10 @@ def validate(config: ml_collections.ConfigDict):
   if len(config.mesh.shape) not in (0, 3):
     _fail('mesh.shape', tuple(config.mesh.shape),
           "needs 3 entries, (data, fsdp, tensor), or () for the preset's")
-  if m.remat not in REMAT_POLICIES:
-    _fail('model.remat', m.remat, f'must be one of {list(REMAT_POLICIES)}')
+  from cmal_jax.model.unified import REMAT_POLICIES  # The one list.
+  remat_names = ['none', *REMAT_POLICIES]
+  if m.remat not in remat_names:
+    _fail('model.remat', m.remat, f'must be one of {remat_names}')
   if not isinstance(config.grad_accum_steps, int) or (
       config.grad_accum_steps <= 0):
     _fail('grad_accum_steps', config.grad_accum_steps,

@@ -49,34 +49,21 @@ def splits_of(config):
 # ------------------------------------------------------------------- data
 
 def ensure_task_data(config, directory, every_process=False):
-  """Generates the synthetic world's splits of config.task where missing.
-
-  By default process 0 writes them and the others wait (a shared workdir);
-  every_process: each process makes them all in `directory` on its own
-  disk (a remote workdir's synthetic.local_world_dir), see synthetic.generate_once.
-  """
-  sizes = synthetic.synthetic_splits(config)
-
-  def generate(out_dir, splits):
+  """Generates the synthetic world's splits of config.task where they are
+  missing (synthetic.ensure_splits)."""
+  def generate(folder, splits):
     t = time.time()
     params = world.WorldParams.from_config(config)
-    world_tasks.generate(out_dir, [config.task], splits, params,
+    world_tasks.generate(folder, [config.task], splits, params,
                          seed=config.seed)
     log(f'Generated synthetic {config.task} splits {splits} in {directory} '
         f'({time.time() - t:.0f}s)')
 
-  if every_process:
-    synthetic.generate_once(directory, lambda tmp: generate(tmp, sizes))
-    return
-  missing = {s: n for s, n in sizes.items()
-             if not os.path.exists(tasks.task_path(directory, config.task, s))}
-  if not missing:
-    return
-  if jax.process_index() == 0:
-    generate(directory, missing)
-  if jax.process_count() > 1:  # Others wait until process 0 has written.
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices('task_data')
+  synthetic.ensure_splits(
+      directory, synthetic.synthetic_splits(config),
+      lambda split: os.path.exists(tasks.task_path(directory, config.task,
+                                                   split)),
+      generate, every_process, barrier='task_data')
 
 
 def model_inputs(batch, task):
@@ -105,12 +92,12 @@ def task_denominators(batch, config):
   """What the task's means divide by, over the whole batch (see
   objectives.loss_denominators): its rows, and for REC's loss the rows
   whose target overlaps a kept region."""
-  count = lambda w: jnp.maximum(jnp.sum(w.astype(jnp.float32)), 1.0)
   d = {'rows': jnp.float32(jax.tree.leaves(batch)[0].shape[0])}
   if config.task == 'rec':
-    d['rec_targets'] = count(jnp.max(batch['region_iou'], -1) > 0)
+    d['rec_targets'] = objectives.denominator(
+        jnp.max(batch['region_iou'], -1) > 0)
   if config.task == 'retrieval':
-    d['itc'] = count(batch['itm_label'] == 1)
+    d['itc'] = objectives.denominator(batch['itm_label'] == 1)
   return d
 
 

@@ -64,14 +64,16 @@ def maybe_initialize_distributed():
   address = _COORDINATOR.value or env.get('JAX_COORDINATOR_ADDRESS')
   timeout = _TIMEOUT.value
   if address:
-    given = dict(num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-    for name, var in (('num_processes', 'JAX_NUM_PROCESSES'),
-                      ('process_id', 'JAX_PROCESS_ID')):
-      if given[name] is None and var in env:
-        given[name] = int(env[var])
-    missing = [f'--{k} ({v})' for k, v in (
-        ('num_processes', 'JAX_NUM_PROCESSES'),
-        ('process_id', 'JAX_PROCESS_ID')) if given[k] is None]
+    # Each value from its flag, else from its environment variable.
+    sources = {'num_processes': (_NUM_PROCESSES, 'JAX_NUM_PROCESSES'),
+               'process_id': (_PROCESS_ID, 'JAX_PROCESS_ID')}
+    given = {}
+    for k, (flag, var) in sources.items():
+      given[k] = flag.value
+      if given[k] is None and var in env:
+        given[k] = int(env[var])
+    missing = [f'--{k} ({var})' for k, (_, var) in sources.items()
+               if given[k] is None]
     if missing:
       sys.exit(f'FATAL: a coordinator ({address}) is given but not '
                f'{" and ".join(missing)}: set the number of processes and '

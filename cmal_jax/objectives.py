@@ -189,18 +189,23 @@ def itc_loss(text, image, log_scale, positive, denom=None):
   return (t2i[0] + i2t[0]) / 2, (t2i[1] + i2t[1]) / 2
 
 
+def denominator(weights):
+  """A weighted mean's divisor: the total weight, at least 1."""
+  return jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
+
+
 def loss_denominators(targets, config):
   """What each objective's mean divides by: its number of entries in the
   batch (at least 1). Computed once over the whole batch, so that with
   gradient accumulation the micro-batches' losses and metrics add up to the
   batch's exactly (ITC aside: its negatives are the micro-batch's)."""
-  count = lambda w: jnp.maximum(jnp.sum(w.astype(jnp.float32)), 1.0)
   amc = targets['amc_weights']
-  return dict(amc=count(amc), amc_tag=count(amc & (targets['amc_tag'] >= 0)),
-              mlm=count(targets['mlm_weights']),
-              itm=count(jnp.ones_like(targets['itm_label'])),
-              mrc=count(targets['mrc_weights']),
-              itc=count(targets['positive']))
+  return dict(amc=denominator(amc),
+              amc_tag=denominator(amc & (targets['amc_tag'] >= 0)),
+              mlm=denominator(targets['mlm_weights']),
+              itm=denominator(jnp.ones_like(targets['itm_label'])),
+              mrc=denominator(targets['mrc_weights']),
+              itc=denominator(targets['positive']))
 
 
 def compute_losses(outputs, targets, config, denominators=None):

@@ -59,8 +59,7 @@ def check_config(config, num_devices):
         "the preset is 'custom'.")
   shape = resolve_shape(mesh_shape(config), num_devices)
   sizes = dict(zip(MESH_AXES, shape))
-  used = {a for _, m in rules(config) for a in
-          ((m,) if isinstance(m, str) else (m or ()))}
+  used = {a for _, target in rules(config) for a in _mesh_axes(target)}
   for axis, size in sizes.items():
     if size > 1 and axis not in used:
       raise ValueError(
@@ -72,7 +71,7 @@ def check_config(config, num_devices):
             'mlp': ('model.mlp_dim', m.mlp_dim)}
   for name, target in rules(config):
     if name in widths and target is not None:
-      axes = (target,) if isinstance(target, str) else tuple(target)
+      axes = _mesh_axes(target)
       n = math.prod(sizes[a] for a in axes)
       field, width = widths[name]
       if width % n:
@@ -81,6 +80,11 @@ def check_config(config, num_devices):
             f'axis {"x".join(axes)} (config.sharding={config.sharding!r}, '
             f'config.mesh.shape={shape}).')
   return shape
+
+
+def _mesh_axes(target):
+  """A rule's target (None, 'axis' or ('axis', ...)) as a tuple of axes."""
+  return (target,) if isinstance(target, str) else tuple(target or ())
 
 
 def resolve_shape(shape, num_devices):

@@ -183,31 +183,31 @@ def encode_pair(caption, image, tokenizer, vocab, shapes):
   return arrays, stats
 
 
-def row_groups(n, rng, group, first_group=0):
-  """[(rows, generator)] for consecutive groups of `group` of n rows.
+def row_groups(n, rng, group, process_index=0):
+  """[(rows, generator)] for this process's n rows, in groups of `group`.
 
-  Group g of the global batch (this process's rows start at group
-  `first_group`) draws from its own generator, seeded by `rng` (the same on
-  every process) and g: random choices made per group are then the same
-  however many processes build the global batch.
+  Group g of the global batch (process p's rows start at group p * n /
+  group) draws from its own generator, seeded by `rng` (the same on every
+  process) and g: random choices made per group are then the same however
+  many processes build the global batch.
   """
   if n % group:
     raise ValueError(
         f'config.data.itm_group={group} must divide the per-process batch '
         f'{n} (ITM negatives are drawn within groups of that many rows).')
   base = int(rng.integers(2**62))
+  first_group = process_index * n // group
   return [(slice(start, start + group),
            np.random.default_rng((base, first_group + start // group)))
           for start in range(0, n, group)]
 
 
-def pick_itm_captions_in_groups(image_ids, rng, neg_prob, group,
-                                first_group=0):
-  """pick_itm_captions within each of row_groups' groups.
-  Returns (caption_index [B], itm_label [B])."""
+def pick_itm_captions_in_groups(image_ids, groups, neg_prob):
+  """pick_itm_captions within each group of `groups` ([(rows, generator)],
+  e.g. row_groups'). Returns (caption_index [B], itm_label [B])."""
   n = len(image_ids)
   caption_index, itm_label = np.arange(n), np.ones(n, np.int32)
-  for rows, group_rng in row_groups(n, rng, group, first_group):
+  for rows, group_rng in groups:
     index, label = pick_itm_captions(image_ids[rows], group_rng, neg_prob)
     caption_index[rows] = index + rows.start
     itm_label[rows] = label
@@ -244,8 +244,9 @@ class BatchEncoder:
   def __call__(self, examples, rng):
     tokenizer = load_tokenizer(self.vocab_path)  # Cached per process.
     caption_index, itm_label = pick_itm_captions_in_groups(
-        [e['image_id'] for e in examples], rng, self.neg_prob, self.group,
-        first_group=self.process_index * len(examples) // self.group)
+        [e['image_id'] for e in examples],
+        row_groups(len(examples), rng, self.group, self.process_index),
+        self.neg_prob)
     rows, counts = [], []
     for image, c in zip(examples, caption_index):
       arrays, stats = encode_pair(examples[c]['caption'], image, tokenizer,

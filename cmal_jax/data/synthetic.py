@@ -80,34 +80,40 @@ def generate_once(directory, generate):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_world_data(config, directory, every_process=False):
-  """Generates the synthetic world's splits where they are missing.
+def ensure_splits(directory, sizes, exists, generate, every_process=False,
+                  barrier='synthetic_data'):
+  """Makes the synthetic splits {split: examples} that `directory` lacks.
 
-  By default process 0 writes them and the others wait (a shared workdir);
-  every_process: each process makes the whole world in `directory` on its
-  own disk (a remote workdir's local_world_dir), see generate_once.
+  exists(split) -> bool; generate(folder, {split: examples}) writes them.
+  By default process 0 writes the missing ones and the others wait (a
+  shared workdir); every_process: each process makes them all in
+  `directory` on its own disk (a remote workdir's local_world_dir), see
+  generate_once.
   """
-  params = world.WorldParams.from_config(config)
-  splits = ((config.data.train_split, config.world.num_train),
-            (config.data.eval_split, config.world.num_eval))
-
-  def generate(out_dir, split, num):
-    t = time.time()
-    world.generate_split(out_dir, split, num, params, seed=config.seed,
-                         workers=min(4, os.cpu_count() or 1))
-    log(f'Generated {num} synthetic {split} pairs in {directory} '
-        f'({time.time() - t:.0f}s)')
-
   if every_process:
-    def generate_all(out_dir):
-      for split, num in splits:
-        generate(out_dir, split, num)
-    generate_once(directory, generate_all)
+    generate_once(directory, lambda folder: generate(folder, sizes))
     return
-  for split, num in splits:
-    if os.path.exists(records.split_path(directory, split)):
-      continue
-    if jax.process_index() == 0:
-      generate(directory, split, num)
+  missing = {s: n for s, n in sizes.items() if not exists(s)}
+  if missing and jax.process_index() == 0:
+    generate(directory, missing)
   if jax.process_count() > 1:  # Others wait until process 0 has written.
-    multihost_utils.sync_global_devices('world_data')
+    multihost_utils.sync_global_devices(barrier)
+
+
+def ensure_world_data(config, directory, every_process=False):
+  """Generates the synthetic world's pre-training splits where they are
+  missing (ensure_splits)."""
+  params = world.WorldParams.from_config(config)
+
+  def generate(folder, sizes):
+    for split, num in sizes.items():
+      t = time.time()
+      world.generate_split(folder, split, num, params, seed=config.seed,
+                           workers=min(4, os.cpu_count() or 1))
+      log(f'Generated {num} synthetic {split} pairs in {directory} '
+          f'({time.time() - t:.0f}s)')
+
+  ensure_splits(
+      directory, synthetic_splits(config),
+      lambda split: os.path.exists(records.split_path(directory, split)),
+      generate, every_process, barrier='world_data')

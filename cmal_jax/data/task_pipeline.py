@@ -368,18 +368,13 @@ class TaskBatchEncoder:
     (training: data.itm_group rows; evaluation: the batch)."""
     examples = [it['example'] for it in items]
     n = len(examples)
-    groups = (pipeline.row_groups(n, rng, self.group,
-                                  self.process_index * n // self.group)
+    groups = (pipeline.row_groups(n, rng, self.group, self.process_index)
               if self.train else [(slice(0, n), rng)])
-    captions, caption_index = [], np.arange(n)
-    itm_label = np.ones(n, np.int32)
-    for rows, group_rng in groups:
-      captions += pick_retrieval_captions(examples[rows], group_rng,
-                                          self.train)
-      index, label = pipeline.pick_itm_captions(
-          [ex['image_id'] for ex in examples[rows]], group_rng,
-          self.neg_prob)
-      caption_index[rows], itm_label[rows] = index + rows.start, label
+    # Each group's generator draws its captions, then its negatives.
+    captions = [c for rows, group_rng in groups for c in
+                pick_retrieval_captions(examples[rows], group_rng, self.train)]
+    caption_index, itm_label = pipeline.pick_itm_captions_in_groups(
+        [ex['image_id'] for ex in examples], groups, self.neg_prob)
     rows = []
     for item, c, label in zip(items, caption_index, itm_label):
       arrays, stats = encode_example(captions[c], item['images'][0],

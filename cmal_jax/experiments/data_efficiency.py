@@ -2,6 +2,8 @@
 
   python -m cmal_jax.experiments.data_efficiency --out=runs/data_efficiency
 
+(from the repository root: it reads configs/pretrain.py and finetune.py).
+
 For every seed and corpus size it pre-trains the same model with three
 recipes, CMAL (AMC + MLM + ITM), CMCL (ITC + MLM + ITM) and MLM + ITM, with
 the same steps and batch; fine-tunes each checkpoint (and a random init) on
@@ -26,13 +28,13 @@ import shutil
 import subprocess
 import time
 
-RECIPES = ('cmal', 'cmcl', 'mlm_itm')
+from configs import finetune as finetune_config
+from configs import pretrain as pretrain_config
+
+RECIPES = pretrain_config.RECIPES
 TASKS = ('ve', 'rec', 'vqa')
-# The test metric of each task (configs/finetune.py BEST_METRIC).
-TASK_METRIC = {'ve': 'accuracy', 'rec': 'accuracy', 'vqa': 'vqa_accuracy',
-               'nlvr2': 'accuracy', 'retrieval': 'mean_recall'}
-
-
+# The metric each task is judged by (its fine-tuning config's best_metric).
+TASK_METRIC = finetune_config.BEST_METRIC
 # CMAL's own choices, ablated on the smallest corpus (--ablations): name ->
 # config overrides of the cmal recipe (the main cmal run is the reference:
 # both AMC targets, select_prob 0.5, swap 0.8 / mask 0.1 / keep 0.1).
@@ -88,10 +90,9 @@ def grid(args):
 
 
 def run_config(run, args, out):
-  """The ml_collections config of `run` (imports JAX: call in a worker)."""
-  from configs import finetune, pretrain
+  """The ml_collections config of `run`."""
   if run.kind == 'pretrain':
-    c = pretrain.get_config(f'{args.size},{run.recipe}')
+    c = pretrain_config.get_config(f'{args.size},{run.recipe}')
     for field, value in ABLATIONS.get(run.ablation, {}).items():
       section, name = field.split('.')
       c[section][name] = value
@@ -99,7 +100,7 @@ def run_config(run, args, out):
     c.total_steps = args.pretrain_steps or c.total_steps
     c.data.dir = data_folder(out, 'pretrain', run.seed, run.corpus)
   else:
-    c = finetune.get_config(f'{run.task},{args.size}')
+    c = finetune_config.get_config(f'{run.task},{args.size}')
     c.total_steps = args.finetune_steps or c.total_steps
     if args.finetune_examples:  # Synthetic train / val / test examples.
       c.world.num_train, c.world.num_eval, c.world.num_test = (
@@ -148,7 +149,7 @@ def execute(run, args, out):
   """Runs `run` in this process (resuming its workdir) and writes its
   result JSON; returns the summary."""
   import jax
-  from cmal_jax import finetune, train
+  from cmal_jax import finetune, guards, train
   from cmal_jax.data import synthetic
   if not jax.config.jax_compilation_cache_dir:
     # Runs of one seed and kind compile the same programs: the second one
@@ -169,9 +170,8 @@ def execute(run, args, out):
   summary = summarise(run, results, time.time() - t)
   path = result_path(out, run)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(summary, f, indent=1)
-  os.replace(path + '.tmp', path)  # Atomic: a result is whole or absent.
+  # Atomic: a result is whole or absent, so resuming can trust it.
+  guards.write_text_atomic(path, json.dumps(summary, indent=1))
   if args.delete_checkpoints and run.kind == 'finetune':
     shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
   return summary
