@@ -32,7 +32,7 @@ from cmal_jax import (checkpoint, guards, objectives, sharding, task_metrics,
                       train)
 from cmal_jax.data import region_store, synthetic, task_pipeline, tasks
 from cmal_jax.data import world, world_tasks
-from cmal_jax.model.cmal import (CMAL, ModelConfig, pool_regions,
+from cmal_jax.model.cmal import (CMAL, ModelConfig, itc_features,
                                  pretrained_param_names)
 from cmal_jax.guards import log
 
@@ -323,8 +323,9 @@ def retrieval_scores(model, params, config, captions, images, mesh):
   k = config.finetune.rerank_k
   if config.finetune.itc > 0 and k > 0:
     # The model's own ITC embeddings (CMAL.itc_embeddings), from the caches.
-    image_vec = np.asarray(pool_regions(region_unit, images['region_mask']))
-    sim = text_unit[:, 0] @ image_vec.T  # [Nc, Ni]
+    text_vec, image_vec = map(np.asarray, itc_features(
+        text_unit, region_unit, images['region_mask']))
+    sim = text_vec @ image_vec.T  # [Nc, Ni]
     t2i_top = np.argsort(-sim, axis=1)[:, :min(k, ni)]
     i2t_top = np.argsort(-sim.T, axis=1)[:, :min(k, nc)]
     pairs = {(c, i) for c, row in enumerate(t2i_top) for i in row}

@@ -71,6 +71,9 @@ def get_config(arg=None):
       # policy saying what to keep: 'full' (keep nothing), 'dots' (matmul
       # outputs), 'dots_no_batch' (matmuls without batch dims).
       remat='none',
+      # UMSE ends on the unit hypersphere (the paper). False: the ablation,
+      # unnormalised features enter CMAP (ITC still compares unit vectors).
+      hypersphere=True,
   ))
 
   c.init = ml_collections.ConfigDict(dict(

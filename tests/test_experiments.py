@@ -88,3 +88,24 @@ def test_bad_arguments_are_refused():
     de.parse_args(['--out=x', '--tasks=captioning'])
   with pytest.raises(SystemExit):
     de.parse_args(['--out=x', '--ablations=no_swap'])
+
+
+def test_model_ablations_hold_in_fine_tuning_and_cmap_ones_do_not():
+  args = de.parse_args(['--out=x', '--size=tiny', '--ablations=all'])
+  assert 'no_hypersphere' in args.ablations
+  configs = {
+      (kind, ablation): de.run_config(
+          de.Run(kind, 0, 'cmal', 2000, 'pretrain' if kind == 'pretrain'
+                 else 've', ablation), args, 'x')
+      for kind in ('pretrain', 'finetune')
+      for ablation in ('', 'no_hypersphere', 'mask_only')}
+  assert configs['pretrain', ''].model.hypersphere
+  assert not configs['pretrain', 'no_hypersphere'].model.hypersphere
+  assert not configs['finetune', 'no_hypersphere'].model.hypersphere
+  assert configs['finetune', 'no_hypersphere'].init_from == os.path.join(
+      'x', 'runs', 'pretrain-cmal+no_hypersphere-2000-s0')
+  assert configs['pretrain', 'mask_only'].cmap.swap_prob == 0.0
+  # CMAP is pre-training's: a mask_only checkpoint fine-tunes like any.
+  plain, masked = (configs['finetune', a].to_dict() for a in ('', 'mask_only'))
+  assert plain.pop('init_from') != masked.pop('init_from')
+  assert plain == masked

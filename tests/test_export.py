@@ -127,6 +127,39 @@ def test_torch_mirror_matches_jax_on_every_head(size, task):
                            got['itm_logits'], atol=1e-4)
 
 
+@pytest.mark.parametrize('task', ('pretrain', 'retrieval'))
+def test_hypersphere_ablation_is_mirrored_in_torch(task):
+  """model.hypersphere=False: UMSE features leave unnormalised, the modality
+  scales start at 1, ITC still reads unit vectors; torch agrees."""
+  outputs, embeddings = {}, {}
+  for unit in (True, False):
+    config = export_config('d64h2', task)
+    config['model']['hypersphere'] = unit
+    params = random_params(config)
+    inputs = random_inputs(config)
+    model = export.flax_model(config)
+    outputs[unit] = jax.device_get(model.apply(
+        {'params': params}, jax.tree.map(jnp.asarray, inputs)))
+    embeddings[unit] = np.asarray(model.apply(
+        {'params': params}, inputs, method='embed_text'))
+    got = torch_outputs(config, params, inputs)
+    for k in outputs[unit]:
+      np.testing.assert_allclose(got[k], outputs[unit][k], rtol=0, atol=1e-5,
+                                 err_msg=f'hypersphere={unit} {k}')
+    for k in ('itc_text', 'itc_image'):
+      np.testing.assert_allclose(np.linalg.norm(outputs[unit][k], axis=-1),
+                                 1.0, atol=1e-5)
+    init = model.init(jax.random.key(0), export.init_inputs(config))
+    assert float(nn.unbox(init)['params']['text_scale']) == (
+        8.0 if unit else 1.0)
+  norms = {u: np.linalg.norm(e, axis=-1) for u, e in embeddings.items()}
+  np.testing.assert_allclose(norms[True], 1.0, atol=1e-5)
+  assert np.all(np.abs(norms[False] - 1.0) > 0.1), norms[False]
+  # The same parameters, another model: every output moves.
+  key = 'itm_logits' if task == 'pretrain' else 'logits'
+  assert not np.allclose(outputs[True][key], outputs[False][key], atol=1e-3)
+
+
 def test_torch_swap_matches_jax_swap():
   config = export_config('d60h5', 'pretrain')
   inputs = random_inputs(config, seed=3)

@@ -27,6 +27,7 @@ import queue
 import shutil
 import subprocess
 import time
+import traceback
 
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
@@ -44,6 +45,7 @@ ABLATIONS = {
     'select_0.25': {'cmap.select_prob': 0.25},
     'select_0.75': {'cmap.select_prob': 0.75},
     'mask_only': {'cmap.swap_prob': 0.0, 'cmap.mask_prob': 0.9},
+    'no_hypersphere': {'model.hypersphere': False},
 }
 
 
@@ -93,9 +95,6 @@ def run_config(run, args, out):
   """The ml_collections config of `run`."""
   if run.kind == 'pretrain':
     c = pretrain_config.get_config(f'{args.size},{run.recipe}')
-    for field, value in ABLATIONS.get(run.ablation, {}).items():
-      section, name = field.split('.')
-      c[section][name] = value
     c.world.num_train = run.corpus
     c.total_steps = args.pretrain_steps or c.total_steps
     c.data.dir = data_folder(out, 'pretrain', run.seed, run.corpus)
@@ -110,6 +109,12 @@ def run_config(run, args, out):
     c.data.dir = data_folder(out, run.task, run.seed)
     if run.recipe != 'random':
       c.init_from = os.path.join(out, 'runs', run.pretrain.name)
+  for field, value in ABLATIONS.get(run.ablation, {}).items():
+    section, name = field.split('.')
+    # The model's switches hold when fine-tuning too (they change no
+    # parameter, so init_from could not tell); CMAP and losses pre-train.
+    if run.kind == 'pretrain' or section == 'model':
+      c[section][name] = value
   c.seed = run.seed
   c.batch_size = args.batch_size or c.batch_size
   if run.kind == 'pretrain':  # Zero-shot retrieval over this many images.
@@ -145,12 +150,23 @@ def summarise(run, results, seconds):
   return out
 
 
+def prepare_data(run, args, out):
+  """Generates the synthetic data `run` reads where it is missing: a
+  (seed, corpus) or (seed, task) folder, shared by every recipe."""
+  from cmal_jax import finetune
+  from cmal_jax.data import synthetic
+  config = run_config(run, args, out)
+  if run.kind == 'pretrain':
+    synthetic.ensure_world_data(config, config.data.dir)
+  else:
+    finetune.ensure_task_data(config, config.data.dir)
+
+
 def execute(run, args, out):
   """Runs `run` in this process (resuming its workdir) and writes its
   result JSON; returns the summary."""
   import jax
-  from cmal_jax import finetune, guards, train
-  from cmal_jax.data import synthetic
+  from cmal_jax import guards, train
   if not jax.config.jax_compilation_cache_dir:
     # Runs of one seed and kind compile the same programs: the second one
     # loads them (corpus sizes and recipes of a kind share shapes).
@@ -158,12 +174,7 @@ def execute(run, args, out):
                       os.path.join(out, 'xla_cache'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   config = run_config(run, args, out)
-  # The data of a (seed, corpus) or (seed, task) is generated once, for
-  # every recipe; both calls only write the splits that are missing.
-  if run.kind == 'pretrain':
-    synthetic.ensure_world_data(config, config.data.dir)
-  else:
-    finetune.ensure_task_data(config, config.data.dir)
+  prepare_data(run, args, out)  # Normally done by run_grid already.
   workdir = os.path.join(out, 'runs', run.name)
   t = time.time()
   results = train.train_and_evaluate(config, workdir)
@@ -177,53 +188,94 @@ def execute(run, args, out):
   return summary
 
 
-def commit_result(out, run):
-  """--commit: the run's result JSON in its own git commit, so a grid cut
-  short by a machine restart keeps what it finished (OUT/results must be
-  inside a git checkout; runs/ and data/ are not added)."""
-  path = result_path(out, run)
-  folder = os.path.dirname(path)
-  git = lambda *a: subprocess.run(['git', *a], cwd=folder, check=True,
-                                  capture_output=True, text=True)
-  git('add', path)
-  git('commit', '-m', f'data_efficiency: {run.name}', '--', path)
+def _git(folder, *args):
+  return subprocess.run(['git', *args], cwd=folder, check=True,
+                        capture_output=True, text=True)
+
+
+def commit_results(out, runs, message):
+  """--commit: the result JSONs of `runs` that git does not hold yet, in one
+  commit, so a grid cut short by a machine restart keeps what it finished
+  (OUT/results must be inside a git checkout; runs/ and data/ are not
+  added). Only these paths are committed, whatever else is staged."""
+  paths = [p for p in (result_path(out, r) for r in runs) if os.path.exists(p)]
+  if not paths:
+    return
+  folder = os.path.dirname(paths[0])
+  _git(folder, 'add', *paths)
+  if subprocess.run(['git', 'diff', '--cached', '--quiet', '--', *paths],
+                    cwd=folder).returncode:
+    _git(folder, 'commit', '-m', message, '--', *paths)
 
 
 def run_grid(args):
   out = os.path.abspath(args.out)
   runs = grid(args)
+  if args.commit:  # Results a crash left uncommitted.
+    commit_results(out, runs, 'data_efficiency: results of an earlier run')
   todo = [r for r in runs if not os.path.exists(result_path(out, r))]
   print(f'{len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to go.',
         flush=True)
-  if args.parallel <= 1:
-    for i, run in enumerate(todo):
-      summary = execute(run, args, out)
-      if args.commit:
-        commit_result(out, run)
-      print(f'[{i + 1}/{len(todo)}] {run.name}: {summary["metrics"]} '
-            f'({summary["seconds"]:.0f}s)', flush=True)
-  else:
-    _run_parallel(todo, args, out)
-  return write_report(out, runs, args)
+  # Data first, in this process: parallel runs of one seed would race to
+  # write the same folder.
+  for run in {run_config(r, args, out).data.dir: r for r in todo}.values():
+    prepare_data(run, args, out)
+  failed = {}
+
+  def report(run, summary=None, error=None):
+    if error is not None:  # The worker's traceback is in error.__cause__.
+      traceback.print_exception(error)
+      failed[run.name] = f'{type(error).__name__}: {error}'
+      print(f'{run.name} FAILED: {failed[run.name]}', flush=True)
+      return
+    if args.commit:
+      commit_results(out, [run], f'data_efficiency: {run.name}')
+    done = len(runs) - len(todo) + sum(
+        os.path.exists(result_path(out, r)) for r in todo)
+    print(f'[{done}/{len(runs)}] {run.name}: {summary["metrics"]} '
+          f'({summary["seconds"]:.0f}s)', flush=True)
+
+  for kind in ('pretrain', 'finetune'):  # Fine-tuning needs its checkpoint.
+    phase = []
+    for run in (r for r in todo if r.kind == kind):
+      if kind == 'finetune' and run.recipe != 'random' and (
+          run.pretrain.name in failed):
+        failed[run.name] = f'its pre-training {run.pretrain.name} failed'
+      else:
+        phase.append(run)
+    if args.parallel <= 1:
+      for run in phase:
+        try:
+          report(run, execute(run, args, out))
+        except Exception as e:  # One run's failure does not stop the grid.
+          report(run, error=e)
+    else:
+      _run_parallel(phase, args, out, report)
+  tasks = write_report(out, runs, args)
+  if failed:
+    raise SystemExit(
+        f'{len(failed)} run(s) failed (the rest finished; the same command '
+        'retries them): ' + '; '.join(f'{k}: {v}' for k, v in failed.items()))
+  return tasks
 
 
-def _run_parallel(todo, args, out):
-  """Pre-training first (fine-tuning needs it), each phase N at a time."""
+def _run_parallel(runs, args, out, report):
+  """`runs` N at a time, each in a worker process of its own."""
   ctx = multiprocessing.get_context('spawn')
   devices = ctx.Manager().Queue()
   for i in range(args.parallel):
     devices.put(i)
-  for kind in ('pretrain', 'finetune'):
-    phase = [r for r in todo if r.kind == kind]
-    with concurrent.futures.ProcessPoolExecutor(
-        args.parallel, mp_context=ctx, initializer=_pin_device,
-        initargs=(devices,)) as pool:
-      futures = {pool.submit(execute, r, args, out): r for r in phase}
-      for future in concurrent.futures.as_completed(futures):
+  with concurrent.futures.ProcessPoolExecutor(
+      args.parallel, mp_context=ctx, initializer=_pin_device,
+      initargs=(devices,)) as pool:
+    futures = {pool.submit(execute, r, args, out): r for r in runs}
+    for future in concurrent.futures.as_completed(futures):
+      try:
         summary = future.result()
-        if args.commit:
-          commit_result(out, futures[future])
-        print(f'{futures[future].name}: {summary["metrics"]}', flush=True)
+      except Exception as e:  # One run's failure does not stop the grid.
+        report(futures[future], error=e)
+      else:
+        report(futures[future], summary)
 
 
 def _pin_device(devices):

@@ -58,7 +58,8 @@ def export_config(run_config, params, source=None):
   m = run_config.model
   model = {f: m[f] for f in ('hidden_dim', 'num_heads', 'mlp_dim',
                              'text_layers', 'vision_layers', 'unified_layers',
-                             'dropout', 'vocab_size', 'max_position')}
+                             'dropout', 'vocab_size', 'max_position',
+                             'hypersphere')}
   model['region_feat_dim'] = int(flat['vision_encoder/feature/kernel'].shape[0])
   model['num_tags'] = int(flat['tag_head/classifier/kernel'].shape[-1]
                           if 'tag_head/classifier/kernel' in flat else 1)
@@ -81,6 +82,8 @@ def flax_model(config):
                               'text_layers', 'vision_layers', 'unified_layers',
                               'dropout', 'vocab_size', 'num_tags',
                               'max_position')}
+  # Exports written before the hypersphere ablation existed had it on.
+  fields['hypersphere'] = m.get('hypersphere', True)
   return CMAL(ModelConfig(**fields), task=config['task'],
               num_outputs=config.get('num_outputs', 0))
 

@@ -31,6 +31,10 @@ def l2_normalize(x):
   return x * torch.rsqrt(torch.sum(x * x, -1, keepdim=True) + 1e-12)
 
 
+def end_on_sphere(x, unit):
+  return l2_normalize(x) if unit else x.float()
+
+
 def location_features(boxes):
   """[B, R, 4] -> UNITER's 7-d location [B, R, 7]."""
   x1, y1, x2, y2 = boxes.unbind(-1)
@@ -116,13 +120,14 @@ class TextEncoder(nn.Module):
     self.LayerNorm = nn.LayerNorm(D, eps=c['layer_norm_eps'])
     self.encoder = BertEncoder(c, c['text_layers'])
     self.sphere = nn.Linear(D, D)
+    self.unit = c.get('hypersphere', True)
 
   def forward(self, input_ids, text_mask):
     T = input_ids.shape[1]
     x = self.word_embeddings(input_ids.long()) + self.position_embeddings(
         torch.arange(T, device=input_ids.device))[None]
     x = F.dropout(self.LayerNorm(x), self.dropout, self.training)
-    return l2_normalize(self.sphere(self.encoder(x, text_mask)))
+    return end_on_sphere(self.sphere(self.encoder(x, text_mask)), self.unit)
 
 
 class VisionEncoder(nn.Module):
@@ -135,11 +140,12 @@ class VisionEncoder(nn.Module):
     self.LayerNorm = nn.LayerNorm(D, eps=c['layer_norm_eps'])
     self.encoder = BertEncoder(c, c['vision_layers'])
     self.sphere = nn.Linear(D, D)
+    self.unit = c.get('hypersphere', True)
 
   def forward(self, feats, boxes, mask):
     x = self.feature(feats) + self.location(location_features(boxes))
     x = F.dropout(self.LayerNorm(x), self.dropout, self.training)
-    return l2_normalize(self.sphere(self.encoder(x, mask)))
+    return end_on_sphere(self.sphere(self.encoder(x, mask)), self.unit)
 
 
 class SlotEmbeddings(nn.Module):
@@ -290,7 +296,7 @@ class CMAL(nn.Module):
     self.config, self.task = config, config['task']
     self.text_encoder = TextEncoder(c)
     self.vision_encoder = VisionEncoder(c)
-    scale = math.sqrt(c['hidden_dim'])
+    scale = math.sqrt(c['hidden_dim']) if c.get('hypersphere', True) else 1.0
     self.text_scale = nn.Parameter(torch.tensor(scale))
     self.vision_scale = nn.Parameter(torch.tensor(scale))
     self.mask_vector = nn.Parameter(torch.zeros(c['hidden_dim']))
@@ -370,7 +376,7 @@ class CMAL(nn.Module):
     mask = torch.cat([inputs['text_mask'], inputs['region_mask']], 1)
     x = self.unified(self.hybrid_embeddings(text_unit, region_unit, inputs),
                      mask)
-    itc = lambda: {'itc_text': text_unit[:, 0],
+    itc = lambda: {'itc_text': l2_normalize(text_unit[:, 0]),
                    'itc_image': pool_regions(region_unit,
                                              inputs['region_mask']),
                    'itc_log_scale': self.itc_log_scale}

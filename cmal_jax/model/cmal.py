@@ -31,6 +31,9 @@ class ModelConfig:
   # Rematerialise encoder layers: 'none', 'full', 'dots', 'dots_no_batch'
   # (unified.REMAT_POLICIES).
   remat: str = 'none'
+  # UMSE ends on the unit hypersphere (the paper); False is the ablation:
+  # the features enter CMAP unnormalised (ITC still compares unit vectors).
+  hypersphere: bool = True
 
   @classmethod
   def from_config(cls, model_config, num_tags):
@@ -85,10 +88,13 @@ class CMAL(nn.Module):
   def setup(self):
     c = self.config
     self.text_encoder = TextEncoder(c.encoder(c.text_layers), c.vocab_size,
-                                    c.max_position)
-    self.vision_encoder = VisionEncoder(c.encoder(c.vision_layers))
-    # Maps each unit sphere back to the unified encoder's range.
-    scale_init = lambda *_: jnp.sqrt(jnp.float32(c.hidden_dim))
+                                    c.max_position, unit=c.hypersphere)
+    self.vision_encoder = VisionEncoder(c.encoder(c.vision_layers),
+                                        unit=c.hypersphere)
+    # Maps each unit sphere back to the unified encoder's range (elements
+    # of size ~1); unnormalised projections are there already.
+    scale_init = lambda *_: jnp.float32(
+        math.sqrt(c.hidden_dim) if c.hypersphere else 1.0)
     self.text_scale = self.param('text_scale', axes.init(scale_init, ()), ())
     self.vision_scale = self.param('vision_scale', axes.init(scale_init, ()),
                                    ())
@@ -113,7 +119,8 @@ class CMAL(nn.Module):
     self.pairing_head = heads.PairingHead(unified_cfg)
 
   def embed_text(self, inputs, deterministic=True):
-    """UMSE text side: unit features [B, T, D]."""
+    """UMSE text side: unit features [B, T, D] (unnormalised without the
+    hypersphere, as are all "unit" features below)."""
     return self.text_encoder(inputs['input_ids'], inputs['text_mask'],
                              deterministic)
 
@@ -156,10 +163,10 @@ class CMAL(nn.Module):
   def __call__(self, inputs, *, deterministic=True):
     x, text_unit, region_unit = self.encode(inputs, deterministic)
     if self.task == 'retrieval':  # ITM head, and ITC on UMSE outputs.
-      return {'logits': self.itm_head(x[:, 0]),
-              'itc_text': text_unit[:, 0],
-              'itc_image': pool_regions(region_unit, inputs['region_mask']),
-              'itc_log_scale': self.itc_log_scale}
+      itc_text, itc_image = itc_features(text_unit, region_unit,
+                                         inputs['region_mask'])
+      return {'logits': self.itm_head(x[:, 0]), 'itc_text': itc_text,
+              'itc_image': itc_image, 'itc_log_scale': self.itc_log_scale}
     if self.task != 'pretrain':
       return {'logits': self.task_head(x, inputs)}
     T = inputs['input_ids'].shape[1]
@@ -171,6 +178,8 @@ class CMAL(nn.Module):
     # One vocabulary pass for the AMC words and the MLM positions: the
     # [*, V] logits and their gradient are most of a small model's step.
     K = at_word.shape[1]
+    itc_text, itc_image = itc_features(text_unit, region_unit,
+                                       inputs['region_mask'])
     words = self.vocab_head(jnp.concatenate(
         [at_word, prompt.gather_slots(text_out, inputs['mlm_positions'])], 1),
                             self.text_encoder.attend)
@@ -185,8 +194,8 @@ class CMAL(nn.Module):
         'mrc_logits': self.tag_head(region_out),
         'itm_logits': self.itm_head(x[:, 0]),
         # ITC uses UMSE outputs: text [CLS] and mean-pooled regions.
-        'itc_text': text_unit[:, 0],
-        'itc_image': pool_regions(region_unit, inputs['region_mask']),
+        'itc_text': itc_text,
+        'itc_image': itc_image,
         'itc_log_scale': self.itc_log_scale,
     }
     return out
@@ -194,8 +203,16 @@ class CMAL(nn.Module):
   def itc_embeddings(self, inputs):
     """UMSE-only pass for ITC retrieval: (text [B, D], image [B, D]), unit
     vectors; the same as __call__'s itc_text and itc_image."""
-    return (self.embed_text(inputs)[:, 0],
-            pool_regions(self.embed_regions(inputs), inputs['region_mask']))
+    return itc_features(self.embed_text(inputs), self.embed_regions(inputs),
+                        inputs['region_mask'])
+
+
+def itc_features(text_unit, region_unit, region_mask):
+  """ITC's unit vectors from UMSE outputs: the text [CLS] feature and the
+  pooled regions, (text [B, D], image [B, D]). Normalised here too, so ITC
+  compares unit vectors with or without the hypersphere."""
+  return (l2_normalize(text_unit[:, 0]),
+          pool_regions(region_unit, region_mask))
 
 
 def pool_regions(region_unit, region_mask):

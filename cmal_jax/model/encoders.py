@@ -1,5 +1,6 @@
 """Uni-modal semantic encoding (UMSE): one Transformer per modality, each
-ending on the unit hypersphere of its own space.
+ending on the unit hypersphere of its own space (`unit=False`, the
+hypersphere ablation, keeps the projection and skips the normalisation).
 
 The encoders compute in cfg.dtype; the sphere projection returns float32 and
 the unit features are float32 (they feed ITC's similarity logits directly).
@@ -26,11 +27,18 @@ def l2_normalize(x):
   return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
 
 
+def end_on_sphere(x, unit):
+  """The UMSE output: the projection x on the unit sphere, or (the ablation)
+  as it is; float32 either way."""
+  return l2_normalize(x) if unit else x.astype(jnp.float32)
+
+
 class TextEncoder(nn.Module):
   """Token + position embeddings, LayerNorm, L_t layers, sphere projection."""
   cfg: object  # unified.EncoderConfig with num_layers = L_t.
   vocab_size: int
   max_position: int
+  unit: bool = True  # L2-normalise the output (the hypersphere).
 
   def setup(self):
     cfg = self.cfg
@@ -44,7 +52,8 @@ class TextEncoder(nn.Module):
     self.sphere = sphere_projection(cfg)
 
   def __call__(self, input_ids, text_mask, deterministic):
-    """input_ids, text_mask [B, T] -> unit-norm token features [B, T, D]."""
+    """input_ids, text_mask [B, T] -> token features [B, T, D], float32,
+    unit-norm when self.unit."""
     T = input_ids.shape[1]
     x = self.word_embeddings(input_ids) + self.position_embeddings(
         jnp.arange(T))[None]
@@ -52,7 +61,7 @@ class TextEncoder(nn.Module):
                      deterministic=deterministic)
     x = self.encoder(axes.constrain(x, ('batch', 'length', 'embed')),
                      text_mask, deterministic)
-    return l2_normalize(self.sphere(x))
+    return end_on_sphere(self.sphere(x), self.unit)
 
   def attend(self, x):
     """Tied vocabulary logits: [..., D] -> [..., V], float32.
@@ -81,10 +90,12 @@ class VisionEncoder(nn.Module):
   """Linear(feature) + Linear(location), LayerNorm, L_v layers, sphere
   projection."""
   cfg: object
+  unit: bool = True  # L2-normalise the output (the hypersphere).
 
   @nn.compact
   def __call__(self, region_feats, region_boxes, region_mask, deterministic):
-    """feats [B, R, F], boxes [B, R, 4], mask [B, R] -> unit [B, R, D]."""
+    """feats [B, R, F], boxes [B, R, 4], mask [B, R] -> [B, R, D], float32,
+    unit-norm when self.unit."""
     cfg = self.cfg
     linear = lambda name: dense(cfg.hidden_dim, cfg, name,
                                 ('feature', 'embed'))
@@ -95,4 +106,4 @@ class VisionEncoder(nn.Module):
     x = BertEncoder(cfg, name='encoder')(
         axes.constrain(x, ('batch', 'length', 'embed')), region_mask,
         deterministic)
-    return l2_normalize(sphere_projection(cfg)(x))
+    return end_on_sphere(sphere_projection(cfg)(x), self.unit)
