@@ -109,3 +109,35 @@ def test_model_ablations_hold_in_fine_tuning_and_cmap_ones_do_not():
   plain, masked = (configs['finetune', a].to_dict() for a in ('', 'mask_only'))
   assert plain.pop('init_from') != masked.pop('init_from')
   assert plain == masked
+
+
+def test_a_failed_run_is_reported_and_the_rest_of_the_grid_finishes(
+    tmp_path, monkeypatch, capsys):
+  """A run that raises is named at the end (with the fine-tuning it
+  blocked); every other run still finishes and leaves its result."""
+  def fake_execute(run, args, out):
+    if run.name == 'pretrain-cmcl-256-s0':
+      raise RuntimeError('disk full')
+    results = ({'amc_pair_acc': 0.5} if run.kind == 'pretrain' else
+               {'val': {'accuracy': 0.5}, 'test': {'accuracy': 0.4},
+                'best_step': 4})
+    summary = de.summarise(run, results, 1.0)
+    os.makedirs(os.path.join(out, 'results'), exist_ok=True)
+    with open(de.result_path(out, run), 'w') as f:
+      json.dump(summary, f)
+    return summary
+
+  monkeypatch.setattr(de, 'execute', fake_execute)
+  monkeypatch.setattr(de, 'prepare_data', lambda *a: None)
+  with pytest.raises(SystemExit) as failure:
+    de.main(['--out', str(tmp_path), '--corpus_sizes=256', '--seeds=0',
+             '--tasks=ve', '--recipes=cmal,cmcl'])
+  assert str(failure.value) == (
+      '2 run(s) failed (the rest finished; the same command retries them): '
+      'pretrain-cmcl-256-s0: RuntimeError: disk full; ve-cmcl-256-s0: its '
+      'pre-training pretrain-cmcl-256-s0 failed')
+  assert sorted(os.listdir(tmp_path / 'results')) == [
+      'pretrain-cmal-256-s0.json', 've-cmal-256-s0.json',
+      've-random-s0.json']
+  assert 'RuntimeError: disk full' in capsys.readouterr().err
+  assert '3 of 5 runs finished' in (tmp_path / 'data_efficiency.md').read_text()
