@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 
 from cmal_jax.experiments import data_efficiency as de
@@ -141,3 +142,34 @@ def test_a_failed_run_is_reported_and_the_rest_of_the_grid_finishes(
       've-random-s0.json']
   assert 'RuntimeError: disk full' in capsys.readouterr().err
   assert '3 of 5 runs finished' in (tmp_path / 'data_efficiency.md').read_text()
+
+
+def test_ridge_probe_separates_what_is_separable_and_not_noise():
+  from cmal_jax.experiments import anchor_diagnostics as ad
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2000, 8))
+  fit = np.arange(2000) < 1000
+  # Rare positives (10 %) shifted along one axis: balanced accuracy ~1.
+  y = rng.uniform(size=2000) < 0.1
+  assert ad.ridge_probe(x + 6.0 * y[:, None] * np.eye(8)[0], y, fit) > 0.99
+  # Labels unrelated to x: chance.
+  assert abs(ad.ridge_probe(x, y, fit) - 0.5) < 0.08
+
+
+def test_anchor_diagnostics_on_a_pretrained_model(pretrained_tiny, tmp_path):
+  from cmal_jax.experiments import anchor_diagnostics as ad
+  out = tmp_path / 'diag.json'
+  report = ad.main([f'--workdir={pretrained_tiny}', '--max_pairs=64',
+                    f'--out={out}'])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+  cov = report['coverage']
+  assert cov['pairs'] == 64 and report['max_anchors'] == 4
+  assert 0.5 < cov['with_anchor'] <= 1.0
+  assert cov['with_anchor'] <= cov['anchors_per_pair'] <= 4 * cov[
+      'with_anchor']
+  assert 0 < cov['anchor_token_share'] < cov['anchor_region_share'] < 1
+  assert all(0 <= v <= 1 for v in report['amc_all_swapped'].values())
+  # Two encoders, two spheres: even an untrained model's swapped-in
+  # features stand out linearly on both sides.
+  assert report['swap_probe']['text'] > 0.9
+  assert report['swap_probe']['region'] > 0.9
