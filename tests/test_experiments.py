@@ -71,6 +71,8 @@ def test_table_and_plot_are_written(grid_out):
       assert f'| {recipe} | 256 | ' in text
     assert '| random init | - | ' in text
     assert '| cmal+mask_only | 256 | ' in text
+    assert '| cmal - cmcl | 256 | ' in text
+    assert '| cmal+mask_only - cmal | 256 | ' in text
     assert (folder / 'data_efficiency.png').stat().st_size > 5000
     assert len(json.loads((folder / 'data_efficiency.json').read_text())) == 9
 
@@ -173,3 +175,24 @@ def test_anchor_diagnostics_on_a_pretrained_model(pretrained_tiny, tmp_path):
   # features stand out linearly on both sides.
   assert report['swap_probe']['text'] > 0.9
   assert report['swap_probe']['region'] > 0.9
+
+
+def test_paired_differences_pair_runs_by_seed():
+  args = de.parse_args(['--out=x', '--corpus_sizes=100,200', '--seeds=0,1,2',
+                        '--tasks=ve', '--recipes=cmal,cmcl',
+                        '--ablations=mask_only'])
+  test = {('cmal', '', 100): [0.5, 0.6, 0.7], ('cmcl', '', 100): [0.4, 0.7, 0.5],
+          ('cmal', 'mask_only', 100): [0.5, 0.5, 0.5],
+          ('cmal', '', 200): [0.9, 0.9, 0.9]}  # cmcl-200 never finished.
+  results = {de.Run('finetune', seed, recipe, corpus, 've', ablation):
+             {'metrics': {'test': values[seed]}}
+             for (recipe, ablation, corpus), values in test.items()
+             for seed in range(3)}
+  diffs = de.paired_differences(results, args)
+  assert sorted(diffs) == [('ve', 'cmal', 'cmcl', 100),
+                           ('ve', 'cmal+mask_only', 'cmal', 100)]
+  mean, std, n, wins = diffs[('ve', 'cmal', 'cmcl', 100)]  # +.1, -.1, +.2
+  assert (n, wins) == (3, 2)
+  assert mean == pytest.approx(0.2 / 3) and std == pytest.approx(
+      np.std([0.1, -0.1, 0.2], ddof=1))
+  assert diffs[('ve', 'cmal+mask_only', 'cmal', 100)][2:] == (3, 0)
