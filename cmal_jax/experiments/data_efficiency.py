@@ -202,10 +202,19 @@ def commit_results(out, runs, message):
   if not paths:
     return
   folder = os.path.dirname(paths[0])
-  _git(folder, 'add', *paths)
-  if subprocess.run(['git', 'diff', '--cached', '--quiet', '--', *paths],
-                    cwd=folder).returncode:
-    _git(folder, 'commit', '-m', message, '--', *paths)
+  for attempt in range(3):
+    try:
+      _git(folder, 'add', *paths)
+      if subprocess.run(['git', 'diff', '--cached', '--quiet', '--', *paths],
+                        cwd=folder).returncode:
+        _git(folder, 'commit', '-m', message, '--', *paths)
+      return
+    except subprocess.CalledProcessError as e:
+      # Another git command holding the index lock, most likely: retry;
+      # then go on (the result is on disk; the next start commits it).
+      error = e.stderr.strip()
+      time.sleep(2 ** attempt)
+  print(f'--commit: could not commit {message!r}: {error}', flush=True)
 
 
 def run_grid(args):
