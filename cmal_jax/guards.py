@@ -27,7 +27,12 @@ def log(*args):
 # made with other values is not resumed. Dropout and the activation dtype do
 # not change the parameters, so they may differ.
 SIGNATURE_FIELDS = ('size', 'recipe', 'model')
-FREE_MODEL_FIELDS = ('dropout', 'dtype')
+# Model fields a resumed run may change: they leave the function alone
+# (dropout is training noise, dtype and remat trade precision or memory).
+FREE_MODEL_FIELDS = ('dropout', 'dtype', 'remat')
+# Signature fields added after checkpoints were written: a checkpoint that
+# lacks one was made with this value (the behaviour before the field).
+SIGNATURE_DEFAULTS = {'model.hypersphere': True}
 
 
 class Preemption:
@@ -131,7 +136,7 @@ def signature(config):
 
 def signature_mismatches(saved, current):
   """['model.hidden_dim: checkpoint 64, config 256', ...] (sorted)."""
-  saved = traverse_util.flatten_dict(saved, sep='.')
+  saved = {**SIGNATURE_DEFAULTS, **traverse_util.flatten_dict(saved, sep='.')}
   current = traverse_util.flatten_dict(current, sep='.')
   return [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
           for k in sorted(set(saved) | set(current))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 
 from cmal_jax.experiments import data_efficiency as de
@@ -70,6 +71,8 @@ def test_table_and_plot_are_written(grid_out):
       assert f'| {recipe} | 256 | ' in text
     assert '| random init | - | ' in text
     assert '| cmal+mask_only | 256 | ' in text
+    assert '| cmal - cmcl | 256 | ' in text
+    assert '| cmal+mask_only - cmal | 256 | ' in text
     assert (folder / 'data_efficiency.png').stat().st_size > 5000
     assert len(json.loads((folder / 'data_efficiency.json').read_text())) == 9
 
@@ -109,3 +112,87 @@ def test_model_ablations_hold_in_fine_tuning_and_cmap_ones_do_not():
   plain, masked = (configs['finetune', a].to_dict() for a in ('', 'mask_only'))
   assert plain.pop('init_from') != masked.pop('init_from')
   assert plain == masked
+
+
+def test_a_failed_run_is_reported_and_the_rest_of_the_grid_finishes(
+    tmp_path, monkeypatch, capsys):
+  """A run that raises is named at the end (with the fine-tuning it
+  blocked); every other run still finishes and leaves its result."""
+  def fake_execute(run, args, out):
+    if run.name == 'pretrain-cmcl-256-s0':
+      raise RuntimeError('disk full')
+    results = ({'amc_pair_acc': 0.5} if run.kind == 'pretrain' else
+               {'val': {'accuracy': 0.5}, 'test': {'accuracy': 0.4},
+                'best_step': 4})
+    summary = de.summarise(run, results, 1.0)
+    os.makedirs(os.path.join(out, 'results'), exist_ok=True)
+    with open(de.result_path(out, run), 'w') as f:
+      json.dump(summary, f)
+    return summary
+
+  monkeypatch.setattr(de, 'execute', fake_execute)
+  monkeypatch.setattr(de, 'prepare_data', lambda *a: None)
+  with pytest.raises(SystemExit) as failure:
+    de.main(['--out', str(tmp_path), '--corpus_sizes=256', '--seeds=0',
+             '--tasks=ve', '--recipes=cmal,cmcl'])
+  assert str(failure.value) == (
+      '2 run(s) failed (the rest finished; the same command retries them): '
+      'pretrain-cmcl-256-s0: RuntimeError: disk full; ve-cmcl-256-s0: its '
+      'pre-training pretrain-cmcl-256-s0 failed')
+  assert sorted(os.listdir(tmp_path / 'results')) == [
+      'pretrain-cmal-256-s0.json', 've-cmal-256-s0.json',
+      've-random-s0.json']
+  assert 'RuntimeError: disk full' in capsys.readouterr().err
+  assert '3 of 5 runs finished' in (tmp_path / 'data_efficiency.md').read_text()
+
+
+def test_ridge_probe_separates_what_is_separable_and_not_noise():
+  from cmal_jax.experiments import anchor_diagnostics as ad
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2000, 8))
+  fit = np.arange(2000) < 1000
+  # Rare positives (10 %) shifted along one axis: balanced accuracy ~1.
+  y = rng.uniform(size=2000) < 0.1
+  assert ad.ridge_probe(x + 6.0 * y[:, None] * np.eye(8)[0], y, fit) > 0.99
+  # Labels unrelated to x: chance.
+  assert abs(ad.ridge_probe(x, y, fit) - 0.5) < 0.08
+
+
+def test_anchor_diagnostics_on_a_pretrained_model(pretrained_tiny, tmp_path):
+  from cmal_jax.experiments import anchor_diagnostics as ad
+  out = tmp_path / 'diag.json'
+  report = ad.main([f'--workdir={pretrained_tiny}', '--max_pairs=64',
+                    f'--out={out}'])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+  cov = report['coverage']
+  assert cov['pairs'] == 64 and report['max_anchors'] == 4
+  assert 0.5 < cov['with_anchor'] <= 1.0
+  assert cov['with_anchor'] <= cov['anchors_per_pair'] <= 4 * cov[
+      'with_anchor']
+  assert 0 < cov['anchor_token_share'] < cov['anchor_region_share'] < 1
+  assert all(0 <= v <= 1 for v in report['amc_all_swapped'].values())
+  # Two encoders, two spheres: even an untrained model's swapped-in
+  # features stand out linearly on both sides.
+  assert report['swap_probe']['text'] > 0.9
+  assert report['swap_probe']['region'] > 0.9
+
+
+def test_paired_differences_pair_runs_by_seed():
+  args = de.parse_args(['--out=x', '--corpus_sizes=100,200', '--seeds=0,1,2',
+                        '--tasks=ve', '--recipes=cmal,cmcl',
+                        '--ablations=mask_only'])
+  test = {('cmal', '', 100): [0.5, 0.6, 0.7], ('cmcl', '', 100): [0.4, 0.7, 0.5],
+          ('cmal', 'mask_only', 100): [0.5, 0.5, 0.5],
+          ('cmal', '', 200): [0.9, 0.9, 0.9]}  # cmcl-200 never finished.
+  results = {de.Run('finetune', seed, recipe, corpus, 've', ablation):
+             {'metrics': {'test': values[seed]}}
+             for (recipe, ablation, corpus), values in test.items()
+             for seed in range(3)}
+  diffs = de.paired_differences(results, args)
+  assert sorted(diffs) == [('ve', 'cmal', 'cmcl', 100),
+                           ('ve', 'cmal+mask_only', 'cmal', 100)]
+  mean, std, n, wins = diffs[('ve', 'cmal', 'cmcl', 100)]  # +.1, -.1, +.2
+  assert (n, wins) == (3, 2)
+  assert mean == pytest.approx(0.2 / 3) and std == pytest.approx(
+      np.std([0.1, -0.1, 0.2], ddof=1))
+  assert diffs[('ve', 'cmal+mask_only', 'cmal', 100)][2:] == (3, 0)

@@ -214,6 +214,20 @@ def tiny(world_dir, **overrides):
   return c
 
 
+def test_a_checkpoint_older_than_a_model_field_takes_its_old_behaviour():
+  """A checkpoint written before model.hypersphere existed was made with the
+  hypersphere on: it resumes under the default, and not with it off; remat
+  may change on resume."""
+  config = pretrain.get_config('tiny')
+  old = guards.signature(config)
+  del old['model']['hypersphere']
+  assert guards.signature_mismatches(old, guards.signature(config)) == []
+  config.model.hypersphere = False
+  config.model.remat = 'full'
+  assert guards.signature_mismatches(old, guards.signature(config)) == [
+      'model.hypersphere: checkpoint True, config False']
+
+
 def test_resume_refuses_a_different_model(world_dir, tmp_path,
                                           compilation_cache):
   workdir = str(tmp_path)

@@ -202,10 +202,19 @@ def commit_results(out, runs, message):
   if not paths:
     return
   folder = os.path.dirname(paths[0])
-  _git(folder, 'add', *paths)
-  if subprocess.run(['git', 'diff', '--cached', '--quiet', '--', *paths],
-                    cwd=folder).returncode:
-    _git(folder, 'commit', '-m', message, '--', *paths)
+  for attempt in range(3):
+    try:
+      _git(folder, 'add', *paths)
+      if subprocess.run(['git', 'diff', '--cached', '--quiet', '--', *paths],
+                        cwd=folder).returncode:
+        _git(folder, 'commit', '-m', message, '--', *paths)
+      return
+    except subprocess.CalledProcessError as e:
+      # Another git command holding the index lock, most likely: retry;
+      # then go on (the result is on disk; the next start commits it).
+      error = e.stderr.strip()
+      time.sleep(2 ** attempt)
+  print(f'--commit: could not commit {message!r}: {error}', flush=True)
 
 
 def run_grid(args):
@@ -324,6 +333,33 @@ def table(results, args):
           {k: {m: fold(v) for m, v in d.items()} for k, d in pre.items()})
 
 
+def paired_differences(results, args):
+  """Test-metric differences between two inits fine-tuned with the same seed:
+  {(task, a, b, corpus): (mean, std, n, wins of a)}, a - b, for CMAL against
+  each other recipe at every corpus size and for each ablation against CMAL
+  on the smallest corpus. Pairing by seed removes what a seed's data and
+  fine-tuning draws share."""
+  by = {}
+  for run, r in results.items():
+    if run.kind == 'finetune':
+      init = run.recipe + (f'+{run.ablation}' if run.ablation else '')
+      by[(run.task, init, run.corpus, run.seed)] = r['metrics']['test']
+  pairs = [('cmal', other, c) for other in args.recipes if other != 'cmal'
+           for c in args.corpus_sizes]
+  pairs += [(f'cmal+{a}', 'cmal', min(args.corpus_sizes))
+            for a in args.ablations]
+  diffs = {}
+  for task in args.tasks:
+    for a, b, corpus in pairs:
+      d = [by[(task, a, corpus, s)] - by[(task, b, corpus, s)]
+           for s in args.seeds if (task, a, corpus, s) in by
+           and (task, b, corpus, s) in by]
+      if d:
+        diffs[(task, a, b, corpus)] = (*mean_std(d), len(d),
+                                       sum(x > 0 for x in d))
+  return diffs
+
+
 def write_report(out, runs, args):
   """OUT/results.md, OUT/results.json and OUT/data_efficiency.png (and the
   same in --docs when given). Returns the task table."""
@@ -352,6 +388,19 @@ def write_report(out, runs, args):
         fmt(tasks.get((t, recipe, corpus))) for t in args.tasks) + ' | '
         + ' | '.join(fmt(p.get(m)) for m in (
             'amc_pair_acc', 'itm_acc', 'retrieval_t2i_r1')) + ' |')
+  diffs = paired_differences(results, args)
+  if diffs:
+    lines += ['', 'Paired by seed: test metric of the first init minus the '
+              'second, mean ± std over seeds (wins: seeds where the first is '
+              'higher).', '', '| first - second | corpus | ' + ' | '.join(
+                  args.tasks) + ' |', '|---|---|' + '---|' * len(args.tasks)]
+    for a, b, corpus in dict.fromkeys(k[1:] for k in diffs):
+      cells = []
+      for task in args.tasks:
+        d = diffs.get((task, a, b, corpus))
+        cells.append(f'{d[0]:+.3f} ± {d[1]:.3f} ({d[3]}/{d[2]})' if d
+                     else '-')
+      lines.append(f'| {a} - {b} | {corpus} | ' + ' | '.join(cells) + ' |')
   lines += ['', 'Produced by:', '', '    python -m '
             'cmal_jax.experiments.data_efficiency ' + ' '.join(args.argv), '']
   text = '\n'.join(lines)
