@@ -196,3 +196,30 @@ def test_paired_differences_pair_runs_by_seed():
   assert mean == pytest.approx(0.2 / 3) and std == pytest.approx(
       np.std([0.1, -0.1, 0.2], ddof=1))
   assert diffs[('ve', 'cmal+mask_only', 'cmal', 100)][2:] == (3, 0)
+
+
+def test_fine_tuning_another_grids_checkpoints(grid_out, tmp_path):
+  """--pretrained_from: the same checkpoints under other fine-tuning
+  settings, nothing pre-trained again."""
+  args = ['--size=tiny', '--seeds=0', '--tasks=ve', '--recipes=cmal',
+          '--finetune_steps=2', '--pretrained_lr_mult=1.0',
+          '--no-random_init', f'--pretrained_from={grid_out}']
+  with pytest.raises(SystemExit, match='has not finished 1 pre-training '
+                     r'run\(s\) this grid fine-tunes: pretrain-cmal-512-s0'):
+    de.main(args + ['--corpus_sizes=512', f'--out={tmp_path}'])
+  tasks = de.main(args + ['--corpus_sizes=256', f'--out={tmp_path}'])
+  assert sorted(os.listdir(tmp_path / 'results')) == ['ve-cmal-256-s0.json']
+  assert sorted(os.listdir(tmp_path / 'runs')) == ['ve-cmal-256-s0']
+  with open(tmp_path / 'runs' / 've-cmal-256-s0' / 'config.json') as f:
+    config = json.load(f)
+  assert config['init_from'] == str(grid_out / 'runs' /
+                                    'pretrain-cmal-256-s0')
+  assert config['finetune']['pretrained_lr_mult'] == 1.0
+  assert config['total_steps'] == 2
+  assert tasks[('ve', 'cmal', 256)][2] == 1
+  # The pre-training columns come from the other grid's results.
+  with open(grid_out / 'results' / 'pretrain-cmal-256-s0.json') as f:
+    amc = json.load(f)['metrics']['amc_pair_acc']
+  row = next(line for line in (tmp_path / 'data_efficiency.md').read_text(
+      ).splitlines() if line.startswith('| cmal | 256 |'))
+  assert f'{amc:.3f}' in row

@@ -81,8 +81,9 @@ def grid(args):
   for seed in args.seeds:
     inits = [(c, r, '') for c in args.corpus_sizes for r in args.recipes]
     inits += [(c, 'cmal', a) for c, a in ablations]
-    for corpus, recipe, ablation in inits:
-      runs.append(Run('pretrain', seed, recipe, corpus, ablation=ablation))
+    if not args.pretrained_from:  # Else another grid pre-trained them.
+      for corpus, recipe, ablation in inits:
+        runs.append(Run('pretrain', seed, recipe, corpus, ablation=ablation))
     for task in args.tasks:
       if args.random_init:
         runs.append(Run('finetune', seed, 'random', 0, task))
@@ -101,6 +102,8 @@ def run_config(run, args, out):
   else:
     c = finetune_config.get_config(f'{run.task},{args.size}')
     c.total_steps = args.finetune_steps or c.total_steps
+    if args.pretrained_lr_mult:
+      c.finetune.pretrained_lr_mult = args.pretrained_lr_mult
     if args.finetune_examples:  # Synthetic train / val / test examples.
       c.world.num_train, c.world.num_eval, c.world.num_test = (
           args.finetune_examples)
@@ -108,7 +111,8 @@ def run_config(run, args, out):
       c.eval.every_steps = max(c.total_steps // 5, 1)
     c.data.dir = data_folder(out, run.task, run.seed)
     if run.recipe != 'random':
-      c.init_from = os.path.join(out, 'runs', run.pretrain.name)
+      c.init_from = os.path.join(pretrain_out(args, out), 'runs',
+                                 run.pretrain.name)
   for field, value in ABLATIONS.get(run.ablation, {}).items():
     section, name = field.split('.')
     # The model's switches hold when fine-tuning too (they change no
@@ -126,6 +130,11 @@ def run_config(run, args, out):
 def data_folder(out, task, seed, corpus=None):
   size = f'-{corpus}' if corpus is not None else ''
   return os.path.join(out, 'data', f'{task}{size}-s{seed}')
+
+
+def pretrain_out(args, out):
+  """Where the pre-training runs live: --pretrained_from, or this grid."""
+  return os.path.abspath(args.pretrained_from) if args.pretrained_from else out
 
 
 def result_path(out, run):
@@ -223,6 +232,14 @@ def run_grid(args):
   if args.commit:  # Results a crash left uncommitted.
     commit_results(out, runs, 'data_efficiency: results of an earlier run')
   todo = [r for r in runs if not os.path.exists(result_path(out, r))]
+  if args.pretrained_from:
+    missing = sorted({r.pretrain.name for r in todo if r.recipe != 'random'
+                      and not os.path.exists(result_path(
+                          pretrain_out(args, out), r.pretrain))})
+    if missing:
+      raise SystemExit(f'--pretrained_from={args.pretrained_from} has not '
+                       f'finished {len(missing)} pre-training run(s) this '
+                       f'grid fine-tunes: {", ".join(missing)}.')
   print(f'{len(runs)} runs, {len(runs) - len(todo)} done, {len(todo)} to go.',
         flush=True)
   # Data first, in this process: parallel runs of one seed would race to
@@ -365,6 +382,9 @@ def write_report(out, runs, args):
   same in --docs when given). Returns the task table."""
   results = load_results(out, runs)
   tasks, pre = table(results, args)
+  if args.pretrained_from:  # Their pre-training metrics, for the table.
+    pre = table(load_results(pretrain_out(args, out), {
+        r.pretrain for r in runs if r.recipe != 'random'}), args)[1]
   fmt = lambda t: (f'{t[0]:.3f} ± {t[1]:.3f}' if t[2] > 1 else
                    f'{t[0]:.3f}') if t else '-'
   lines = [f'# Data efficiency: CMAL vs CMCL vs MLM + ITM ({args.size})', '',
@@ -458,6 +478,13 @@ def parse_args(argv=None):
                   help='0: the size config default.')
   ap.add_argument('--finetune_steps', type=int, default=0)
   ap.add_argument('--batch_size', type=int, default=0)
+  ap.add_argument('--pretrained_from', default='',
+                  help="Fine-tune another grid's pre-training runs (its --out) "
+                  'instead of pre-training here: the same checkpoints under '
+                  'other fine-tuning settings.')
+  ap.add_argument('--pretrained_lr_mult', type=float, default=0,
+                  help='Fine-tuning lr multiplier of the pre-trained '
+                  "parameters (0: the fine-tuning config's).")
   ap.add_argument('--finetune_examples', type=ints, default=(),
                   help='train,val,test synthetic examples per task (default: '
                   "the size config's; tiny's 64,32,32 only smoke-test).")
