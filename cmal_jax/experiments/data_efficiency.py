@@ -389,8 +389,11 @@ def write_report(out, runs, args):
                    f'{t[0]:.3f}') if t else '-'
   lines = [f'# Data efficiency: CMAL vs CMCL vs MLM + ITM ({args.size})', '',
            f'{len(results)} of {len(runs)} runs finished; seeds '
-           f'{list(args.seeds)}; pre-training {args.pretrain_steps or "default"}'
-           f' steps, fine-tuning {args.finetune_steps or "default"} steps, '
+           f'{list(args.seeds)}; ' + (
+               f'pre-training runs of {args.pretrained_from}' if
+               args.pretrained_from else
+               f'pre-training {args.pretrain_steps or "default"} steps')
+           + f', fine-tuning {args.finetune_steps or "default"} steps, '
            f'batch {args.batch_size or "default"}. Test metric, mean ± std '
            'over seeds.', '',
            '| recipe | corpus | ' + ' | '.join(
