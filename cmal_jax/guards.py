@@ -138,6 +138,8 @@ def signature_mismatches(saved, current):
   """['model.hidden_dim: checkpoint 64, config 256', ...] (sorted)."""
   saved = {**SIGNATURE_DEFAULTS, **traverse_util.flatten_dict(saved, sep='.')}
   current = traverse_util.flatten_dict(current, sep='.')
+  for k in FREE_MODEL_FIELDS:  # Older checkpoints kept some of them.
+    saved.pop(f'model.{k}', None)
   return [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
           for k in sorted(set(saved) | set(current))
           if saved.get(k) != current.get(k)]
