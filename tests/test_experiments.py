@@ -70,6 +70,9 @@ def test_table_and_plot_are_written(grid_out):
     for recipe in de.RECIPES:
       assert f'| {recipe} | 256 | ' in text
     assert '| random init | - | ' in text
+    blind = de.blind_baselines(grid_out, de.parse_args(ARGS + ['--out=x']))
+    assert blind['ve'][2] == 1 and 0 < blind['ve'][0] < 1
+    assert f"| blind baseline | - | {blind['ve'][0]:.3f} |" in text
     assert '| cmal+mask_only | 256 | ' in text
     assert '| cmal - cmcl | 256 | ' in text
     assert '| cmal+mask_only - cmal | 256 | ' in text

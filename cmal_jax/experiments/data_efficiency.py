@@ -350,6 +350,25 @@ def table(results, args):
           {k: {m: fold(v) for m, v in d.items()} for k, d in pre.items()})
 
 
+def blind_baselines(out, args):
+  """{task: (mean, std, n)}: the score of a model that never sees the image
+  (world_tasks.blind_baseline, priors from train) on each seed's test
+  split, for the tasks whose data this grid has."""
+  from cmal_jax.data import region_store, task_pipeline, world_tasks
+  scores = {}
+  for task in args.tasks:
+    for seed in args.seeds:
+      folder = data_folder(out, task, seed)
+      if not os.path.exists(task_pipeline.task_file(folder, task, 'test')):
+        continue
+      regions = region_store.RegionStore(
+          region_store.store_path(folder)) if task == 'rec' else None
+      scores.setdefault(task, []).append(world_tasks.blind_baseline(
+          task_pipeline.read_task_examples(folder, task, 'test'), task,
+          task_pipeline.read_task_examples(folder, task, 'train'), regions))
+  return {t: (*mean_std(v), len(v)) for t, v in scores.items()}
+
+
 def paired_differences(results, args):
   """Test-metric differences between two inits fine-tuned with the same seed:
   {(task, a, b, corpus): (mean, std, n, wins of a)}, a - b, for CMAL against
@@ -400,6 +419,9 @@ def write_report(out, runs, args):
                f'{t} ({TASK_METRIC[t]})' for t in args.tasks)
            + ' | AMC pairing | ITM | zero-shot R@1 t2i |',
            '|---|---|' + '---|' * (len(args.tasks) + 3)]
+  blind = blind_baselines(out, args)
+  lines.append('| blind baseline | - | ' + ' | '.join(
+      fmt(blind.get(t)) for t in args.tasks) + ' | - | - | - |')
   if args.random_init:
     lines.append('| random init | - | ' + ' | '.join(
         fmt(tasks.get((t, 'random', 0))) for t in args.tasks) + ' | - | - | - |')

@@ -178,11 +178,11 @@ class CMAL(nn.Module):
     # One vocabulary pass for the AMC words and the MLM positions: the
     # [*, V] logits and their gradient are most of a small model's step.
     K = at_word.shape[1]
-    itc_text, itc_image = itc_features(text_unit, region_unit,
-                                       inputs['region_mask'])
     words = self.vocab_head(jnp.concatenate(
         [at_word, prompt.gather_slots(text_out, inputs['mlm_positions'])], 1),
                             self.text_encoder.attend)
+    itc_text, itc_image = itc_features(text_unit, region_unit,
+                                       inputs['region_mask'])
     out = {
         'amc_t2r_logits': self.pairing_head(
             at_word, region_out, inputs['region_mask'], 'text', 'region'),
