@@ -456,12 +456,12 @@ def write_report(out, runs, args):
       f.write(text)
     with open(os.path.join(folder, 'data_efficiency.json'), 'w') as f:
       json.dump([r for r in results.values()], f, indent=1)
-    plot(tasks, args, os.path.join(folder, 'data_efficiency.png'))
+    plot(tasks, blind, args, os.path.join(folder, 'data_efficiency.png'))
   print(text, flush=True)
   return tasks
 
 
-def plot(tasks, args, path):
+def plot(tasks, blind, args, path):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -479,7 +479,12 @@ def plot(tasks, args, path):
     if (task, 'random', 0) in tasks:
       ax.axhline(tasks[(task, 'random', 0)][0], color='grey', ls='--',
                  label='random init')
+    if task in blind:
+      ax.axhline(blind[task][0], color='grey', ls=':', label='blind baseline')
     ax.set_xscale('log')
+    ax.minorticks_off()
+    ax.set_xticks(args.corpus_sizes, [f'{c / 1000:g}k' if c >= 1000 else
+                                      str(c) for c in args.corpus_sizes])
     ax.set_xlabel('pre-training pairs')
     ax.set_title(f'{task} test {TASK_METRIC[task]}')
   axes[0][0].legend(fontsize=8)
