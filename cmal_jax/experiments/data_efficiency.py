@@ -354,13 +354,13 @@ def blind_baselines(out, args):
   """{task: (mean, std, n)}: the score of a model that never sees the image
   (world_tasks.blind_baseline, priors from train) on each seed's test
   split, for the tasks whose data this grid has."""
-  from cmal_jax.data import region_store, task_pipeline, world_tasks
+  from cmal_jax.data import region_store, task_pipeline, tasks, world_tasks
   scores = {}
   for task in args.tasks:
     for seed in args.seeds:
       folder = data_folder(out, task, seed)
-      if not os.path.exists(task_pipeline.task_file(folder, task, 'test')):
-        continue
+      if not os.path.exists(tasks.task_path(folder, task, 'test')):
+        continue  # Not generated (yet).
       regions = region_store.RegionStore(
           region_store.store_path(folder)) if task == 'rec' else None
       scores.setdefault(task, []).append(world_tasks.blind_baseline(
