@@ -78,8 +78,8 @@ def collect(workdir, split, max_pairs, step=None):
     batch.pop('stats')
     keep = np.asarray(batch['itm_label']) > 0  # Captions of their image.
     out = jax.device_get(run(params, batch))
-    fields = ('input_ids', 'text_mask', 'region_mask', 'anchor_valid',
-              'anchor_text_pos', 'anchor_region')
+    fields = ('text_mask', 'region_mask', 'anchor_valid', 'anchor_text_pos',
+              'anchor_region')
     part = {**{k: np.asarray(batch[k]) for k in fields}, **out}
     parts.append({k: v[keep] for k, v in part.items()})
     seen += int(keep.sum())

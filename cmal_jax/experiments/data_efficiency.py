@@ -60,10 +60,14 @@ class Run:
   ablation: str = ''  # A key of ABLATIONS (recipe cmal), or ''.
 
   @property
+  def init(self):
+    """The recipe, with its ablation: 'cmal', 'cmal+mask_only', 'random'."""
+    return f'{self.recipe}+{self.ablation}' if self.ablation else self.recipe
+
+  @property
   def name(self):
-    recipe = f'{self.recipe}+{self.ablation}' if self.ablation else (
-        self.recipe)
-    init = f'{recipe}-{self.corpus}' if self.recipe != 'random' else 'random'
+    init = (f'{self.init}-{self.corpus}' if self.recipe != 'random'
+            else 'random')
     return f'{self.task}-{init}-s{self.seed}'
 
   @property
@@ -159,13 +163,12 @@ def summarise(run, results, seconds):
   return out
 
 
-def prepare_data(run, args, out):
-  """Generates the synthetic data `run` reads where it is missing: a
-  (seed, corpus) or (seed, task) folder, shared by every recipe."""
+def prepare_data(config):
+  """Generates the synthetic data a run's config reads where it is missing:
+  a (seed, corpus) or (seed, task) folder, shared by every recipe."""
   from cmal_jax import finetune
   from cmal_jax.data import synthetic
-  config = run_config(run, args, out)
-  if run.kind == 'pretrain':
+  if config.task == 'pretrain':
     synthetic.ensure_world_data(config, config.data.dir)
   else:
     finetune.ensure_task_data(config, config.data.dir)
@@ -183,7 +186,7 @@ def execute(run, args, out):
                       os.path.join(out, 'xla_cache'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   config = run_config(run, args, out)
-  prepare_data(run, args, out)  # Normally done by run_grid already.
+  prepare_data(config)  # Normally done by run_grid already.
   workdir = os.path.join(out, 'runs', run.name)
   t = time.time()
   results = train.train_and_evaluate(config, workdir)
@@ -244,11 +247,13 @@ def run_grid(args):
         flush=True)
   # Data first, in this process: parallel runs of one seed would race to
   # write the same folder.
-  for run in {run_config(r, args, out).data.dir: r for r in todo}.values():
-    prepare_data(run, args, out)
-  failed = {}
+  configs = (run_config(r, args, out) for r in todo)
+  for config in {c.data.dir: c for c in configs}.values():
+    prepare_data(config)
+  failed, finished = {}, len(runs) - len(todo)
 
   def report(run, summary=None, error=None):
+    nonlocal finished
     if error is not None:  # The worker's traceback is in error.__cause__.
       traceback.print_exception(error)
       failed[run.name] = f'{type(error).__name__}: {error}'
@@ -256,9 +261,8 @@ def run_grid(args):
       return
     if args.commit:
       commit_results(out, [run], f'data_efficiency: {run.name}')
-    done = len(runs) - len(todo) + sum(
-        os.path.exists(result_path(out, r)) for r in todo)
-    print(f'[{done}/{len(runs)}] {run.name}: {summary["metrics"]} '
+    finished += 1
+    print(f'[{finished}/{len(runs)}] {run.name}: {summary["metrics"]} '
           f'({summary["seconds"]:.0f}s)', flush=True)
 
   for kind in ('pretrain', 'finetune'):  # Fine-tuning needs its checkpoint.
@@ -338,8 +342,7 @@ def table(results, args):
   pre-training metrics {(recipe, corpus): {metric: (mean, std, n)}}."""
   tasks, pre = {}, {}
   for run, r in results.items():
-    key = (run.recipe + (f'+{run.ablation}' if run.ablation else ''),
-           run.corpus)
+    key = (run.init, run.corpus)
     if run.kind == 'pretrain':
       for k, v in r['metrics'].items():
         pre.setdefault(key, {}).setdefault(k, []).append(v)
@@ -378,8 +381,7 @@ def paired_differences(results, args):
   by = {}
   for run, r in results.items():
     if run.kind == 'finetune':
-      init = run.recipe + (f'+{run.ablation}' if run.ablation else '')
-      by[(run.task, init, run.corpus, run.seed)] = r['metrics']['test']
+      by[(run.task, run.init, run.corpus, run.seed)] = r['metrics']['test']
   pairs = [('cmal', other, c) for other in args.recipes if other != 'cmal'
            for c in args.corpus_sizes]
   pairs += [(f'cmal+{a}', 'cmal', min(args.corpus_sizes))
