@@ -51,6 +51,16 @@ class Shapes:
                config.data.max_anchors, config.model.region_feat_dim)
 
 
+def tag_ids_of(region_tags, vocab, *, path, index) -> np.ndarray:
+  """Tag names -> int32 ids [N]; a tag outside meta.json's vocabulary is a
+  RecordError naming the record."""
+  try:
+    return np.asarray([vocab.tag_id(t) for t in region_tags], np.int32)
+  except KeyError as e:
+    raise records.RecordError(path, index, 'region_tags',
+                              f'tag not in the vocabulary (meta.json): {e}')
+
+
 def decode_pair(raw, *, path, index, shapes, vocab):
   """Record bytes -> validated example with integer tag ids."""
   example = records.decode_record_at(raw, path, index)
@@ -58,12 +68,7 @@ def decode_pair(raw, *, path, index, shapes, vocab):
     raise records.RecordError(path, index, '*', 'record is not a dict')
   example = records.validate_pair(example, path=path, index=index,
                                   feature_dim=shapes.feature_dim)
-  try:
-    tag_ids = np.asarray([vocab.tag_id(t) for t in example['region_tags']],
-                         np.int32)
-  except KeyError as e:
-    raise records.RecordError(path, index, 'region_tags',
-                              f'tag not in the vocabulary (meta.json): {e}')
+  tag_ids = tag_ids_of(example['region_tags'], vocab, path=path, index=index)
   return dict(caption=example['caption'], image_id=example['image_id'],
               region_feats=example['region_feats'],
               region_boxes=example['region_boxes'],
