@@ -14,6 +14,8 @@ A pair record (one image-caption pair) is a dict:
   region_feats: float32 [N, F], region_boxes: float32 [N, 4] (x1, y1, x2, y2
   in [0, 1]), region_tags: list[str] of length N ("" = no tag),
   region_conf: float32 [N].  N == 0 is valid.
+region_feats may be stored as float16 (half the bytes; converters'
+`--float16`): validate_pair returns every array as float32.
 """
 
 import json

@@ -7,7 +7,8 @@ synthetic world all plug in through this one interface.
 On disk a store is two files:
 
   regions.array_record          one msgpack record per image: image_id +
-                                tasks.REGION_FIELDS (region_feats f32 [N, F],
+                                tasks.REGION_FIELDS (region_feats f32 [N, F]
+                                (or f16, see write_region_store),
                                 region_boxes f32 [N, 4], region_tags
                                 list[str] of length N, region_conf f32 [N])
   regions.array_record.index.json
@@ -23,6 +24,8 @@ The index makes opening O(number of images), not O(data): records are read
 import json
 import os
 from typing import Iterable
+
+import numpy as np
 
 from cmal_jax.data import records
 from cmal_jax.data import tasks
@@ -79,6 +82,15 @@ def _expected_dim(dim, record) -> int:
   return 0 if own is None else own
 
 
+def _as_stored(checked: dict, given: dict) -> dict:
+  """The validated (float32) record, with region_feats back in float16 when
+  the caller gave float16: the float16 -> float32 -> float16 trip is exact."""
+  if getattr(given.get('region_feats'), 'dtype', None) == np.float16:
+    return dict(checked, region_feats=checked['region_feats'].astype(
+        np.float16))
+  return checked
+
+
 def write_region_store(path: str, region_records: Iterable[dict],
                        feature_dim: int | None = None) -> int:
   """Writes region records to `path` + its index; returns how many.
@@ -86,24 +98,26 @@ def write_region_store(path: str, region_records: Iterable[dict],
   All records must share one feature width (feature_dim, or the width of the
   first record with regions) and have distinct image ids. Both files are
   written atomically (temp file + rename), the index after the data.
+  region_feats given as float16 are stored as float16 (half the bytes);
+  everything else is stored as float32. Reading converts back to float32.
   """
   path = os.fspath(path)
   index: dict[str, int] = {}
 
   def checked():
     dim = feature_dim
-    for i, rec in enumerate(region_records):
+    for i, given in enumerate(region_records):
       if dim is None:
-        dim = _feature_dim_of(rec)
-      rec = validate_region_record(rec, path=path, index=i,
-                                   feature_dim=_expected_dim(dim, rec))
+        dim = _feature_dim_of(given)
+      rec = validate_region_record(given, path=path, index=i,
+                                   feature_dim=_expected_dim(dim, given))
       image_id = rec['image_id']
       if image_id in index:
         raise records.RecordError(
             path, i, 'image_id', f'duplicate id {image_id!r} (first at '
             f'record {index[image_id]})')
       index[image_id] = i
-      yield rec
+      yield _as_stored(rec, given)
 
   n = records.write_records(path, checked())
   tmp = index_path(path) + '.tmp'
