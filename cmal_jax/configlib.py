@@ -9,11 +9,20 @@ def _fail(field, value, why):
 
 
 TASKS = ('pretrain', 'vqa', 've', 'nlvr2', 'rec', 'retrieval')
+VISUAL_INPUTS = ('regions', 'pixels')
+BOX_SOURCES = ('given', 'grid')
 RECALLS = tuple(f'{d}_r{k}' for d in ('t2i', 'i2t') for k in (1, 5, 10))
 # What fine-tuning's evaluation reports per task (finetune.py).
 TASK_METRICS = {'vqa': ('vqa_accuracy',), 've': ('accuracy',),
                 'nlvr2': ('accuracy',), 'rec': ('accuracy',),
                 'retrieval': RECALLS + ('mean_recall',)}
+
+
+def reads_pixels(config) -> bool:
+  """Whether the model reads images (model.visual.input='pixels') rather
+  than region features. Configs written before the field read regions."""
+  visual = config.model.get('visual')
+  return visual is not None and visual.get('input', 'regions') == 'pixels'
 
 
 def eval_metric_names(config):
@@ -45,6 +54,7 @@ def validate(config: ml_collections.ConfigDict):
   if m.hidden_dim % m.num_heads:
     _fail('model.num_heads', m.num_heads,
           f'must divide model.hidden_dim={m.hidden_dim}')
+  _validate_visual(config)
   if m.dtype not in ('float32', 'bfloat16', 'float16'):
     _fail('model.dtype', m.dtype, 'must be float32, bfloat16 or float16')
   if not 0 <= m.dropout < 1:
@@ -112,6 +122,37 @@ def validate(config: ml_collections.ConfigDict):
           f'must divide config.batch_size={config.batch_size}')
   if not isinstance(d.itm_group, int) or d.itm_group <= 0:
     _fail('data.itm_group', d.itm_group, 'must be a positive integer')
+
+
+def _validate_visual(config):
+  """model.visual: the input kind, the box source, and (for pixels) the
+  backbone's fields, checked by PixelConfig itself."""
+  v = config.model.get('visual')
+  if v is None:
+    return
+  if v.input not in VISUAL_INPUTS:
+    _fail('model.visual.input', v.input, f'must be one of {VISUAL_INPUTS}')
+  if v.input != 'pixels':
+    return
+  if v.boxes not in BOX_SOURCES:
+    _fail('model.visual.boxes', v.boxes, f'must be one of {BOX_SOURCES}')
+  from cmal_jax.model.cmal import pixel_config  # Imports JAX.
+  try:
+    cfg = pixel_config(config.model)
+  except (TypeError, ValueError) as e:  # 'PixelConfig.width=0: ...'.
+    field = str(e).split('=')[0].removeprefix('PixelConfig.')
+    _fail(f'model.visual.{field}', v.get(field), str(e))
+  if not isinstance(v.image_size, int) or v.image_size <= 0 or (
+      v.image_size % cfg.patch_size):
+    _fail('model.visual.image_size', v.image_size,
+          f'must be a positive multiple of model.visual.patch_size='
+          f'{cfg.patch_size}')
+  cells = cfg.grid_size ** 2
+  if v.boxes == 'given' and cells > config.data.max_regions:
+    _fail('model.visual.grid_size', cfg.grid_size,
+          f'an image without boxes gets its {cells} grid cells as regions, '
+          f'more than data.max_regions={config.data.max_regions}; lower '
+          'grid_size or raise max_regions')
 
 
 def _validate_pretrain(config):

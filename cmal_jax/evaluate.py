@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmal_jax import objectives, sharding, task_metrics
-from cmal_jax.data import pipeline, records
+from cmal_jax.data import pipeline, tfds_source
 from cmal_jax.data import anchors as anchors_lib
 from cmal_jax.data.tokenizer import load_tokenizer
 
@@ -70,10 +70,8 @@ def retrieval_pairs(config, directory, split, num_images):
   """Yields (caption i, image j) rows over the first `num_images` pairs of a
   split, row-major (i * N + j), each encoded like a training pair: anchors
   are detected for the pair actually fed."""
-  meta = records.read_meta(directory)
+  source, path, meta = tfds_source.open_pairs(config, directory, split)
   vocab = anchors_lib.TagVocab.from_meta(meta)
-  path = records.split_path(directory, split)
-  source = records.open_source(path)
   shapes = pipeline.Shapes.from_config(config)
   tokenizer = load_tokenizer(config.data.vocab_path or None)
   n = min(num_images, len(source))

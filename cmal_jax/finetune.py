@@ -28,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cmal_jax import (checkpoint, guards, objectives, sharding, task_metrics,
-                      train)
-from cmal_jax.data import region_store, synthetic, task_pipeline, tasks
+from cmal_jax import (checkpoint, configlib, guards, objectives, sharding,
+                      task_metrics, train)
+from cmal_jax.data import synthetic, task_pipeline, tasks
 from cmal_jax.data import world, world_tasks
-from cmal_jax.model.cmal import (CMAL, ModelConfig, itc_features,
-                                 pretrained_param_names)
+from cmal_jax.model.cmal import (CMAL, PIXEL_PARAMS, ModelConfig,
+                                 itc_features, pretrained_param_names)
 from cmal_jax.guards import log
 
 MODEL_INPUTS = task_pipeline.PAIR_KEYS  # What the model reads of a batch.
@@ -72,18 +72,23 @@ def model_inputs(batch, task):
   shard)."""
   if task == 'nlvr2':
     batch = task_pipeline.flatten_image_pairs(batch)
-  return {k: batch[k] for k in MODEL_INPUTS}
+  return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 def init_inputs(config):
   """Zero model inputs with the task's shapes, for init."""
   rows = 2 if config.task == 'nlvr2' else 1
-  T, R, F = (config.data.max_text_len, config.data.max_regions,
-             config.model.region_feat_dim)
+  shapes = task_pipeline.task_shapes(config)
+  T, R = shapes.max_text_len, shapes.max_regions
   z = lambda *s, dtype=jnp.int32: jnp.zeros((rows,) + s, dtype)
-  return dict(input_ids=z(T), text_mask=z(T),
-              region_feats=z(R, F, dtype=jnp.float32),
-              region_boxes=z(R, 4, dtype=jnp.float32), region_mask=z(R))
+  inputs = dict(input_ids=z(T), text_mask=z(T),
+                region_boxes=z(R, 4, dtype=jnp.float32), region_mask=z(R))
+  if shapes.pixels:
+    S = shapes.image_size
+    inputs['images'] = z(S, S, 3, dtype=jnp.uint8)
+  else:
+    inputs['region_feats'] = z(R, shapes.feature_dim, dtype=jnp.float32)
+  return inputs
 
 
 # ------------------------------------------------------------------ losses
@@ -268,11 +273,11 @@ def write_jsonl(path, rows):
 def retrieval_inputs(config, directory, split):
   """The split's images and captions, encoded once: (captions, images,
   caption_image [Nc], image_ids [Ni]). captions: input_ids, text_mask
-  [Nc, T]; images: region_feats [Ni, R, F], region_boxes, region_mask."""
+  [Nc, T]; images: region_feats [Ni, R, F] (pixels: images [Ni, S, S, 3]),
+  region_boxes, region_mask."""
   examples = task_pipeline.read_task_examples(directory, 'retrieval', split)
   shapes = task_pipeline.task_shapes(config)
-  store = region_store.RegionStore(region_store.store_path(directory),
-                                   feature_dim=shapes.feature_dim)
+  store = task_pipeline.open_store(directory, shapes)
   from cmal_jax.data.tokenizer import load_tokenizer
   tokenizer = load_tokenizer(config.data.vocab_path or None)
   text, caption_image, images = [], [], []
@@ -282,8 +287,8 @@ def retrieval_inputs(config, directory, split):
                                                shapes.max_text_len)
       text.append((ids, mask))
       caption_image.append(i)
-    images.append(task_pipeline.encode_regions(
-        store[ex['image_id']], shapes.max_regions, shapes.feature_dim)[0])
+    images.append(task_pipeline.encode_regions(store[ex['image_id']],
+                                               shapes)[0])
   captions = dict(input_ids=np.stack([t[0] for t in text]),
                   text_mask=np.stack([t[1] for t in text]))
   image_arrays = {k: np.stack([im[k] for im in images]) for k in images[0]}
@@ -336,15 +341,17 @@ def retrieval_scores(model, params, config, captions, images, mesh):
                                  indexing='ij'), -1).reshape(-1, 2)
     pairs = pairs.astype(np.int32)
 
+  # What fusing a pair reads: the UMSE outputs, the text and the region
+  # slots (not the features or pixels they were embedded from).
   cached = {'text_unit': text_unit, 'region_unit': region_unit, **captions,
-            **images}
+            'region_boxes': images['region_boxes'],
+            'region_mask': images['region_mask']}
   cached = {k: _replicated(v, mesh) for k, v in cached.items()}
 
   def score(p, c, idx):
     cap, img = idx[:, 0], idx[:, 1]
     inputs = {k: c[k][cap] for k in ('input_ids', 'text_mask')}
-    inputs.update({k: c[k][img] for k in ('region_feats', 'region_boxes',
-                                          'region_mask')})
+    inputs.update({k: c[k][img] for k in ('region_boxes', 'region_mask')})
     return model.apply({'params': p}, c['text_unit'][cap],
                        c['region_unit'][img], inputs, method='itm_log_prob')
 
@@ -406,7 +413,22 @@ def load_init_params(config):
     return None
   params, where = checkpoint.load_pretrained_params(
       config.init_from, config.init_step or None)
+  check_visual_input(params, config, where)
   return params, where
+
+
+def check_visual_input(pretrained, config, where):
+  """A checkpoint pre-trained on pixels (it has the backbone) only starts a
+  model that reads pixels, and one of region features only a region model:
+  their vision encoders read different features, even at the same width."""
+  had = 'pixels' if PIXEL_PARAMS in pretrained else 'regions'
+  wants = 'pixels' if configlib.reads_pixels(config) else 'regions'
+  if had != wants:
+    raise ValueError(
+        f'init_from: {where} was pre-trained on {had} and this config reads '
+        f'{wants} (config.model.visual.input={wants!r}); set '
+        f"--config.model.visual.input={had!r} or start from a {wants} "
+        'checkpoint.')
 
 
 def make_job(config, workdir, mesh, axis_rules, local_batch):
@@ -461,7 +483,8 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
       log('init_from is empty: every parameter starts from random init.')
       return params
     pretrained, where = loaded
-    names = pretrained_param_names(config.task)
+    names = pretrained_param_names(config.task,
+                                   configlib.reads_pixels(config))
     merged, taken = checkpoint.merge_pretrained(
         jax.device_get(params), pretrained, names, source=where)
     log(f'init_from {where}: {taken} parameter arrays ({", ".join(names)}); '

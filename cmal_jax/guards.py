@@ -32,7 +32,8 @@ SIGNATURE_FIELDS = ('size', 'recipe', 'model')
 FREE_MODEL_FIELDS = ('dropout', 'dtype', 'remat')
 # Signature fields added after checkpoints were written: a checkpoint that
 # lacks one was made with this value (the behaviour before the field).
-SIGNATURE_DEFAULTS = {'model.hypersphere': True}
+SIGNATURE_DEFAULTS = {'model.hypersphere': True,
+                      'model.visual.input': 'regions'}
 
 
 class Preemption:
@@ -127,6 +128,12 @@ def signature(config):
                               default=lambda o: o.to_dict()))
   for k in FREE_MODEL_FIELDS:
     sig['model'].pop(k, None)
+  visual = sig['model'].get('visual', {})
+  if visual.get('input', 'regions') == 'pixels':
+    # The backbone's width is the feature width; region_feat_dim is unused.
+    sig['model'].pop('region_feat_dim', None)
+  else:  # Region features: the backbone fields shape nothing.
+    sig['model']['visual'] = {'input': 'regions'}
   if config.task != 'pretrain':  # The task head's shape.
     sig['task'] = config.task
     if config.task == 'vqa':

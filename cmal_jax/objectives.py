@@ -117,15 +117,12 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
                   & ~anchor_region_cover(batch))
   mrc_pos, mrc_corrupted = choose_positions(mrc_rng, mrc_eligible,
                                             config.loss.mrc_prob)
-  feats = batch['region_feats']
-  if corrupt and config.loss.mrc > 0:
-    feats = _scatter_where(feats, mrc_pos, mrc_corrupted,
-                           jnp.zeros(mrc_pos.shape + feats.shape[2:],
-                                     feats.dtype))
   mrc_w = mrc_corrupted & positive[:, None]
+  mrc_masked = mrc_corrupted if corrupt and config.loss.mrc > 0 else None
 
   inputs = dict(
-      input_ids=ids, text_mask=batch['text_mask'], region_feats=feats,
+      input_ids=ids, text_mask=batch['text_mask'],
+      **_masked_regions(batch, mrc_pos, mrc_masked),
       region_boxes=batch['region_boxes'], region_mask=batch['region_mask'],
       anchor_text_pos=batch['anchor_text_pos'],
       anchor_text_end=batch['anchor_text_end'],
@@ -142,6 +139,26 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
       mrc_positions=mrc_pos, mrc_weights=mrc_w,
       mrc_targets=jnp.take_along_axis(region_tags, mrc_pos, axis=1))
   return inputs, targets
+
+
+def _masked_regions(batch, positions, masked):
+  """The visual inputs, MRC's masked regions zeroed: {region_feats} with the
+  features at `positions` (where `masked`) set to 0, or for pixels {images,
+  region_masked [B, R] bool}, which the model zeroes after pooling. masked
+  None: nothing is masked."""
+  if 'images' in batch:
+    out = dict(images=batch['images'])
+    if masked is not None:
+      out['region_masked'] = _scatter_where(
+          jnp.zeros(batch['region_mask'].shape, bool), positions, masked,
+          jnp.ones(positions.shape, bool))
+    return out
+  feats = batch['region_feats']
+  if masked is not None:
+    feats = _scatter_where(feats, positions, masked,
+                           jnp.zeros(positions.shape + feats.shape[2:],
+                                     feats.dtype))
+  return dict(region_feats=feats)
 
 
 def weighted_xent(logits, labels, weights, denom=None):

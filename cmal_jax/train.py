@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 
 from cmal_jax import (checkpoint, configlib, evaluate, guards, objectives,
                       sharding)
-from cmal_jax.data import pipeline, records, synthetic
+from cmal_jax.data import pipeline, synthetic, tfds_source
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.guards import log
 from cmal_jax.metrics import MetricWriter
@@ -84,7 +84,8 @@ def pretrained_lr(config):
   fine-tuning run takes from init_from; ((), 1.0) when it loads none."""
   if not config.get('init_from'):
     return (), 1.0
-  return (pretrained_param_names(config.task),
+  return (pretrained_param_names(config.task,
+                                 configlib.reads_pixels(config)),
           config.finetune.pretrained_lr_mult)
 
 
@@ -103,16 +104,20 @@ def bert_params(config, params):
 
 def dummy_batch(config, batch_size):
   """Zeros with the pipeline's shapes, for init and shape inference."""
-  T, R, K = (config.data.max_text_len, config.data.max_regions,
-             config.data.max_anchors)
+  shapes = pipeline.Shapes.from_config(config)
+  T, R, K = shapes.max_text_len, shapes.max_regions, shapes.max_anchors
   z = lambda *s, dtype=jnp.int32: jnp.zeros((batch_size,) + s, dtype)
-  return dict(input_ids=z(T), text_mask=z(T),
-              region_feats=z(R, config.model.region_feat_dim,
-                             dtype=jnp.float32),
-              region_boxes=z(R, 4, dtype=jnp.float32), region_tags=z(R),
-              region_mask=z(R), anchor_text_pos=z(K), anchor_text_end=z(K),
-              anchor_region=z(K), anchor_valid=z(K, dtype=bool),
-              itm_label=z())
+  batch = dict(input_ids=z(T), text_mask=z(T),
+               region_boxes=z(R, 4, dtype=jnp.float32), region_tags=z(R),
+               region_mask=z(R), anchor_text_pos=z(K), anchor_text_end=z(K),
+               anchor_region=z(K), anchor_valid=z(K, dtype=bool),
+               itm_label=z())
+  if shapes.pixels:
+    S = shapes.image_size
+    batch['images'] = z(S, S, 3, dtype=jnp.uint8)
+  else:
+    batch['region_feats'] = z(R, shapes.feature_dim, dtype=jnp.float32)
+  return batch
 
 
 def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,
@@ -301,7 +306,10 @@ def pretrain_objectives(model, config, specials):
 def pretrain_job(config, workdir, mesh, axis_rules, local_batch):
   """The Job of a pre-training config: CMAP, AMC, MLM, ITM, MRC, ITC."""
   directory = synthetic.data_dir(config, workdir)
-  if not config.data.dir:
+  # data.source='tfds:...' reads a TFDS dataset (tfds_source.py), not
+  # `directory`'s records: no synthetic world then.
+  tfds_spec = tfds_source.source_spec(config)
+  if not config.data.dir and tfds_spec is None:
     synthetic.ensure_world_data(config, directory,
                       every_process=guards.is_remote(workdir))
   tokenizer = load_tokenizer(config.data.vocab_path or None)
@@ -323,8 +331,9 @@ def pretrain_job(config, workdir, mesh, axis_rules, local_batch):
       config, directory, config.data.train_split, batch_size=local_batch,
       train=True, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
-  eval_path = records.split_path(directory, config.data.eval_split)
-  num_eval = len(records.open_source(eval_path))
+  eval_source, eval_path, _ = tfds_source.open_pairs(
+      config, directory, config.data.eval_split)
+  num_eval = len(eval_source)
   if num_eval < config.eval.batch_size:  # Else evaluation would see nothing.
     raise ValueError(
         f'{eval_path} holds {num_eval} pairs, fewer than '
@@ -339,12 +348,13 @@ def pretrain_job(config, workdir, mesh, axis_rules, local_batch):
         model, params, config, directory, specials, mesh, axis_rules,
         retrieval=final or config.eval.best_metric.startswith('retrieval'))
 
-  log(f'Data {directory} ({vocab.num_tags} tags).')
+  data_name = config.data.source if tfds_spec else directory
+  log(f'Data {data_name} ({vocab.num_tags} tags).')
   return Job(model=model, train_ds=train_ds,
-             epoch_size=len(records.open_source(records.split_path(
-                 directory, config.data.train_split))),
-             stat_keys=pipeline.STAT_KEYS, init_inputs=init_inputs,
-             loss=loss, evaluate=evaluate_now, directory=directory)
+             epoch_size=len(tfds_source.open_pairs(
+                 config, directory, config.data.train_split)[0]),
+             stat_keys=pipeline.stat_keys(config), init_inputs=init_inputs,
+             loss=loss, evaluate=evaluate_now, directory=data_name)
 
 
 # ---------------------------------------------------------------- the run
@@ -450,7 +460,9 @@ def train_and_evaluate(config, workdir):
   while step < last_step:
     local = next(train_iter)
     if step + 1 in config.debug_nan_steps:  # Test hook (config.debug_*).
-      local['region_feats'] = np.full_like(local['region_feats'], np.nan)
+      # Pixels are uint8: the boxes that pool them carry the NaN instead.
+      key = 'region_feats' if 'region_feats' in local else 'region_boxes'
+      local[key] = np.full_like(local[key], np.nan)
     batch = sharding.global_batch(local, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
       state, metrics = step_fn(state, batch)

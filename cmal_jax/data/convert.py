@@ -4,15 +4,26 @@ r"""Converts real-world region features and captions into our records.
       --vocab=objects_vocab.txt --out=DIR [--float16] [--skip_bad]
   python -m cmal_jax.data.convert captions --format=coco|vg|jsonl \
       --input=FILE --regions=DIR --out=DIR --split=pretrain [--skip_bad]
+  python -m cmal_jax.data.convert coco_instances --instances=FILE \
+      --images=DIR --out=DIR [--synonyms=FILE] [--skip_bad]
+  python -m cmal_jax.data.convert vg_objects --objects=FILE \
+      [--image_data=FILE] --images=DIR --out=DIR [--vocab=FILE] [--skip_bad]
 
 `bottom_up` turns bottom-up-attention TSV region features (+ the detector's
 class vocabulary) into a region store (formats/bottom_up.py); `captions`
 joins a caption file with that store into pre-training pair records
-(formats/captions.py). Then pre-train on the folder, with the model's
-feature width set to the store's:
+(formats/captions.py). `coco_instances` and `vg_objects` describe a folder
+of raw images instead (formats/image_boxes.py): images.json (each image's
+file, its annotated boxes and their class names as tags) and meta.json (the
+class names as the tag vocabulary), for a model that reads pixels;
+`captions --regions=` that folder then writes pairs that carry the image
+files. Then pre-train on the folder, with the model's feature width set to
+the store's:
 
   python -m cmal_jax.main --config=configs/pretrain.py --workdir=runs/real \
       --config.data.dir=DIR --config.model.region_feat_dim=2048
+
+or, from images, with --config.model.visual.input=pixels instead.
 
 (pre-training reads the splits `pretrain` and `val`; convert one caption
 file into each.) Each subcommand prints what it wrote and, per reason, the
@@ -22,7 +33,7 @@ naming the file, line or record, and field.
 
 import argparse
 
-from cmal_jax.data.formats import bottom_up, captions
+from cmal_jax.data.formats import bottom_up, captions, image_boxes
 
 
 def summary(what: str, n: int, skipped: dict[str, int]) -> str:
@@ -49,6 +60,22 @@ def _captions(a):
   n, skipped = captions.convert_captions(
       a.format, a.input, a.regions, a.out, a.split, skip_bad=a.skip_bad)
   print(summary(f'{a.split} pairs to {a.out}', n, skipped))
+  return n, skipped
+
+
+def _coco_instances(a):
+  n, skipped = image_boxes.convert_coco_instances(
+      a.instances, a.images, a.out, synonyms_path=a.synonyms,
+      skip_bad=a.skip_bad)
+  print(summary(f'images to {a.out}', n, skipped))
+  return n, skipped
+
+
+def _vg_objects(a):
+  n, skipped = image_boxes.convert_vg_objects(
+      a.objects, a.images, a.out, image_data_path=a.image_data,
+      vocab_path=a.vocab, max_tags=a.max_tags, skip_bad=a.skip_bad)
+  print(summary(f'images to {a.out}', n, skipped))
   return n, skipped
 
 
@@ -85,6 +112,38 @@ def main(argv=None):
   c.add_argument('--skip_bad', action='store_true',
                  help='Skip and count bad captions instead of stopping.')
   c.set_defaults(run=_captions)
+
+  o = sub.add_parser('coco_instances',
+                     help='COCO instances + image folder -> image store')
+  o.add_argument('--instances', required=True,
+                 help='COCO instances JSON (images, annotations, categories).')
+  o.add_argument('--images', required=True,
+                 help='The folder of the image files (file_name).')
+  o.add_argument('--out', required=True, help='A fresh output directory.')
+  o.add_argument('--synonyms', default=None,
+                 help='JSON {word: category name} of more words to anchor.')
+  o.add_argument('--skip_bad', action='store_true',
+                 help='Skip and count bad images instead of stopping.')
+  o.set_defaults(run=_coco_instances)
+
+  v = sub.add_parser('vg_objects',
+                     help='Visual Genome objects + image folder -> image '
+                     'store')
+  v.add_argument('--objects', required=True, help='objects.json.')
+  v.add_argument('--image_data', default=None,
+                 help='image_data.json (sizes, folders); default: read '
+                 'from the image files.')
+  v.add_argument('--images', required=True,
+                 help='The folder of VG_100K/ and VG_100K_2/ (or the images).')
+  v.add_argument('--out', required=True, help='A fresh output directory.')
+  v.add_argument('--vocab', default=None,
+                 help='objects_vocab.txt: the tags and their synonyms; '
+                 'default: the --max_tags most frequent names.')
+  v.add_argument('--max_tags', type=int,
+                 default=image_boxes.VG_DEFAULT_MAX_TAGS)
+  v.add_argument('--skip_bad', action='store_true',
+                 help='Skip and count bad images instead of stopping.')
+  v.set_defaults(run=_vg_objects)
 
   a = ap.parse_args(argv)
   return a.run(a)

@@ -19,13 +19,19 @@ import dataclasses
 import grain
 import numpy as np
 
+from cmal_jax.configlib import reads_pixels
 from cmal_jax.data import anchors as anchors_lib
+from cmal_jax.data import image_store
 from cmal_jax.data import records
 from cmal_jax.data.tokenizer import load_tokenizer
+from cmal_jax.model.pixels import grid_boxes
 
 # Why a record was skipped (data.on_error='skip'): the field a RecordError
 # names, or 'record' for one that cannot be read or decoded (field '*').
 SKIP_REASONS = ('record',) + records.PAIR_FIELDS
+# A model that reads pixels also skips images that do not decode. Apart, so
+# a region run's counters (checkpointed with its state) stay as they were.
+PIXEL_SKIP_REASONS = SKIP_REASONS + (records.IMAGE_FIELD,)
 # Consecutive bad records after which 'skip' gives up and raises.
 MAX_CONSECUTIVE_BAD = 100
 
@@ -35,20 +41,45 @@ MAX_CONSECUTIVE_BAD = 100
 STAT_KEYS = ('captions_truncated', 'regions_truncated', 'anchors_truncated',
              'examples', 'itm_negatives') + tuple(
                  f'skipped_{r}' for r in SKIP_REASONS)
+PIXEL_STAT_KEYS = STAT_KEYS + (f'skipped_{records.IMAGE_FIELD}',)
+
+
+def stat_keys(config):
+  """The batch['stats'] keys of a pre-training config."""
+  return PIXEL_STAT_KEYS if reads_pixels(config) else STAT_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-  """Static per-example shapes: T text, R regions, K anchors, F features."""
+  """Static per-example shapes: T text, R regions, K anchors, F features.
+
+  Pixels (image_size S > 0): images [S, S, 3] uint8 replace region_feats
+  (feature_dim is 0); an image without boxes gets its G x G grid cells
+  (grid_size) as regions, and with grid_only every image does (R = G * G).
+  """
   max_text_len: int
   max_regions: int
   max_anchors: int
   feature_dim: int
+  image_size: int = 0
+  grid_size: int = 0
+  grid_only: bool = False
+
+  @property
+  def pixels(self) -> bool:
+    return self.image_size > 0
 
   @classmethod
   def from_config(cls, config):
-    return cls(config.data.max_text_len, config.data.max_regions,
-               config.data.max_anchors, config.model.region_feat_dim)
+    d = config.data
+    if not reads_pixels(config):
+      return cls(d.max_text_len, d.max_regions, d.max_anchors,
+                 config.model.region_feat_dim)
+    v = config.model.visual
+    grid_only = v.boxes == 'grid'
+    return cls(d.max_text_len, v.grid_size ** 2 if grid_only
+               else d.max_regions, d.max_anchors, 0, v.image_size,
+               v.grid_size, grid_only)
 
 
 def tag_ids_of(region_tags, vocab, *, path, index) -> np.ndarray:
@@ -62,22 +93,38 @@ def tag_ids_of(region_tags, vocab, *, path, index) -> np.ndarray:
 
 
 def decode_pair(raw, *, path, index, shapes, vocab):
-  """Record bytes -> validated example with integer tag ids."""
+  """Record bytes -> validated example with integer tag ids; for pixels
+  with the image decoded and resized, uint8 [S, S, 3], in place of
+  region_feats."""
   example = records.decode_record_at(raw, path, index)
   if not isinstance(example, dict):
     raise records.RecordError(path, index, '*', 'record is not a dict')
-  example = records.validate_pair(example, path=path, index=index,
-                                  feature_dim=shapes.feature_dim)
+  example = records.validate_pair(
+      example, path=path, index=index, feature_dim=shapes.feature_dim,
+      visual='pixels' if shapes.pixels else 'regions')
   tag_ids = tag_ids_of(example['region_tags'], vocab, path=path, index=index)
+  visual = (dict(image=decode_image_at(example, shapes.image_size, path=path,
+                                       index=index)) if shapes.pixels
+            else dict(region_feats=example['region_feats']))
   return dict(caption=example['caption'], image_id=example['image_id'],
-              region_feats=example['region_feats'],
-              region_boxes=example['region_boxes'],
+              **visual, region_boxes=example['region_boxes'],
               region_conf=example['region_conf'], region_tag_ids=tag_ids)
 
 
+def decode_image_at(example, size, *, path, index):
+  """A pixel pair's image, decoded and resized: uint8 [size, size, 3]; one
+  that does not decode is a RecordError naming the record and image id."""
+  try:
+    image = image_store.decode_image(example[records.IMAGE_FIELD])
+  except ValueError as e:
+    raise records.RecordError(path, index, records.IMAGE_FIELD,
+                              f'image {example["image_id"]!r}: {e}') from e
+  return image_store.resize_image(image, size)
+
+
 def skip_reason(error):
-  """The SKIP_REASONS entry of a RecordError."""
-  return error.field if error.field in records.PAIR_FIELDS else 'record'
+  """The PIXEL_SKIP_REASONS entry of a RecordError."""
+  return error.field if error.field in PIXEL_SKIP_REASONS[1:] else 'record'
 
 
 class RecordDecoder:
@@ -162,6 +209,45 @@ def pad_regions(image, max_regions, feature_dim):
   return arrays, keep
 
 
+def pad_pixel_regions(image, shapes):
+  """Pixels: the image resized to S x S and its R most confident boxes in
+  stored order, or (grid_only, or an image without boxes) the G x G grid
+  cells in row-major order.
+
+  Returns ({images [S, S, 3] uint8, region_boxes [R, 4] f32, region_mask
+  [R] int32}, keep): keep indexes the image's regions that were kept (none
+  for the grid, whose cells have no tags and so make no anchors).
+  """
+  R = shapes.max_regions
+  arrays = dict(
+      images=image_store.resize_image(image['image'], shapes.image_size),
+      region_boxes=np.zeros((R, 4), np.float32),
+      region_mask=np.zeros(R, np.int32))
+  if shapes.grid_only or not len(image['region_conf']):
+    cells = grid_boxes(shapes.grid_size)
+    arrays['region_boxes'][:len(cells)] = cells
+    arrays['region_mask'][:len(cells)] = 1
+    return arrays, np.arange(0)
+  keep = keep_regions(len(image['region_conf']), image['region_conf'], R)
+  arrays['region_boxes'][:len(keep)] = image['region_boxes'][keep]
+  arrays['region_mask'][:len(keep)] = 1
+  return arrays, keep
+
+
+def pad_visual(image, shapes):
+  """pad_regions, or for pixels pad_pixel_regions: (arrays, keep)."""
+  if shapes.pixels:
+    return pad_pixel_regions(image, shapes)
+  return pad_regions(image, shapes.max_regions, shapes.feature_dim)
+
+
+def regions_truncated(image, shapes):
+  """Whether some of the image's regions did not fit (never for the grid,
+  which does not read them)."""
+  return (not shapes.grid_only
+          and len(image['region_conf']) > shapes.max_regions)
+
+
 def encode_pair(caption, image, tokenizer, vocab, shapes):
   """Tokenises a caption, detects its anchors with the image, pads.
 
@@ -172,7 +258,7 @@ def encode_pair(caption, image, tokenizer, vocab, shapes):
   """
   T, R, K = shapes.max_text_len, shapes.max_regions, shapes.max_anchors
   text = tokenizer.encode(caption, T)
-  regions, keep = pad_regions(image, R, shapes.feature_dim)
+  regions, keep = pad_visual(image, shapes)
   tag_ids = image['region_tag_ids'][keep]
   found = anchors_lib.detect_anchors(caption, text.offsets, tag_ids,
                                      image['region_conf'][keep], vocab, K)
@@ -183,7 +269,7 @@ def encode_pair(caption, image, tokenizer, vocab, shapes):
       anchor_text_pos=found.text_pos, anchor_text_end=found.text_end,
       anchor_region=found.region, anchor_valid=found.valid)
   stats = dict(captions_truncated=int(text.truncated),
-               regions_truncated=int(len(image['region_conf']) > R),
+               regions_truncated=int(regions_truncated(image, shapes)),
                anchors_truncated=found.num_truncated)
   return arrays, stats
 
@@ -240,6 +326,7 @@ class BatchEncoder:
 
   def __init__(self, config, vocab, process_index=0):
     self.shapes = Shapes.from_config(config)
+    self.stat_keys = stat_keys(config)
     self.vocab_path = config.data.vocab_path or None
     self.neg_prob = config.data.itm_neg_prob
     self.group = config.data.itm_group
@@ -258,7 +345,8 @@ class BatchEncoder:
                                   self.vocab, self.shapes)
       # Skips belong to the slot (the image), whichever caption it is fed.
       skipped = image.get('skipped', {})
-      stats.update({f'skipped_{r}': skipped.get(r, 0) for r in SKIP_REASONS})
+      stats.update({f'skipped_{r}': skipped.get(r, 0)
+                    for r in PIXEL_SKIP_REASONS})
       rows.append(arrays)
       counts.append(stats)
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
@@ -268,13 +356,14 @@ class BatchEncoder:
     # Per example (not per batch), so they shard with the batch and sum to
     # global totals on any mesh and number of processes.
     batch['stats'] = {k: np.asarray([c[k] for c in counts], np.int32)
-                      for k in STAT_KEYS}
+                      for k in self.stat_keys}
     return batch
 
 
 def check_feature_dim(directory, meta_dim, feature_dim):
-  """A data folder's meta.json feature_dim must be the config's F."""
-  if meta_dim != feature_dim:
+  """A data folder's meta.json feature_dim must be the config's F. F = 0
+  (Shapes of a model that reads pixels) reads no features: any passes."""
+  if feature_dim and meta_dim != feature_dim:
     raise ValueError(
         f'{directory}/meta.json: feature_dim={meta_dim} does not match '
         f'config model.region_feat_dim={feature_dim}.')
@@ -290,12 +379,12 @@ def make_dataset(config, directory, split, *, batch_size, train, seed,
 
   Returns (dataset, vocab, num_dropped).
   """
-  meta = records.read_meta(directory)
+  # data.source: `directory`'s records, or a TFDS dataset (tfds_source.py).
+  from cmal_jax.data import tfds_source
+  source, path, meta = tfds_source.open_pairs(config, directory, split)
+  # (end data.source)
   vocab = anchors_lib.TagVocab.from_meta(meta)
-  path = records.split_path(directory, split)
   shapes = Shapes.from_config(config)
-  check_feature_dim(directory, meta.get('feature_dim'), shapes.feature_dim)
-  source = records.open_source(path)
   # A range, not MapDataset.source: 'skip' must also survive a record that
   # cannot be read, and reads other records to replace a bad one.
   ds = grain.MapDataset.range(len(source)).map(RecordDecoder(
@@ -330,7 +419,7 @@ def process_rows(ds, batch_size, process_index, process_count):
 
 
 def _skip_counts(stats):
-  return {r: int(stats.get(f'skipped_{r}', 0)) for r in SKIP_REASONS}
+  return {r: int(stats.get(f'skipped_{r}', 0)) for r in PIXEL_SKIP_REASONS}
 
 
 def skip_report(stats):

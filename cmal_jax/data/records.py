@@ -16,6 +16,11 @@ A pair record (one image-caption pair) is a dict:
   region_conf: float32 [N].  N == 0 is valid.
 region_feats may be stored as float16 (half the bytes; converters'
 `--float16`): validate_pair returns every array as float32.
+
+For a model that reads pixels (model.visual.input='pixels') a pair record
+carries its image instead: image: bytes (the encoded file, PNG or JPEG, any
+size), next to region_boxes, region_tags and region_conf; region_feats may
+be there too (the synthetic world keeps both) and is then passed over.
 """
 
 import json
@@ -30,6 +35,10 @@ from flax import serialization
 META_FILE = 'meta.json'
 PAIR_FIELDS = ('image_id', 'caption', 'region_feats', 'region_boxes',
                'region_tags', 'region_conf')
+IMAGE_FIELD = 'image'  # Encoded image bytes, for models that read pixels.
+# A pair record for pixels: the image stands where region_feats would.
+PIXEL_PAIR_FIELDS = ('image_id', 'caption', IMAGE_FIELD, 'region_boxes',
+                     'region_tags', 'region_conf')
 _HOW_TO_CREATE = (
     'create it with: python -m cmal_jax.data.world --out=DIR --split=SPLIT '
     '--num=N')
@@ -59,9 +68,13 @@ def decode_record(data: bytes) -> dict:
   return serialization.msgpack_restore(data)
 
 
-def decode_record_at(data: bytes, path: str, index: int) -> dict:
+def decode_record_at(data: bytes | dict, path: str, index: int) -> dict:
   """decode_record, with bytes that do not decode reported as a RecordError
-  naming the file and record (msgpack raises several exception types)."""
+  naming the file and record (msgpack raises several exception types).
+  A dict is returned as it is: sources that decode themselves
+  (tfds_source.TfdsPairSource) feed the same pipeline."""
+  if isinstance(data, dict):
+    return data
   try:
     return decode_record(data)
   except Exception as e:
@@ -144,9 +157,15 @@ def _float_array(example, field, ndim, err):
 
 
 def validate_pair(example: dict, *, path: str, index: int,
-                  feature_dim: int) -> dict:
-  """Checks a decoded pair record; returns it with float32 numpy arrays."""
+                  feature_dim: int, visual: str = 'regions') -> dict:
+  """Checks a decoded pair record; returns it with float32 numpy arrays.
+
+  visual='pixels' checks the image field (bytes; decoded by the caller)
+  instead of region_feats, which is then left out of the result.
+  """
   err = lambda field, problem: RecordError(path, index, field, problem)
+  if visual == 'pixels':
+    return _validate_pixel_pair(example, err)
   for field in PAIR_FIELDS:
     if field not in example:
       raise err(field, 'missing')
@@ -161,6 +180,14 @@ def validate_pair(example: dict, *, path: str, index: int,
     raise err('region_feats', f'feature width {f} does not match config '
               f'model.region_feat_dim={feature_dim}')
   feats = feats.reshape(n, feature_dim)
+  _check_boxes_and_conf(boxes, conf, n, err)
+  tags = _region_tags(example, n, err)
+  return dict(example, region_feats=feats, region_boxes=boxes,
+              region_conf=conf, region_tags=list(tags))
+
+
+def _check_boxes_and_conf(boxes, conf, n, err):
+  """boxes [n, 4] normalised with x1 <= x2, y1 <= y2; conf [n]."""
   if boxes.shape != (n, 4):
     raise err('region_boxes', f'expected shape ({n}, 4), got {boxes.shape}')
   if np.any((boxes < 0) | (boxes > 1)):
@@ -169,6 +196,10 @@ def validate_pair(example: dict, *, path: str, index: int,
     raise err('region_boxes', 'needs x1 <= x2 and y1 <= y2')
   if conf.shape != (n,):
     raise err('region_conf', f'expected shape ({n},), got {conf.shape}')
+
+
+def _region_tags(example, n, err):
+  """region_tags as a list of n str."""
   tags = example['region_tags']
   if isinstance(tags, dict):  # msgpack_restore turns empty lists into {}.
     try:
@@ -180,8 +211,32 @@ def validate_pair(example: dict, *, path: str, index: int,
     raise err('region_tags', 'expected a list of str')
   if len(tags) != n:
     raise err('region_tags', f'has {len(tags)} tags for {n} regions')
-  return dict(example, region_feats=feats, region_boxes=boxes,
-              region_conf=conf, region_tags=list(tags))
+  return tags
+
+
+def _validate_pixel_pair(example: dict, err) -> dict:
+  """validate_pair for pixels: image bytes, boxes, tags and confidences;
+  region_feats (if any) dropped."""
+  for field in PIXEL_PAIR_FIELDS:
+    if field not in example:
+      raise err(field, 'missing' + (' (a model that reads pixels needs '
+                                    'the encoded image)'
+                                    if field == IMAGE_FIELD else ''))
+  for field in ('image_id', 'caption'):
+    if not isinstance(example[field], str):
+      raise err(field, f'expected str, got {type(example[field]).__name__}')
+  if not isinstance(example[IMAGE_FIELD], bytes) or not example[IMAGE_FIELD]:
+    raise err(IMAGE_FIELD, 'expected the encoded image (PNG or JPEG bytes), '
+              f'got {type(example[IMAGE_FIELD]).__name__}')
+  boxes = _float_array(example, 'region_boxes', 2, err)
+  conf = _float_array(example, 'region_conf', 1, err)
+  n = len(boxes)
+  _check_boxes_and_conf(boxes, conf, n, err)
+  tags = _region_tags(example, n, err)
+  checked = dict(example, region_boxes=boxes, region_conf=conf,
+                 region_tags=list(tags))
+  checked.pop('region_feats', None)
+  return checked
 
 
 # ---------------------------------------------------------------- folder

@@ -17,6 +17,11 @@ On disk a store is two files:
 The index makes opening O(number of images), not O(data): records are read
 (and validated) only when asked for.
 
+A record may also carry its encoded image (`image`: PNG or JPEG bytes), for
+a model that reads pixels; such a record may leave out region_feats.
+RegionStore(..., visual='pixels') returns the image and no region_feats
+(image_store.StoredImages decodes it).
+
   store = RegionStore('/data/vqa/regions.array_record')
   regions = store['task-vqa-train-0-0000003']   # dict, float32 arrays
 """
@@ -33,6 +38,9 @@ from cmal_jax.data import tasks
 REGION_STORE_FILE = 'regions.array_record'
 INDEX_SUFFIX = '.index.json'
 REGION_RECORD_FIELDS = ('image_id',) + tasks.REGION_FIELDS
+# What visual='pixels' returns: the image where region_feats would be.
+PIXEL_RECORD_FIELDS = ('image_id', records.IMAGE_FIELD, 'region_boxes',
+                       'region_tags', 'region_conf')
 
 
 def store_path(directory: str) -> str:
@@ -46,9 +54,11 @@ def index_path(path: str) -> str:
 
 
 def validate_region_record(record: dict, *, path: str, index: int,
-                           feature_dim: int) -> dict:
+                           feature_dim: int, visual: str = 'regions') -> dict:
   """Checks a decoded region record; returns it with float32 numpy arrays.
 
+  visual='regions': image_id + tasks.REGION_FIELDS (and the image bytes when
+  the record has them); 'pixels': PIXEL_RECORD_FIELDS, the image required.
   Raises records.RecordError naming path, record index and field.
   """
   if not isinstance(record, dict):
@@ -57,12 +67,19 @@ def validate_region_record(record: dict, *, path: str, index: int,
   # A region record is a pair record without the caption: reuse the pair
   # checks (shapes, finiteness, box range, tag list) with a dummy caption.
   checked = records.validate_pair(dict(record, caption=''), path=path,
-                                  index=index, feature_dim=feature_dim)
-  extra = sorted(set(record) - set(REGION_RECORD_FIELDS))
+                                  index=index, feature_dim=feature_dim,
+                                  visual=visual)
+  extra = sorted(set(record) - set(REGION_RECORD_FIELDS)
+                 - {records.IMAGE_FIELD})
   if extra:
     raise records.RecordError(path, index, extra[0],
                               'unexpected field in a region record')
-  return {k: checked[k] for k in REGION_RECORD_FIELDS}
+  if visual == 'pixels':
+    return {k: checked[k] for k in PIXEL_RECORD_FIELDS}
+  out = {k: checked[k] for k in REGION_RECORD_FIELDS}
+  if records.IMAGE_FIELD in record:  # Kept: the store serves both kinds.
+    out[records.IMAGE_FIELD] = record[records.IMAGE_FIELD]
+  return out
 
 
 def _feature_dim_of(record: dict, allow_empty: bool = False):
@@ -100,6 +117,8 @@ def write_region_store(path: str, region_records: Iterable[dict],
   written atomically (temp file + rename), the index after the data.
   region_feats given as float16 are stored as float16 (half the bytes);
   everything else is stored as float32. Reading converts back to float32.
+  A record with an `image` and no region_feats is checked as one for
+  pixels (records.validate_pair's visual='pixels').
   """
   path = os.fspath(path)
   index: dict[str, int] = {}
@@ -109,8 +128,11 @@ def write_region_store(path: str, region_records: Iterable[dict],
     for i, given in enumerate(region_records):
       if dim is None:
         dim = _feature_dim_of(given)
+      visual = ('pixels' if 'region_feats' not in given
+                and records.IMAGE_FIELD in given else 'regions')
       rec = validate_region_record(given, path=path, index=i,
-                                   feature_dim=_expected_dim(dim, given))
+                                   feature_dim=_expected_dim(dim, given),
+                                   visual=visual)
       image_id = rec['image_id']
       if image_id in index:
         raise records.RecordError(
@@ -141,10 +163,14 @@ class RegionStore:
 
   feature_dim: the expected width F; by default meta.json's feature_dim in
   the store's folder, else the width of the first record read.
+  visual='pixels': records are returned with their image bytes and without
+  region_feats (PIXEL_RECORD_FIELDS); feature_dim is not used.
   """
 
-  def __init__(self, path: str, feature_dim: int | None = None):
+  def __init__(self, path: str, feature_dim: int | None = None,
+               visual: str = 'regions'):
     self.path = os.fspath(path)
+    self.visual = visual
     idx = index_path(self.path)
     if not os.path.exists(self.path):
       raise FileNotFoundError(
@@ -187,11 +213,12 @@ class RegionStore:
       raise KeyError(f'{self.path}: no regions for image id {image_id!r} '
                      f'({len(self)} images in the store)') from None
     rec = records.decode_record_at(self._source[i], self.path, i)
-    if self.feature_dim is None:
+    if self.feature_dim is None and self.visual == 'regions':
       self.feature_dim = _feature_dim_of(rec)
     rec = validate_region_record(rec, path=self.path, index=i,
                                  feature_dim=_expected_dim(self.feature_dim,
-                                                           rec))
+                                                           rec),
+                                 visual=self.visual)
     if rec['image_id'] != image_id:  # A stale or hand-edited index.
       raise records.RecordError(
           self.path, i, 'image_id', f'is {rec["image_id"]!r} but the index '

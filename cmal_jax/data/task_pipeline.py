@@ -13,7 +13,10 @@ file, to map predictions back to examples) and `stats` {key: [B] int32}
 
 Per example (T text, R regions, F region features, V answers):
   all but nlvr2: input_ids, text_mask [T] int32; region_feats [R, F] f32,
-      region_boxes [R, 4] f32, region_mask [R] int32.
+      region_boxes [R, 4] f32, region_mask [R] int32. A model that reads
+      pixels gets images [S, S, 3] uint8 in place of region_feats, from the
+      folder's image store (image_store.open_image_store), and for an
+      image without boxes (or model.visual.boxes='grid') its G x G grid.
   vqa:       targets [V] f32 (min(n/3, 1) per answer), question_id int32.
   ve:        label int32 (index in tasks.VE_LABELS).
   nlvr2:     the above with a leading image axis: input_ids, text_mask
@@ -29,10 +32,13 @@ Every random choice is a function of (seed, batch index), as in pipeline.py.
 import json
 import os
 
+import dataclasses
+
 import grain
 import numpy as np
 
 from cmal_jax import task_metrics
+from cmal_jax.data import image_store
 from cmal_jax.data import pipeline
 from cmal_jax.data import records
 from cmal_jax.data import region_store
@@ -67,9 +73,10 @@ TASK_STAT_KEYS = {
 # REC's hit criterion (task_metrics.rec_accuracy's default).
 REC_IOU_THRESHOLD = 0.5
 
-# nlvr2 arrays with the [B, 2, ...] image axis (flatten_image_pairs).
-PAIR_KEYS = ('input_ids', 'text_mask', 'region_feats', 'region_boxes',
-             'region_mask')
+# nlvr2 arrays with the [B, 2, ...] image axis (flatten_image_pairs); a
+# batch holds region_feats or (pixels) images.
+PAIR_KEYS = ('input_ids', 'text_mask', 'region_feats', 'images',
+             'region_boxes', 'region_mask')
 
 _HOW_TO_CREATE = ('create task data with: python -m cmal_jax.data.world_tasks '
                   '--out=DIR, or the readers in cmal_jax/data/formats/')
@@ -85,8 +92,17 @@ def _get(section, name, default):
 
 def task_shapes(config):
   """pipeline.Shapes with no anchors (CMAP is off in fine-tuning)."""
-  return pipeline.Shapes(config.data.max_text_len, config.data.max_regions,
-                         0, config.model.region_feat_dim)
+  return dataclasses.replace(pipeline.Shapes.from_config(config),
+                             max_anchors=0)
+
+
+def open_store(directory, shapes):
+  """The folder's visual side: its region store, or for pixels its image
+  store (image_store.open_image_store)."""
+  if shapes.pixels:
+    return image_store.open_image_store(directory)
+  return region_store.RegionStore(region_store.store_path(directory),
+                                  feature_dim=shapes.feature_dim)
 
 
 def num_answers_of(config):
@@ -249,18 +265,17 @@ def encode_text(text, tokenizer, max_text_len):
   return arrays['input_ids'], arrays['text_mask'], bool(enc.truncated)
 
 
-def encode_regions(image, max_regions, feature_dim):
-  """pipeline.pad_regions: ({region_feats [R, F], region_boxes [R, 4],
-  region_mask [R]}, truncated bool)."""
-  arrays, _ = pipeline.pad_regions(image, max_regions, feature_dim)
-  return arrays, len(image['region_conf']) > max_regions
+def encode_regions(image, shapes):
+  """pipeline.pad_visual: ({region_feats [R, F] (pixels: images [S, S, 3]),
+  region_boxes [R, 4], region_mask [R]}, truncated bool)."""
+  arrays, _ = pipeline.pad_visual(image, shapes)
+  return arrays, pipeline.regions_truncated(image, shapes)
 
 
 def encode_example(text, image, tokenizer, shapes):
   """One text + one image -> (arrays, stats) (see the module docstring)."""
   ids, mask, text_cut = encode_text(text, tokenizer, shapes.max_text_len)
-  arrays, regions_cut = encode_regions(image, shapes.max_regions,
-                                       shapes.feature_dim)
+  arrays, regions_cut = encode_regions(image, shapes)
   arrays.update(input_ids=ids, text_mask=mask)
   stats = dict(examples=1, captions_truncated=int(text_cut),
                regions_truncated=int(regions_cut))
@@ -391,7 +406,7 @@ def flatten_image_pairs(batch):
   entries (label [B], stats, ...) are kept as they are. Works on numpy and
   jax arrays (a plain reshape)."""
   out = dict(batch)
-  for k in PAIR_KEYS:
+  for k in (k for k in PAIR_KEYS if k in batch):
     x = batch[k]
     out[k] = x.reshape((x.shape[0] * x.shape[1],) + tuple(x.shape[2:]))
   return out
@@ -408,9 +423,12 @@ def task_file(directory, task, split):
   return path
 
 
-def _check_feature_dim(directory, feature_dim):
-  """meta.json (when the folder has one) must match the config's F."""
-  if not os.path.exists(os.path.join(directory, records.META_FILE)):
+def _check_feature_dim(directory, shapes):
+  """meta.json (when the folder has one) must match the config's F; a
+  model that reads pixels reads no features."""
+  feature_dim = shapes.feature_dim
+  if shapes.pixels or not os.path.exists(
+      os.path.join(directory, records.META_FILE)):
     return
   meta_dim = records.read_meta(directory).get('feature_dim')
   if meta_dim is not None:
@@ -436,9 +454,8 @@ def make_task_dataset(config, directory, task, split, *, batch_size, train,
     raise ValueError(f'unknown task {task!r}; tasks are {list(tasks.TASKS)}')
   path = task_file(directory, task, split)
   shapes = task_shapes(config)
-  _check_feature_dim(directory, shapes.feature_dim)
-  store = region_store.RegionStore(region_store.store_path(directory),
-                                   feature_dim=shapes.feature_dim)
+  _check_feature_dim(directory, shapes)
+  store = open_store(directory, shapes)
   info = dict(task=task, split=split, path=path)
   answer_vocab = None
   if task == 'vqa':

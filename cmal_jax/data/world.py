@@ -8,6 +8,9 @@ split can be made in any order, in any process, with identical bytes.
 
 writes `/tmp/world/pretrain.array_record`, `/tmp/world/meta.json` and a few
 PNG previews in `/tmp/world/previews/` (see records.py for the schema).
+With --images (WorldParams.images) each record also carries its scene as PNG
+bytes (`image`), for a model that reads pixels; the region features stay,
+so one world serves both kinds of model.
 """
 
 import argparse
@@ -20,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from cmal_jax.data import image_store
 from cmal_jax.data import records
 
 # --------------------------------------------------------------- vocabulary
@@ -68,15 +72,20 @@ class WorldParams:
   box_pad: int = 2               # Pixels of context around an object's box.
   box_jitter: int = 1            # +- pixels of noise on each box side.
   max_regions: int = 8
+  # Each record also carries its scene as PNG bytes (`image`), for a model
+  # that reads pixels (model.visual.input='pixels').
+  images: bool = False
 
   @classmethod
   def from_config(cls, config):
-    """The world of a run config (config.world, model.region_feat_dim)."""
+    """The world of a run config (config.world, model.region_feat_dim; with
+    model.visual.input='pixels', the images too)."""
+    from cmal_jax.configlib import reads_pixels
     w = config.world
     return cls(image_size=w.image_size,
                feature_dim=config.model.region_feat_dim,
                wrong_tag_prob=w.wrong_tag_prob, miss_prob=w.miss_prob,
-               max_background=w.max_background)
+               max_background=w.max_background, images=reads_pixels(config))
 
 
 @dataclasses.dataclass
@@ -454,12 +463,15 @@ def make_pair(seed: int, split: str, index: int, params: WorldParams) -> dict:
   rng = np.random.default_rng([seed, split_id(split), index])
   scene = sample_scene(rng, params)
   boxes, tags, conf, feats = detect_regions(scene, rng, params)
-  return {
+  record = {
       'image_id': f'{split}-{seed}-{index:07d}',
       'caption': describe(scene, rng),
       'region_feats': feats, 'region_boxes': boxes,
       'region_tags': tags, 'region_conf': conf,
   }
+  if params.images:
+    record[records.IMAGE_FIELD] = image_store.encode_png(scene.image)
+  return record
 
 
 def make_meta(params: WorldParams, seed: int, splits: dict[str, int]) -> dict:
@@ -551,8 +563,12 @@ def main(argv=None):
   ap.add_argument('--image_size', type=int, default=64)
   ap.add_argument('--previews', type=int, default=4)
   ap.add_argument('--workers', type=int, default=1)
+  ap.add_argument('--images', action='store_true',
+                  help='Also store each scene as PNG bytes (a model that '
+                  'reads pixels needs them).')
   a = ap.parse_args(argv)
-  params = WorldParams(image_size=a.image_size, feature_dim=a.feature_dim)
+  params = WorldParams(image_size=a.image_size, feature_dim=a.feature_dim,
+                       images=a.images)
   t0 = time.time()
   path = generate_split(a.out, a.split, a.num, params, a.seed, a.workers)
   dt = time.time() - t0

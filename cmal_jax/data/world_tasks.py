@@ -7,7 +7,9 @@ r"""Downstream tasks from the synthetic world: VQA, VE, NLVR2, REC, retrieval.
 writes, for every task and split, `DIR/{task}_{split}.array_record` (examples
 in the schema of tasks.py), one region store `DIR/regions.array_record` (+
 index, see region_store.py) with every image the examples name, and
-`DIR/meta.json` (tags, synonyms, feature_dim, as the world's).
+`DIR/meta.json` (tags, synonyms, feature_dim, as the world's). With --images
+each region record also carries its scene as PNG bytes, for a model that
+reads pixels (image_store.StoredImages).
 
 Scenes, the detector and the region features are the world's own
 (world.sample_scene, world.detect_regions, the same WorldParams). Example i
@@ -65,6 +67,7 @@ import time
 import numpy as np
 
 from cmal_jax import task_metrics
+from cmal_jax.data import image_store
 from cmal_jax.data import records
 from cmal_jax.data import region_store
 from cmal_jax.data import tasks
@@ -180,11 +183,15 @@ def region_record(image_id: str, scene, rng, params) -> dict:
   """The simulated detector's view of a scene: image_id + REGION_FIELDS.
 
   region_feats f32 [N, F], region_boxes f32 [N, 4], region_tags [N],
-  region_conf f32 [N] (world.detect_regions).
+  region_conf f32 [N] (world.detect_regions); with params.images, the
+  scene's PNG bytes too (`image`).
   """
   boxes, tags, conf, feats = world.detect_regions(scene, rng, params)
-  return {'image_id': image_id, 'region_feats': feats,
-          'region_boxes': boxes, 'region_tags': tags, 'region_conf': conf}
+  record = {'image_id': image_id, 'region_feats': feats,
+            'region_boxes': boxes, 'region_tags': tags, 'region_conf': conf}
+  if params.images:  # For a model that reads pixels (image_store.py).
+    record[records.IMAGE_FIELD] = image_store.encode_png(scene.image)
+  return record
 
 
 def stream_name(task: str, split: str) -> str:
@@ -748,13 +755,16 @@ def main(argv=None):
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--feature_dim', type=int, default=256)
   ap.add_argument('--image_size', type=int, default=64)
+  ap.add_argument('--images', action='store_true',
+                  help='Also store each scene as PNG bytes in the region '
+                  'store (a model that reads pixels needs them).')
   a = ap.parse_args(argv)
   task_names = [t.strip() for t in a.tasks.split(',') if t.strip()]
   for t in task_names:
     if t not in tasks.TASKS:
       ap.error(f'unknown task {t!r}; tasks are {",".join(tasks.TASKS)}')
   params = world.WorldParams(image_size=a.image_size,
-                             feature_dim=a.feature_dim)
+                             feature_dim=a.feature_dim, images=a.images)
   splits = {'train': a.num_train, 'val': a.num_val, 'test': a.num_test}
   t0 = time.time()
   paths = generate(a.out, task_names, splits, params, a.seed)

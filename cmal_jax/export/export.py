@@ -40,7 +40,7 @@ from safetensors.numpy import save_file
 from cmal_jax import checkpoint, train
 from cmal_jax.data import synthetic, task_pipeline, tokenizer
 from cmal_jax.export import bert, mapping
-from cmal_jax.model.cmal import CMAL, ModelConfig
+from cmal_jax.model.cmal import CMAL, PIXEL_PARAMS, ModelConfig
 from cmal_jax.model.unified import EncoderConfig
 
 CONFIG_FILE, WEIGHTS_FILE, BERT_DIR = 'config.json', 'model.safetensors', \
@@ -50,10 +50,25 @@ FORMAT = 'cmal_jax'
 
 # ------------------------------------------------------- the model's config
 
+def check_exportable(run_config, params=None):
+  """Raises ValueError for a model that reads pixels: the PyTorch mirror
+  has no pixel backbone, so its export would describe another model."""
+  visual = run_config.model.get('visual') or {}
+  if visual.get('input', 'regions') == 'pixels' or (
+      params is not None and PIXEL_PARAMS in params):
+    raise ValueError(
+        'export: this model reads pixels (config.model.visual.input='
+        "'pixels'); the PyTorch mirror (cmal_jax/export/torch_model.py) "
+        'has no pixel backbone, so an export would describe another model. '
+        "Only models of region features (model.visual.input='regions') "
+        'export.')
+
+
 def export_config(run_config, params, source=None):
   """The exported config.json: the model sizes (the parameter shapes decide
   num_tags, num_outputs and the feature width), the task and the input
   limits of the run."""
+  check_exportable(run_config, params)
   flat = traverse_util.flatten_dict(params, sep='/')
   m = run_config.model
   model = {f: m[f] for f in ('hidden_dim', 'num_heads', 'mlp_dim',
@@ -230,6 +245,7 @@ def export(workdir, out, step=None, overwrite=False):
   Returns the written config."""
   check_out_dir(out, overwrite)  # Before the (slow) checkpoint read.
   run_config = read_run_config(workdir)
+  check_exportable(run_config)
   params, where = load_params(workdir, step)
   config = export_config(run_config, params,
                          source=dict(workdir=os.path.abspath(workdir),

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from cmal_jax.model import axes, heads, prompt
 from cmal_jax.model.encoders import TextEncoder, VisionEncoder, l2_normalize
+from cmal_jax.model.pixels import PixelBackbone, PixelConfig
 from cmal_jax.model.unified import BertEncoder, EncoderConfig, SlotEmbeddings
 
 
@@ -34,17 +35,34 @@ class ModelConfig:
   # UMSE ends on the unit hypersphere (the paper); False is the ablation:
   # the features enter CMAP unnormalised (ITC still compares unit vectors).
   hypersphere: bool = True
+  # The pixel backbone that turns images into region features
+  # (model.visual.input='pixels'), or None: region features come as input.
+  pixels: PixelConfig | None = None
 
   @classmethod
   def from_config(cls, model_config, num_tags):
-    fields = {f.name for f in dataclasses.fields(cls)} - {'num_tags'}
-    return cls(num_tags=num_tags,
+    fields = {f.name for f in dataclasses.fields(cls)} - {'num_tags',
+                                                          'pixels'}
+    return cls(num_tags=num_tags, pixels=pixel_config(model_config),
                **{k: v for k, v in model_config.items() if k in fields})
 
   def encoder(self, num_layers):
     return EncoderConfig(self.hidden_dim, self.num_heads, self.mlp_dim,
                          num_layers, self.dropout, jnp.dtype(self.dtype),
                          remat=self.remat)
+
+
+def pixel_config(model_config):
+  """The PixelConfig of config.model.visual when it reads pixels, else None
+  (also for configs written before model.visual existed)."""
+  visual = model_config.get('visual')
+  if visual is None or visual.get('input', 'regions') != 'pixels':
+    return None
+  return PixelConfig(
+      kind=visual.kind, width=visual.width, depth=visual.depth,
+      patch_size=visual.patch_size, roi_size=visual.roi_size,
+      sampling_ratio=visual.sampling_ratio, grid_size=visual.grid_size,
+      dtype=jnp.dtype(model_config.get('dtype', 'float32')))
 
 
 # Downstream tasks and what their head outputs (DESIGN §2, "Downstream
@@ -55,12 +73,16 @@ ENCODER_PARAMS = ('text_encoder', 'vision_encoder', 'text_scale',
                   'vision_scale', 'mask_vector', 'slots', 'unified')
 
 
-def pretrained_param_names(task):
+# The pixel backbone's parameters (a model that reads pixels has them).
+PIXEL_PARAMS = 'pixels'
+
+
+def pretrained_param_names(task, pixels=False):
   """The top-level parameters `task` starts from when fine-tuning from a
-  pre-trained checkpoint: the encoders, and for retrieval the ITM head and
-  the ITC temperature."""
-  return ENCODER_PARAMS + (('itm_head', 'itc_log_scale')
-                           if task == 'retrieval' else ())
+  pre-trained checkpoint: the encoders (with pixels, the backbone too), and
+  for retrieval the ITM head and the ITC temperature."""
+  return (ENCODER_PARAMS + ((PIXEL_PARAMS,) if pixels else ())
+          + (('itm_head', 'itc_log_scale') if task == 'retrieval' else ()))
 
 
 class CMAL(nn.Module):
@@ -72,6 +94,11 @@ class CMAL(nn.Module):
   region_feats [B, R, F]; region_boxes [B, R, 4]; region_mask [B, R];
   anchor_text_pos, anchor_text_end, anchor_region, anchor_action [B, K];
   mlm_positions [B, M].
+
+  With config.pixels, images [B, S, S, 3] (uint8, or float in [0, 1])
+  replace region_feats: the backbone pools one feature per region box, and
+  the optional region_masked [B, R] bool zeroes the pooled features of
+  MRC's masked regions (what the corruption does to region_feats).
 
   Downstream tasks (CMAP off: no anchor inputs) return {'logits': ...}:
     vqa [B, num_outputs answers], ve [B, 3], rec [B, R] (one score per
@@ -91,6 +118,8 @@ class CMAL(nn.Module):
                                     c.max_position, unit=c.hypersphere)
     self.vision_encoder = VisionEncoder(c.encoder(c.vision_layers),
                                         unit=c.hypersphere)
+    if c.pixels is not None:
+      self.pixels = PixelBackbone(c.pixels)
     # Maps each unit sphere back to the unified encoder's range (elements
     # of size ~1); unnormalised projections are there already.
     scale_init = lambda *_: jnp.float32(
@@ -126,8 +155,20 @@ class CMAL(nn.Module):
 
   def embed_regions(self, inputs, deterministic=True):
     """UMSE visual side: unit features [B, R, D]."""
-    return self.vision_encoder(inputs['region_feats'], inputs['region_boxes'],
+    feats = (inputs['region_feats'] if self.config.pixels is None
+             else self.region_feats_from_pixels(inputs))
+    return self.vision_encoder(feats, inputs['region_boxes'],
                                inputs['region_mask'], deterministic)
+
+  def region_feats_from_pixels(self, inputs):
+    """The backbone's region features [B, R, C]: RoIAlign over each region
+    box of images [B, S, S, 3]; zero on padding and where region_masked
+    (MRC), as a detector's masked features would be."""
+    feats = self.pixels.regions_from_pixels(
+        inputs['images'], inputs['region_boxes'], inputs['region_mask'])
+    if 'region_masked' in inputs:
+      feats = jnp.where(inputs['region_masked'][..., None], 0, feats)
+    return feats
 
   def fuse(self, text_unit, region_unit, inputs, deterministic=True):
     """CMAP (when the inputs carry anchor actions) and the unified encoder

@@ -13,7 +13,10 @@ Caption formats (one pair record per caption):
   jsonl  one {"image_id": int or str, "caption": str} per line.
 
 A caption's regions are those the region store (bottom_up.py) holds under
-str(image_id). Output in out_dir, the folder layout of records.py, so
+str(image_id); or, when the folder holds an image store instead
+(images.json, image_boxes.py: COCO instances or VG objects with the image
+files), its image's file bytes (`image`) and boxes, for a model that reads
+pixels (no region_feats; meta.json's feature_dim is null). Output in out_dir, the folder layout of records.py, so
 `--config.data.dir=DIR` pre-trains on it:
   {split}.array_record  pair records (records.PAIR_FIELDS); region_feats in
                         the store's feature_dtype (meta.json), so a float16
@@ -39,7 +42,7 @@ import dataclasses
 import os
 from typing import Iterator
 
-from cmal_jax.data import records, region_store
+from cmal_jax.data import image_store, records, region_store
 from cmal_jax.data.formats import (Collector, FormatError, Location,
                                    iter_jsonl, load_json, record_location,
                                    top_level_list)
@@ -126,28 +129,52 @@ READERS = {'coco': coco_captions, 'vg': vg_captions, 'jsonl': jsonl_captions}
 
 # ---------------------------------------------------------------- joining
 
-def pair_records(captions: Iterator[Caption], store: region_store.RegionStore,
-                 feature_dtype: str,
+def pair_records(captions: Iterator[Caption], store, feature_dtype: str,
                  collector: Collector) -> Iterator[dict]:
-  """Pair records (records.PAIR_FIELDS) of the captions whose image the
-  store holds; the others go to collector.bad."""
-  last_id, last_regions = None, None  # Captions of an image often follow.
+  """Pair records (records.PAIR_FIELDS; from an image store, the image's
+  bytes in place of region_feats) of the captions whose image the store
+  holds; the others go to collector.bad."""
+  images = isinstance(store, image_store.ImageStore)
+  last_id, last = None, None  # Captions of an image often follow.
   for caption in captions:
     if caption.image_id not in store:
+      what = 'is not in' if images else 'has no region features in'
       collector.bad(caption.loc.error(
-          caption.id_field, f'image {caption.image_id!r} has no region '
-          f'features in {store.path}', 'unknown_image'))
+          caption.id_field, f'image {caption.image_id!r} {what} '
+          f'{store.path}', 'unknown_image'))
       continue
     if caption.image_id != last_id:
-      last_id, last_regions = caption.image_id, store[caption.image_id]
-    yield {**last_regions, 'caption': caption.text,
-           'region_feats': last_regions['region_feats'].astype(
-               feature_dtype, copy=False)}
+      last_id, last = caption.image_id, _visual_side(store, caption)
+    if isinstance(last, FormatError):  # Each of its captions is counted.
+      collector.bad(last)
+      continue
+    if images:
+      yield {**last, 'caption': caption.text}
+    else:
+      yield {**last, 'caption': caption.text,
+             'region_feats': last['region_feats'].astype(feature_dtype,
+                                                          copy=False)}
 
 
-def open_store(regions_dir: str) -> tuple[region_store.RegionStore, dict]:
-  """The region store of a folder and its meta.json."""
-  store = region_store.RegionStore(region_store.store_path(regions_dir))
+def _visual_side(store, caption: Caption):
+  """The store's record of the caption's image (an image store: the file's
+  bytes and its boxes), or the FormatError of an image that cannot be
+  read."""
+  if not isinstance(store, image_store.ImageStore):
+    return store[caption.image_id]
+  try:
+    return store.encoded(caption.image_id)
+  except image_store.ImageError as e:
+    return caption.loc.error(caption.id_field, str(e), 'bad_image')
+
+
+def open_store(regions_dir: str):
+  """The folder's region store (or image store, images.json) and its
+  meta.json."""
+  if os.path.exists(image_store.store_file(regions_dir)):
+    store = image_store.ImageStore(image_store.store_file(regions_dir))
+  else:
+    store = region_store.RegionStore(region_store.store_path(regions_dir))
   if not os.path.exists(os.path.join(regions_dir, records.META_FILE)):
     raise FileNotFoundError(
         f'{regions_dir}/{records.META_FILE}: no metadata next to the region '
