@@ -5,8 +5,9 @@ The TSVs are written here the way bottom-up-attention's generate_tsv.py
 writes them (csv, tab-separated, '\\r\\n' line ends, each array base64 of
 its `.tobytes()`), independently of the converter's own code; the caption
 files are hand-written samples of each official format. The last test runs
-the whole chain, TSV -> region store -> JSONL captions -> pair records ->
-20 tiny pre-training steps.
+the whole chain, TSV -> region store -> JSONL captions -> pair records
+(both inspected by python -m cmal_jax.data.inspect) -> 20 tiny
+pre-training steps.
 """
 
 import base64
@@ -449,6 +450,31 @@ def _e2e_captions(path, templates):
   return str(path)
 
 
+def _check_inspected(store, data):
+  """python -m cmal_jax.data.inspect on the converted store and pairs."""
+  from cmal_jax.data import inspect as inspect_lib
+  regions = inspect_lib.inspect_path(region_store.store_path(str(store)))
+  assert regions['kind'] == 'regions' and regions['num_errors'] == 0
+  assert regions['records'] == regions['images'] == len(_SCENES)
+  assert regions['features']['width'] == E2E_F
+  assert regions['features']['dtypes'] == {'float16': len(_SCENES)}
+  assert regions['regions']['total'] == sum(map(len, _SCENES))
+  assert regions['tags']['distinct'] == len(TAGS)
+  assert regions['pixels'] is None
+  pairs = inspect_lib.inspect_path(records.split_path(str(data), 'pretrain'))
+  assert pairs['kind'] == 'pair' and pairs['num_errors'] == 0
+  assert pairs['records'] == pairs['valid_records'] == 64
+  assert pairs['images'] == len(_SCENES)
+  assert pairs['features']['width'] == pairs['features'][
+      'expected_width'] == E2E_F
+  assert pairs['captions']['count'] == 64
+  # Every caption names two of its image's classes (a synonym or not), as
+  # the pipeline's batches show below.
+  assert pairs['anchors']['available']
+  assert pairs['anchors']['with_anchor_share'] == 1.0
+  assert pairs['anchors']['per_caption_mean'] >= 1
+
+
 def test_end_to_end_tsv_to_pretraining(tmp_path):
   from cmal_jax import train
   from cmal_testutil import read_all
@@ -465,6 +491,7 @@ def test_end_to_end_tsv_to_pretraining(tmp_path):
                   f'--regions={store}', f'--out={data}', f'--split={split}'])
   assert records.read_meta(str(data))['splits'] == {'pretrain': 64,
                                                     'val': 16}
+  _check_inspected(store, data)
 
   c = pretrain.get_config('tiny')
   c.data.dir = str(data)

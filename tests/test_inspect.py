@@ -3,6 +3,7 @@ here straight from the records (and, for anchors, from anchors.py called
 directly), and every error of a deliberately broken file reported."""
 
 import collections
+import io
 import json
 import os
 import shutil
@@ -11,8 +12,10 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cmal_jax.data import anchors
+from cmal_jax.data import image_store
 from cmal_jax.data import inspect as inspect_lib
 from cmal_jax.data import records
 from cmal_jax.data import region_store
@@ -22,6 +25,7 @@ from cmal_jax.data import world_tasks
 from cmal_jax.data.tokenizer import load_tokenizer
 
 P = world.WorldParams(feature_dim=64)
+PIXELS = world.WorldParams(feature_dim=64, images=True)
 NUM_PAIRS, NUM_TASK = 20, 20
 TASKS_CHECKED = ('vqa', 'nlvr2', 'retrieval')  # 1 text, 2 images, 5 texts.
 
@@ -272,3 +276,156 @@ def test_not_an_array_record_file(tmp_path, capsys):
   assert 'not a readable ArrayRecord file' in capsys.readouterr().out
   assert inspect_lib.main([str(tmp_path / 'missing')]) == 2
   assert 'no such file or folder' in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- pixels
+
+def _image_sizes(datas):
+  """(widths, heights) of encoded images, decoded here by PIL directly."""
+  sizes = [Image.open(io.BytesIO(d)).size for d in datas]
+  return [w for w, _ in sizes], [h for _, h in sizes]
+
+
+def _check_pixels(got, datas):
+  widths, heights = _image_sizes(datas)
+  assert got['count'] == len(datas)
+  assert got['formats'] == {'PNG': len(datas)}
+  assert (got['width']['min'], got['width']['max']) == (min(widths),
+                                                        max(widths))
+  assert (got['height']['min'], got['height']['max']) == (min(heights),
+                                                          max(heights))
+  sizes = [len(d) for d in datas]
+  assert (got['bytes']['min'], got['bytes']['max']) == (min(sizes),
+                                                        max(sizes))
+  assert got['bytes']['mean'] == pytest.approx(np.mean(sizes))
+
+
+@pytest.fixture(scope='module')
+def pixel_pair_dir(tmp_path_factory):
+  """World pairs with PNG images (and region_feats: the world keeps both)."""
+  d = str(tmp_path_factory.mktemp('pixel_pairs'))
+  world.generate_split(d, 'train', NUM_PAIRS, PIXELS, seed=0)
+  return d
+
+
+def test_pair_file_with_images_and_features(pixel_pair_dir):
+  path = records.split_path(pixel_pair_dir, 'train')
+  report = inspect_lib.inspect_path(path)
+  pairs = _read_all(path)
+  assert report['kind'] == 'pair' and report['num_errors'] == 0
+  assert report['valid_records'] == report['images'] == NUM_PAIRS
+  assert report['features']['width'] == 64  # Both are checked.
+  _check_pixels(report['pixels'], [p['image'] for p in pairs])
+  assert report['anchors']['with_anchor_share'] > 0.5
+
+
+def test_pixel_pairs_without_features_and_a_corrupt_image(pixel_pair_dir,
+                                                          capsys):
+  """What `convert captions` writes from an image store: image bytes, no
+  region_feats; record 3's image is truncated."""
+  pairs = _read_all(records.split_path(pixel_pair_dir, 'train'))
+  for p in pairs:
+    del p['region_feats']
+  pairs[3]['image'] = pairs[3]['image'][:100]
+  path = records.split_path(pixel_pair_dir, 'pixels')  # meta.json beside.
+  records.write_records(path, pairs)
+  report = inspect_lib.inspect_path(path)
+  assert report['kind'] == 'pair' and report['features'] is None
+  assert report['valid_records'] == report['images'] == NUM_PAIRS - 1
+  assert report['errors_by_field'] == {'image': 1}
+  want = (f"{path}: record 3: field 'image': image "
+          f"{pairs[3]['image_id']!r}: cannot decode the image")
+  assert report['errors'][0].startswith(want)
+  good = pairs[:3] + pairs[4:]
+  _check_pixels(report['pixels'], [p['image'] for p in good])
+  counts = [len(p['region_tags']) for p in good]
+  _check_stats(report['regions']['per_image'], counts)
+  assert report['anchors']['pairs'] == NUM_PAIRS - 1
+  assert inspect_lib.main([path]) == 1
+  out = capsys.readouterr().out
+  assert 'features  none (images only)' in out and want in out
+  assert f'pixels    {NUM_PAIRS - 1} images (PNG {NUM_PAIRS - 1})' in out
+
+
+def test_region_store_with_images(pixel_pair_dir):
+  """Region records for pixels (no region_feats); record 1 corrupt."""
+  pairs = _read_all(records.split_path(pixel_pair_dir, 'train'))[:6]
+  regions = [{k: p[k] for k in region_store.PIXEL_RECORD_FIELDS}
+             for p in pairs]
+  regions[1]['image'] = b'\x89PNG not really'
+  d = os.path.join(pixel_pair_dir, 'store')
+  path = region_store.store_path(d)
+  region_store.write_region_store(path, regions)  # Bytes are not decoded.
+  report = inspect_lib.inspect_path(path)
+  assert report['kind'] == 'regions' and report['features'] is None
+  assert report['valid_records'] == 5 and report['num_errors'] == 1
+  assert report['errors'][0].startswith(
+      f"{path}: record 1: field 'image': image {pairs[1]['image_id']!r}: "
+      'cannot decode the image')
+  _check_pixels(report['pixels'], [r['image'] for r in regions[:1] +
+                                   regions[2:]])
+  assert 'anchors' not in report
+
+
+def _png_file(path, width, height, seed):
+  rng = np.random.default_rng(seed)
+  Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)).save(
+      path)
+  return path.read_bytes()
+
+
+def test_image_folder(tmp_path, capsys):
+  """images.json of 4 images: two good, one corrupt PNG, one missing."""
+  datas = [_png_file(tmp_path / 'a.png', 80, 60, 0),
+           _png_file(tmp_path / 'b.png', 40, 50, 1)]
+  corrupt = tmp_path / 'c.png'
+  corrupt.write_bytes(_png_file(corrupt, 30, 30, 2)[:120])
+  image_store.write_image_store(str(tmp_path), [
+      ('1', {'file': 'a.png', 'boxes': [[8, 6, 48, 36], [0, 0, 80, 60]],
+             'tags': ['car', '']}),
+      ('2', {'file': 'b.png'}),  # No boxes: the grid.
+      ('3', {'file': 'c.png', 'boxes': [[0, 0, 10, 10]], 'tags': ['car']}),
+      ('4', {'file': 'gone.png'})])
+  report = inspect_lib.inspect_path(str(tmp_path))
+  assert report['kind'] == 'folder' and report['num_errors'] == 2
+  (store,) = report['files']
+  assert store == inspect_lib.inspect_path(str(tmp_path / 'images.json'))
+  assert store['kind'] == 'images' and store['records'] == 4
+  assert store['valid_records'] == store['images'] == 2
+  assert (store['missing_files'], store['corrupt_images']) == (1, 1)
+  assert store['errors_by_field'] == {'image': 1, 'file': 1}
+  assert store['errors'][0].startswith(
+      f"{corrupt}: image '3': cannot decode the image")
+  assert store['errors'][1].startswith(
+      f"{tmp_path / 'gone.png'}: image '4': cannot read the image file")
+  _check_pixels(store['pixels'], datas)
+  assert store['features'] is None and 'anchors' not in store
+  assert store['regions']['total'] == 2
+  _check_stats(store['regions']['per_image'], [2, 0])
+  # Boxes normalised by the decoded size: the second covers the image.
+  assert store['boxes']['near_full'] == 1
+  assert store['boxes']['area']['max'] == pytest.approx(1.0)
+  assert store['boxes']['area']['min'] == pytest.approx(0.25)
+  assert store['tags']['distinct'] == 1 and store['tags']['top'] == [
+      ['car', 1]]
+  assert inspect_lib.main([str(tmp_path)]) == 1
+  out = capsys.readouterr().out
+  assert 'image store, 4 listed, 2 images readable (1 missing, 1 corrupt)' \
+      in out
+  assert "image '3'" in out and "image '4'" in out
+
+
+def test_task_file_on_an_image_folder(tmp_path):
+  """Task examples are checked against images.json when there is no
+  region store."""
+  _png_file(tmp_path / 'a.png', 20, 20, 0)
+  image_store.write_image_store(str(tmp_path), [('1', {'file': 'a.png'})])
+  example = {'pair_id': 'p', 'image_id': '1', 'hypothesis': 'A dog.',
+             'label': 'entailment'}
+  path = tasks.task_path(str(tmp_path), 've', 'val')
+  records.write_records(path, [example, dict(example, image_id='nope')])
+  report = inspect_lib.inspect_path(path)
+  assert report['task'] == 've' and report['valid_records'] == 1
+  assert report['errors'] == [
+      f"{path}: record 1: field 'image_id': image 'nope' is not in the "
+      f"image store {tmp_path / 'images.json'}"]

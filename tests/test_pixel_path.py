@@ -3,7 +3,8 @@
 Pre-training on the synthetic world from pixels, with the world's boxes and
 with the grid, runs and its loss falls; REC fine-tunes from that pixel
 checkpoint and evaluates; fine-tuning reads an image folder (images.json
-from COCO instances, a RefCOCO+ split); the COCO-instances and VG-objects
+from COCO instances, a RefCOCO+ split; VQA v2, SNLI-VE and NLVR2 samples
+of test_formats); the COCO-instances and VG-objects
 readers on hand-written samples; corrupt or missing images are named;
 images shard with the batch on 8 devices; and a region model is untouched
 by the pixel fields.
@@ -28,9 +29,13 @@ from cmal_jax import checkpoint, configlib, finetune, guards, train
 from cmal_jax.data import (image_store, pipeline, records, task_pipeline,
                            tasks, world, world_tasks)
 from cmal_jax.data.formats import FormatError, image_boxes, read_refcoco
-from cmal_jax.data.formats import write_task_split
+from cmal_jax.data.formats import (read_nlvr2, read_snli_ve, read_vqa_v2,
+                                   write_task_split)
 from cmal_jax.export import export
 from cmal_testutil import random_batch, run_with_8_devices
+# The hand-written samples of the official formats.
+from test_formats import (_annotation, _jsonl, _nlvr2_line, _question,
+                          _ve_line, _vqa_files)
 from configs import finetune as finetune_config
 from configs import pretrain
 
@@ -610,3 +615,86 @@ def test_images_are_batch_sharded_on_8_devices():
   assert out['shard'] == [2, 64, 64, 3]  # 16 rows over data x fsdp = 8.
   np.testing.assert_allclose(out['loss'], out['ref_loss'], rtol=1e-5)
   assert out['diff'] < 1e-5
+
+
+# ------------------------------- official task formats on an image folder
+
+def _task_image_folder(root):
+  """PNGs of VQA / SNLI-VE images '9' (80x60), '25' (40x50) and of two
+  NLVR2 pairs, and their images.json (no boxes: the grid)."""
+  sizes = {'9': (80, 60), '25': (40, 50), 'dev-1-0-img0': (64, 32),
+           'dev-1-0-img1': (32, 64), 'dev-2-0-img0': (50, 50),
+           'dev-2-0-img1': (70, 40)}
+  for seed, (image_id, (w, h)) in enumerate(sizes.items()):
+    _png(root / f'{image_id}.png', w, h, seed)
+  image_store.write_image_store(str(root), [
+      (image_id, {'file': f'{image_id}.png'}) for image_id in sizes])
+  return set(sizes)
+
+
+def _official_task_files(tmp_path, image_ids):
+  """{task: (examples, skipped)} of test_formats' hand-written samples,
+  one file per task, read against the image folder's ids."""
+  q, a = _vqa_files(tmp_path, [_question(9000, 9, 'What color is it?'),
+                               _question(25000, 25, 'Is it blue?')],
+                    [_annotation(9000, 9, ['red', 'red', 'red', 'blue']),
+                     _annotation(25000, 25, ['yes', 'no'])])
+  ve = _jsonl(tmp_path / 'snli_ve_dev.jsonl', [
+      _ve_line('p1', 9, 'A dog runs.', 'entailment'),
+      _ve_line('p2', '25', 'Cats sleep.', 'contradiction'),
+      _ve_line('p3', '9', 'It is noon.', 'neutral')])
+  nlvr2 = _jsonl(tmp_path / 'dev.json', [
+      _nlvr2_line('dev-1-0-0', 'The left image has more.', 'True'),
+      _nlvr2_line('dev-2-0-1', 'Both are empty.', 'False')])
+  return {
+      'vqa': read_vqa_v2(q, a, image_ids=image_ids),
+      've': read_snli_ve(ve, image_ids=image_ids),
+      'nlvr2': read_nlvr2(nlvr2, image_ids=image_ids)}
+
+
+def test_vqa_ve_and_nlvr2_formats_on_an_image_folder(tmp_path):
+  out = tmp_path / 'images'
+  out.mkdir()
+  image_ids = _task_image_folder(out)
+  # VQA as `train`: its answer vocabulary is built from vqa_train.
+  splits = {'vqa': 'train', 've': 'val', 'nlvr2': 'val'}
+  for task, (examples, skipped) in _official_task_files(tmp_path,
+                                                        image_ids).items():
+    assert skipped == {}
+    write_task_split(str(out), task, splits[task], examples)
+  batches, infos = {}, {}
+  for task, split in splits.items():
+    c = pixel_task_config(task)
+    ds, infos[task] = task_pipeline.make_task_dataset(
+        c, str(out), task, split, batch_size=4, train=False, seed=0)
+    (batches[task],) = list(ds)
+    S = c.model.visual.image_size
+    lead = (4, 2) if task == 'nlvr2' else (4,)
+    assert batches[task]['images'].shape == lead + (S, S, 3), task
+    assert batches[task]['images'].dtype == np.uint8
+    assert 'region_feats' not in batches[task]
+  # Rows are the examples in file order, padded to 4 (valid 0).
+  vqa = batches['vqa']
+  vocab = infos['vqa']['answer_vocab']
+  assert sorted(vocab) == ['blue', 'no', 'red', 'yes']
+  np.testing.assert_array_equal(vqa['valid'], [1, 1, 0, 0])
+  np.testing.assert_array_equal(vqa['question_id'][:2], [9000, 25000])
+  np.testing.assert_allclose(vqa['targets'][0, vocab.index('red')], 1.0)
+  np.testing.assert_allclose(vqa['targets'][0, vocab.index('blue')], 1 / 3)
+  np.testing.assert_allclose(vqa['targets'][1, [vocab.index('yes'),
+                                                vocab.index('no')]],
+                             [1 / 3, 1 / 3])
+  np.testing.assert_array_equal(batches['ve']['label'][:3], [
+      tasks.VE_LABELS.index(l) for l in ('entailment', 'contradiction',
+                                         'neutral')])
+  np.testing.assert_array_equal(batches['ve']['valid'], [1, 1, 1, 0])
+  nlvr2 = batches['nlvr2']
+  np.testing.assert_array_equal(nlvr2['label'][:2], [1, 0])
+  # Each image of the pair is its own file, resized as the pipeline does.
+  S = pixel_task_config('nlvr2').model.visual.image_size
+  right = np.asarray(Image.open(out / 'dev-1-0-img1.png'))
+  np.testing.assert_array_equal(nlvr2['images'][0, 1],
+                                image_store.resize_image(right, S))
+  # No boxes: the G x G grid, for both images.
+  G = pixel_task_config('nlvr2').model.visual.grid_size
+  assert nlvr2['region_mask'][:2].sum(-1).tolist() == [[G * G] * 2] * 2

@@ -27,7 +27,9 @@ r"""What a region store, pair file or task file holds, and what is wrong in it.
 
 PATH is a region store (`regions.array_record`), a pair file
 (`{split}.array_record`, meta.json beside it), a task file
-(`{task}_{split}.array_record`) or a folder (every `*.array_record` in it).
+(`{task}_{split}.array_record`), an image store (`images.json`: image files
++ boxes, image_store.ImageStore) or a folder (every `*.array_record` in it,
+and its images.json).
 What a file holds is told from its records' fields (the file name only
 breaks ties). Options: --limit=N (first N records only), --json (the report
 as one JSON object), --top=K, --max_errors=N (errors printed; all counted).
@@ -39,6 +41,18 @@ pipeline.decode_pair; region_store.validate_region_record;
 task_pipeline.validate_task_example plus "its images are in the store");
 a bad record is listed as `file: record N: field 'X': problem` and left
 out of the statistics, and the scan goes on.
+
+Records for a model that reads pixels (model.visual.input='pixels') carry
+their encoded image (`image`: PNG or JPEG bytes). One without region_feats
+is checked as the pixel pipeline checks it (validate_pair /
+validate_region_record with visual='pixels'); one with both is checked both
+ways. Every image is decoded by image_store.decode_image, the pipeline's
+decoder: one that does not decode is `file: record N: field 'image': ...`.
+The `pixels` line gives their count, formats, decoded sizes and encoded
+bytes. An image store's listed images are read and decoded as fine-tuning
+reads them (image_store.ImageStore[id]): a missing or corrupt file is an
+error naming the file and the image id; there are no captions, so no
+anchors.
 
 Anchors are found by anchors.detect_anchors, as pipeline.encode_pair does,
 but over the whole record: no max_regions / max_text_len / max_anchors cut
@@ -52,6 +66,7 @@ image id (to count images and describe each image once).
 
 import argparse
 import collections
+import functools
 import json
 import math
 import os
@@ -62,6 +77,7 @@ from typing import Iterator
 import numpy as np
 
 from cmal_jax.data import anchors as anchors_lib
+from cmal_jax.data import image_store
 from cmal_jax.data import pipeline
 from cmal_jax.data import records
 from cmal_jax.data import region_store
@@ -69,11 +85,13 @@ from cmal_jax.data import task_pipeline
 from cmal_jax.data import tasks
 
 RECORD_SUFFIX = '.array_record'
-PAIR, REGIONS = 'pair', 'regions'  # Kinds besides the task names.
+# Kinds besides the task names.
+PAIR, REGIONS, IMAGES = 'pair', 'regions', 'images'
 KIND_SAMPLE = 16       # Records read to tell what a file holds.
 NEAR_FULL_AREA = 0.9   # A box covering more of the image is suspicious.
 ANCHOR_BINS = ('0', '1', '2', '3+')
 _TASK_FILE_RE = re.compile(r'^(%s)_.+\.array_record$' % '|'.join(tasks.TASKS))
+_FIELD_RE = re.compile(r"field '(\w+)'")  # In an ImageError's message.
 
 
 # ----------------------------------------------------------------- summaries
@@ -154,6 +172,11 @@ class ErrorLog:
     """A problem of the whole file (unreadable, bad index): no record."""
     self._add(f'{path}: {problem}', 'file')
 
+  def add_image(self, error: image_store.ImageError):
+    """A bad image of an image store; its message names the file (or
+    images.json) and the image id."""
+    self._add(str(error), image_error_field(error))
+
   def to_dict(self) -> dict:
     return dict(num_errors=self.count, errors=list(self.messages),
                 errors_by_field=dict(self.by_field))
@@ -190,22 +213,23 @@ class RegionStats:
     self.values, self.areas, self.conf = (RunningStats(), RunningStats(),
                                           RunningStats())
     self.per_image: collections.Counter = collections.Counter()
+    self.with_features = 0  # Images whose record has region_feats.
     self.zero_feature_regions = self.zero_area = self.near_full = 0
     self.tags: collections.Counter = collections.Counter()
     self.unknown_tags = 0
 
-  def add(self, record: dict, stored_dtype: str):
-    """record: validated (float32 arrays); stored_dtype: its features' dtype
-    on disk (validation casts to float32)."""
-    feats, boxes = record['region_feats'], record['region_boxes']
-    n = len(feats)
+  def add(self, record: dict, stored_dtype: str | None = None):
+    """record: validated (float32 arrays; region_feats may be absent: an
+    image instead); stored_dtype: its features' dtype on disk (validation
+    casts to float32)."""
+    feats, boxes = record.get('region_feats'), record['region_boxes']
+    n = len(boxes)
     self.per_image[n] += 1
+    self.with_features += feats is not None
     if not n:
       return
-    self.widths[feats.shape[1]] += 1
-    self.dtypes[stored_dtype] += 1
-    self.values.add(feats)
-    self.zero_feature_regions += int(np.sum(~feats.any(axis=1)))
+    if feats is not None:
+      self._add_features(feats, stored_dtype)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     self.areas.add(area)
     self.zero_area += int(np.sum(area <= 0))
@@ -216,17 +240,29 @@ class RegionStats:
       self.unknown_tags += sum(_tag_id(self.vocab, t) is None
                                for t in record['region_tags'] if t)
 
+  def _add_features(self, feats, stored_dtype):
+    self.widths[feats.shape[1]] += 1
+    self.dtypes[stored_dtype] += 1
+    self.values.add(feats)
+    self.zero_feature_regions += int(np.sum(~feats.any(axis=1)))
+
+  def _features_dict(self, expected_width):
+    """None when no record had region_feats (images only)."""
+    if not self.with_features:
+      return None
+    values = self.values.summary(std=True)
+    return dict(
+        width=_most_common_key(self.widths), expected_width=expected_width,
+        widths=_str_keys(self.widths), dtypes=dict(self.dtypes),
+        mean=values and values['mean'], std=values and values['std'],
+        zero_regions=self.zero_feature_regions,
+        images_with_features=self.with_features)
+
   def to_dict(self, top: int, expected_width: int | None) -> dict:
     regions = sum(self.tags.values())
     tagged = collections.Counter({t: c for t, c in self.tags.items() if t})
-    values = self.values.summary(std=True)
     return dict(
-        features=dict(
-            width=_most_common_key(self.widths),
-            expected_width=expected_width,
-            widths=_str_keys(self.widths), dtypes=dict(self.dtypes),
-            mean=values and values['mean'], std=values and values['std'],
-            zero_regions=self.zero_feature_regions),
+        features=self._features_dict(expected_width),
         regions=dict(total=regions, per_image=int_summary(self.per_image),
                      images_without_regions=self.per_image.get(0, 0)),
         boxes=dict(area=self.areas.summary(), zero_area=self.zero_area,
@@ -247,6 +283,47 @@ def _most_common_key(counter):
 def _str_keys(counter):
   """JSON object keys must be strings."""
   return {str(k): v for k, v in sorted(counter.items())}
+
+
+def image_format(data: bytes) -> str:
+  """'PNG', 'JPEG' or 'other', from the encoded bytes' signature."""
+  if data.startswith(b'\x89PNG'):
+    return 'PNG'
+  if data.startswith(b'\xff\xd8'):
+    return 'JPEG'
+  return 'other'
+
+
+class ImageStats:
+  """Images: how many, their formats, decoded sizes and encoded bytes."""
+
+  def __init__(self):
+    self.count = 0
+    self.formats: collections.Counter = collections.Counter()
+    self.widths: collections.Counter = collections.Counter()
+    self.heights: collections.Counter = collections.Counter()
+    self.bytes: collections.Counter = collections.Counter()
+
+  def add(self, image: np.ndarray, data: bytes):
+    """image: decoded uint8 [H, W, 3]; data: its encoded bytes."""
+    self.add_decoded(image, image_format(data), len(data))
+
+  def add_decoded(self, image: np.ndarray, fmt: str, num_bytes: int):
+    """image: decoded uint8 [H, W, 3]; fmt: image_format of its bytes."""
+    self.count += 1
+    self.formats[fmt] += 1
+    self.heights[image.shape[0]] += 1
+    self.widths[image.shape[1]] += 1
+    self.bytes[num_bytes] += 1
+
+  def to_dict(self) -> dict | None:
+    """None when there were no images."""
+    if not self.count:
+      return None
+    return dict(count=self.count, formats=dict(self.formats),
+                width=int_summary(self.widths),
+                height=int_summary(self.heights),
+                bytes=int_summary(self.bytes))
 
 
 class TextEncoder:
@@ -371,19 +448,7 @@ class FileScan:
                           else min(limit, self.num_records))
     self.errors = ErrorLog(max_errors)
     self.folder = os.path.dirname(os.path.abspath(path))
-    meta_path = os.path.join(self.folder, records.META_FILE)
-    self.meta = None
-    if os.path.exists(meta_path):
-      try:
-        self.meta = records.read_meta(self.folder)
-      except (OSError, ValueError) as e:
-        self.errors.add_file(meta_path, f'unreadable meta.json: {e}')
-    self.vocab = None
-    if self.meta is not None:
-      try:
-        self.vocab = anchors_lib.TagVocab.from_meta(self.meta)
-      except (KeyError, TypeError, ValueError) as e:
-        self.errors.add_file(meta_path, f'bad tags / synonyms: {e}')
+    self.meta, self.vocab = read_folder_meta(self.folder, self.errors)
     self.meta_width = (self.meta or {}).get('feature_dim')
 
   def decoded(self, stop: int | None = None, errors: ErrorLog | None = None
@@ -398,6 +463,24 @@ class FileScan:
         yield i, records.decode_record_at(self.source[i], self.path, i)
       except records.RecordError as e:
         errors.add(e)
+
+
+def read_folder_meta(folder: str, errors: ErrorLog):
+  """(meta.json, its TagVocab) of a folder; None for what is missing or
+  bad (a bad one is an error of the file meta.json)."""
+  meta_path = os.path.join(folder, records.META_FILE)
+  if not os.path.exists(meta_path):
+    return None, None
+  try:
+    meta = records.read_meta(folder)
+  except (OSError, ValueError) as e:
+    errors.add_file(meta_path, f'unreadable meta.json: {e}')
+    return None, None
+  try:
+    return meta, anchors_lib.TagVocab.from_meta(meta)
+  except (KeyError, TypeError, ValueError) as e:
+    errors.add_file(meta_path, f'bad tags / synonyms: {e}')
+    return meta, None
 
 
 def open_scan(path: str, limit, max_errors) -> 'FileScan | dict':
@@ -486,54 +569,111 @@ def _stored_dtype(record: dict) -> str:
   return str(feats.dtype) if hasattr(feats, 'dtype') else type(feats).__name__
 
 
+def visual_of(record: dict) -> str:
+  """'pixels' for a record with an image and no region_feats (as
+  region_store.write_region_store tells them), else 'regions'."""
+  if records.IMAGE_FIELD in record and 'region_feats' not in record:
+    return 'pixels'
+  return 'regions'
+
+
+def validate_visual(validate, record: dict, feature_dim: int) -> dict:
+  """validate(record, feature_dim=, visual=) (records.validate_pair or
+  region_store.validate_region_record, with path and index bound) the way
+  the pipelines read the record: one for pixels as such; one with both
+  region_feats and an image both ways (it serves either model)."""
+  visual = visual_of(record)
+  checked = validate(record, feature_dim=feature_dim, visual=visual)
+  if visual == 'regions' and records.IMAGE_FIELD in record:
+    validate(record, feature_dim=feature_dim, visual='pixels')
+  return checked
+
+
+def decode_record_image(record: dict, path: str, index: int):
+  """A validated record's image decoded by image_store.decode_image (the
+  pipeline's decoder), uint8 [H, W, 3]; None when it has none. One that
+  does not decode is the RecordError pipeline.decode_image_at raises."""
+  if records.IMAGE_FIELD not in record:
+    return None
+  try:
+    return image_store.decode_image(record[records.IMAGE_FIELD])
+  except ValueError as e:
+    raise records.RecordError(path, index, records.IMAGE_FIELD,
+                              f'image {record["image_id"]!r}: {e}') from e
+
+
+def _check_pair(scan: FileScan, example, index: int, width):
+  """(validated pair, decoded image or None): pipeline.decode_pair's
+  checks, for regions and / or pixels."""
+  if not isinstance(example, dict):
+    raise records.RecordError(scan.path, index, '*', 'record is not a dict')
+  validate = functools.partial(records.validate_pair, path=scan.path,
+                               index=index)
+  pair = validate_visual(validate, example, _expected_width(width, example))
+  if scan.vocab is not None:
+    pipeline.tag_ids_of(pair['region_tags'], scan.vocab, path=scan.path,
+                        index=index)
+  return pair, decode_record_image(pair, scan.path, index)
+
+
+def _feature_width(record: dict) -> int | None:
+  """The width of a validated record's region_feats; None without any."""
+  feats = record.get('region_feats')
+  return feats.shape[1] if feats is not None and len(feats) else None
+
+
 def scan_pairs(scan: FileScan, top: int) -> dict:
   """Pair records: images, regions, captions, anchors."""
   width = scan.meta_width
   images, regions = ImageIds(), RegionStats(scan.vocab)
-  texts = TextStats(TextEncoder())
+  pixels, texts = ImageStats(), TextStats(TextEncoder())
   anchors = AnchorStats(scan.vocab) if scan.vocab is not None else None
   valid = 0
   for index, example in scan.decoded():
     try:
-      if not isinstance(example, dict):
-        raise records.RecordError(scan.path, index, '*',
-                                  'record is not a dict')
-      pair = records.validate_pair(example, path=scan.path, index=index,
-                                   feature_dim=_expected_width(width,
-                                                               example))
-      if scan.vocab is not None:
-        pipeline.tag_ids_of(pair['region_tags'], scan.vocab, path=scan.path,
-                            index=index)
+      pair, image = _check_pair(scan, example, index, width)
     except Exception as e:  # pylint: disable=broad-except
       scan.errors.add(_as_record_error(e, scan.path, index))
       continue
     valid += 1
-    if width is None and len(pair['region_feats']):
-      width = pair['region_feats'].shape[1]
+    width = width or _feature_width(pair)
     if images.add(pair['image_id']):  # Describe each image once.
       regions.add(pair, _stored_dtype(example))
+      if image is not None:
+        pixels.add(image, pair[records.IMAGE_FIELD])
     encoded = texts.add(pair['caption'])
     if anchors is not None:
       anchors.add(pair['caption'], encoded, pair['region_tags'],
                   pair['region_conf'])
   return dict(
       valid_records=valid, images=len(images),
-      **regions.to_dict(top, scan.meta_width), captions=texts.to_dict(),
+      **regions.to_dict(top, scan.meta_width), pixels=pixels.to_dict(),
+      captions=texts.to_dict(),
       anchors=(anchors.to_dict(top) if anchors is not None else _unavailable(
           f'no usable {records.META_FILE} beside the file: tag vocabulary '
           'unknown')))
 
 
+def _check_region_record(scan: FileScan, record, index: int, width):
+  """(validated region record, decoded image or None)."""
+  validate = functools.partial(region_store.validate_region_record,
+                               path=scan.path, index=index)
+  rec = validate_visual(validate, record, _expected_width(width, record))
+  return rec, decode_record_image(rec, scan.path, index)
+
+
 def scan_regions(scan: FileScan, top: int) -> dict:
   """Region store records: one image each; also checks the index file."""
   width = scan.meta_width
-  images, regions = ImageIds(), RegionStats(scan.vocab)
+  images, regions, pixels = ImageIds(), RegionStats(scan.vocab), ImageStats()
   valid = 0
   for index, record in scan.decoded():
     try:
-      rec = region_store.validate_region_record(
-          record, path=scan.path, index=index,
-          feature_dim=_expected_width(width, record))
+      if not isinstance(record, dict):
+        raise records.RecordError(scan.path, index, '*',
+                                  f'expected a dict, got '
+                                  f'{type(record).__name__}')
+      rec, image = _check_region_record(scan, record, index, width)
       if not images.add(rec['image_id']):
         raise records.RecordError(scan.path, index, 'image_id',
                                   f'duplicate id {rec["image_id"]!r}')
@@ -541,12 +681,13 @@ def scan_regions(scan: FileScan, top: int) -> dict:
       scan.errors.add(_as_record_error(e, scan.path, index))
       continue
     valid += 1
-    if width is None and len(rec['region_feats']):
-      width = rec['region_feats'].shape[1]
+    width = width or _feature_width(rec)
     regions.add(rec, _stored_dtype(record))
+    if image is not None:
+      pixels.add(image, rec[records.IMAGE_FIELD])
   _check_store_index(scan)
   return dict(valid_records=valid, images=len(images),
-              **regions.to_dict(top, scan.meta_width))
+              **regions.to_dict(top, scan.meta_width), pixels=pixels.to_dict())
 
 
 def _check_store_index(scan: FileScan):
@@ -568,15 +709,28 @@ def task_texts(example: dict, task: str) -> list[str]:
 
 
 def _open_store(scan: FileScan):
-  """(RegionStore, None) beside the task file, or (None, why not)."""
+  """(RegionStore, None) beside the task file, else (ImageStore, None) of
+  an image folder (images.json), or (None, why not)."""
   path = region_store.store_path(scan.folder)
-  if not os.path.exists(path):
-    return None, f'no region store ({region_store.REGION_STORE_FILE}) beside '\
-        'the file'
-  try:
-    return region_store.RegionStore(path, scan.meta_width), None
-  except (FileNotFoundError, ValueError) as e:  # RecordError is a ValueError.
-    return None, f'region store unusable: {e}'
+  if os.path.exists(path):
+    try:
+      return region_store.RegionStore(path, scan.meta_width), None
+    except (FileNotFoundError, ValueError) as e:  # RecordError: ValueError.
+      return None, f'region store unusable: {e}'
+  path = image_store.store_file(scan.folder)
+  if os.path.exists(path):
+    try:
+      return image_store.ImageStore(path), None
+    except (OSError, ValueError) as e:  # ImageError is a ValueError.
+      return None, f'image store unusable: {e}'
+  return None, (f'no region store ({region_store.REGION_STORE_FILE}) nor '
+                f'image store ({image_store.IMAGE_STORE_FILE}) beside the '
+                'file')
+
+
+def _store_name(store) -> str:
+  return ('image store' if isinstance(store, image_store.ImageStore)
+          else 'region store')
 
 
 def scan_task(scan: FileScan, task: str, top: int) -> dict:
@@ -619,8 +773,8 @@ def _check_images_in_store(scan, store, task, image_ids, index):
   for image_id in image_ids:
     if image_id not in store:
       raise records.RecordError(scan.path, index, field,
-                                f'image {image_id!r} is not in the region '
-                                f'store {store.path}')
+                                f'image {image_id!r} is not in the '
+                                f'{_store_name(store)} {store.path}')
 
 
 def _add_task_anchors(anchors, store, example, task, image_ids, encoded):
@@ -629,12 +783,76 @@ def _add_task_anchors(anchors, store, example, task, image_ids, encoded):
   for image_id in image_ids:
     try:
       image = store[image_id]
-    except records.RecordError:  # Listed by the store's own inspection.
+    # Listed by the store's own inspection.
+    except (records.RecordError, image_store.ImageError):
       anchors.images_unreadable += 1
       continue
     for text, text_encoded in zip(task_texts(example, task), encoded):
       anchors.add(text, text_encoded, image['region_tags'],
                   image['region_conf'])
+
+
+# ------------------------------------------------------------ image store
+
+def image_error_field(error: image_store.ImageError) -> str:
+  """What an ImageError is about: the images.json field it names ('boxes',
+  'tags', 'conf', 'file'), else 'file' for a file that cannot be read
+  (missing) and 'image' for one that does not decode."""
+  named = _FIELD_RE.search(str(error))
+  if named:
+    return named.group(1)
+  return 'file' if isinstance(error.__cause__, OSError) else 'image'
+
+
+def _check_store_image(store: image_store.ImageStore, image_id: str):
+  """(item, its first bytes, its size in bytes) of one listed image, read
+  and decoded as fine-tuning reads it (ImageStore[id]); raises ImageError
+  naming the file and id."""
+  item = store[image_id]
+  file = store.file_of(image_id)
+  try:
+    with open(file, 'rb') as f:
+      data = f.read(16)  # The signature; the size from the file system.
+    num_bytes = os.path.getsize(file)
+  except OSError as e:  # Gone since it was read.
+    raise image_store.ImageError(f'{file}: image {image_id!r}: {e}') from e
+  return item, data, num_bytes
+
+
+def inspect_image_store(path: str, limit: int | None = None, top: int = 10,
+                        max_errors: int = 20) -> dict:
+  """The report of an image store (images.json; see the module docstring):
+  images listed, readable, missing / corrupt (each an error naming its
+  file and id), their sizes and bytes, their boxes and tags."""
+  errors = ErrorLog(max_errors)
+  try:
+    store = image_store.ImageStore(path)
+  except (OSError, ValueError) as e:
+    problem = str(e)
+    if problem.startswith(f'{path}: '):  # Do not name the file twice.
+      problem = problem[len(path) + 2:]
+    errors.add_file(path, problem)
+    return dict(path=path, kind='unreadable', **errors.to_dict())
+  _, vocab = read_folder_meta(store.root, errors)
+  ids = store.image_ids()
+  inspected = ids if limit is None else ids[:limit]
+  regions, pixels = RegionStats(vocab), ImageStats()
+  for image_id in inspected:
+    try:
+      item, head, num_bytes = _check_store_image(store, image_id)
+    except image_store.ImageError as e:
+      errors.add_image(e)
+      continue
+    regions.add(item)
+    pixels.add_decoded(item['image'], image_format(head), num_bytes)
+  report = dict(path=path, kind=IMAGES, task=None, records=len(ids),
+                inspected=len(inspected), limit=limit,
+                valid_records=pixels.count, images=pixels.count,
+                missing_files=errors.by_field['file'],
+                corrupt_images=errors.by_field['image'],
+                **regions.to_dict(top, None), pixels=pixels.to_dict())
+  report.update(errors.to_dict())
+  return report
 
 
 # ----------------------------------------------------------------- reports
@@ -663,25 +881,33 @@ def inspect_file(path: str, limit: int | None = None, top: int = 10,
 
 def inspect_path(path: str, limit: int | None = None, top: int = 10,
                  max_errors: int = 20) -> dict:
-  """The report of a record file, or of every record file in a folder.
+  """The report of a record file or image store, or of every record file
+  (and the image store) in a folder.
 
-  A folder's report is {path, kind: 'folder', files: [file reports],
-  num_errors: their total}. Raises FileNotFoundError for a missing path.
+  A folder's report is {path, kind: 'folder', files: [file reports, the
+  images.json one last], num_errors: their total}. Raises
+  FileNotFoundError for a missing path.
   max_errors bounds the error messages kept per file (all are counted).
   """
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no such file or folder')
   if not os.path.isdir(path):
+    if os.path.basename(path) == image_store.IMAGE_STORE_FILE:
+      return inspect_image_store(path, limit, top, max_errors)
     return inspect_file(path, limit, top, max_errors)
   names = sorted(n for n in os.listdir(path) if n.endswith(RECORD_SUFFIX))
   files = [inspect_file(os.path.join(path, n), limit, top, max_errors)
            for n in names]
+  images_json = image_store.store_file(path)
+  if os.path.isfile(images_json):  # An image folder.
+    files.append(inspect_image_store(images_json, limit, top, max_errors))
   report = dict(path=path, kind='folder', files=files,
                 num_errors=sum(f['num_errors'] for f in files))
-  if not names:
+  if not files:
     report.update(num_errors=1, errors=[
-        f'{path}: no {RECORD_SUFFIX} files in this folder'])
+        f'{path}: no {RECORD_SUFFIX} files nor '
+        f'{image_store.IMAGE_STORE_FILE} in this folder'])
   return report
 
 
@@ -710,27 +936,47 @@ def _pairs(items) -> str:
 
 
 def _header(r: dict) -> str:
-  what = {PAIR: 'pair file', REGIONS: 'region store',
+  what = {PAIR: 'pair file', REGIONS: 'region store', IMAGES: 'image store',
           'task': f'{r.get("task")} task file'}.get(r['kind'], r['kind'])
   line = f'{r["path"]}: {what}'
   if 'records' in r:
-    line += f', {r["records"]} records'
+    line += f', {r["records"]} {"listed" if r["kind"] == IMAGES else "records"}'
     if r['limit'] is not None and r['inspected'] < r['records']:
       line += f' (only the first {r["inspected"]} inspected: --limit)'
   if 'images' in r:
     line += f', {r["images"]} images'
+    if r['kind'] == IMAGES:
+      line += (f' readable ({r["missing_files"]} missing, '
+               f'{r["corrupt_images"]} corrupt)')
   return line
 
 
-def _region_lines(r: dict) -> list[str]:
-  f, g, b, t = r['features'], r['regions'], r['boxes'], r['tags']
+def _feature_line(f: dict | None) -> str:
+  if f is None:
+    return 'features  none (images only)'
   expected = (f' ({records.META_FILE} {f["expected_width"]})'
               if f['expected_width'] is not None else '')
   widths = '' if len(f['widths']) <= 1 else f' (seen: {f["widths"]})'
+  return (f'features  width {_num(f["width"])}{expected}{widths}, '
+          f'{"/".join(f["dtypes"]) or "-"}; values mean {_num(f["mean"])} '
+          f'std {_num(f["std"])}; {f["zero_regions"]} all-zero regions')
+
+
+def _pixel_lines(p: dict | None) -> list[str]:
+  """The images' line; none when the records carry no image."""
+  if p is None:
+    return []
+  size = lambda s: f'min {s["min"]} / max {s["max"]}'
+  return [f'pixels    {p["count"]} images ({_pairs(p["formats"].items())}); '
+          f'width {size(p["width"])}, height {size(p["height"])}; bytes '
+          f'{_range(p["bytes"], median=False)}']
+
+
+def _region_lines(r: dict) -> list[str]:
+  g, b, t = r['regions'], r['boxes'], r['tags']
   lines = [
-      f'features  width {_num(f["width"])}{expected}{widths}, '
-      f'{"/".join(f["dtypes"]) or "-"}; values mean {_num(f["mean"])} std '
-      f'{_num(f["std"])}; {f["zero_regions"]} all-zero regions',
+      _feature_line(r['features']),
+      *_pixel_lines(r.get('pixels')),
       f'regions   {g["total"]} in {r["images"]} images; per image '
       f'{_range(g["per_image"])}; images without regions: '
       f'{g["images_without_regions"]}',
@@ -772,7 +1018,7 @@ def _anchor_lines(a: dict, what: str, one: str) -> list[str]:
                  f'{_pairs(a["top_named_undetected"])}')
   if a['images_unreadable']:
     lines.append(f'          {a["images_unreadable"]} images unreadable in '
-                 'the region store')
+                 'the store')
   return lines
 
 
@@ -794,7 +1040,7 @@ def _error_lines(r: dict, max_errors: int) -> list[str]:
 def _body_lines(report: dict) -> list[str]:
   """What a file's valid records hold, section by section."""
   lines = []
-  if report['kind'] in (PAIR, REGIONS):
+  if report['kind'] in (PAIR, REGIONS, IMAGES):
     lines += _region_lines(report)
   is_task = report['kind'] == 'task'
   if 'captions' in report:
