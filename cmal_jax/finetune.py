@@ -83,11 +83,7 @@ def init_inputs(config):
   z = lambda *s, dtype=jnp.int32: jnp.zeros((rows,) + s, dtype)
   inputs = dict(input_ids=z(T), text_mask=z(T),
                 region_boxes=z(R, 4, dtype=jnp.float32), region_mask=z(R))
-  if shapes.pixels:
-    S = shapes.image_size
-    inputs['images'] = z(S, S, 3, dtype=jnp.uint8)
-  else:
-    inputs['region_feats'] = z(R, shapes.feature_dim, dtype=jnp.float32)
+  inputs.update(train.zero_visual_inputs(shapes, rows))
   return inputs
 
 

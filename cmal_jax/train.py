@@ -112,12 +112,18 @@ def dummy_batch(config, batch_size):
                region_mask=z(R), anchor_text_pos=z(K), anchor_text_end=z(K),
                anchor_region=z(K), anchor_valid=z(K, dtype=bool),
                itm_label=z())
+  batch.update(zero_visual_inputs(shapes, batch_size))
+  return batch
+
+
+def zero_visual_inputs(shapes, rows):
+  """What the vision side reads, as zeros: images [rows, S, S, 3] uint8
+  (model.visual.input='pixels') or region_feats [rows, R, F] float32."""
   if shapes.pixels:
     S = shapes.image_size
-    batch['images'] = z(S, S, 3, dtype=jnp.uint8)
-  else:
-    batch['region_feats'] = z(R, shapes.feature_dim, dtype=jnp.float32)
-  return batch
+    return {'images': jnp.zeros((rows, S, S, 3), jnp.uint8)}
+  return {'region_feats': jnp.zeros(
+      (rows, shapes.max_regions, shapes.feature_dim), jnp.float32)}
 
 
 def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,

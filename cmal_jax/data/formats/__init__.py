@@ -139,6 +139,19 @@ def is_finite_number(value: Any) -> bool:
   return _has_type(value, (int, float)) and math.isfinite(value)
 
 
+def image_size(loc: Location, record: dict) -> tuple[float, float]:
+  """An image record's (width, height) fields, which must be positive
+  numbers (COCO images, Visual Genome image_data)."""
+  sizes = []
+  for name in ('width', 'height'):
+    value = loc.field(record, name, (int, float))
+    if not (is_finite_number(value) and value > 0):
+      raise loc.error(name, f'expected a positive size, got {value!r}',
+                      'bad_image_size')
+    sizes.append(value)
+  return sizes[0], sizes[1]
+
+
 # ---------------------------------------------------------------- skipping
 
 class Collector:

@@ -48,8 +48,8 @@ from typing import Any
 
 from cmal_jax.data import image_store, records
 from cmal_jax.data.formats import (Collector, FormatError, Location,
-                                   check_exists, is_finite_number, load_json,
-                                   record_location, top_level_list)
+                                   check_exists, image_size, is_finite_number,
+                                   load_json, record_location, top_level_list)
 
 # COCO boxes may overhang their image by float rounding; up to this many
 # pixels is clipped (refcoco.py's rule).
@@ -100,7 +100,7 @@ def _coco_categories(path, data):
 
 def _coco_image(loc, image, annotations, tag_of, images_dir):
   image_id = loc.field(image, 'id', int)
-  width, height = _size(loc, image)
+  width, height = image_size(loc, image)
   file = _existing_file(loc, 'file_name', str(image_id), images_dir,
                         [loc.field(image, 'file_name', str)])
   boxes, tags = [], []
@@ -186,7 +186,7 @@ def _vg_image(loc, image, image_data, lookup, images_dir):
             f'VG_100K_2/{image_id}.jpg']
   file = _existing_file(loc, 'image_id', str(image_id), images_dir, names)
   if info:
-    width, height = _size(Location(loc.path, f'image_data of image_id '
+    width, height = image_size(Location(loc.path, f'image_data of image_id '
                                    f'{image_id}'), info)
   else:
     width, height = _file_size(loc, file, image_id)
@@ -222,17 +222,6 @@ def _file_size(loc, file, image_id):
 
 
 # ----------------------------------------------------------------- shared
-
-def _size(loc, record) -> tuple[float, float]:
-  """A record's positive (width, height)."""
-  sizes = []
-  for name in ('width', 'height'):
-    value = loc.field(record, name, (int, float))
-    if not (is_finite_number(value) and value > 0):
-      raise loc.error(name, f'expected a positive size, got {value!r}',
-                      'bad_image_size')
-    sizes.append(value)
-  return sizes[0], sizes[1]
 
 
 def _existing_file(loc, field, image_id, images_dir, names):

@@ -11,7 +11,7 @@ import pickle
 
 from cmal_jax.data.formats import (Collector, FormatError, Location,
                                    check_exists, check_image,
-                                   is_finite_number, load_json,
+                                   image_size, is_finite_number, load_json,
                                    record_location, top_level_list)
 
 SPLITS = ('train', 'val', 'test', 'testA', 'testB')
@@ -104,7 +104,7 @@ def _target_box(ref_loc: Location, ann_id: int, image: int, images: dict,
   if image not in images:
     raise ref_loc.error('image_id', f'image {image} is not in '
                         f'{instances_path}', 'no_image_size')
-  width, height = _image_size(Location(instances_path, f'image id {image}'),
+  width, height = image_size(Location(instances_path, f'image id {image}'),
                               images[image])
   ann_loc = Location(instances_path, f'annotation id {ann_id}')
   bbox = ann_loc.field(annotations[ann_id], 'bbox', list)
@@ -121,15 +121,3 @@ def _target_box(ref_loc: Location, ann_id: int, image: int, images: dict,
   clip = lambda v: min(max(v, 0.0), 1.0)
   return [clip(x1 / width), clip(y1 / height), clip(x2 / width),
           clip(y2 / height)]
-
-
-def _image_size(loc: Location, record: dict) -> tuple[float, float]:
-  """Returns the COCO image's (width, height), which must be positive."""
-  sizes = []
-  for name in ('width', 'height'):
-    value = loc.field(record, name, (int, float))
-    if not (is_finite_number(value) and value > 0):
-      raise loc.error(name, f'expected a positive size, got {value!r}',
-                      'bad_image_size')
-    sizes.append(value)
-  return sizes[0], sizes[1]
