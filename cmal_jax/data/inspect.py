@@ -569,20 +569,12 @@ def _stored_dtype(record: dict) -> str:
   return str(feats.dtype) if hasattr(feats, 'dtype') else type(feats).__name__
 
 
-def visual_of(record: dict) -> str:
-  """'pixels' for a record with an image and no region_feats (as
-  region_store.write_region_store tells them), else 'regions'."""
-  if records.IMAGE_FIELD in record and 'region_feats' not in record:
-    return 'pixels'
-  return 'regions'
-
-
 def validate_visual(validate, record: dict, feature_dim: int) -> dict:
   """validate(record, feature_dim=, visual=) (records.validate_pair or
   region_store.validate_region_record, with path and index bound) the way
   the pipelines read the record: one for pixels as such; one with both
   region_feats and an image both ways (it serves either model)."""
-  visual = visual_of(record)
+  visual = records.visual_of(record)
   checked = validate(record, feature_dim=feature_dim, visual=visual)
   if visual == 'regions' and records.IMAGE_FIELD in record:
     validate(record, feature_dim=feature_dim, visual='pixels')
@@ -590,16 +582,12 @@ def validate_visual(validate, record: dict, feature_dim: int) -> dict:
 
 
 def decode_record_image(record: dict, path: str, index: int):
-  """A validated record's image decoded by image_store.decode_image (the
-  pipeline's decoder), uint8 [H, W, 3]; None when it has none. One that
-  does not decode is the RecordError pipeline.decode_image_at raises."""
+  """A validated record's image as the pipeline decodes it
+  (pipeline.decode_image_at, not resized), uint8 [H, W, 3]; None when it
+  has none."""
   if records.IMAGE_FIELD not in record:
     return None
-  try:
-    return image_store.decode_image(record[records.IMAGE_FIELD])
-  except ValueError as e:
-    raise records.RecordError(path, index, records.IMAGE_FIELD,
-                              f'image {record["image_id"]!r}: {e}') from e
+  return pipeline.decode_image_at(record, None, path=path, index=index)
 
 
 def _check_pair(scan: FileScan, example, index: int, width):

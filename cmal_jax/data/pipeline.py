@@ -112,14 +112,15 @@ def decode_pair(raw, *, path, index, shapes, vocab):
 
 
 def decode_image_at(example, size, *, path, index):
-  """A pixel pair's image, decoded and resized: uint8 [size, size, 3]; one
-  that does not decode is a RecordError naming the record and image id."""
+  """A pixel pair's image, decoded and resized: uint8 [size, size, 3]
+  (size None: as stored, [H, W, 3]); one that does not decode is a
+  RecordError naming the record and image id."""
   try:
     image = image_store.decode_image(example[records.IMAGE_FIELD])
   except ValueError as e:
     raise records.RecordError(path, index, records.IMAGE_FIELD,
                               f'image {example["image_id"]!r}: {e}') from e
-  return image_store.resize_image(image, size)
+  return image if size is None else image_store.resize_image(image, size)
 
 
 def skip_reason(error):

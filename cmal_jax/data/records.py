@@ -156,6 +156,14 @@ def _float_array(example, field, ndim, err):
   return a
 
 
+def visual_of(record: dict) -> str:
+  """'pixels' for a record with an image and no region_feats, else
+  'regions' (a record with both serves either model)."""
+  if IMAGE_FIELD in record and 'region_feats' not in record:
+    return 'pixels'
+  return 'regions'
+
+
 def validate_pair(example: dict, *, path: str, index: int,
                   feature_dim: int, visual: str = 'regions') -> dict:
   """Checks a decoded pair record; returns it with float32 numpy arrays.

@@ -128,11 +128,9 @@ def write_region_store(path: str, region_records: Iterable[dict],
     for i, given in enumerate(region_records):
       if dim is None:
         dim = _feature_dim_of(given)
-      visual = ('pixels' if 'region_feats' not in given
-                and records.IMAGE_FIELD in given else 'regions')
       rec = validate_region_record(given, path=path, index=i,
                                    feature_dim=_expected_dim(dim, given),
-                                   visual=visual)
+                                   visual=records.visual_of(given))
       image_id = rec['image_id']
       if image_id in index:
         raise records.RecordError(
