@@ -9,6 +9,7 @@ def _fail(field, value, why):
 
 
 TASKS = ('pretrain', 'vqa', 've', 'nlvr2', 'rec', 'retrieval')
+PRETRAIN_RECIPES = ('cmal', 'cmcl', 'mlm_itm', 'semvlp', 'semmim')
 VISUAL_INPUTS = ('regions', 'pixels')
 BOX_SOURCES = ('given', 'grid')
 RECALLS = tuple(f'{d}_r{k}' for d in ('t2i', 'i2t') for k in (1, 5, 10))
@@ -55,6 +56,9 @@ def validate(config: ml_collections.ConfigDict):
     _fail('model.num_heads', m.num_heads,
           f'must divide model.hidden_dim={m.hidden_dim}')
   _validate_visual(config)
+  if m.get('two_stream', False) and not m.get('cross_attention', False):
+    _fail('model.two_stream', m.two_stream,
+          'the two-stream mode needs model.cross_attention=True')
   if m.dtype not in ('float32', 'bfloat16', 'float16'):
     _fail('model.dtype', m.dtype, 'must be float32, bfloat16 or float16')
   if not 0 <= m.dropout < 1:
@@ -171,7 +175,8 @@ def _validate_pretrain(config):
   for name in ('amc', 'mlm', 'itm', 'mrc', 'itc'):
     if config.loss[name] < 0:
       _fail(f'loss.{name}', config.loss[name], 'weights must be >= 0')
-  if not any(config.loss[n] > 0 for n in ('amc', 'mlm', 'itm', 'mrc', 'itc')):
+  if not any(config.loss.get(n, 0) > 0 for n in (
+      'amc', 'mlm', 'itm', 'mrc', 'itc', 'mim', 'agreement')):
     _fail('loss', 'all zero', 'enable at least one objective')
   if config.loss.amc_targets not in ('pairing', 'label', 'both'):
     _fail('loss.amc_targets', config.loss.amc_targets,
@@ -179,8 +184,53 @@ def _validate_pretrain(config):
   if config.loss.amc > 0 and not config.cmap.enabled:
     _fail('loss.amc', config.loss.amc,
           'AMC needs CMAP: set cmap.enabled=True or loss.amc=0')
-  if config.recipe not in ('cmal', 'cmcl', 'mlm_itm'):
-    _fail('recipe', config.recipe, "must be 'cmal', 'cmcl' or 'mlm_itm'")
+  if config.recipe not in PRETRAIN_RECIPES:
+    _fail('recipe', config.recipe,
+          f'must be one of {list(PRETRAIN_RECIPES)}')
+  every = config.get('two_stream_every', 0)
+  if not isinstance(every, int) or every < 0:
+    _fail('two_stream_every', every, 'must be an integer >= 0')
+  if every and not config.model.get('cross_attention', False):
+    _fail('two_stream_every', every, 'alternating modes needs the '
+          'cross-attention sub-layer: set model.cross_attention=True')
+  if config.loss.get('mim', 0) > 0 or config.loss.get('agreement', 0) > 0:
+    _validate_semmim(config)
+
+
+def _validate_semmim(config):
+  """SemMIM masks the backbone's patches: the regions must be exactly them."""
+  for name in ('mim', 'agreement'):
+    if config.loss[name] < 0:
+      _fail(f'loss.{name}', config.loss[name], 'weights must be >= 0')
+  v, s = config.model.visual, config.semmim
+  needs = (('model.visual.input', v.input, 'pixels'),
+           ('model.visual.kind', v.kind, 'patch'),
+           ('model.visual.boxes', v.boxes, 'grid'),
+           ('model.visual.grid_size', v.grid_size,
+            v.image_size // v.patch_size))
+  for field, value, wanted in needs:
+    if value != wanted:
+      _fail(field, value, f'SemMIM (loss.mim / loss.agreement) masks the '
+            f'pixel backbone\'s patches, one region each: needs {wanted!r}')
+  if not isinstance(config.model.prototypes, int) or (
+      config.model.prototypes < 2):
+    _fail('model.prototypes', config.model.prototypes,
+          'SemMIM needs K >= 2 prototypes')
+  if config.model.unified_layers < 1:
+    _fail('model.unified_layers', config.model.unified_layers,
+          "SemMIM's text-guided masking reads the last unified layer")
+  if not 0 < s.mask_ratio < 1:
+    _fail('semmim.mask_ratio', s.mask_ratio, 'must be in (0, 1)')
+  if not 0 <= s.ema_momentum <= 1:
+    _fail('semmim.ema_momentum', s.ema_momentum, 'must be in [0, 1]')
+  for field in ('teacher_temp', 'student_temp'):
+    if not s[field] > 0:
+      _fail(f'semmim.{field}', s[field], 'must be > 0')
+  if s.mask_noise < 0:
+    _fail('semmim.mask_noise', s.mask_noise, 'must be >= 0')
+  if not isinstance(s.sinkhorn_iterations, int) or s.sinkhorn_iterations < 0:
+    _fail('semmim.sinkhorn_iterations', s.sinkhorn_iterations,
+          'must be an integer >= 0')
 
 
 def _validate_finetune(config):

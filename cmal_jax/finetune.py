@@ -158,7 +158,8 @@ def make_loss(model, config):
                           deterministic=False, rngs={'dropout': rng})
     return task_loss(outputs, batch, config, denominators)
 
-  return train.Loss(prepare=lambda batch, rng: batch, loss=loss_fn,
+  return train.Loss(prepare=lambda batch, rng, state=None: batch,
+                    loss=loss_fn,
                     denominators=lambda batch: task_denominators(batch,
                                                                  config))
 

@@ -28,12 +28,15 @@ def log(*args):
 # not change the parameters, so they may differ.
 SIGNATURE_FIELDS = ('size', 'recipe', 'model')
 # Model fields a resumed run may change: they leave the function alone
-# (dropout is training noise, dtype and remat trade precision or memory).
-FREE_MODEL_FIELDS = ('dropout', 'dtype', 'remat')
+# (dropout is training noise, dtype and remat trade precision or memory,
+# two_stream picks SemVLP's mode over the same parameters).
+FREE_MODEL_FIELDS = ('dropout', 'dtype', 'remat', 'two_stream')
 # Signature fields added after checkpoints were written: a checkpoint that
 # lacks one was made with this value (the behaviour before the field).
 SIGNATURE_DEFAULTS = {'model.hypersphere': True,
-                      'model.visual.input': 'regions'}
+                      'model.visual.input': 'regions',
+                      'model.cross_attention': False,
+                      'model.prototypes': 0}
 
 
 class Preemption:

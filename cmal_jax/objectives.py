@@ -28,24 +28,29 @@ class SpecialTokens:
                tok.vocab_size)
 
 
-def choose_positions(rng, eligible, prob):
-  """Picks round(prob * #eligible) (at least 1 where any) random positions.
+def choose_positions(rng, eligible, prob, scores=None):
+  """Picks round(prob * #eligible) (at least 1 where any) positions: random
+  ones, or those of the highest `scores`.
 
-  Args: eligible [B, L] bool.
-  Returns: positions [B, M] int32 and weights [B, M] bool, with the static
-    M = ceil(prob * L); unused entries have weight False.
+  Args: eligible [B, L] bool; scores [B, L] float or None (uniform noise
+    from rng: a random choice).
+  Returns: positions [B, M] int32 (highest score first) and weights [B, M]
+    bool, with the static M = ceil(prob * L); unused entries have weight
+    False.
   """
   L = eligible.shape[1]
   M = max(1, math.ceil(prob * L))
-  scores = jnp.where(eligible, jax.random.uniform(rng, eligible.shape), -1.0)
+  if scores is None:
+    scores = jax.random.uniform(rng, eligible.shape)
+  scores = jnp.where(eligible, scores.astype(jnp.float32), -jnp.inf)
   top, positions = jax.lax.top_k(scores, M)
   count = jnp.sum(eligible, axis=1, keepdims=True)
   wanted = jnp.where(count > 0, jnp.maximum(1, jnp.round(prob * count)), 0)
-  weights = (jnp.arange(M)[None] < wanted) & (top >= 0)
+  weights = (jnp.arange(M)[None] < wanted) & (top > -jnp.inf)
   return positions.astype(jnp.int32), weights
 
 
-def _scatter_where(x, positions, weights, updates):
+def scatter_where(x, positions, weights, updates):
   """x [B, L, ...]: x[b, positions[b, m]] = updates[b, m] where weights."""
   return prompt.scatter_slots(x, jnp.where(weights, positions, x.shape[1]),
                               updates)
@@ -108,7 +113,7 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
   replaced = jnp.where(u < 0.8, specials.mask,
                        jnp.where(u < 0.9, random_ids, mlm_targets))
   if corrupt and config.loss.mlm > 0:
-    ids = _scatter_where(ids, mlm_pos, corrupted, replaced.astype(ids.dtype))
+    ids = scatter_where(ids, mlm_pos, corrupted, replaced.astype(ids.dtype))
   mlm_w = corrupted & positive[:, None]
 
   # MRC: zero 15 % of tagged, non-anchor regions (UNITER's masking).
@@ -149,13 +154,13 @@ def _masked_regions(batch, positions, masked):
   if 'images' in batch:
     out = dict(images=batch['images'])
     if masked is not None:
-      out['region_masked'] = _scatter_where(
+      out['region_masked'] = scatter_where(
           jnp.zeros(batch['region_mask'].shape, bool), positions, masked,
           jnp.ones(positions.shape, bool))
     return out
   feats = batch['region_feats']
   if masked is not None:
-    feats = _scatter_where(feats, positions, masked,
+    feats = scatter_where(feats, positions, masked,
                            jnp.zeros(positions.shape + feats.shape[2:],
                                      feats.dtype))
   return dict(region_feats=feats)
@@ -206,6 +211,18 @@ def itc_loss(text, image, log_scale, positive, denom=None):
   return (t2i[0] + i2t[0]) / 2, (t2i[1] + i2t[1]) / 2
 
 
+def soft_xent(logits, target_probs, weights, denom):
+  """Cross-entropy against soft targets (self-distillation) and how often
+  the argmaxes agree: logits, target_probs [..., K], weights [...] ->
+  (sum of weighted entries / denom, agreement likewise)."""
+  w = weights.astype(jnp.float32)
+  ce = -jnp.sum(target_probs * jax.nn.log_softmax(logits.astype(jnp.float32)),
+                -1)
+  agree = (jnp.argmax(logits, -1) == jnp.argmax(target_probs, -1)).astype(
+      jnp.float32)
+  return jnp.sum(ce * w) / denom, jnp.sum(agree * w) / denom
+
+
 def denominator(weights):
   """A weighted mean's divisor: the total weight, at least 1."""
   return jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
@@ -217,7 +234,9 @@ def loss_denominators(targets, config):
   gradient accumulation the micro-batches' losses and metrics add up to the
   batch's exactly (ITC aside: its negatives are the micro-batch's)."""
   amc = targets['amc_weights']
-  return dict(amc=denominator(amc),
+  semmim = ({} if 'mim_weights' not in targets else
+            dict(mim=denominator(targets['mim_weights'])))
+  return dict(**semmim, amc=denominator(amc),
               amc_tag=denominator(amc & (targets['amc_tag'] >= 0)),
               mlm=denominator(targets['mlm_weights']),
               itm=denominator(jnp.ones_like(targets['itm_label'])),
@@ -285,5 +304,30 @@ def compute_losses(outputs, targets, config, denominators=None):
                          d['itc'])
     add('itc', lc.itc, loss)
     metrics['acc_itc'] = acc
+  student = lambda name: outputs[name] / config.semmim.student_temp
+  if lc.get('mim', 0) > 0:
+    # SemMIM: each masked patch's prototype distribution (the student sees
+    # the masked image) matches the momentum encoder's on the whole image.
+    loss, acc = soft_xent(student('proto_patch_logits'),
+                          targets['mim_targets'], targets['mim_weights'],
+                          d['mim'])
+    add('mim', lc.mim, loss)
+    metrics['acc_mim'] = acc
+  if lc.get('agreement', 0) > 0:
+    # SemMIM's local semantics enhancing: the momentum encoder's global
+    # image encoding is the target of the student's global encoding and of
+    # its patch encodings taken together (their mean distribution), in the
+    # one prototype space both share.
+    target, positive = targets['image_targets'], targets['positive']
+    global_loss, acc = soft_xent(student('proto_image_logits'), target,
+                                 positive, d['itc'])
+    patch_probs = jax.nn.softmax(student('proto_patch_logits'))  # [B, R, K]
+    region = targets['region_mask'][..., None].astype(jnp.float32)
+    mean_probs = jnp.sum(patch_probs * region, 1) / jnp.maximum(
+        jnp.sum(region, 1), 1.0)
+    local_loss, _ = soft_xent(jnp.log(mean_probs + 1e-9), target, positive,
+                              d['itc'])
+    add('agreement', lc.agreement, (global_loss + local_loss) / 2)
+    metrics['acc_agreement'] = acc
   metrics['loss'] = total
   return total, metrics

@@ -29,7 +29,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 
 from cmal_jax import (checkpoint, configlib, evaluate, guards, objectives,
-                      sharding)
+                      semmim, sharding)
 from cmal_jax.data import pipeline, synthetic, tfds_source
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.guards import log
@@ -44,17 +44,21 @@ from cmal_jax.model.cmal import CMAL, ModelConfig, pretrained_param_names
 class TrainState(train_state.TrainState):
   """Flax's TrainState plus the data counters (pipeline.STAT_KEYS), which
   live in the checkpoint so a resumed run keeps counting from where it was,
-  and the number of updates skipped because they were not finite."""
+  the number of updates skipped because they were not finite, and (SemMIM)
+  the momentum encoder's parameters: an EMA of `params`, never
+  differentiated (None when the recipe has no target encoder)."""
   data_stats: dict
   nonfinite_skips: jax.Array
+  ema_params: Any = None
 
 
 def decay_mask(params):
-  """AdamW decays kernels and embeddings, not biases, LayerNorm, scales or
-  the [MASK] vector."""
+  """AdamW decays kernels and embeddings, not biases, LayerNorm, scales,
+  the [MASK] vectors or SemMIM's prototypes (used normalised)."""
   def decays(path, _):
     name = [k.key for k in path if isinstance(getattr(k, 'key', None), str)][-1]
-    return not name.endswith(('bias', 'scale', 'mask_vector'))
+    return not name.endswith(('bias', 'scale', 'mask_vector', 'mask_token',
+                              'prototypes'))
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -133,13 +137,16 @@ def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,
   init_inputs(rng) -> the model's inputs for init; stat_keys: the data
   counters kept in the state. Returns (state, state_shardings); with
   abstract_only, the state as jax.ShapeDtypeStructs (compile_only).
+  The momentum encoder (semmim.uses_target_encoder) starts as a copy of the
+  parameters, sharded as they are.
   """
   def init(rng):
     params = model.init(rng, init_inputs(rng))['params']  # Boxed.
     state = TrainState.create(
         apply_fn=model.apply, params=params, tx=tx,
         data_stats={k: jnp.zeros((), jnp.int32) for k in stat_keys},
-        nonfinite_skips=jnp.zeros((), jnp.int32))
+        nonfinite_skips=jnp.zeros((), jnp.int32),
+        ema_params=params if semmim.uses_target_encoder(config) else None)
     # create() starts from a weak-typed step; a restored one is int32, and
     # the jitted step must see one type to reuse its compilation.
     return state.replace(step=jnp.zeros((), jnp.int32))
@@ -162,17 +169,23 @@ def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,
 class Loss:
   """A job's objectives, in the three parts gradient accumulation needs.
 
-  prepare(batch, rng) -> batch: the parameter-free corruption (CMAP's
-    anchor actions, MLM masking), applied to the whole batch so that
-    accumulating micro-batches sees the same corruption as one batch.
+  prepare(batch, rng, state) -> batch: the corruption (CMAP's anchor
+    actions, MLM masking; SemVLP's mode of the step; SemMIM's momentum
+    encoder's targets and text-guided masks), applied to the whole batch so
+    that accumulating micro-batches sees the same corruption as one batch.
+    It is not differentiated; `state` is the TrainState (None outside a
+    train step; only SemMIM needs it).
   loss(params, batch, rng, denominators) -> (loss, metrics): the model's
     losses on a (micro-)batch; rng is for dropout.
   denominators(batch) -> {name: scalar}: what each mean divides by, over
     the whole batch; losses and metrics are then sums over micro-batches.
+  after_update(state) -> state: runs after each applied update (SemMIM's
+    momentum-encoder update), inside the jitted step.
   """
   prepare: Callable
   loss: Callable
   denominators: Callable
+  after_update: Callable = lambda state: state
 
 
 def split_micro_batches(batch, num):
@@ -186,17 +199,17 @@ def split_micro_batches(batch, num):
   return jax.tree.map(split, batch)
 
 
-def loss_and_grads(loss, params, batch, rng, num_micro=1):
+def loss_and_grads(loss, params, batch, rng, num_micro=1, state=None):
   """Gradients and metrics of a Loss on `batch` -> (grads, metrics).
 
   num_micro > 1 sums the gradients of that many micro-batches (lax.scan,
   one micro-batch's activations live at a time): the same as one batch up
   to float rounding (the corruption is drawn once for the whole batch and
   the means divide by whole-batch counts), ITC's in-batch negatives and
-  dropout's draws aside.
+  dropout's draws aside. state: what Loss.prepare reads (the TrainState).
   """
   prep_rng, dropout_rng = jax.random.split(rng)
-  batch = loss.prepare(batch, prep_rng)
+  batch = loss.prepare(batch, prep_rng, state)
   denominators = loss.denominators(batch)
   value_and_grad = jax.value_and_grad(loss.loss, has_aux=True)
   if num_micro == 1:
@@ -234,7 +247,7 @@ def make_train_step(loss, config, schedule):
     # All randomness: the config seed folded with the step.
     rng = jax.random.fold_in(base_rng, state.step)
     grads, metrics = loss_and_grads(loss, state.params, batch, rng,
-                                    config.grad_accum_steps)
+                                    config.grad_accum_steps, state)
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['lr'] = schedule(state.step)
     # A non-finite loss or gradient skips the update: parameters and
@@ -245,8 +258,9 @@ def make_train_step(loss, config, schedule):
     # lax.cond, not a select: only the taken branch runs, so a finite step
     # does not read the old and new state (3 x params) once more to choose
     # (6 % of a base step on CPU).
-    state = jax.lax.cond(finite, lambda s: s.apply_gradients(grads=grads),
-                         lambda s: s.replace(step=s.step + 1), state)
+    state = jax.lax.cond(
+        finite, lambda s: loss.after_update(s.apply_gradients(grads=grads)),
+        lambda s: s.replace(step=s.step + 1), state)
     return state.replace(data_stats=data_stats, nonfinite_skips=skips), metrics
 
   return train_step
@@ -288,25 +302,68 @@ class Job:
 
 def pretrain_objectives(model, config, specials):
   """(init_inputs(rng), Loss) of pre-training: objectives.prepare_inputs'
-  corruption, then the configured losses."""
-  def prepare(batch, rng):
-    inputs, targets = objectives.prepare_inputs(batch, rng, config, specials)
-    return dict(inputs=inputs, targets=targets)
+  corruption (SemMIM: semmim.prepare's), then the configured losses, in
+  SemVLP's mode of the step (two_stream_steps)."""
+  with_target_encoder = semmim.uses_target_encoder(config)
+  every = config.get('two_stream_every', 0)
+
+  def prepare(batch, rng, state=None):
+    if with_target_encoder:
+      inputs, targets = semmim.prepare(model, config, specials, batch, rng,
+                                       state)
+    else:
+      inputs, targets = objectives.prepare_inputs(batch, rng, config,
+                                                  specials)
+    prepared = dict(inputs=inputs, targets=targets)
+    if every:  # Per row, so micro-batches split it like the rest.
+      two = (jnp.bool_(config.model.two_stream) if state is None
+             else two_stream_step(state.step, every))
+      prepared['two_stream'] = jnp.full(batch['input_ids'].shape[:1], two)
+    return prepared
+
+  def loss_in_mode(two_stream):
+    def loss(params, batch, rng, denominators):
+      outputs = model.apply({'params': params}, batch['inputs'],
+                            deterministic=False, rngs={'dropout': rng},
+                            two_stream=two_stream)
+      return objectives.compute_losses(outputs, batch['targets'], config,
+                                       denominators)
+    return loss
 
   def loss_fn(params, batch, rng, denominators):
-    outputs = model.apply({'params': params}, batch['inputs'],
-                          deterministic=False, rngs={'dropout': rng})
-    return objectives.compute_losses(outputs, batch['targets'], config,
-                                     denominators)
+    if not every:
+      return loss_in_mode(None)(params, batch, rng, denominators)
+    # One program holds both modes; lax.cond runs only the step's.
+    loss, metrics = jax.lax.cond(batch['two_stream'][0], loss_in_mode(True),
+                                 loss_in_mode(False), params, batch, rng,
+                                 denominators)
+    # The share of two-stream steps (a sum over micro-batches, like the
+    # metrics, so divided by their number).
+    metrics['two_stream'] = jnp.mean(batch['two_stream'].astype(
+        jnp.float32)) / config.grad_accum_steps
+    return loss, metrics
 
   def init_inputs(rng):
-    return objectives.prepare_inputs(dummy_batch(config, 1), rng, config,
-                                     specials)[0]
+    inputs = objectives.prepare_inputs(dummy_batch(config, 1), rng, config,
+                                       specials)[0]
+    if with_target_encoder:  # Creates the patch mask token.
+      inputs['patch_masked'] = jnp.zeros_like(inputs['region_mask'], bool)
+    return inputs
 
+  after_update = lambda state: state
+  if with_target_encoder:
+    after_update = lambda state: state.replace(ema_params=semmim.ema_update(
+        state.ema_params, state.params, config.semmim.ema_momentum))
   return init_inputs, Loss(
       prepare=prepare, loss=loss_fn,
       denominators=lambda batch: objectives.loss_denominators(
-          batch['targets'], config))
+          batch['targets'], config), after_update=after_update)
+
+
+def two_stream_step(step, every):
+  """SemVLP's schedule: whether `step` (0-based) runs two-stream. Of each
+  `every` steps the last does (every=2: single, two, single, ...)."""
+  return step % every == every - 1
 
 
 def pretrain_job(config, workdir, mesh, axis_rules, local_batch):
@@ -427,8 +484,10 @@ def train_and_evaluate(config, workdir):
   else:
     params = job.initial_params(bert_params(config, state.params))
     if params is not state.params:
-      state = state.replace(params=jax.device_put(params,
-                                                  state_shardings.params))
+      params = jax.device_put(params, state_shardings.params)
+      state = state.replace(params=params)
+      if state.ema_params is not None:  # The momentum encoder starts equal.
+        state = state.replace(ema_params=params)
   step = int(state.step)
   if jax.process_index() == 0:
     guards.write_text_atomic(epath.Path(workdir) / 'config.json',

@@ -5,7 +5,12 @@ Argument: comma-separated size and recipe, both optional.
   sizes:   tiny (unit tests), small (default; a CPU run), base (accelerators),
            minilm (small's data, the unified encoder from MiniLM-L6-H384)
   recipes: cmal (default: AMC + MLM + ITM), cmcl (ITC + MLM + ITM, CMAP off),
-           mlm_itm (MLM + ITM alone, CMAP off: the baseline of both)
+           mlm_itm (MLM + ITM alone, CMAP off: the baseline of both),
+           semvlp (MLM + masked object prediction + ITM, alternating single-
+           and two-stream steps through a cross-attention sub-layer;
+           docs/semvlp.md), semmim (reads pixels: text-guided masked image
+           modelling against a momentum encoder, with prototype agreement,
+           MLM, ITM and ITC; docs/semmim.md)
 
   --config=configs/pretrain.py:base,cmcl --config.total_steps=10000
 """
@@ -21,7 +26,7 @@ SIZES = {
     # initialised from it (init.bert).
     'minilm': (384, 12, 2, 2, 6, 32, 10, 6, 256, 64, 450, 5e-4),
 }
-RECIPES = ('cmal', 'cmcl', 'mlm_itm')
+RECIPES = ('cmal', 'cmcl', 'mlm_itm', 'semvlp', 'semmim')
 # The pixel backbone of model.visual.input='pixels' (cmal_jax/model/pixels.py)
 # per size: image side S, feature width C, residual blocks, patch (stride),
 # RoIAlign bins per side, grid side G. G * G <= R, so an image without boxes
@@ -32,6 +37,17 @@ PIXELS = {
     'small': (64, 128, 2, 8, 4, 3),
     'base': (224, 256, 4, 16, 7, 6),
     'minilm': (64, 128, 2, 8, 4, 3),
+}
+# SemMIM per size: its regions are the backbone's patches (a grid of
+# image_size / patch_size cells per side, each pooled exactly by a 1 x 1
+# RoIAlign bin), and K prototypes. 16-pixel patches keep `small`'s sequence
+# at 32 + 16 slots.
+SEMMIM = {
+    #         patch  K   EMA momentum
+    'tiny': (16, 64, 0.99),
+    'small': (16, 256, 0.995),
+    'base': (16, 4096, 0.999),
+    'minilm': (16, 256, 0.995),
 }
 
 
@@ -106,7 +122,21 @@ def get_config(arg=None):
           sampling_ratio=2,  # Bilinear samples per bin and axis.
           grid_size=grid,  # G.
       )),
+      # SemVLP: every unified layer carries a cross-modal attention
+      # sub-layer (model/unified.py BertLayer). two_stream is the mode
+      # evaluation and fine-tuning run in: False, single-stream (text and
+      # regions attend jointly; the sub-layer unused); True, two-stream (each
+      # modality attends to itself, then to the other through it).
+      cross_attention=recipe == 'semvlp',
+      two_stream=False,
+      # SemMIM: K, the prototypes of the space patch encodings and the
+      # global image feature share (0: none).
+      prototypes=0,
   ))
+  # SemVLP's pre-training schedule: of every N steps the last runs
+  # two-stream, the others single-stream (2: alternate); 0: every step
+  # runs model.two_stream.
+  c.two_stream_every = 2 if recipe == 'semvlp' else 0
 
   c.init = ml_collections.ConfigDict(dict(
       # A Hugging Face BERT folder (config.json + model.safetensors or
@@ -165,6 +195,19 @@ def get_config(arg=None):
       max_background=2,
   ))
 
+  # SemMIM (cmal_jax/semmim.py), with loss.mim / loss.agreement.
+  semmim_patch, prototypes, momentum = SEMMIM[size]
+  c.semmim = ml_collections.ConfigDict(dict(
+      mask_ratio=0.4,  # Of each image's patches, the most text-related.
+      # 0: mask exactly the top-relevance patches; > 0: sample them with
+      # probability ~ relevance^(1 / mask_noise) (Gumbel top-k).
+      mask_noise=0.0,
+      ema_momentum=momentum,  # m in θ' = m·θ' + (1 − m)·θ.
+      teacher_temp=0.07,  # Sinkhorn-Knopp on the momentum encoder's logits.
+      student_temp=0.1,
+      sinkhorn_iterations=3,
+  ))
+
   # CMAP: anchor point masking and swap feature filling.
   c.cmap = ml_collections.ConfigDict(dict(
       enabled=recipe == 'cmal',
@@ -180,10 +223,24 @@ def get_config(arg=None):
       mlm=1.0,
       mlm_prob=0.15,
       itm=1.0,
-      mrc=0.0,
+      # Masked region classification: predict a masked region's tag
+      # (SemVLP's masked object prediction).
+      mrc=1.0 if recipe == 'semvlp' else 0.0,
       mrc_prob=0.15,
-      itc=1.0 if recipe == 'cmcl' else 0.0,
+      itc=1.0 if recipe in ('cmcl', 'semmim') else 0.0,
+      # SemMIM: masked image modelling on the masked patches, and the
+      # global/local agreement in the prototype space.
+      mim=1.0 if recipe == 'semmim' else 0.0,
+      agreement=1.0 if recipe == 'semmim' else 0.0,
   ))
+  if recipe == 'semmim':  # Pixels in, the backbone's patches as regions.
+    v = c.model.visual
+    v.input, v.boxes, v.kind, v.patch_size = 'pixels', 'grid', 'patch', (
+        semmim_patch)
+    v.grid_size = v.image_size // semmim_patch
+    v.roi_size = v.sampling_ratio = 1  # One sample at each cell's centre.
+    c.data.max_regions = v.grid_size ** 2
+    c.model.prototypes = prototypes
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=lr,

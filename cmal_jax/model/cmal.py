@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from cmal_jax.model import axes, heads, prompt
 from cmal_jax.model.encoders import TextEncoder, VisionEncoder, l2_normalize
 from cmal_jax.model.pixels import PixelBackbone, PixelConfig
-from cmal_jax.model.unified import BertEncoder, EncoderConfig, SlotEmbeddings
+from cmal_jax.model.unified import (BertEncoder, EncoderConfig,
+                                    SlotEmbeddings, two_stream_masks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,14 @@ class ModelConfig:
   # The pixel backbone that turns images into region features
   # (model.visual.input='pixels'), or None: region features come as input.
   pixels: PixelConfig | None = None
+  # SemVLP: the unified encoder's layers carry a cross-modal attention
+  # sub-layer; two_stream is the mode a call runs in unless it says (False:
+  # single-stream, the sub-layer unused).
+  cross_attention: bool = False
+  two_stream: bool = False
+  # SemMIM: K, the prototypes of the encoding space shared by patch
+  # encodings and the global image feature (0: no prototype head).
+  prototypes: int = 0
 
   @classmethod
   def from_config(cls, model_config, num_tags):
@@ -46,10 +55,10 @@ class ModelConfig:
     return cls(num_tags=num_tags, pixels=pixel_config(model_config),
                **{k: v for k, v in model_config.items() if k in fields})
 
-  def encoder(self, num_layers):
+  def encoder(self, num_layers, cross_attention=False):
     return EncoderConfig(self.hidden_dim, self.num_heads, self.mlp_dim,
                          num_layers, self.dropout, jnp.dtype(self.dtype),
-                         remat=self.remat)
+                         remat=self.remat, cross_attention=cross_attention)
 
 
 def pixel_config(model_config):
@@ -130,7 +139,7 @@ class CMAL(nn.Module):
     self.mask_vector = self.param(
         'mask_vector', axes.init(nn.initializers.normal(1.0), ('embed',)),
         (c.hidden_dim,))
-    unified_cfg = c.encoder(c.unified_layers)
+    unified_cfg = c.encoder(c.unified_layers, c.cross_attention)
     self.slots = SlotEmbeddings(unified_cfg, c.max_position)
     self.unified = BertEncoder(unified_cfg)
     if self.task in ('pretrain', 'retrieval'):
@@ -146,6 +155,8 @@ class CMAL(nn.Module):
     self.vocab_head = heads.VocabHead(unified_cfg, c.vocab_size)
     self.tag_head = heads.TagHead(unified_cfg, c.num_tags)
     self.pairing_head = heads.PairingHead(unified_cfg)
+    if c.prototypes:
+      self.prototype_head = heads.PrototypeHead(unified_cfg, c.prototypes)
 
   def embed_text(self, inputs, deterministic=True):
     """UMSE text side: unit features [B, T, D] (unnormalised without the
@@ -165,16 +176,19 @@ class CMAL(nn.Module):
     box of images [B, S, S, 3]; zero on padding and where region_masked
     (MRC), as a detector's masked features would be."""
     feats = self.pixels.regions_from_pixels(
-        inputs['images'], inputs['region_boxes'], inputs['region_mask'])
+        inputs['images'], inputs['region_boxes'], inputs['region_mask'],
+        inputs.get('patch_masked'))
     if 'region_masked' in inputs:
       feats = jnp.where(inputs['region_masked'][..., None], 0, feats)
     return feats
 
-  def fuse(self, text_unit, region_unit, inputs, deterministic=True):
+  def fuse(self, text_unit, region_unit, inputs, deterministic=True,
+           two_stream=None):
     """CMAP (when the inputs carry anchor actions) and the unified encoder
     over UMSE unit features: [B, T, D], [B, R, D] -> [B, T + R, D]. Split
     from encode() so retrieval can embed each caption and image once and
-    fuse only the pairs it scores."""
+    fuse only the pairs it scores. two_stream: SemVLP's mode (None: the
+    config's)."""
     # Float32 unit features, scaled, then CMAP and on in the compute dtype.
     dt = jnp.dtype(self.config.dtype)
     text = (text_unit * self.text_scale).astype(dt)
@@ -184,25 +198,37 @@ class CMAL(nn.Module):
           text, regions, inputs['anchor_text_pos'], inputs['anchor_text_end'],
           inputs['anchor_region'], inputs['anchor_action'], self.mask_vector)
     x = self.slots(text, regions, inputs['region_boxes'], deterministic)
+    if two_stream is None:
+      two_stream = self.config.two_stream
+    # Initialisation creates the cross-attention sub-layer whichever mode
+    # runs first.
+    if self.config.cross_attention and self.is_initializing():
+      two_stream = True
+    if two_stream:
+      mask, cross_mask = two_stream_masks(inputs['text_mask'],
+                                          inputs['region_mask'])
+      return self.unified(x, mask, deterministic, cross_mask)
     mask = jnp.concatenate([inputs['text_mask'], inputs['region_mask']], 1)
     return self.unified(x, mask, deterministic)
 
-  def encode(self, inputs, deterministic=True):
+  def encode(self, inputs, deterministic=True, two_stream=None):
     """UMSE, CMAP and the unified encoder. Returns (x [B, T + R, D],
     text_unit [B, T, D], region_unit [B, R, D]): the unified outputs and the
     UMSE unit features."""
     text_unit = self.embed_text(inputs, deterministic)
     region_unit = self.embed_regions(inputs, deterministic)
-    return (self.fuse(text_unit, region_unit, inputs, deterministic),
-            text_unit, region_unit)
+    return (self.fuse(text_unit, region_unit, inputs, deterministic,
+                      two_stream), text_unit, region_unit)
 
   def itm_log_prob(self, text_unit, region_unit, inputs):
     """Retrieval scoring from cached UMSE features: log p(match) [B]."""
     x = self.fuse(text_unit, region_unit, inputs, True)
     return jax.nn.log_softmax(self.itm_head(x[:, 0]))[:, 1]
 
-  def __call__(self, inputs, *, deterministic=True):
-    x, text_unit, region_unit = self.encode(inputs, deterministic)
+  def __call__(self, inputs, *, deterministic=True, two_stream=None):
+    """two_stream: SemVLP's mode for this call (None: config.two_stream)."""
+    x, text_unit, region_unit = self.encode(inputs, deterministic,
+                                            two_stream)
     if self.task == 'retrieval':  # ITM head, and ITC on UMSE outputs.
       itc_text, itc_image = itc_features(text_unit, region_unit,
                                          inputs['region_mask'])
@@ -239,6 +265,10 @@ class CMAL(nn.Module):
         'itc_image': itc_image,
         'itc_log_scale': self.itc_log_scale,
     }
+    if self.config.prototypes:  # SemMIM: patches and the image, [.., K].
+      out['proto_patch_logits'] = self.prototype_head(region_out)
+      out['proto_image_logits'] = self.prototype_head(
+          masked_mean(region_out, inputs['region_mask']))
     return out
 
   def itc_embeddings(self, inputs):
@@ -256,11 +286,15 @@ def itc_features(text_unit, region_unit, region_mask):
           pool_regions(region_unit, region_mask))
 
 
+def masked_mean(x, mask):
+  """Mean over the real slots: x [B, R, D], mask [B, R] -> [B, D]."""
+  m = mask[..., None].astype(x.dtype)
+  return jnp.sum(x * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
+
+
 def pool_regions(region_unit, region_mask):
   """Masked mean of unit region features, renormalised: [B, R, D] -> [B, D]."""
-  m = region_mask[..., None].astype(region_unit.dtype)
-  return l2_normalize(jnp.sum(region_unit * m, 1)
-                      / jnp.maximum(jnp.sum(m, 1), 1.0))
+  return l2_normalize(masked_mean(region_unit, region_mask))
 
 
 def _task_head(task, cfg, num_outputs):

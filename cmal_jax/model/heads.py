@@ -6,6 +6,7 @@ logits takes its operands in it but accumulates into and returns float32
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cmal_jax.model import axes, unified
@@ -81,6 +82,26 @@ class ITMHead(nn.Module):
     pooled = jnp.tanh(dense(self.cfg.hidden_dim, self.cfg, 'pooler')(cls))
     return dense(2, self.cfg, 'classifier', out_axis=None,
                  logits=True)(pooled).astype(jnp.float32)
+
+
+class PrototypeHead(nn.Module):
+  """SemMIM's shared encoding space: [..., D] -> cosine similarities
+  [..., K] (float32, in [-1, 1]) to K learnable prototypes, after BERT's
+  prediction transform and L2 normalisation (as iBOT's weight-normalised
+  last layer). Patch encodings and the global image feature both go through
+  this one head, which is how global semantics reach the patch targets."""
+  cfg: object
+  num_prototypes: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = Transform(self.cfg, name='transform')(x).astype(jnp.float32)
+    prototypes = self.param(
+        'prototypes', axes.init(nn.initializers.normal(1.0), ('embed', None)),
+        (self.cfg.hidden_dim, self.num_prototypes), unified.PARAM_DTYPE)
+    unit = lambda v, axis: v * jax.lax.rsqrt(
+        jnp.sum(v * v, axis, keepdims=True) + 1e-12)
+    return unit(x, -1) @ unit(prototypes, 0)
 
 
 # ---------------------------------------------------------- downstream heads

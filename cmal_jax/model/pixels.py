@@ -212,10 +212,15 @@ class PixelBackbone(nn.Module):
   cfg: PixelConfig
 
   @nn.compact
-  def __call__(self, images):
-    """images [B, H, W, 3] -> feature map [B, H', W', width] in cfg.dtype."""
+  def __call__(self, images, patch_masked=None):
+    """images [B, H, W, 3] -> feature map [B, H', W', width] in cfg.dtype.
+
+    patch_masked [B, H' * W'] bool (cells in row-major order; kind 'patch'):
+    those patch embeddings are replaced by a learned mask token before the
+    blocks (SemMIM's masked image modelling), so no block sees their pixels.
+    """
     cfg = self.cfg
-    cfg.feature_map_size(images.shape[1], images.shape[2])  # Size check.
+    map_h, map_w = cfg.feature_map_size(images.shape[1], images.shape[2])
     x = _normalise_pixels(images).astype(cfg.dtype)
     if cfg.kind == 'cnn':
       for i, width in enumerate(_stage_widths(cfg)):
@@ -227,18 +232,28 @@ class PixelBackbone(nn.Module):
       p = cfg.patch_size
       x = _conv(cfg.width, p, p, cfg, 'patch_embed', padding='VALID')(x)
       x = _channel_norm(cfg, 'patch_norm')(x)
+    if patch_masked is not None:
+      if cfg.kind != 'patch':  # A cnn's overlapping stages would leak.
+        raise ValueError(f'patch_masked needs PixelConfig.kind=patch, not '
+                         f'{cfg.kind!r}')
+      token = self.param('mask_token', axes.init(nn.initializers.normal(0.02),
+                                                 ('feature',)),
+                         (cfg.width,), PARAM_DTYPE)
+      where = patch_masked.reshape(-1, map_h, map_w, 1)
+      x = jnp.where(where, token.astype(x.dtype), x)
     x = _constrain_map(x)
     for i in range(cfg.depth):
       x = ConvMlpBlock(cfg, name=f'block_{i}')(x)
     return _constrain_map(_channel_norm(cfg, 'final_norm')(x))
 
-  def regions_from_pixels(self, images, boxes, region_mask):
+  def regions_from_pixels(self, images, boxes, region_mask,
+                          patch_masked=None):
     """images [B, H, W, 3], boxes [B, R, 4] (normalised x1, y1, x2, y2),
     region_mask [B, R] -> region_feats [B, R, width] in cfg.dtype, zero on
-    padding."""
+    padding. patch_masked: see __call__."""
     cfg = self.cfg
-    return pool_regions(self(images), boxes, region_mask, cfg.roi_size,
-                        cfg.sampling_ratio)
+    return pool_regions(self(images, patch_masked), boxes, region_mask,
+                        cfg.roi_size, cfg.sampling_ratio)
 
   def grid_from_pixels(self, images):
     """images [B, H, W, 3] -> (region_feats [B, G*G, width], region_boxes

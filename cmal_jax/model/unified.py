@@ -41,6 +41,9 @@ class EncoderConfig:
   # Rematerialise each BertLayer in the backward pass: 'none' or a key of
   # REMAT_POLICIES.
   remat: str = 'none'
+  # Each layer carries SemVLP's cross-modal attention sub-layer (used only
+  # when the layer is given a cross mask: the two-stream mode).
+  cross_attention: bool = False
 
 
 # Parameters are float32 whatever the compute dtype (optimizer state too).
@@ -146,7 +149,8 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, deterministic):
-    """x [B, L, D], mask [B, L] (1 = real) -> [B, L, D]."""
+    """x [B, L, D], mask [B, L] (1 = a real key) or [B, L, L] (query,
+    key: 1 = may attend) -> [B, L, D]."""
     cfg = self.cfg
     D, H = cfg.hidden_dim, cfg.num_heads
     head_dim = D // H
@@ -165,8 +169,19 @@ class SelfAttention(nn.Module):
     # Finite fill: a row with no real key (an image with zero regions) gives a
     # uniform average instead of NaN; padding outputs are never read.
     big_neg = jnp.finfo(logits.dtype).min
-    logits = jnp.where(mask[:, None, None, :] > 0, logits, big_neg)
+    allowed = (mask[:, None, None, :] if mask.ndim == 2
+               else mask[:, None, :, :])
+    logits = jnp.where(allowed > 0, logits, big_neg)
     probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
+    if mask.ndim == 3:
+      # Pairwise masks (the two-stream mode) leave real queries without any
+      # key, e.g. a caption's cross-attention to an image with no regions:
+      # they read nothing (zero), not the padding (whose zero-variance
+      # LayerNorm inputs would send it gradients of ~1e20).
+      probs = jnp.where(jnp.any(allowed > 0, -1, keepdims=True), probs, 0)
+    # Kept only when a caller asks (apply(..., mutable=['intermediates'])):
+    # SemMIM's text-guided masking reads them.
+    self.sow('intermediates', 'attention_probs', probs)
     probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     return self.projection('out', out, (H, head_dim, D),
@@ -175,15 +190,25 @@ class SelfAttention(nn.Module):
 
 
 class BertLayer(nn.Module):
-  """Post-LN Transformer layer, exactly BERT's."""
+  """Post-LN Transformer layer, exactly BERT's; with cfg.cross_attention
+  and a cross mask, SemVLP's two-stream layer: self-attention within each
+  modality (mask), then cross-attention to the other (cross_mask), each
+  with its residual and LayerNorm, then the shared FFN."""
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x, mask, deterministic):
+  def __call__(self, x, mask, deterministic, cross_mask=None):
     cfg = self.cfg
     drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
     attn = SelfAttention(cfg, name='attention')(x, mask, deterministic)
     x = layer_norm(cfg, 'attention_norm')(x + drop(attn))
+    if cross_mask is not None:
+      if not cfg.cross_attention:
+        raise ValueError('a cross mask was given to a layer without the '
+                         'cross-attention sub-layer (cross_attention=False)')
+      attn = SelfAttention(cfg, name='cross_attention')(x, cross_mask,
+                                                        deterministic)
+      x = layer_norm(cfg, 'cross_attention_norm')(x + drop(attn))
     h = dense(cfg.mlp_dim, cfg, 'intermediate', ('embed', 'mlp'))(x)
     h = nn.gelu(h, approximate=False)  # BERT's exact erf GELU.
     h = axes.constrain(h, ('batch', 'length', 'mlp'))
@@ -215,8 +240,9 @@ class BertEncoder(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, x, mask, deterministic):
-    """x [B, L, D], mask [B, L] -> [B, L, D]."""
+  def __call__(self, x, mask, deterministic, cross_mask=None):
+    """x [B, L, D], mask [B, L] or [B, L, L] -> [B, L, D]; cross_mask
+    [B, L, L]: the two-stream mode (see BertLayer)."""
     remat = self.cfg.remat
     if remat != 'none' and remat not in _REMAT_LAYERS:
       raise ValueError(f'remat={remat!r}: expected one of '
@@ -224,8 +250,21 @@ class BertEncoder(nn.Module):
     layer = BertLayer if remat == 'none' else _REMAT_LAYERS[remat]
     for i in range(self.cfg.num_layers):
       # `deterministic` positional: nn.remat's static_argnums are positions.
-      x = layer(self.cfg, name=f'layer_{i}')(x, mask, deterministic)
+      x = layer(self.cfg, name=f'layer_{i}')(x, mask, deterministic,
+                                             cross_mask)
     return x
+
+
+def two_stream_masks(text_mask, region_mask):
+  """SemVLP's two-stream attention over [text; regions]: (self [B, L, L],
+  cross [B, L, L]) with L = T + R. Self lets each slot attend to the real
+  slots of its own modality, cross to those of the other one."""
+  T = text_mask.shape[1]
+  keys = jnp.concatenate([text_mask, region_mask], 1) > 0  # [B, L]
+  is_text = jnp.arange(keys.shape[1]) < T
+  same = is_text[:, None] == is_text[None, :]  # [L, L]
+  return ((same[None] & keys[:, None, :]).astype(jnp.int32),
+          (~same[None] & keys[:, None, :]).astype(jnp.int32))
 
 
 def location_features(boxes):
