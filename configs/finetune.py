@@ -2,12 +2,17 @@
 #     --config.init_from=runs/pretrain --workdir=runs/vqa
 """Fine-tuning on a downstream task (synthetic world, or task files you bring).
 
-Argument: comma-separated task (required) and size (default small, the size
-of the pre-trained checkpoint in init_from).
-  tasks: vqa, ve, nlvr2, rec, retrieval
-  sizes: tiny, small, base (as in configs/pretrain.py)
+Argument: comma-separated task (required), size (default small) and
+pre-training recipe (default cmal): the model of init_from's checkpoint.
+  tasks:   vqa, ve, nlvr2, rec, retrieval
+  sizes:   tiny, small, base, minilm (as in configs/pretrain.py)
+  recipes: as in configs/pretrain.py; semvlp's model carries the
+           cross-attention sub-layer (fine-tunes single-stream; two-stream
+           with --config.model.two_stream=True), semmim's reads pixels
+           (fine-tunes on the records' boxes, pooled from its backbone)
 
   --config=configs/finetune.py:rec,base --config.init_from=runs/pretrain_base
+  --config=configs/finetune.py:vqa,semvlp --config.init_from=runs/semvlp
 
 Without init_from the model starts from random weights (the baseline row of
 the README's results table).
@@ -40,39 +45,43 @@ STEPS = {('small', 'nlvr2'): 1500, ('minilm', 'nlvr2'): 1500,
          ('small', 'vqa'): 1000, ('minilm', 'vqa'): 1000}
 
 
-def _pretrain_config(size):
-  """configs/pretrain.py's config of `size`: the model, data and mesh
-  sections must match the checkpoint fine-tuning starts from."""
+def _pretrain_config(size, recipe):
+  """configs/pretrain.py's config of `size` and `recipe`: the model, data
+  and mesh sections must match the checkpoint fine-tuning starts from."""
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       'pretrain.py')
   spec = importlib.util.spec_from_file_location('cmal_pretrain_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(size)
+  return module.get_config(f'{size},{recipe}'), module.RECIPES
 
 
 def parse_arg(arg):
-  """'rec,base' -> ('rec', 'base'); the task is required."""
-  task, size = None, 'small'
+  """'rec,base,semvlp' -> ('rec', 'base', 'semvlp'); the task is required."""
+  task, size, recipe = None, 'small', 'cmal'
+  recipes = _pretrain_config('tiny', 'cmal')[1]
   for part in filter(None, (p.strip() for p in (arg or '').split(','))):
     if part in TASKS:
       task = part
     elif part in SIZES:
       size = part
+    elif part in recipes:
+      recipe = part
     else:
       raise ValueError(
           f'configs/finetune.py: unknown config argument {part!r}; tasks are '
-          f'{list(TASKS)}, sizes are {sorted(SIZES)}.')
+          f'{list(TASKS)}, sizes are {sorted(SIZES)}, recipes are '
+          f'{list(recipes)}.')
   if task is None:
     raise ValueError('configs/finetune.py needs a task: '
                      f'configs/finetune.py:TASK with TASK one of {list(TASKS)}.')
-  return task, size
+  return task, size, recipe
 
 
 def get_config(arg=None):
-  task, size = parse_arg(arg)
+  task, size, recipe = parse_arg(arg)
   batch, steps, lr, num_train, num_val, num_test = SIZES[size]
-  c = _pretrain_config(size)
+  c, _ = _pretrain_config(size, recipe)
   c.task = task
   c.recipe = 'finetune'
   c.total_steps = STEPS.get((size, task), steps)
@@ -84,6 +93,15 @@ def get_config(arg=None):
   # Fine-tuning keeps no CMAP and no pre-training objectives.
   del c.cmap
   del c.loss
+  del c.semmim
+  del c.two_stream_every
+  if recipe == 'semmim':
+    # Pre-training's regions were the patches; the tasks' regions are their
+    # records' boxes (REC picks one), pooled from the same backbone as the
+    # pixel models of the other recipes pool theirs.
+    defaults = _pretrain_config(size, 'cmal')[0].model.visual
+    for field in ('boxes', 'roi_size', 'sampling_ratio', 'grid_size'):
+      c.model.visual[field] = defaults[field]
   # Task files {task}_{split}.array_record in data.dir ('' -> the
   # synthetic world's, generated in {workdir}/data). The eval split is
   # evaluated during training and picks the best checkpoint.
