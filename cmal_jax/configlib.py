@@ -181,6 +181,9 @@ def _validate_pretrain(config):
   if config.loss.amc_targets not in ('pairing', 'label', 'both'):
     _fail('loss.amc_targets', config.loss.amc_targets,
           "must be 'pairing', 'label' or 'both'")
+  if config.loss.get('mask_anchors', False) and config.cmap.enabled:
+    _fail('loss.mask_anchors', True, 'MLM and MRC cannot mask the anchors '
+          'CMAP swaps: set cmap.enabled=False or loss.mask_anchors=False')
   if config.loss.amc > 0 and not config.cmap.enabled:
     _fail('loss.amc', config.loss.amc,
           'AMC needs CMAP: set cmap.enabled=True or loss.amc=0')

@@ -101,8 +101,13 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
         swap_prob=config.cmap.swap_prob, mask_prob=config.cmap.mask_prob)
 
   # MLM: 15 % of real, non-special, non-anchor tokens; BERT's 80/10/10.
+  # With loss.mask_anchors (CMAP off: SemVLP, SemMIM) anchors are eligible
+  # too: those recipes' papers mask any word and any object.
+  skip_anchors = not config.loss.get('mask_anchors', False)
   special = (ids == specials.cls) | (ids == specials.sep) | (ids == specials.pad)
-  eligible = (batch['text_mask'] > 0) & ~special & ~anchor_text_cover(batch)
+  eligible = (batch['text_mask'] > 0) & ~special
+  if skip_anchors:
+    eligible &= ~anchor_text_cover(batch)
   mlm_pos, corrupted = choose_positions(mlm_rng, eligible,
                                         config.loss.mlm_prob)
   mlm_targets = jnp.take_along_axis(ids, mlm_pos, axis=1)
@@ -118,8 +123,9 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
 
   # MRC: zero 15 % of tagged, non-anchor regions (UNITER's masking).
   region_tags = batch['region_tags']
-  mrc_eligible = ((batch['region_mask'] > 0) & (region_tags >= 0)
-                  & ~anchor_region_cover(batch))
+  mrc_eligible = (batch['region_mask'] > 0) & (region_tags >= 0)
+  if skip_anchors:
+    mrc_eligible &= ~anchor_region_cover(batch)
   mrc_pos, mrc_corrupted = choose_positions(mrc_rng, mrc_eligible,
                                             config.loss.mrc_prob)
   mrc_w = mrc_corrupted & positive[:, None]

@@ -80,7 +80,7 @@ def sinkhorn_knopp(logits, weights, temperature, iterations):
   flat = logits.reshape(-1, K).astype(jnp.float32) / temperature
   w = weights.reshape(-1).astype(jnp.float32)
   flat = flat - jnp.max(jnp.where(w[:, None] > 0, flat, -jnp.inf))
-  q = jnp.exp(flat) * w[:, None]  # [N, K]
+  q = jnp.where(w[:, None] > 0, jnp.exp(flat), 0.0) * w[:, None]  # [N, K]
   n = jnp.maximum(jnp.sum(w), 1.0)
   q = q / jnp.maximum(jnp.sum(q), 1e-30)
   for _ in range(iterations):

@@ -228,6 +228,11 @@ def get_config(arg=None):
       mrc=1.0 if recipe == 'semvlp' else 0.0,
       mrc_prob=0.15,
       itc=1.0 if recipe in ('cmcl', 'semmim') else 0.0,
+      # MLM and MRC may mask anchor words and regions (needs CMAP off).
+      # False: they skip them (DESIGN.md: anchors are AMC's), kept by the
+      # baselines so their rows stay comparable with CMAL's; SemVLP's and
+      # SemMIM's papers mask any word and object.
+      mask_anchors=recipe in ('semvlp', 'semmim'),
       # SemMIM: masked image modelling on the masked patches, and the
       # global/local agreement in the prototype space.
       mim=1.0 if recipe == 'semmim' else 0.0,

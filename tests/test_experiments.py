@@ -1,6 +1,8 @@
 """The data-efficiency experiment end to end on `tiny`: its smallest corpus,
-one seed, every recipe, one ablation and a random init, one task; then a
-resume that has nothing left to run."""
+one seed, the three region recipes CMAL, CMCL and MLM + ITM, one ablation
+and a random init, one task; then a resume that has nothing left to run.
+SemVLP and SemMIM are checked without training (their configs, data
+folders and table rows): a tiny SemVLP pre-training alone takes ~60 s."""
 
 import json
 import os
@@ -9,11 +11,13 @@ import subprocess
 import numpy as np
 import pytest
 
+from cmal_jax import configlib
 from cmal_jax.experiments import data_efficiency as de
 
+E2E_RECIPES = ('cmal', 'cmcl', 'mlm_itm')
 ARGS = ['--size=tiny', '--corpus_sizes=256', '--seeds=0', '--tasks=ve',
         '--pretrain_steps=6', '--finetune_steps=4', '--retrieval_images=8',
-        '--ablations=mask_only']
+        '--ablations=mask_only', '--recipes=' + ','.join(E2E_RECIPES)]
 
 
 def git(folder, *args):
@@ -36,7 +40,7 @@ def test_every_run_leaves_a_result(grid_out):
   names = sorted(os.listdir(grid_out / 'results'))
   assert names == sorted(
       [f'{k}-{r}-256-s0.json' for k in ('pretrain', 've')
-       for r in de.RECIPES + ('cmal+mask_only',)] + ['ve-random-s0.json'])
+       for r in E2E_RECIPES + ('cmal+mask_only',)] + ['ve-random-s0.json'])
   with open(grid_out / 'results' / 'pretrain-cmal-256-s0.json') as f:
     cmal = json.load(f)
   assert cmal['recipe'] == 'cmal' and cmal['corpus'] == 256
@@ -67,7 +71,7 @@ def test_table_and_plot_are_written(grid_out):
   for folder in (grid_out, grid_out / 'docs'):
     text = (folder / 'data_efficiency.md').read_text()
     assert '9 of 9 runs finished' in text
-    for recipe in de.RECIPES:
+    for recipe in E2E_RECIPES:
       assert f'| {recipe} | 256 | ' in text
     assert '| random init | - | ' in text
     blind = de.blind_baselines(grid_out, de.parse_args(ARGS + ['--out=x']))
@@ -226,3 +230,106 @@ def test_fine_tuning_another_grids_checkpoints(grid_out, tmp_path):
   row = next(line for line in (tmp_path / 'data_efficiency.md').read_text(
       ).splitlines() if line.startswith('| cmal | 256 |'))
   assert f'{amc:.3f}' in row
+
+
+def test_semvlp_and_semmim_runs_build_their_own_models_and_data():
+  """Each recipe pre-trains and fine-tunes its own model (the fine-tuning
+  config of its recipe); SemMIM reads pixels, from folders with images of
+  their own, so the region recipes keep theirs."""
+  args = de.parse_args(['--out=x', '--size=tiny', '--corpus_sizes=2000',
+                        '--seeds=0', '--tasks=ve,rec'])
+  assert args.recipes == de.RECIPES  # The default: every recipe.
+  configs = {r.name: de.run_config(r, args, 'x') for r in de.grid(args)}
+  assert sorted(configs) == sorted(
+      [f'{k}-{r}-2000-s0' for k in ('pretrain', 've', 'rec')
+       for r in de.RECIPES] + ['ve-random-s0', 'rec-random-s0'])
+  for config in configs.values():
+    configlib.validate(config)
+  for task in ('pretrain', 've', 'rec'):
+    name = lambda recipe: (f'{task}-{recipe}-2000-s0' if recipe != 'random'
+                           else f'{task}-random-s0')
+    cmal, semvlp, semmim = (configs[name(r)] for r in (
+        'cmal', 'semvlp', 'semmim'))
+    assert semvlp.model.cross_attention and not cmal.model.cross_attention
+    assert not semvlp.model.two_stream  # Fine-tuning: single-stream.
+    assert configlib.reads_pixels(semmim)
+    assert not configlib.reads_pixels(cmal) and not configlib.reads_pixels(
+        semvlp)
+    # Region recipes share the folders (and names) of the finished grid.
+    folder = ('pretrain-2000-s0' if task == 'pretrain' else f'{task}-s0')
+    assert cmal.data.dir == semvlp.data.dir == os.path.join(
+        'x', 'data', folder)
+    assert semmim.data.dir == os.path.join('x', 'data', folder + '-pixels')
+    if task != 'pretrain':
+      assert semmim.init_from == os.path.join(
+          'x', 'runs', 'pretrain-semmim-2000-s0')
+      assert semmim.model.visual.boxes == 'given'  # The records' boxes.
+      random = configs[name('random')]  # CMAL's model, on regions.
+      assert random.init_from == '' and not configlib.reads_pixels(random)
+      assert not random.model.cross_attention
+      assert random.data.dir == cmal.data.dir
+
+
+def test_a_pixel_run_refuses_a_data_folder_without_images(tmp_path):
+  args = de.parse_args(['--out=x', '--size=tiny', '--recipes=semmim'])
+  config = de.run_config(de.Run('pretrain', 0, 'semmim', 256), args,
+                         str(tmp_path))
+  os.makedirs(config.data.dir)
+  with open(os.path.join(config.data.dir, 'meta.json'), 'w') as f:
+    json.dump({'generator': {'images': False}}, f)
+  with pytest.raises(ValueError, match='without images'):
+    de.prepare_data(config)
+
+
+def test_new_recipes_join_a_finished_grid(tmp_path, monkeypatch, capsys):
+  """--recipes=semvlp,semmim on an OUT holding CMAL's and CMCL's results:
+  only the new runs run (data prepared first, the pixel folders too), and
+  the table shows every recipe with CMAL paired against each."""
+  prepared, executed = {}, []
+
+  def fake_execute(run, args, out):
+    executed.append(run.name)
+    config = de.run_config(run, args, out)
+    assert prepared[config.data.dir] == configlib.reads_pixels(config)
+    test = {'cmal': 0.6, 'cmcl': 0.5, 'semvlp': 0.45, 'semmim': 0.4,
+            'random': 0.3}[run.recipe]
+    # No AMC metrics but for CMAL's (summarise keeps what there is).
+    results = ({'itm_acc': 0.7, 'mlm_acc': 0.2,
+                **({'amc_pair_acc': 0.9} if run.recipe == 'cmal' else {})}
+               if run.kind == 'pretrain' else
+               {'val': {'accuracy': test}, 'test': {'accuracy': test},
+                'best_step': 4})
+    summary = de.summarise(run, results, 1.0)
+    os.makedirs(os.path.join(out, 'results'), exist_ok=True)
+    with open(de.result_path(out, run), 'w') as f:
+      json.dump(summary, f)
+    return summary
+
+  monkeypatch.setattr(de, 'execute', fake_execute)
+  monkeypatch.setattr(de, 'prepare_data', lambda c: prepared.setdefault(
+      c.data.dir, configlib.reads_pixels(c)))
+  common = ['--out', str(tmp_path), '--corpus_sizes=256', '--seeds=0',
+            '--tasks=ve']
+  de.main(common + ['--recipes=cmal,cmcl'])
+  prepared.clear()
+  executed.clear()
+  de.main(common + ['--recipes=semvlp,semmim'])
+  # The random init's result is the first grid's (by name).
+  assert executed == ['pretrain-semvlp-256-s0', 'pretrain-semmim-256-s0',
+                      've-semvlp-256-s0', 've-semmim-256-s0']
+  data = str(tmp_path / 'data')
+  assert prepared == {  # Folder -> whether its config read pixels.
+      os.path.join(data, 'pretrain-256-s0'): False,
+      os.path.join(data, 'pretrain-256-s0-pixels'): True,
+      os.path.join(data, 've-s0'): False,
+      os.path.join(data, 've-s0-pixels'): True}
+  text = (tmp_path / 'data_efficiency.md').read_text()
+  assert 'CMAL vs CMCL vs SemVLP vs SemMIM (tiny)' in text
+  assert ('5 of 5 runs finished (and 4 finished run(s) of cmal, cmcl '
+          'already in this folder)') in text
+  assert '| cmal | 256 | 0.600 | 0.900 | 0.700 | - |' in text
+  assert '| semvlp | 256 | 0.450 | - | 0.700 | - |' in text
+  assert '| semmim | 256 | 0.400 | - | 0.700 | - |' in text
+  for other, diff in (('cmcl', 0.1), ('semvlp', 0.15), ('semmim', 0.2)):
+    assert f'| cmal - {other} | 256 | +{diff:.3f} ± 0.000 (1/1) |' in text
+  assert '5 runs, 1 done, 4 to go.' in capsys.readouterr().out

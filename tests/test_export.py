@@ -127,6 +127,34 @@ def test_torch_mirror_matches_jax_on_every_head(size, task):
                            got['itm_logits'], atol=1e-4)
 
 
+def test_a_single_stream_semvlp_model_exports_exactly():
+  """SemVLP's cross-attention sub-layers are dropped from the export of a
+  single-stream model (which never runs them): the mirror computes what
+  the model with them computes. A two-stream model is refused."""
+  import ml_collections
+  from cmal_jax.model.cmal import CMAL, ModelConfig
+  config = export_config('d64h2', 've')
+  m = config['model']
+  fields = {k: m[k] for k in ('hidden_dim', 'num_heads', 'mlp_dim',
+                              'text_layers', 'vision_layers',
+                              'unified_layers', 'dropout', 'vocab_size',
+                              'num_tags', 'max_position')}
+  semvlp = CMAL(ModelConfig(**fields, cross_attention=True), task='ve')
+  inputs = jax.tree.map(jnp.asarray, random_inputs(config))
+  params = nn.unbox(semvlp.init(jax.random.key(3), inputs)['params'])
+  assert 'cross_attention' in params['unified']['layer_0']
+  kept = export.drop_unused_cross_attention(params)
+  assert 'cross_attention' not in kept['unified']['layer_0']
+  assert 'cross_attention_norm' not in kept['unified']['layer_0']
+  want = semvlp.apply({'params': params}, inputs)['logits']
+  got = torch_outputs(config, kept, {k: np.array(v) for k, v in
+                                     inputs.items()})['logits']
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+  two = ml_collections.ConfigDict({'model': {'two_stream': True}})
+  with pytest.raises(ValueError, match='runs two-stream.*no cross-attention'):
+    export.check_exportable(two)
+
+
 @pytest.mark.parametrize('task', ('pretrain', 'retrieval'))
 def test_hypersphere_ablation_is_mirrored_in_torch(task):
   """model.hypersphere=False: UMSE features leave unnormalised, the modality

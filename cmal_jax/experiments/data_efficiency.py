@@ -4,16 +4,27 @@
 
 (from the repository root: it reads configs/pretrain.py and finetune.py).
 
-For every seed and corpus size it pre-trains the same model with three
-recipes, CMAL (AMC + MLM + ITM), CMCL (ITC + MLM + ITM) and MLM + ITM, with
-the same steps and batch; fine-tunes each checkpoint (and a random init) on
-the tasks; and writes a table (mean ± std over seeds) and a plot of each
-task's test metric against the corpus size, one line per recipe.
+For every seed and corpus size it pre-trains with each recipe of
+configs/pretrain.py, CMAL (AMC + MLM + ITM), CMCL (ITC + MLM + ITM),
+MLM + ITM, SemVLP (MLM + masked object prediction + ITM, with a
+cross-attention sub-layer) and SemMIM (reads pixels: text-guided masked
+image modelling), with the same steps and batch; fine-tunes each checkpoint
+(and a random init) on the tasks, in its recipe's fine-tuning config; and
+writes a table (mean ± std over seeds) and a plot of each task's test metric
+against the corpus size, one line per recipe.
+
+The synthetic data of a seed and corpus size (or task) is one folder shared
+by the recipes that read region features; the recipes that read pixels
+(SemMIM) read the same pairs with their images, from a folder of their own
+(suffix -pixels).
 
 Every run is its own workdir under OUT/runs and leaves OUT/results/NAME.json
 when it is done, so an interrupted grid continues where it stopped (a run
-cut short resumes from its checkpoint). --parallel N runs N at a time, each
-in its own process (on GPUs, one GPU each).
+cut short resumes from its checkpoint), and a grid extended by recipes
+(--recipes=semvlp,semmim on an OUT that holds the others) runs only theirs:
+the table shows the finished runs of the other recipes in OUT too.
+--parallel N runs N at a time, each in its own process (on GPUs, one GPU
+each).
 """
 
 import argparse
@@ -29,10 +40,14 @@ import subprocess
 import time
 import traceback
 
+from cmal_jax import configlib
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 
 RECIPES = pretrain_config.RECIPES
+# The table's title names the recipes so.
+RECIPE_TITLES = {'cmal': 'CMAL', 'cmcl': 'CMCL', 'mlm_itm': 'MLM + ITM',
+                 'semvlp': 'SemVLP', 'semmim': 'SemMIM'}
 TASKS = ('ve', 'rec', 'vqa')
 # The metric each task is judged by (its fine-tuning config's best_metric).
 TASK_METRIC = finetune_config.BEST_METRIC
@@ -102,9 +117,12 @@ def run_config(run, args, out):
     c = pretrain_config.get_config(f'{args.size},{run.recipe}')
     c.world.num_train = run.corpus
     c.total_steps = args.pretrain_steps or c.total_steps
-    c.data.dir = data_folder(out, 'pretrain', run.seed, run.corpus)
+    c.data.dir = data_folder(out, 'pretrain', run.seed, run.corpus,
+                             pixels=configlib.reads_pixels(c))
   else:
-    c = finetune_config.get_config(f'{run.task},{args.size}')
+    # The model of the checkpoint it starts from (random init: CMAL's).
+    recipe = 'cmal' if run.recipe == 'random' else run.recipe
+    c = finetune_config.get_config(f'{run.task},{args.size},{recipe}')
     c.total_steps = args.finetune_steps or c.total_steps
     if args.pretrained_lr_mult:
       c.finetune.pretrained_lr_mult = args.pretrained_lr_mult
@@ -113,7 +131,8 @@ def run_config(run, args, out):
           args.finetune_examples)
       # Periodic evaluations on the larger val split: a handful per run.
       c.eval.every_steps = max(c.total_steps // 5, 1)
-    c.data.dir = data_folder(out, run.task, run.seed)
+    c.data.dir = data_folder(out, run.task, run.seed,
+                             pixels=configlib.reads_pixels(c))
     if run.recipe != 'random':
       c.init_from = os.path.join(pretrain_out(args, out), 'runs',
                                  run.pretrain.name)
@@ -131,9 +150,15 @@ def run_config(run, args, out):
   return c
 
 
-def data_folder(out, task, seed, corpus=None):
+def data_folder(out, task, seed, corpus=None, pixels=False):
+  """OUT/data/{task}[-{corpus}]-s{seed}, shared by the recipes that read
+  region features; pixels: the same data with images (-pixels), for the
+  recipes that read pixels. A folder is generated once (where its splits are
+  missing) and never checked against the config again, so the two kinds
+  must not share one."""
   size = f'-{corpus}' if corpus is not None else ''
-  return os.path.join(out, 'data', f'{task}{size}-s{seed}')
+  kind = '-pixels' if pixels else ''
+  return os.path.join(out, 'data', f'{task}{size}-s{seed}{kind}')
 
 
 def pretrain_out(args, out):
@@ -165,13 +190,31 @@ def summarise(run, results, seconds):
 
 def prepare_data(config):
   """Generates the synthetic data a run's config reads where it is missing:
-  a (seed, corpus) or (seed, task) folder, shared by every recipe."""
+  a (seed, corpus) or (seed, task) folder, shared by every recipe that reads
+  the same inputs (region features, or pixels: data_folder)."""
   from cmal_jax import finetune
   from cmal_jax.data import synthetic
+  check_images(config)
   if config.task == 'pretrain':
     synthetic.ensure_world_data(config, config.data.dir)
   else:
     finetune.ensure_task_data(config, config.data.dir)
+
+
+def check_images(config):
+  """Refuses a data folder without images for a config that reads pixels:
+  the data generators only add missing splits, so they would take it as it
+  is (and the run would fail on its first batch)."""
+  from cmal_jax.data import records
+  folder = config.data.dir
+  if not configlib.reads_pixels(config) or not os.path.exists(
+      os.path.join(folder, records.META_FILE)):
+    return
+  if not records.read_meta(folder).get('generator', {}).get('images'):
+    raise ValueError(
+        f'{folder} holds synthetic data without images, and this '
+        f'{config.task} run reads pixels (model.visual.input=pixels): delete '
+        'the folder (it is generated again, with images).')
 
 
 def execute(run, args, out):
@@ -361,8 +404,13 @@ def blind_baselines(out, args):
   scores = {}
   for task in args.tasks:
     for seed in args.seeds:
-      folder = data_folder(out, task, seed)
-      if not os.path.exists(tasks.task_path(folder, task, 'test')):
+      # The same examples either way; the pixel folder when only recipes
+      # that read pixels ran.
+      folder = next((f for f in (data_folder(out, task, seed, pixels=p)
+                                 for p in (False, True))
+                     if os.path.exists(tasks.task_path(f, task, 'test'))),
+                    None)
+      if folder is None:
         continue  # Not generated (yet).
       regions = region_store.RegionStore(
           region_store.store_path(folder)) if task == 'rec' else None
@@ -398,18 +446,44 @@ def paired_differences(results, args):
   return diffs
 
 
+def other_recipes_runs(out, args):
+  """The finished runs in OUT of the recipes --recipes leaves out (same
+  seeds, corpus sizes and tasks; no ablations, no random init): a grid
+  extended by recipes reports them next to its own."""
+  others = tuple(r for r in RECIPES if r not in args.recipes)
+  if not others:
+    return []
+  narrowed = argparse.Namespace(**{**vars(args), 'recipes': others,
+                                   'ablations': (), 'random_init': False})
+  return [r for r in grid(narrowed) if os.path.exists(result_path(out, r))]
+
+
 def write_report(out, runs, args):
   """OUT/results.md, OUT/results.json and OUT/data_efficiency.png (and the
   same in --docs when given). Returns the task table."""
   results = load_results(out, runs)
+  finished = len(results)
+  others = other_recipes_runs(out, args)
+  results.update(load_results(out, others))
+  # The recipes of the rows, paired differences and plot: the grid's, and
+  # with those of the other finished runs, all in configs/pretrain.py's
+  # order.
+  shown = {r.recipe for r in others}
+  if shown:
+    args = argparse.Namespace(**{**vars(args), 'recipes': tuple(
+        r for r in RECIPES if r in args.recipes or r in shown)})
   tasks, pre = table(results, args)
   if args.pretrained_from:  # Their pre-training metrics, for the table.
     pre = table(load_results(pretrain_out(args, out), {
-        r.pretrain for r in runs if r.recipe != 'random'}), args)[1]
+        r.pretrain for r in runs + others if r.recipe != 'random'}), args)[1]
   fmt = lambda t: (f'{t[0]:.3f} ± {t[1]:.3f}' if t[2] > 1 else
                    f'{t[0]:.3f}') if t else '-'
-  lines = [f'# Data efficiency: CMAL vs CMCL vs MLM + ITM ({args.size})', '',
-           f'{len(results)} of {len(runs)} runs finished; seeds '
+  title = ' vs '.join(RECIPE_TITLES.get(r, r) for r in args.recipes)
+  also = (f' (and {len(others)} finished run(s) of '
+          f'{", ".join(sorted(shown, key=RECIPES.index))} already in this '
+          'folder)' if others else '')
+  lines = [f'# Data efficiency: {title} ({args.size})', '',
+           f'{finished} of {len(runs)} runs finished{also}; seeds '
            f'{list(args.seeds)}; ' + (
                f'pre-training runs of {args.pretrained_from}' if
                args.pretrained_from else

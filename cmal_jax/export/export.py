@@ -51,8 +51,15 @@ FORMAT = 'cmal_jax'
 # ------------------------------------------------------- the model's config
 
 def check_exportable(run_config, params=None):
-  """Raises ValueError for a model that reads pixels: the PyTorch mirror
-  has no pixel backbone, so its export would describe another model."""
+  """Raises ValueError for a model the PyTorch mirror cannot describe: one
+  that reads pixels (the mirror has no pixel backbone) or runs SemVLP's
+  two-stream mode (no cross-attention sub-layer)."""
+  if run_config.model.get('two_stream', False):
+    raise ValueError(
+        'export: this model runs two-stream (config.model.two_stream=True); '
+        'the PyTorch mirror (cmal_jax/export/torch_model.py) has no '
+        'cross-attention sub-layer. A single-stream model of the same '
+        'checkpoint (fine-tuned with model.two_stream=False) exports.')
   visual = run_config.model.get('visual') or {}
   if visual.get('input', 'regions') == 'pixels' or (
       params is not None and PIXEL_PARAMS in params):
@@ -62,6 +69,17 @@ def check_exportable(run_config, params=None):
         'has no pixel backbone, so an export would describe another model. '
         "Only models of region features (model.visual.input='regions') "
         'export.')
+
+
+def drop_unused_cross_attention(params):
+  """params without SemVLP's cross-attention sub-layers, which a
+  single-stream model never runs (check_exportable refused two-stream
+  ones): the exported model computes exactly what the checkpoint's does."""
+  flat = traverse_util.flatten_dict(params, sep='/')
+  return traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items()
+       if not any(part in ('cross_attention', 'cross_attention_norm')
+                  for part in k.split('/'))}, sep='/')
 
 
 def export_config(run_config, params, source=None):
@@ -247,6 +265,7 @@ def export(workdir, out, step=None, overwrite=False):
   run_config = read_run_config(workdir)
   check_exportable(run_config)
   params, where = load_params(workdir, step)
+  params = drop_unused_cross_attention(params)
   config = export_config(run_config, params,
                          source=dict(workdir=os.path.abspath(workdir),
                                      checkpoint=where))
