@@ -231,9 +231,10 @@ def _validate_semmim(config):
       _fail(f'semmim.{field}', s[field], 'must be > 0')
   if s.mask_noise < 0:
     _fail('semmim.mask_noise', s.mask_noise, 'must be >= 0')
-  if not isinstance(s.sinkhorn_iterations, int) or s.sinkhorn_iterations < 0:
+  if not isinstance(s.sinkhorn_iterations, int) or s.sinkhorn_iterations < 1:
     _fail('semmim.sinkhorn_iterations', s.sinkhorn_iterations,
-          'must be an integer >= 0')
+          'must be an integer >= 1 (the last one makes each row a '
+          'distribution)')
 
 
 def _validate_finetune(config):

@@ -74,8 +74,8 @@ def text_guided_mask(relevance, region_mask, ratio, rng=None, noise=0.0):
 def sinkhorn_knopp(logits, weights, temperature, iterations):
   """Balanced soft assignments of the weighted rows to K prototypes (as
   DINOv2's teacher): logits [..., K], weights [...] -> [..., K] rows
-  summing to 1 where weighted (zero elsewhere). Under jit the sums run over
-  the global batch, whatever the mesh."""
+  summing to 1 where weighted (zero elsewhere), for iterations >= 1. Under
+  jit the sums run over the global batch, whatever the mesh."""
   K = logits.shape[-1]
   flat = logits.reshape(-1, K).astype(jnp.float32) / temperature
   w = weights.reshape(-1).astype(jnp.float32)

@@ -191,6 +191,25 @@ def test_prepare_inputs_mrc_masks_only_eligible_regions(config, batch):
     assert zeroed_total > 0 and zeroed_neg > 0
 
 
+def test_mask_anchors_lets_mlm_and_mrc_pick_anchors(config, batch):
+    """loss.mask_anchors (SemVLP, SemMIM: CMAP off): anchor words and
+    regions are eligible; they were never picked without it (above)."""
+    config = config.copy_and_resolve_references()
+    config.cmap.enabled, config.loss.amc = False, 0.0
+    config.loss.mrc, config.loss.mask_anchors = 1.0, True
+    region_cover = np.zeros(batch['region_mask'].shape, bool)
+    for b in range(len(region_cover)):
+        region_cover[b, batch['anchor_region'][b][batch['anchor_valid'][b]]] = True
+    text_hits = region_hits = 0
+    for seed in range(5):
+        inputs, _ = prep(config, batch, seed)
+        text_hits += (inputs['input_ids'] != batch['input_ids'])[
+            anchor_cover(batch)].sum()
+        zeroed = np.any(inputs['region_feats'] != batch['region_feats'], -1)
+        region_hits += zeroed[region_cover].sum()
+    assert text_hits > 10 and region_hits > 5, (text_hits, region_hits)
+
+
 def test_prepare_inputs_swap_all_swaps_exactly_the_valid_anchors(config, batch):
     valid = batch['anchor_valid']
     for seed in range(3):

@@ -4,8 +4,10 @@ masking, Sinkhorn-Knopp targets, the backbone's patch mask token, the grid
 of patches as regions, the config checks, and one short pre-training run
 fine-tuned from.
 
-The train-step test runs the tiny semmim config shrunk further (D = 16,
-32-pixel images: 2 x 2 patches) so that its one compilation is cheap.
+The train-step tests run the tiny semmim config shrunk further (D = 16,
+32-pixel images: 2 x 2 patches) so that its one compilation is cheap; like
+every program here it is compiled at XLA's lowest CPU optimisation level
+(FAST, as in test_semvlp.py, whose end-to-end helpers are shared).
 """
 
 import json
@@ -28,6 +30,9 @@ from cmal_jax.model.pixels import (PixelBackbone, PixelConfig, grid_boxes,
 from cmal_testutil import CLS, MASK, PAD, SEP, assert_trees_equal
 from configs import finetune as finetune_config
 from configs import pretrain
+# XLA's lowest CPU optimisation level, and the end-to-end runs' helpers (the
+# same shrunk model and fast train step).
+from test_semvlp import FAST, finetune_tiny, shrink, train_fast
 
 VOCAB_SIZE = 512
 SPECIALS = objectives.SpecialTokens(PAD, CLS, SEP, MASK, VOCAB_SIZE)
@@ -125,7 +130,8 @@ def semmim_state():
   state, _ = train.create_train_state(
       model, init_inputs, pipeline.stat_keys(c), tx, c, mesh,
       sharding.rules(c))
-  step = jax.jit(train.make_train_step(loss, c, schedule))
+  step = jax.jit(train.make_train_step(loss, c, schedule),
+                 compiler_options=FAST)
   return c, model, loss, state, step, mesh
 
 
@@ -138,10 +144,12 @@ def test_train_step_moves_the_momentum_encoder(semmim_state):
   assert 'mask_token' in state.params['pixels']
   assert 'prototype_head' in state.params
   states = [state]
+  # Device arrays made outside the mesh context in every test here, so they
+  # all reuse the step's one compilation.
+  batches = [jax.tree.map(jnp.asarray, host_batch(c, seed)) for seed in (1, 2)]
   with jax.set_mesh(mesh):
-    for seed in (1, 2):
-      new, metrics = step(states[-1], jax.tree.map(jnp.asarray,
-                                                   host_batch(c, seed)))
+    for batch in batches:
+      new, metrics = step(states[-1], batch)
       metrics = jax.device_get(metrics)
       for key in ('loss', 'loss_mim', 'loss_agreement', 'loss_itc',
                   'loss_mlm', 'acc_mim'):
@@ -168,9 +176,9 @@ def test_train_step_moves_the_momentum_encoder(semmim_state):
 
 
 def test_momentum_encoder_is_not_differentiated(semmim_state):
-  c, _, loss, state, _, mesh = semmim_state
+  c, _, loss, state, step, mesh = semmim_state
   batch = jax.tree.map(jnp.asarray, host_batch(c, 3))
-  del batch['stats']
+  stats = batch.pop('stats')
   key = jax.random.key(0)
   # The gradients a step applies have the parameters' structure, no EMA.
   grads = jax.eval_shape(lambda s, b: train.loss_and_grads(
@@ -184,23 +192,46 @@ def test_momentum_encoder_is_not_differentiated(semmim_state):
     return loss.loss(state.params, prepared, key,
                      loss.denominators(prepared))[0]
 
-  value_and_grad = jax.jit(jax.value_and_grad(loss_of_ema))
   rng = np.random.default_rng(0)
   other = jax.tree.map(lambda x: x + rng.normal(0, 0.5, x.shape).astype(
       x.dtype), jax.device_get(state.ema_params))
+  # Placed as the state's arrays, so the step's compilation is reused.
+  other = jax.device_put(other, jax.tree.map(lambda x: x.sharding,
+                                             state.ema_params))
+  grad = jax.jit(jax.grad(loss_of_ema), compiler_options=FAST)
   with jax.set_mesh(mesh):
-    values = []
     for ema in (state.ema_params, other):
-      value, grad = value_and_grad(ema, batch)
-      values.append(float(value))
-      for path, g in jax.tree_util.tree_leaves_with_path(grad):
+      for path, g in jax.tree_util.tree_leaves_with_path(grad(ema, batch)):
         assert not np.asarray(g).any(), jax.tree_util.keystr(path)
-  # Yet the loss does depend on it (the targets are the EMA's).
-  assert all(math.isfinite(v) for v in values)
-  assert abs(values[0] - values[1]) > 1e-3, values
+    # Yet the loss does depend on it (the targets are the EMA's): the same
+    # step from another momentum encoder sees another loss.
+    batch['stats'] = stats
+    losses = [float(step(s, batch)[1]['loss'])
+              for s in (state, state.replace(ema_params=other))]
+  assert all(math.isfinite(v) for v in losses)
+  assert abs(losses[0] - losses[1]) > 1e-3, losses
   # Without a train state there is no momentum encoder to read.
+  del batch['stats']
   with pytest.raises(ValueError, match='SemMIM needs the momentum encoder'):
     loss.prepare(batch, key, None)
+
+
+def test_batch_without_a_matched_pair_trains(semmim_state):
+  """Regression: with no positive row Sinkhorn had no weighted row and gave
+  NaN targets (weighted by zero), so the gradients were NaN and the update
+  was skipped."""
+  c, _, _, state, step, mesh = semmim_state
+  batch = jax.tree.map(jnp.asarray, host_batch(c, 4))
+  batch['itm_label'] = jnp.zeros_like(batch['itm_label'])
+  with jax.set_mesh(mesh):
+    _, metrics = step(state, batch)
+  metrics = jax.device_get(metrics)
+  assert math.isfinite(float(metrics['loss'])), metrics
+  assert math.isfinite(float(metrics['grad_norm'])), metrics
+  assert not bool(metrics['update_skipped'])
+  # Nothing to score for MIM and agreement (both weighted by matched pairs).
+  assert float(metrics['loss_mim']) == 0 and float(
+      metrics['loss_agreement']) == 0
 
 
 # ------------------------------------------------------- text-guided mask
@@ -404,6 +435,16 @@ def test_config_checks_name_the_field():
   with pytest.raises(ValueError, match=r'config\.semmim\.mask_ratio=1\.0'):
     configlib.validate(c)
   c = pretrain.get_config('tiny,semmim')
+  c.semmim.sinkhorn_iterations = 0  # Rows would not be distributions.
+  with pytest.raises(ValueError,
+                     match=r'config\.semmim\.sinkhorn_iterations=0'):
+    configlib.validate(c)
+  c = pretrain.get_config('tiny,semmim')
+  c.loss.mask_anchors = True
+  c.cmap.enabled = True
+  with pytest.raises(ValueError, match=r'config\.loss\.mask_anchors=True'):
+    configlib.validate(c)
+  c = pretrain.get_config('tiny,semmim')
   c.model.visual.grid_size = 3  # Not the 4 x 4 patches of 64 / 16.
   with pytest.raises(ValueError, match=r'config\.model\.visual\.grid_size=3'):
     configlib.validate(c)
@@ -427,15 +468,15 @@ def restore_state(workdir, step):
 
 
 @pytest.fixture(scope='module')
-def semmim_pretrained(tmp_path_factory, compilation_cache):
-  """(workdir, config, results) of 20 steps of tiny,semmim on a 256-pair
-  world, checkpointed at steps 19 and 20."""
+def semmim_pretrained(tmp_path_factory):
+  """(workdir, config, results) of 20 steps of tiny,semmim (shrunk as
+  test_semvlp's run) on a 256-pair world, checkpointed at steps 19 and 20."""
   workdir = str(tmp_path_factory.mktemp('semmim'))
-  c = pretrain.get_config('tiny,semmim')
+  c = shrink(pretrain.get_config('tiny,semmim'))
   c.total_steps, c.log_every, c.checkpoint_every = STEPS, LOG_EVERY, STEPS - 1
   c.world.num_train, c.world.num_eval = 256, 32
   c.eval.batch_size, c.eval.retrieval_images = 32, 8
-  return workdir, c, train.train_and_evaluate(c, workdir)
+  return workdir, c, train_fast(c, workdir)
 
 
 def test_semmim_pretraining_learns(semmim_pretrained):
@@ -474,16 +515,12 @@ def test_semmim_pretraining_learns(semmim_pretrained):
 def test_ve_finetunes_from_the_semmim_checkpoint(semmim_pretrained,
                                                  tmp_path, capsys):
   workdir, _, _ = semmim_pretrained
-  c = finetune_config.get_config('ve,tiny,semmim')
+  c = finetune_tiny('ve', 'semmim', workdir)
   # The task's regions are its records' boxes, pooled from the backbone.
   assert configlib.reads_pixels(c) and c.model.visual.boxes == 'given'
   assert c.model.prototypes == 64 and 'semmim' not in c
-  c.init_from = workdir
-  c.total_steps, c.log_every, c.checkpoint_every = 4, 2, 4
-  c.eval.every_steps = 0
-  c.world.num_train, c.world.num_eval, c.world.num_test = 32, 16, 16
   capsys.readouterr()
-  results = train.train_and_evaluate(c, str(tmp_path))
+  results = train_fast(c, str(tmp_path))
   log = capsys.readouterr().out
   for split in ('val', 'test'):
     assert 0 <= results[split]['accuracy'] <= 1

@@ -3,8 +3,11 @@ of the unified encoder, the two-stream masks, the schedule that alternates
 single- and two-stream steps, the config checks, and one short pre-training
 run fine-tuned from.
 
-The model-level tests share one tiny pre-training model (D = 16) whose
-parameters are initialised once, jitted (module fixture).
+The model-level tests share one tiny pre-training model (D = 16, a 512-word
+vocabulary) whose parameters are initialised once (module fixture); every
+program is compiled once, at XLA's lowest CPU optimisation level (FAST). The
+end-to-end runs use the tiny config with fewer layers (shrink) and compile
+their train step at FAST too (train_fast); test_semmim.py shares them.
 """
 
 import functools
@@ -28,6 +31,10 @@ from configs import finetune as finetune_config
 from configs import pretrain
 
 VOCAB_SIZE = 512  # A small vocabulary: the heads compile fast.
+# XLA's lowest CPU optimisation level, as tests/test_precision.py: a third of
+# the compile time; exact comparisons are between programs compiled alike.
+FAST = dict(xla_backend_optimization_level=0,
+            xla_llvm_disable_expensive_passes=True)
 SPECIALS = objectives.SpecialTokens(PAD, CLS, SEP, MASK, VOCAB_SIZE)
 B, T, R, K, F = 4, 12, 6, 3, 8
 UNIFIED_LAYERS = 2
@@ -64,7 +71,7 @@ def host_batch(seed, empty_row=None):
 def _jitted_prepare():
   config = pretrain.get_config('tiny,semvlp')
   return jax.jit(lambda batch, rng: objectives.prepare_inputs(
-      batch, rng, config, SPECIALS))
+      batch, rng, config, SPECIALS), compiler_options=FAST)
 
 
 def make_inputs(seed=0, empty_row=None):
@@ -78,8 +85,8 @@ def semvlp_model():
   """(model with the cross-attention sub-layer, its params, inputs)."""
   model = CMAL(model_config(True))
   inputs, _ = make_inputs()
-  params = jax.jit(lambda rng: nn.unbox(model.init(rng, inputs))['params'])(
-      jax.random.key(0))
+  params = jax.jit(lambda rng: nn.unbox(model.init(rng, inputs))['params'],
+                   compiler_options=FAST)(jax.random.key(0))
   return model, jax.device_get(params), inputs
 
 
@@ -94,7 +101,8 @@ def without_cross(params):
 def _jitted_apply(model, two_stream):
   """One compilation per (model, mode), reused across tests."""
   return jax.jit(lambda p, x: model.apply({'params': p}, x,
-                                          two_stream=two_stream))
+                                          two_stream=two_stream),
+                 compiler_options=FAST)
 
 
 def changed(a, b):
@@ -183,7 +191,7 @@ def test_two_stream_text_sees_regions_only_through_cross_attention(
   other = dict(inputs, region_feats=inputs['region_feats'][::-1])
 
   def text_change(p, two_stream):
-    """Per text output, whether it changed (or exactly: by how much)."""
+    """Per text output: (changed beyond rounding, largest change)."""
     a, b = run(model, p, inputs, two_stream), run(model, p, other, two_stream)
     return {k: (changed(a[k], b[k]), float(np.abs(a[k] - b[k]).max()))
             for k in TEXT_OUTPUTS}
@@ -213,12 +221,12 @@ def test_image_without_regions_has_finite_gradients_in_two_stream_mode(
   assert int(inputs['region_mask'][0].sum()) == 0
   config = pretrain.get_config('tiny,semvlp')
 
-  def loss(p, two_stream):
-    out = model.apply({'params': p}, inputs, two_stream=two_stream)
+  def loss(p):
+    out = model.apply({'params': p}, inputs, two_stream=True)
     return objectives.compute_losses(out, targets, config)[0]
 
-  value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(
-      params, True)
+  value, grads = jax.jit(jax.value_and_grad(loss),
+                         compiler_options=FAST)(params)
   leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
   assert math.isfinite(float(value))
   assert all(np.isfinite(g).all() for g in leaves)
@@ -249,7 +257,8 @@ def test_prepared_batch_carries_the_mode_of_the_step():
   # The state as the train step passes it; only its step is read here.
   prepare = jax.jit(lambda batch, step: loss.prepare(
       batch, jax.random.key(0),
-      types.SimpleNamespace(step=step, ema_params=None)))
+      types.SimpleNamespace(step=step, ema_params=None)),
+                    compiler_options=FAST)
   for step in range(4):
     prepared = prepare(batch, jnp.int32(step))
     assert set(prepared) == {'inputs', 'targets', 'two_stream'}
@@ -298,15 +307,58 @@ STEPS = 20
 LOG_EVERY = 5
 
 
+def shrink(config):
+  """The tiny model without text and vision layers and with one unified
+  layer: the same code paths, a third less to compile."""
+  config.model.text_layers = config.model.vision_layers = 0
+  config.model.unified_layers = 1
+  return config
+
+
+class FastStep:
+  """train.jit_train_step's jitted step (same program, shardings and
+  donation) compiled at FAST on its first call."""
+
+  def __init__(self, jitted):
+    self.jitted, self.compiled = jitted, None
+
+  def __call__(self, state, batch):
+    if self.compiled is None:
+      self.compiled = self.jitted.lower(state, batch).compile(
+          compiler_options=FAST)
+    return self.compiled(state, batch)
+
+
+def train_fast(config, workdir):
+  """train.train_and_evaluate with its train step compiled at FAST."""
+  jit_train_step = train.jit_train_step
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train, 'jit_train_step',
+                  lambda *args: FastStep(jit_train_step(*args)))
+    return train.train_and_evaluate(config, workdir)
+
+
+def finetune_tiny(task, recipe, init_from):
+  """configs/finetune.py:TASK,tiny,RECIPE shrunk as pre-training was: 4
+  steps on a 32/16/16 world, evaluated at the end only."""
+  c = shrink(finetune_config.get_config(f'{task},tiny,{recipe}'))
+  c.init_from = init_from
+  c.total_steps, c.log_every, c.checkpoint_every = 4, 2, 4
+  c.eval.every_steps = 0
+  c.world.num_train, c.world.num_eval, c.world.num_test = 32, 16, 16
+  return c
+
+
 @pytest.fixture(scope='module')
-def semvlp_pretrained(tmp_path_factory, compilation_cache):
-  """(workdir, results) of 20 steps of tiny,semvlp on a 256-pair world."""
+def semvlp_pretrained(tmp_path_factory):
+  """(workdir, results) of 20 steps of tiny,semvlp (shrunk) on a 256-pair
+  world of its own."""
   workdir = str(tmp_path_factory.mktemp('semvlp'))
-  c = pretrain.get_config('tiny,semvlp')
+  c = shrink(pretrain.get_config('tiny,semvlp'))
   c.total_steps, c.log_every, c.checkpoint_every = STEPS, LOG_EVERY, STEPS
   c.world.num_train, c.world.num_eval = 256, 32
   c.eval.batch_size, c.eval.retrieval_images = 32, 8
-  return workdir, train.train_and_evaluate(c, workdir)
+  return workdir, train_fast(c, workdir)
 
 
 def test_semvlp_pretraining_learns_and_alternates(semvlp_pretrained):
@@ -333,15 +385,11 @@ def test_semvlp_pretraining_learns_and_alternates(semvlp_pretrained):
 def test_rec_finetunes_from_the_semvlp_checkpoint(semvlp_pretrained,
                                                   tmp_path, capsys):
   workdir, _ = semvlp_pretrained
-  c = finetune_config.get_config('rec,tiny,semvlp')
+  c = finetune_tiny('rec', 'semvlp', workdir)
   assert c.model.cross_attention and not c.model.two_stream
   assert 'two_stream_every' not in c
-  c.init_from = workdir
-  c.total_steps, c.log_every, c.checkpoint_every = 4, 2, 4
-  c.eval.every_steps = 0
-  c.world.num_train, c.world.num_eval, c.world.num_test = 32, 16, 16
   capsys.readouterr()
-  results = train.train_and_evaluate(c, str(tmp_path))
+  results = train_fast(c, str(tmp_path))
   log = capsys.readouterr().out
   for split in ('val', 'test'):
     assert 0 <= results[split]['accuracy'] <= 1
