@@ -109,7 +109,8 @@ def default_config(config):
     default = load_config_module('pretrain').get_config(
         f'{size},{config.get("recipe", "cmal")}')
   else:
-    default = load_config_module('finetune').get_config(f'{task},{size}')
+    default = load_config_module('finetune').get_config(
+        f'{task},{size},{config.get("pretrain_recipe", "cmal")}')
   return json.loads(default.to_json_best_effort())
 
 

@@ -82,6 +82,9 @@ def get_config(arg=None):
   task, size, recipe = parse_arg(arg)
   batch, steps, lr, num_train, num_val, num_test = SIZES[size]
   c, _ = _pretrain_config(size, recipe)
+  # The recipe whose model this is (c.recipe names the run: 'finetune');
+  # report.py rebuilds the defaults from it.
+  c.pretrain_recipe = recipe
   c.task = task
   c.recipe = 'finetune'
   c.total_steps = STEPS.get((size, task), steps)
