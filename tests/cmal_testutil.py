@@ -153,3 +153,56 @@ def run_with_8_devices(script, *argv, fast_compile=False, timeout=600):
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+# ------------------------------------------- short end-to-end runs (FAST)
+
+# XLA's lowest CPU optimisation level, as tests/test_precision.py: a third of
+# the compile time; exact comparisons are between programs compiled alike.
+FAST = dict(xla_backend_optimization_level=0,
+            xla_llvm_disable_expensive_passes=True)
+
+
+def shrink(config):
+    """The tiny model without text and vision layers and with one unified
+    layer: the same code paths, a third less to compile."""
+    config.model.text_layers = config.model.vision_layers = 0
+    config.model.unified_layers = 1
+    return config
+
+
+class FastStep:
+    """train.jit_train_step's jitted step (same program, shardings and
+    donation) compiled at FAST on its first call."""
+
+    def __init__(self, jitted):
+        self.jitted, self.compiled = jitted, None
+
+    def __call__(self, state, batch):
+        if self.compiled is None:
+            self.compiled = self.jitted.lower(state, batch).compile(
+                compiler_options=FAST)
+        return self.compiled(state, batch)
+
+
+def train_fast(config, workdir):
+    """train.train_and_evaluate with its train step compiled at FAST."""
+    import pytest
+    from cmal_jax import train
+    jit_train_step = train.jit_train_step
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, 'jit_train_step',
+                      lambda *args: FastStep(jit_train_step(*args)))
+        return train.train_and_evaluate(config, workdir)
+
+
+def finetune_tiny(task, recipe, init_from):
+    """configs/finetune.py:TASK,tiny,RECIPE shrunk as pre-training was: 4
+    steps on a 32/16/16 world, evaluated at the end only."""
+    from configs import finetune
+    c = shrink(finetune.get_config(f'{task},tiny,{recipe}'))
+    c.init_from = init_from
+    c.total_steps, c.log_every, c.checkpoint_every = 4, 2, 4
+    c.eval.every_steps = 0
+    c.world.num_train, c.world.num_eval, c.world.num_test = 32, 16, 16
+    return c

@@ -7,7 +7,7 @@ fine-tuned from.
 The train-step tests run the tiny semmim config shrunk further (D = 16,
 32-pixel images: 2 x 2 patches) so that its one compilation is cheap; like
 every program here it is compiled at XLA's lowest CPU optimisation level
-(FAST, as in test_semvlp.py, whose end-to-end helpers are shared).
+(cmal_testutil.FAST, with the end-to-end helpers test_semvlp.py uses).
 """
 
 import json
@@ -27,12 +27,10 @@ from cmal_jax.data import pipeline
 from cmal_jax.model.cmal import CMAL, ModelConfig, pixel_config
 from cmal_jax.model.pixels import (PixelBackbone, PixelConfig, grid_boxes,
                                    grid_regions)
-from cmal_testutil import CLS, MASK, PAD, SEP, assert_trees_equal
+from cmal_testutil import (CLS, FAST, MASK, PAD, SEP, assert_trees_equal,
+                            finetune_tiny, shrink, train_fast)
 from configs import finetune as finetune_config
 from configs import pretrain
-# XLA's lowest CPU optimisation level, and the end-to-end runs' helpers (the
-# same shrunk model and fast train step).
-from test_semvlp import FAST, finetune_tiny, shrink, train_fast
 
 VOCAB_SIZE = 512
 SPECIALS = objectives.SpecialTokens(PAD, CLS, SEP, MASK, VOCAB_SIZE)

@@ -7,7 +7,7 @@ The model-level tests share one tiny pre-training model (D = 16, a 512-word
 vocabulary) whose parameters are initialised once (module fixture); every
 program is compiled once, at XLA's lowest CPU optimisation level (FAST). The
 end-to-end runs use the tiny config with fewer layers (shrink) and compile
-their train step at FAST too (train_fast); test_semmim.py shares them.
+their train step at FAST too (cmal_testutil.train_fast), as test_semmim.py.
 """
 
 import functools
@@ -26,15 +26,11 @@ import pytest
 from cmal_jax import checkpoint, configlib, objectives, train
 from cmal_jax.model.cmal import CMAL, ENCODER_PARAMS, ModelConfig
 from cmal_jax.model.unified import two_stream_masks
-from cmal_testutil import CLS, MASK, PAD, SEP, random_batch
-from configs import finetune as finetune_config
+from cmal_testutil import (CLS, FAST, MASK, PAD, SEP, finetune_tiny,
+                            random_batch, shrink, train_fast)
 from configs import pretrain
 
 VOCAB_SIZE = 512  # A small vocabulary: the heads compile fast.
-# XLA's lowest CPU optimisation level, as tests/test_precision.py: a third of
-# the compile time; exact comparisons are between programs compiled alike.
-FAST = dict(xla_backend_optimization_level=0,
-            xla_llvm_disable_expensive_passes=True)
 SPECIALS = objectives.SpecialTokens(PAD, CLS, SEP, MASK, VOCAB_SIZE)
 B, T, R, K, F = 4, 12, 6, 3, 8
 UNIFIED_LAYERS = 2
@@ -305,48 +301,6 @@ def test_config_checks_name_the_field():
 
 STEPS = 20
 LOG_EVERY = 5
-
-
-def shrink(config):
-  """The tiny model without text and vision layers and with one unified
-  layer: the same code paths, a third less to compile."""
-  config.model.text_layers = config.model.vision_layers = 0
-  config.model.unified_layers = 1
-  return config
-
-
-class FastStep:
-  """train.jit_train_step's jitted step (same program, shardings and
-  donation) compiled at FAST on its first call."""
-
-  def __init__(self, jitted):
-    self.jitted, self.compiled = jitted, None
-
-  def __call__(self, state, batch):
-    if self.compiled is None:
-      self.compiled = self.jitted.lower(state, batch).compile(
-          compiler_options=FAST)
-    return self.compiled(state, batch)
-
-
-def train_fast(config, workdir):
-  """train.train_and_evaluate with its train step compiled at FAST."""
-  jit_train_step = train.jit_train_step
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train, 'jit_train_step',
-                  lambda *args: FastStep(jit_train_step(*args)))
-    return train.train_and_evaluate(config, workdir)
-
-
-def finetune_tiny(task, recipe, init_from):
-  """configs/finetune.py:TASK,tiny,RECIPE shrunk as pre-training was: 4
-  steps on a 32/16/16 world, evaluated at the end only."""
-  c = shrink(finetune_config.get_config(f'{task},tiny,{recipe}'))
-  c.init_from = init_from
-  c.total_steps, c.log_every, c.checkpoint_every = 4, 2, 4
-  c.eval.every_steps = 0
-  c.world.num_train, c.world.num_eval, c.world.num_test = 32, 16, 16
-  return c
 
 
 @pytest.fixture(scope='module')
