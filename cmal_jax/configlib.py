@@ -172,8 +172,8 @@ def _validate_pretrain(config):
   if config.cmap.swap_prob + config.cmap.mask_prob > 1:
     _fail('cmap.mask_prob', config.cmap.mask_prob,
           'swap_prob + mask_prob must be <= 1 (the rest keeps the anchor)')
-  for name in ('amc', 'mlm', 'itm', 'mrc', 'itc'):
-    if config.loss[name] < 0:
+  for name in ('amc', 'mlm', 'itm', 'mrc', 'itc', 'mim', 'agreement'):
+    if config.loss.get(name, 0) < 0:
       _fail(f'loss.{name}', config.loss[name], 'weights must be >= 0')
   if not any(config.loss.get(n, 0) > 0 for n in (
       'amc', 'mlm', 'itm', 'mrc', 'itc', 'mim', 'agreement')):
@@ -202,9 +202,6 @@ def _validate_pretrain(config):
 
 def _validate_semmim(config):
   """SemMIM masks the backbone's patches: the regions must be exactly them."""
-  for name in ('mim', 'agreement'):
-    if config.loss[name] < 0:
-      _fail(f'loss.{name}', config.loss[name], 'weights must be >= 0')
   v, s = config.model.visual, config.semmim
   needs = (('model.visual.input', v.input, 'pixels'),
            ('model.visual.kind', v.kind, 'patch'),

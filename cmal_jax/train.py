@@ -167,7 +167,7 @@ def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-  """A job's objectives, in the three parts gradient accumulation needs.
+  """A job's objectives, in the parts gradient accumulation and SemMIM need.
 
   prepare(batch, rng, state) -> batch: the corruption (CMAP's anchor
     actions, MLM masking; SemVLP's mode of the step; SemMIM's momentum
@@ -303,7 +303,7 @@ class Job:
 def pretrain_objectives(model, config, specials):
   """(init_inputs(rng), Loss) of pre-training: objectives.prepare_inputs'
   corruption (SemMIM: semmim.prepare's), then the configured losses, in
-  SemVLP's mode of the step (two_stream_steps)."""
+  SemVLP's mode of the step (two_stream_step)."""
   with_target_encoder = semmim.uses_target_encoder(config)
   every = config.get('two_stream_every', 0)
 
