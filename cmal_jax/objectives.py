@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from cmal_jax.model import prompt
+from cmal_jax.model.cmal import masked_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,10 +328,8 @@ def compute_losses(outputs, targets, config, denominators=None):
     target, positive = targets['image_targets'], targets['positive']
     global_loss, acc = soft_xent(student('proto_image_logits'), target,
                                  positive, d['itc'])
-    patch_probs = jax.nn.softmax(student('proto_patch_logits'))  # [B, R, K]
-    region = targets['region_mask'][..., None].astype(jnp.float32)
-    mean_probs = jnp.sum(patch_probs * region, 1) / jnp.maximum(
-        jnp.sum(region, 1), 1.0)
+    mean_probs = masked_mean(jax.nn.softmax(student('proto_patch_logits')),
+                             targets['region_mask'])  # [B, K]
     local_loss, _ = soft_xent(jnp.log(mean_probs + 1e-9), target, positive,
                               d['itc'])
     add('agreement', lc.agreement, (global_loss + local_loss) / 2)

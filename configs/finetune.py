@@ -45,21 +45,22 @@ STEPS = {('small', 'nlvr2'): 1500, ('minilm', 'nlvr2'): 1500,
          ('small', 'vqa'): 1000, ('minilm', 'vqa'): 1000}
 
 
-def _pretrain_config(size, recipe):
-  """configs/pretrain.py's config of `size` and `recipe`: the model, data
-  and mesh sections must match the checkpoint fine-tuning starts from."""
+def _pretrain_module():
+  """configs/pretrain.py as a module: its get_config(f'{size},{recipe}')
+  gives the model, data and mesh sections, which must match the checkpoint
+  fine-tuning starts from, and RECIPES the recipes it knows."""
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       'pretrain.py')
   spec = importlib.util.spec_from_file_location('cmal_pretrain_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(f'{size},{recipe}'), module.RECIPES
+  return module
 
 
-def parse_arg(arg):
-  """'rec,base,semvlp' -> ('rec', 'base', 'semvlp'); the task is required."""
+def parse_arg(arg, recipes):
+  """'rec,base,semvlp' -> ('rec', 'base', 'semvlp'); the task is required.
+  recipes: the pre-training recipes there are."""
   task, size, recipe = None, 'small', 'cmal'
-  recipes = _pretrain_config('tiny', 'cmal')[1]
   for part in filter(None, (p.strip() for p in (arg or '').split(','))):
     if part in TASKS:
       task = part
@@ -79,9 +80,10 @@ def parse_arg(arg):
 
 
 def get_config(arg=None):
-  task, size, recipe = parse_arg(arg)
+  pretrain = _pretrain_module()
+  task, size, recipe = parse_arg(arg, pretrain.RECIPES)
   batch, steps, lr, num_train, num_val, num_test = SIZES[size]
-  c, _ = _pretrain_config(size, recipe)
+  c = pretrain.get_config(f'{size},{recipe}')
   # The recipe whose model this is (c.recipe names the run: 'finetune');
   # report.py rebuilds the defaults from it.
   c.pretrain_recipe = recipe
@@ -102,7 +104,7 @@ def get_config(arg=None):
     # Pre-training's regions were the patches; the tasks' regions are their
     # records' boxes (REC picks one), pooled from the same backbone as the
     # pixel models of the other recipes pool theirs.
-    defaults = _pretrain_config(size, 'cmal')[0].model.visual
+    defaults = pretrain.get_config(size).model.visual
     for field in ('boxes', 'roi_size', 'sampling_ratio', 'grid_size'):
       c.model.visual[field] = defaults[field]
   # Task files {task}_{split}.array_record in data.dir ('' -> the

@@ -6,10 +6,10 @@ logits takes its operands in it but accumulates into and returns float32
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from cmal_jax.model import axes, unified
+from cmal_jax.model.encoders import l2_normalize
 from cmal_jax.model.unified import layer_norm
 
 
@@ -99,9 +99,7 @@ class PrototypeHead(nn.Module):
     prototypes = self.param(
         'prototypes', axes.init(nn.initializers.normal(1.0), ('embed', None)),
         (self.cfg.hidden_dim, self.num_prototypes), unified.PARAM_DTYPE)
-    unit = lambda v, axis: v * jax.lax.rsqrt(
-        jnp.sum(v * v, axis, keepdims=True) + 1e-12)
-    return unit(x, -1) @ unit(prototypes, 0)
+    return l2_normalize(x) @ l2_normalize(prototypes.T).T
 
 
 # ---------------------------------------------------------- downstream heads
