@@ -50,7 +50,9 @@ def splits_of(config):
 
 def ensure_task_data(config, directory, every_process=False):
   """Generates the synthetic world's splits of config.task where they are
-  missing (synthetic.ensure_splits)."""
+  missing (synthetic.ensure_splits), after synthetic.check_images."""
+  synthetic.check_images(config, directory)
+
   def generate(folder, splits):
     t = time.time()
     params = world.WorldParams.from_config(config)

@@ -6,12 +6,14 @@ folders and table rows): a tiny SemVLP pre-training alone takes ~60 s."""
 
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
 import pytest
 
 from cmal_jax import configlib
+from cmal_jax.data import synthetic
 from cmal_jax.experiments import data_efficiency as de
 
 E2E_RECIPES = ('cmal', 'cmcl', 'mlm_itm')
@@ -270,15 +272,23 @@ def test_semvlp_and_semmim_runs_build_their_own_models_and_data():
       assert random.data.dir == cmal.data.dir
 
 
-def test_a_pixel_run_refuses_a_data_folder_without_images(tmp_path):
+@pytest.mark.parametrize('run', [de.Run('pretrain', 0, 'semmim', 256),
+                                 de.Run('finetune', 0, 'semmim', 256, 've')])
+def test_a_pixel_run_refuses_a_data_folder_without_images(tmp_path, run):
+  """synthetic.check_images, which the world's and the tasks' generators
+  both run first: a pixel config on a folder of region-only data."""
   args = de.parse_args(['--out=x', '--size=tiny', '--recipes=semmim'])
-  config = de.run_config(de.Run('pretrain', 0, 'semmim', 256), args,
-                         str(tmp_path))
+  config = de.run_config(run, args, str(tmp_path))
   os.makedirs(config.data.dir)
   with open(os.path.join(config.data.dir, 'meta.json'), 'w') as f:
     json.dump({'generator': {'images': False}}, f)
-  with pytest.raises(ValueError, match='without images'):
+  with pytest.raises(ValueError, match=re.escape(
+      f'{config.data.dir} holds synthetic data without images, and this '
+      f'{config.task} run reads pixels')):
     de.prepare_data(config)
+  with open(os.path.join(config.data.dir, 'meta.json'), 'w') as f:
+    json.dump({'generator': {'images': True}}, f)
+  synthetic.check_images(config, config.data.dir)  # Accepted.
 
 
 def test_new_recipes_join_a_finished_grid(tmp_path, monkeypatch, capsys):

@@ -100,9 +100,25 @@ def ensure_splits(directory, sizes, exists, generate, every_process=False,
     multihost_utils.sync_global_devices(barrier)
 
 
+def check_images(config, directory):
+  """Refuses a synthetic folder without images for a config that reads
+  pixels: the generators only add missing splits, so they would take the
+  folder as it is and the run would fail on its first batch."""
+  if not world.WorldParams.from_config(config).images or not os.path.exists(
+      os.path.join(directory, records.META_FILE)):
+    return
+  if not records.read_meta(directory).get('generator', {}).get('images'):
+    raise ValueError(
+        f'{directory} holds synthetic data without images, and this '
+        f'{config.task} run reads pixels (model.visual.input=pixels): delete '
+        'the folder (it is generated again, with images) or point '
+        'data.dir elsewhere.')
+
+
 def ensure_world_data(config, directory, every_process=False):
   """Generates the synthetic world's pre-training splits where they are
-  missing (ensure_splits)."""
+  missing (ensure_splits), after check_images."""
+  check_images(config, directory)
   params = world.WorldParams.from_config(config)
 
   def generate(folder, sizes):

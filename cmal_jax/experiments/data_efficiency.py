@@ -194,27 +194,11 @@ def prepare_data(config):
   the same inputs (region features, or pixels: data_folder)."""
   from cmal_jax import finetune
   from cmal_jax.data import synthetic
-  check_images(config)
+  # Both refuse a pixel run on a folder without images (check_images).
   if config.task == 'pretrain':
     synthetic.ensure_world_data(config, config.data.dir)
   else:
     finetune.ensure_task_data(config, config.data.dir)
-
-
-def check_images(config):
-  """Refuses a data folder without images for a config that reads pixels:
-  the data generators only add missing splits, so they would take it as it
-  is (and the run would fail on its first batch)."""
-  from cmal_jax.data import records
-  folder = config.data.dir
-  if not configlib.reads_pixels(config) or not os.path.exists(
-      os.path.join(folder, records.META_FILE)):
-    return
-  if not records.read_meta(folder).get('generator', {}).get('images'):
-    raise ValueError(
-        f'{folder} holds synthetic data without images, and this '
-        f'{config.task} run reads pixels (model.visual.input=pixels): delete '
-        'the folder (it is generated again, with images).')
 
 
 def execute(run, args, out):
