@@ -133,6 +133,35 @@ def itc_score_matrix(model, params, config, rows, mesh):
   return np.concatenate(text) @ np.concatenate(image).T
 
 
+def umse_spread(model, params, config, rows, mesh):
+  """Whether the UMSE features still tell inputs apart (a collapse check),
+  over the N matched pairs of retrieval_pairs' rows: sqrt(D) times the
+  per-dimension std of the unit-normalised features, averaged over the D
+  dimensions, across every real region ('umse_region_spread') and every
+  real caption token after [CLS] ('umse_text_spread'). 1 for directions
+  spread evenly over the sphere; 0 when every region (token) maps to one
+  vector, which MLM + ITM pre-training can reach when ITM never leaves
+  chance (README, "SemVLP and SemMIM at small")."""
+  n = int(round(len(rows) ** 0.5))
+  embed = jax.jit(
+      lambda p, b: (model.apply({'params': p}, b, method='embed_units'),
+                    (b['text_mask'][:, 1:], b['region_mask'])),
+      out_shardings=sharding.replicated(mesh))
+  text, regions = [], []
+  for batch, real in sharding.padded_global_batches(
+      _pair_arrays(rows[::n + 1]), config.eval.batch_size, mesh):
+    (t, r), (t_mask, r_mask) = jax.device_get(embed(params, batch))
+    text.append(t[:real][t_mask[:real] > 0])
+    regions.append(r[:real][r_mask[:real] > 0])
+
+  def spread(x):
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return float(np.sqrt(x.shape[-1]) * x.std(0).mean())
+
+  return {'umse_text_spread': spread(np.concatenate(text)),
+          'umse_region_spread': spread(np.concatenate(regions))}
+
+
 def recall_at_k(scores, ks=(1, 5, 10)):
   """scores [N, N], row i = caption i, column j = image j; pair i <-> i.
 
@@ -185,6 +214,7 @@ def evaluate_pretrain(model, params, config, directory, specials, mesh,
     scores = itm_score_matrix(model, params, config, rows, specials, mesh)
     results.update({f'retrieval_{k}': v
                     for k, v in recall_at_k(scores).items()})
+    results.update(umse_spread(model, params, config, rows, mesh))
     if config.loss.itc > 0:  # Where ITC was trained, retrieval by it too.
       itc = itc_score_matrix(model, params, config, rows, mesh)
       results.update({f'retrieval_itc_{k}': v

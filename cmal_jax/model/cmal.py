@@ -271,6 +271,11 @@ class CMAL(nn.Module):
           masked_mean(region_out, inputs['region_mask']))
     return out
 
+  def embed_units(self, inputs):
+    """The UMSE unit features alone, (text [B, T - 1, D] without [CLS],
+    regions [B, R, D]): evaluate.umse_spread's collapse check."""
+    return self.embed_text(inputs)[:, 1:], self.embed_regions(inputs)
+
   def itc_embeddings(self, inputs):
     """UMSE-only pass for ITC retrieval: (text [B, D], image [B, D]), unit
     vectors; the same as __call__'s itc_text and itc_image."""
