@@ -158,7 +158,7 @@ def test_run_writes_what_it_promises(learn_run, world_dir):
   # eval.json: the promised metrics, as fractions, on all 128 held-out pairs.
   ev = read_json(workdir, 'eval.json')
   for key in ('amc_pair_acc', 'mlm_acc', 'itm_acc', 'retrieval_t2i_r1',
-              'retrieval_i2t_r1'):
+              'retrieval_i2t_r1', 'umse_text_spread', 'umse_region_spread'):
     assert 0.0 <= ev[key] <= 1.0, key
   assert ev['step'] == 200
   assert ev['num_pairs'] == 128 and ev['num_pairs_not_evaluated'] == 0
