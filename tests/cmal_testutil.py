@@ -3,6 +3,7 @@ sets (pure numpy), small record files of our own, bitwise tree comparison,
 and running a script in a subprocess with 8 fake CPU devices.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -185,14 +186,23 @@ class FastStep:
         return self.compiled(state, batch)
 
 
-def train_fast(config, workdir):
-    """train.train_and_evaluate with its train step compiled at FAST."""
+@contextlib.contextmanager
+def fast_train_steps():
+    """Within: every run's train step (train.jit_train_step) compiles at
+    FAST."""
     import pytest
     from cmal_jax import train
     jit_train_step = train.jit_train_step
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, 'jit_train_step',
                       lambda *args: FastStep(jit_train_step(*args)))
+        yield
+
+
+def train_fast(config, workdir):
+    """train.train_and_evaluate with its train step compiled at FAST."""
+    from cmal_jax import train
+    with fast_train_steps():
         return train.train_and_evaluate(config, workdir)
 
 

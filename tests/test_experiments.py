@@ -15,6 +15,7 @@ import pytest
 from cmal_jax import configlib
 from cmal_jax.data import synthetic
 from cmal_jax.experiments import data_efficiency as de
+from cmal_testutil import fast_train_steps
 
 E2E_RECIPES = ('cmal', 'cmcl', 'mlm_itm')
 ARGS = ['--size=tiny', '--corpus_sizes=256', '--seeds=0', '--tasks=ve',
@@ -34,7 +35,8 @@ def grid_out(tmp_path_factory, compilation_cache):
   git(out, 'config', 'user.email', 'test@example.com')
   git(out, 'config', 'user.name', 'test')
   docs = out / 'docs'
-  de.main(ARGS + [f'--out={out}', f'--docs={docs}', '--commit'])
+  with fast_train_steps():  # Its 9 runs compile 9 train steps.
+    de.main(ARGS + [f'--out={out}', f'--docs={docs}', '--commit'])
   return out
 
 
@@ -216,7 +218,8 @@ def test_fine_tuning_another_grids_checkpoints(grid_out, tmp_path):
   with pytest.raises(SystemExit, match='has not finished 1 pre-training '
                      r'run\(s\) this grid fine-tunes: pretrain-cmal-512-s0'):
     de.main(args + ['--corpus_sizes=512', f'--out={tmp_path}'])
-  tasks = de.main(args + ['--corpus_sizes=256', f'--out={tmp_path}'])
+  with fast_train_steps():
+    tasks = de.main(args + ['--corpus_sizes=256', f'--out={tmp_path}'])
   assert sorted(os.listdir(tmp_path / 'results')) == ['ve-cmal-256-s0.json']
   assert sorted(os.listdir(tmp_path / 'runs')) == ['ve-cmal-256-s0']
   with open(tmp_path / 'runs' / 've-cmal-256-s0' / 'config.json') as f:
