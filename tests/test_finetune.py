@@ -29,7 +29,7 @@ from cmal_jax import (checkpoint, configlib, finetune, guards, sharding,
                       task_metrics, train)
 from cmal_jax.data import pipeline, task_pipeline, tasks, world, world_tasks
 from cmal_jax.model.cmal import CMAL, ENCODER_PARAMS, ModelConfig, pool_regions
-from cmal_testutil import assert_trees_equal
+from cmal_testutil import assert_trees_equal, fast_train_steps
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 
@@ -65,10 +65,12 @@ def read_jsonl(path):
 
 
 def run_logged(config, workdir):
-  """train_and_evaluate, returning (results, what it printed)."""
+  """train_and_evaluate with its train step compiled at FAST (every run
+  here is a few steps: compiling is most of it), returning (results, what
+  it printed)."""
   out = io.StringIO()
   try:
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), fast_train_steps():
       results = train.train_and_evaluate(config, workdir)
   except BaseException:
     print(out.getvalue())
