@@ -194,7 +194,8 @@ def prepare_data(config):
   the same inputs (region features, or pixels: data_folder)."""
   from cmal_jax import finetune
   from cmal_jax.data import synthetic
-  # Both refuse a pixel run on a folder without images (check_images).
+  # Both refuse a pixel run on a folder without images
+  # (synthetic.check_images).
   if config.task == 'pretrain':
     synthetic.ensure_world_data(config, config.data.dir)
   else:
