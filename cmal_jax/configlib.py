@@ -159,6 +159,10 @@ def _validate_visual(config):
           'grid_size or raise max_regions')
 
 
+# Pre-training's objective weights (mim and agreement: SemMIM's configs only).
+LOSS_WEIGHTS = ('amc', 'mlm', 'itm', 'mrc', 'itc', 'mim', 'agreement')
+
+
 def _validate_pretrain(config):
   d = config.data
   for field, value in (('data.itm_neg_prob', d.itm_neg_prob),
@@ -172,11 +176,10 @@ def _validate_pretrain(config):
   if config.cmap.swap_prob + config.cmap.mask_prob > 1:
     _fail('cmap.mask_prob', config.cmap.mask_prob,
           'swap_prob + mask_prob must be <= 1 (the rest keeps the anchor)')
-  for name in ('amc', 'mlm', 'itm', 'mrc', 'itc', 'mim', 'agreement'):
+  for name in LOSS_WEIGHTS:
     if config.loss.get(name, 0) < 0:
       _fail(f'loss.{name}', config.loss[name], 'weights must be >= 0')
-  if not any(config.loss.get(n, 0) > 0 for n in (
-      'amc', 'mlm', 'itm', 'mrc', 'itc', 'mim', 'agreement')):
+  if not any(config.loss.get(n, 0) > 0 for n in LOSS_WEIGHTS):
     _fail('loss', 'all zero', 'enable at least one objective')
   if config.loss.amc_targets not in ('pairing', 'label', 'both'):
     _fail('loss.amc_targets', config.loss.amc_targets,

@@ -117,20 +117,26 @@ def itm_score_matrix(model, params, config, rows, specials, mesh):
   return np.concatenate(scores).reshape(n, n)
 
 
+def matched_pair_outputs(fn, params, config, rows, mesh):
+  """fn(params, batch), jitted, over only the N matched pairs (i, i) of
+  retrieval_pairs' N * N rows, in padded global batches: its outputs as
+  host arrays [N, ...], padding dropped."""
+  n = int(round(len(rows) ** 0.5))
+  jitted = jax.jit(fn, out_shardings=sharding.replicated(mesh))
+  outs = [jax.tree.map(lambda x, real=real: x[:real],
+                       jax.device_get(jitted(params, batch)))
+          for batch, real in sharding.padded_global_batches(
+              _pair_arrays(rows[::n + 1]), config.eval.batch_size, mesh)]
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
 def itc_score_matrix(model, params, config, rows, mesh):
   """ITC similarities [N, N] (caption i, image j) from UMSE embeddings; only
   the N matched rows (i, i) are encoded, each once."""
-  n = int(round(len(rows) ** 0.5))
-  embed = jax.jit(
+  text, image = matched_pair_outputs(
       lambda p, b: model.apply({'params': p}, b, method='itc_embeddings'),
-      out_shardings=sharding.replicated(mesh))
-  text, image = [], []
-  for batch, real in sharding.padded_global_batches(
-      _pair_arrays(rows[::n + 1]), config.eval.batch_size, mesh):
-    t, i = jax.device_get(embed(params, batch))
-    text.append(t[:real])
-    image.append(i[:real])
-  return np.concatenate(text) @ np.concatenate(image).T
+      params, config, rows, mesh)
+  return text @ image.T
 
 
 def umse_spread(model, params, config, rows, mesh):
@@ -142,24 +148,17 @@ def umse_spread(model, params, config, rows, mesh):
   spread evenly over the sphere; 0 when every region (token) maps to one
   vector, which MLM + ITM pre-training can reach when ITM never leaves
   chance (README, "SemVLP and SemMIM at small")."""
-  n = int(round(len(rows) ** 0.5))
-  embed = jax.jit(
+  (text, regions), (text_mask, region_mask) = matched_pair_outputs(
       lambda p, b: (model.apply({'params': p}, b, method='embed_units'),
                     (b['text_mask'][:, 1:], b['region_mask'])),
-      out_shardings=sharding.replicated(mesh))
-  text, regions = [], []
-  for batch, real in sharding.padded_global_batches(
-      _pair_arrays(rows[::n + 1]), config.eval.batch_size, mesh):
-    (t, r), (t_mask, r_mask) = jax.device_get(embed(params, batch))
-    text.append(t[:real][t_mask[:real] > 0])
-    regions.append(r[:real][r_mask[:real] > 0])
+      params, config, rows, mesh)
 
   def spread(x):
     x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     return float(np.sqrt(x.shape[-1]) * x.std(0).mean())
 
-  return {'umse_text_spread': spread(np.concatenate(text)),
-          'umse_region_spread': spread(np.concatenate(regions))}
+  return {'umse_text_spread': spread(text[text_mask > 0]),
+          'umse_region_spread': spread(regions[region_mask > 0])}
 
 
 def recall_at_k(scores, ks=(1, 5, 10)):

@@ -328,8 +328,9 @@ def test_umse_spread_reads_a_collapsed_encoder_as_zero(world_dir):
 
   fresh = spread(state.params)
   # Measured: text 0.97, regions 0.76 (tiny, seed 0, 8 pairs).
-  assert 0.5 < fresh['umse_text_spread'] < 1.2, fresh
-  assert 0.5 < fresh['umse_region_spread'] < 1.2, fresh
+  # At most 1: the per-dimension variances of unit vectors sum to <= 1.
+  assert 0.5 < fresh['umse_text_spread'] <= 1.0, fresh
+  assert 0.5 < fresh['umse_region_spread'] <= 1.0, fresh
   params = jax.tree.map(np.asarray, jax.device_get(state.params))
   sphere = params['vision_encoder']['sphere']
   sphere['kernel'] = np.zeros_like(sphere['kernel'])

@@ -17,7 +17,7 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
-from cmal_jax import guards
+from cmal_jax import configlib, guards
 from cmal_jax.data import records, world
 from cmal_jax.guards import log
 
@@ -104,7 +104,7 @@ def check_images(config, directory):
   """Refuses a synthetic folder without images for a config that reads
   pixels: the generators only add missing splits, so they would take the
   folder as it is and the run would fail on its first batch."""
-  if not world.WorldParams.from_config(config).images or not os.path.exists(
+  if not configlib.reads_pixels(config) or not os.path.exists(
       os.path.join(directory, records.META_FILE)):
     return
   if not records.read_meta(directory).get('generator', {}).get('images'):
