@@ -30,8 +30,8 @@ import optax
 
 from cmal_jax import (checkpoint, configlib, guards, objectives, sharding,
                       task_metrics, train)
-from cmal_jax.data import synthetic, task_pipeline, tasks
-from cmal_jax.data import world, world_tasks
+from cmal_jax.data import task_pipeline, tasks
+from cmal_jax.world import scenes, synthetic, task_examples
 from cmal_jax.model.cmal import (CMAL, PIXEL_PARAMS, ModelConfig,
                                  itc_features, pretrained_param_names)
 from cmal_jax.guards import log
@@ -55,8 +55,8 @@ def ensure_task_data(config, directory, every_process=False):
 
   def generate(folder, splits):
     t = time.time()
-    params = world.WorldParams.from_config(config)
-    world_tasks.generate(folder, [config.task], splits, params,
+    params = scenes.WorldParams.from_config(config)
+    task_examples.generate(folder, [config.task], splits, params,
                          seed=config.seed)
     log(f'Generated synthetic {config.task} splits {splits} in {directory} '
         f'({time.time() - t:.0f}s)')

@@ -11,7 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from cmal_jax.model import prompt
+from cmal_jax.model import cmap
 from cmal_jax.model.cmal import masked_mean
 
 
@@ -53,7 +53,7 @@ def choose_positions(rng, eligible, prob, scores=None):
 
 def scatter_where(x, positions, weights, updates):
   """x [B, L, ...]: x[b, positions[b, m]] = updates[b, m] where weights."""
-  return prompt.scatter_slots(x, jnp.where(weights, positions, x.shape[1]),
+  return cmap.scatter_slots(x, jnp.where(weights, positions, x.shape[1]),
                               updates)
 
 
@@ -95,9 +95,9 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
   if not config.cmap.enabled:
     action = jnp.zeros_like(valid, jnp.int32)
   elif swap_all:
-    action = prompt.all_swapped(valid)
+    action = cmap.all_swapped(valid)
   else:
-    action = prompt.sample_anchor_actions(
+    action = cmap.sample_anchor_actions(
         cmap_rng, valid, select_prob=config.cmap.select_prob,
         swap_prob=config.cmap.swap_prob, mask_prob=config.cmap.mask_prob)
 
@@ -143,7 +143,7 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
   targets = dict(
       itm_label=batch['itm_label'], positive=positive,
       mlm_targets=mlm_targets, mlm_weights=mlm_w,
-      amc_weights=action != prompt.NONE,
+      amc_weights=action != cmap.NONE,
       amc_region=batch['anchor_region'], amc_text_pos=batch['anchor_text_pos'],
       amc_word=jnp.take_along_axis(batch['input_ids'],
                                    batch['anchor_text_pos'], axis=1),

@@ -30,7 +30,8 @@ from jax.experimental import multihost_utils
 
 from cmal_jax import (checkpoint, configlib, evaluate, guards, objectives,
                       semmim, sharding)
-from cmal_jax.data import pipeline, synthetic, tfds_source
+from cmal_jax.data import pipeline, tfds_source
+from cmal_jax.world import synthetic
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.guards import log
 from cmal_jax.metrics import MetricWriter

@@ -10,24 +10,25 @@ import sys
 
 import numpy as np
 
-from cmal_jax.data import pipeline, records, world
+from cmal_jax.data import pipeline, records
+from cmal_jax.world import scenes
 
 PAD, CLS, SEP, MASK, VOCAB = 0, 101, 102, 103, 30522
 F = 64  # The tiny config's region_feat_dim.
-WORLD_PARAMS = world.WorldParams(feature_dim=F)
+WORLD_PARAMS = scenes.WorldParams(feature_dim=F)
 
 
 def good_pair(i, split='pretrain'):
     """Synthetic-world pair i (tiny feature width), a valid record dict."""
-    return world.make_pair(0, split, i, WORLD_PARAMS)
+    return scenes.make_pair(0, split, i, WORLD_PARAMS)
 
 
 def write_dataset(directory, pairs, split='pretrain'):
-    """Our own records (dicts or raw bytes) + meta.json of the world."""
+    """Our own records (dicts or raw bytes) + meta.json of the scenes."""
     path = records.split_path(str(directory), split)
     records.write_records(path, pairs)
     records.write_meta(str(directory), {
-        'tags': list(world.WORLD_TAGS), 'synonyms': dict(world.WORLD_SYNONYMS),
+        'tags': list(scenes.WORLD_TAGS), 'synonyms': dict(scenes.WORLD_SYNONYMS),
         'feature_dim': F, 'splits': {split: len(pairs)}})
     return path
 

@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from cmal_jax.data import world
+from cmal_jax.world import scenes
 
 NUM_TRAIN, NUM_VAL = 1024, 128
 
@@ -15,9 +15,9 @@ def world_dir(tmp_path_factory):
   Read-only for tests: copy it (shutil.copytree) before changing anything.
   """
   d = str(tmp_path_factory.mktemp('world'))
-  params = world.WorldParams(feature_dim=64)
-  world.generate_split(d, 'pretrain', NUM_TRAIN, params, seed=0)
-  world.generate_split(d, 'val', NUM_VAL, params, seed=0)
+  params = scenes.WorldParams(feature_dim=64)
+  scenes.generate_split(d, 'pretrain', NUM_TRAIN, params, seed=0)
+  scenes.generate_split(d, 'val', NUM_VAL, params, seed=0)
   return d
 
 

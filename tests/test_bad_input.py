@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from cmal_jax import configlib, objectives, sharding, train
-from cmal_jax.data import pipeline, records, world
+from cmal_jax.data import pipeline, records
+from cmal_jax.world import scenes
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.model.cmal import CMAL, ModelConfig
 from configs import pretrain
@@ -127,7 +128,7 @@ def test_copy_of_world_reads(world_copy):
       tiny(), str(world_copy), 'pretrain', batch_size=256, train=False,
       seed=0)
   assert len(ds) == 4 and dropped == 0
-  assert vocab.tags == world.WORLD_TAGS
+  assert vocab.tags == scenes.WORLD_TAGS
 
 
 def test_missing_record_file(world_copy):
@@ -231,7 +232,7 @@ def test_long_caption_is_truncated_and_counted():
   tok = load_tokenizer(None)
   assert len(tok.encode(LONG, 1000).ids) > T + 5  # Really too long.
   from cmal_jax.data import anchors
-  vocab = anchors.TagVocab(world.WORLD_TAGS, world.WORLD_SYNONYMS)
+  vocab = anchors.TagVocab(scenes.WORLD_TAGS, scenes.WORLD_SYNONYMS)
   image = pipeline.decode_pair(
       records.encode_record(good_pair(0)), path='x', index=0, shapes=shapes,
       vocab=vocab)
@@ -300,7 +301,7 @@ def test_image_without_regions_trains(tmp_path, compilation_cache):
 
   tok = load_tokenizer(None)
   specials = objectives.SpecialTokens.from_tokenizer(tok)
-  model = CMAL(ModelConfig.from_config(config.model, len(world.WORLD_TAGS)))
+  model = CMAL(ModelConfig.from_config(config.model, len(scenes.WORLD_TAGS)))
   init_inputs, loss_fn = train.pretrain_objectives(model, config,
                                                         specials)
   tx, schedule = train.make_optimizer(config)

@@ -1,4 +1,4 @@
-"""Real-world formats -> our records (data/convert.py, formats/bottom_up.py,
+"""Real-world formats -> our records (convert/cli.py, formats/bottom_up.py,
 formats/captions.py).
 
 The TSVs are written here the way bottom-up-attention's generate_tsv.py
@@ -6,7 +6,7 @@ writes them (csv, tab-separated, '\\r\\n' line ends, each array base64 of
 its `.tobytes()`), independently of the converter's own code; the caption
 files are hand-written samples of each official format. The last test runs
 the whole chain, TSV -> region store -> JSONL captions -> pair records
-(both inspected by python -m cmal_jax.data.inspect) -> 20 tiny
+(both inspected by python -m cmal_jax.convert.inspect) -> 20 tiny
 pre-training steps.
 """
 
@@ -19,8 +19,9 @@ import re
 import numpy as np
 import pytest
 
-from cmal_jax.data import convert, records, region_store
-from cmal_jax.data.formats import FormatError, bottom_up, captions
+from cmal_jax.convert import cli as convert
+from cmal_jax.data import records, region_store
+from cmal_jax.convert.formats import FormatError, bottom_up, captions
 
 # A Visual Genome-style vocabulary: canonical name first, synonyms after.
 VOCAB = 'man,men,guy\ndog,puppy\ntree\ntraffic light,stoplight\nhorse\n\n'
@@ -451,8 +452,8 @@ def _e2e_captions(path, templates):
 
 
 def _check_inspected(store, data):
-  """python -m cmal_jax.data.inspect on the converted store and pairs."""
-  from cmal_jax.data import inspect as inspect_lib
+  """python -m cmal_jax.convert.inspect on the converted store and pairs."""
+  from cmal_jax.convert import inspect as inspect_lib
   regions = inspect_lib.inspect_path(region_store.store_path(str(store)))
   assert regions['kind'] == 'regions' and regions['num_errors'] == 0
   assert regions['records'] == regions['images'] == len(_SCENES)

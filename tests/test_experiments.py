@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cmal_jax import configlib
-from cmal_jax.data import synthetic
+from cmal_jax.world import synthetic
 from cmal_jax.experiments import data_efficiency as de
 from cmal_testutil import fast_train_steps
 

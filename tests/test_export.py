@@ -23,7 +23,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from cmal_jax.export import bert, export, mapping, torch_model
-from cmal_jax.model import prompt
+from cmal_jax.model import cmap
 from configs import pretrain as pretrain_config
 
 TASKS = ('pretrain', 'vqa', 've', 'nlvr2', 'rec', 'retrieval')
@@ -88,8 +88,8 @@ def random_inputs(config, batch=3, T=12, R=6, K=3, M=4, seed=0):
         anchor_region=np.stack([rng.choice(n, K, replace=False)
                                 for n in num_regions]).astype(np.int32),
         anchor_action=np.resize(np.array(
-            [prompt.SWAP, prompt.MASK, prompt.SWAP, prompt.KEEP,
-             prompt.NONE], np.int32), (rows, K)),
+            [cmap.SWAP, cmap.MASK, cmap.SWAP, cmap.KEEP,
+             cmap.NONE], np.int32), (rows, K)),
         mlm_positions=rng.integers(1, 4, (rows, M)).astype(np.int32))
   return inputs
 
@@ -110,7 +110,7 @@ def test_torch_mirror_matches_jax_on_every_head(size, task):
   params = random_params(config)
   inputs = random_inputs(config)
   if task == 'pretrain':  # Every action occurs, with real swaps.
-    assert {prompt.SWAP, prompt.MASK, prompt.KEEP, prompt.NONE} <= set(
+    assert {cmap.SWAP, cmap.MASK, cmap.KEEP, cmap.NONE} <= set(
         inputs['anchor_action'].ravel())
   want = jax.device_get(export.flax_model(config).apply(
       {'params': params}, jax.tree.map(jnp.asarray, inputs)))
@@ -197,7 +197,7 @@ def test_torch_swap_matches_jax_swap():
   mask_vector = rng.normal(size=(8,)).astype(np.float32)
   keys = ('anchor_text_pos', 'anchor_text_end', 'anchor_region',
           'anchor_action')
-  want = prompt.swap_anchor_features(text, regions,
+  want = cmap.swap_anchor_features(text, regions,
                                      *(inputs[k] for k in keys), mask_vector)
   got = torch_model.swap_anchor_features(
       torch.from_numpy(text), torch.from_numpy(regions),
@@ -207,7 +207,7 @@ def test_torch_swap_matches_jax_swap():
     np.testing.assert_array_equal(g.numpy(), np.asarray(w))
   # A swapped word's slot holds its region's feature.
   b, k = 0, 0
-  assert inputs['anchor_action'][b, k] == prompt.SWAP
+  assert inputs['anchor_action'][b, k] == cmap.SWAP
   np.testing.assert_array_equal(
       got[0][b, inputs['anchor_text_pos'][b, k]].numpy(),
       regions[b, inputs['anchor_region'][b, k]])
@@ -243,8 +243,8 @@ np.save({str(tmp_path / 'logits.npy')!r}, logits['logits'].numpy())
 
 def test_torch_mirror_numbers_anchor_actions_as_jax():
   assert (torch_model.NONE, torch_model.SWAP, torch_model.MASK,
-          torch_model.KEEP) == (prompt.NONE, prompt.SWAP, prompt.MASK,
-                                prompt.KEEP)
+          torch_model.KEEP) == (cmap.NONE, cmap.SWAP, cmap.MASK,
+                                cmap.KEEP)
 
 
 def test_names_follow_the_table():

@@ -27,7 +27,8 @@ import pytest
 
 from cmal_jax import (checkpoint, configlib, finetune, guards, sharding,
                       task_metrics, train)
-from cmal_jax.data import pipeline, task_pipeline, tasks, world, world_tasks
+from cmal_jax.data import pipeline, task_pipeline, tasks
+from cmal_jax.world import scenes, task_examples
 from cmal_jax.model.cmal import CMAL, ENCODER_PARAMS, ModelConfig, pool_regions
 from cmal_testutil import assert_trees_equal, fast_train_steps
 from configs import finetune as finetune_config
@@ -41,7 +42,7 @@ CLS_ID = 101  # [CLS] in the BERT uncased vocabulary.
 
 
 def tiny_config(task, **overrides):
-  """configs/finetune.py:TASK,tiny, shrunk to a few steps on a tiny world."""
+  """configs/finetune.py:TASK,tiny, shrunk to a few steps on a tiny scenes."""
   c = finetune_config.get_config(f'{task},tiny')
   c.total_steps = TOTAL_STEPS
   c.eval.every_steps = EVAL_EVERY
@@ -230,8 +231,8 @@ NUM_IMAGES = 12  # x 5 captions each.
 def retrieval_setup(tmp_path_factory, compilation_cache):
   """A random-init tiny retrieval model and a 12-image split."""
   d = str(tmp_path_factory.mktemp('retrieval_data'))
-  world_tasks.generate(d, ['retrieval'], {'val': NUM_IMAGES},
-                       world.WorldParams(feature_dim=F), seed=0)
+  task_examples.generate(d, ['retrieval'], {'val': NUM_IMAGES},
+                       scenes.WorldParams(feature_dim=F), seed=0)
   config = tiny_config('retrieval')
   config.data.dir = d
   model = CMAL(ModelConfig.from_config(config.model, num_tags=1),
@@ -355,7 +356,7 @@ def narrow_checkpoint(tmp_path_factory):
   directly: a second pre-training run would cost a compile."""
   c = pretrain_config.get_config('tiny')
   c.model.hidden_dim, c.model.num_heads, c.model.mlp_dim = 32, 2, 128
-  model = CMAL(ModelConfig.from_config(c.model, len(world.WORLD_TAGS)))
+  model = CMAL(ModelConfig.from_config(c.model, len(scenes.WORLD_TAGS)))
   inputs = dict(finetune.init_inputs(finetune_config.get_config('ve,tiny')))
   K = c.data.max_anchors
   for k in ('anchor_text_pos', 'anchor_text_end', 'anchor_region',
@@ -586,9 +587,9 @@ def test_vqa_model_exported_to_pytorch_gives_the_same_answers(runs, pretrained,
 @pytest.fixture(scope='module')
 def vqa_data(tmp_path_factory):
   d = str(tmp_path_factory.mktemp('vqa_data'))
-  world_tasks.generate(d, ['vqa'], {'train': NUM_TRAIN, 'val': NUM_EVAL,
+  task_examples.generate(d, ['vqa'], {'train': NUM_TRAIN, 'val': NUM_EVAL,
                                     'test': NUM_TEST},
-                       world.WorldParams(feature_dim=F), seed=0)
+                       scenes.WorldParams(feature_dim=F), seed=0)
   return d
 
 

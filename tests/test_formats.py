@@ -12,8 +12,8 @@ import re
 
 import pytest
 
-from cmal_jax.data import formats
-from cmal_jax.data.formats import FormatError
+from cmal_jax.convert import formats
+from cmal_jax.convert.formats import FormatError
 from cmal_jax.data.tasks import TASK_FIELDS
 
 

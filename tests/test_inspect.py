@@ -1,4 +1,4 @@
-"""python -m cmal_jax.data.inspect: reports checked against numbers computed
+"""python -m cmal_jax.convert.inspect: reports checked against numbers computed
 here straight from the records (and, for anchors, from anchors.py called
 directly), and every error of a deliberately broken file reported."""
 
@@ -16,16 +16,16 @@ from PIL import Image
 
 from cmal_jax.data import anchors
 from cmal_jax.data import image_store
-from cmal_jax.data import inspect as inspect_lib
+from cmal_jax.convert import inspect as inspect_lib
 from cmal_jax.data import records
 from cmal_jax.data import region_store
 from cmal_jax.data import tasks
-from cmal_jax.data import world
-from cmal_jax.data import world_tasks
+from cmal_jax.world import scenes
+from cmal_jax.world import task_examples
 from cmal_jax.data.tokenizer import load_tokenizer
 
-P = world.WorldParams(feature_dim=64)
-PIXELS = world.WorldParams(feature_dim=64, images=True)
+P = scenes.WorldParams(feature_dim=64)
+PIXELS = scenes.WorldParams(feature_dim=64, images=True)
 NUM_PAIRS, NUM_TASK = 20, 20
 TASKS_CHECKED = ('vqa', 'nlvr2', 'retrieval')  # 1 text, 2 images, 5 texts.
 
@@ -33,14 +33,14 @@ TASKS_CHECKED = ('vqa', 'nlvr2', 'retrieval')  # 1 text, 2 images, 5 texts.
 @pytest.fixture(scope='module')
 def pair_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp('pairs'))
-  world.generate_split(d, 'train', NUM_PAIRS, P, seed=0)
+  scenes.generate_split(d, 'train', NUM_PAIRS, P, seed=0)
   return d
 
 
 @pytest.fixture(scope='module')
 def task_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp('tasks'))
-  world_tasks.generate(d, tasks.TASKS, {'train': NUM_TASK}, P, seed=0)
+  task_examples.generate(d, tasks.TASKS, {'train': NUM_TASK}, P, seed=0)
   return d
 
 
@@ -198,7 +198,7 @@ def test_limit(pair_dir, capsys):
 
 
 def test_float16_features_are_reported_as_stored(tmp_path):
-  pairs = [world.make_pair(0, 'half', i, P) for i in range(6)]
+  pairs = [scenes.make_pair(0, 'half', i, P) for i in range(6)]
   for p in pairs:
     p['region_feats'] = p['region_feats'].astype(np.float16)
   path = str(tmp_path / 'half.array_record')
@@ -215,7 +215,7 @@ def test_float16_features_are_reported_as_stored(tmp_path):
 def _bad_pairs():
   """10 world pairs; record 3 has the wrong feature width, 5 a box outside
   [0, 1], 7 no caption."""
-  pairs = [world.make_pair(0, 'bad', i, P) for i in range(10)]
+  pairs = [scenes.make_pair(0, 'bad', i, P) for i in range(10)]
   for i in (3, 5):  # Records with regions to break.
     assert len(pairs[i]['region_tags'])
   pairs[3]['region_feats'] = pairs[3]['region_feats'][:, :32]
@@ -244,7 +244,7 @@ def test_every_bad_record_is_reported(tmp_path, capsys):
   out = capsys.readouterr().out
   assert want[0] in out and want[1] not in out and '... and 2 more' in out
   # The command itself exits non-zero.
-  run = subprocess.run([sys.executable, '-m', 'cmal_jax.data.inspect', path],
+  run = subprocess.run([sys.executable, '-m', 'cmal_jax.convert.inspect', path],
                        capture_output=True, text=True)
   assert run.returncode == 1 and want[2] in run.stdout
 
@@ -304,7 +304,7 @@ def _check_pixels(got, datas):
 def pixel_pair_dir(tmp_path_factory):
   """World pairs with PNG images (and region_feats: the world keeps both)."""
   d = str(tmp_path_factory.mktemp('pixel_pairs'))
-  world.generate_split(d, 'train', NUM_PAIRS, PIXELS, seed=0)
+  scenes.generate_split(d, 'train', NUM_PAIRS, PIXELS, seed=0)
   return d
 
 

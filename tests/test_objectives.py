@@ -9,7 +9,7 @@ import pytest
 
 from cmal_testutil import CLS, MASK, PAD, SEP, VOCAB, random_batch
 from cmal_jax import objectives
-from cmal_jax.model.prompt import NONE, SWAP
+from cmal_jax.model.cmap import NONE, SWAP
 from configs.pretrain import get_config
 
 SPECIALS = objectives.SpecialTokens(PAD, CLS, SEP, MASK, VOCAB)

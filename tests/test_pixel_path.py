@@ -27,9 +27,10 @@ from PIL import Image
 
 from cmal_jax import checkpoint, configlib, finetune, guards, train
 from cmal_jax.data import (image_store, pipeline, records, task_pipeline,
-                           tasks, world, world_tasks)
-from cmal_jax.data.formats import FormatError, image_boxes, read_refcoco
-from cmal_jax.data.formats import (read_nlvr2, read_snli_ve, read_vqa_v2,
+                           tasks)
+from cmal_jax.world import scenes, task_examples
+from cmal_jax.convert.formats import FormatError, image_boxes, read_refcoco
+from cmal_jax.convert.formats import (read_nlvr2, read_snli_ve, read_vqa_v2,
                                    write_task_split)
 from cmal_jax.export import export
 from cmal_testutil import random_batch, run_with_8_devices
@@ -61,9 +62,9 @@ def pixel_pretrain_config(directory, boxes):
 def pixel_world(tmp_path_factory):
   """A world whose records carry PNG images: pretrain 256, val 32."""
   d = str(tmp_path_factory.mktemp('pixel_world'))
-  params = world.WorldParams(feature_dim=64, images=True)
-  world.generate_split(d, 'pretrain', 256, params, seed=0)
-  world.generate_split(d, 'val', 32, params, seed=0)
+  params = scenes.WorldParams(feature_dim=64, images=True)
+  scenes.generate_split(d, 'pretrain', 256, params, seed=0)
+  scenes.generate_split(d, 'val', 32, params, seed=0)
   return d
 
 
@@ -438,7 +439,7 @@ def test_refcoco_on_an_image_folder_feeds_pixel_batches(tmp_path):
 
 
 def test_captions_join_an_image_store_into_pixel_pairs(tmp_path):
-  from cmal_jax.data.formats import captions
+  from cmal_jax.convert.formats import captions
   instances, images = _coco_folder(tmp_path)
   image_boxes.convert_coco_instances(instances, images, tmp_path / 'coco')
   (tmp_path / 'captions.jsonl').write_text(
@@ -467,8 +468,8 @@ def test_captions_join_an_image_store_into_pixel_pairs(tmp_path):
 def pixel_tasks(tmp_path_factory):
   """The five synthetic tasks (8 examples per split), images in the store."""
   d = str(tmp_path_factory.mktemp('pixel_tasks'))
-  world_tasks.generate(d, tasks.TASKS, {'train': 8, 'val': 8, 'test': 8},
-                       world.WorldParams(feature_dim=64, images=True), seed=0)
+  task_examples.generate(d, tasks.TASKS, {'train': 8, 'val': 8, 'test': 8},
+                       scenes.WorldParams(feature_dim=64, images=True), seed=0)
   return d
 
 
@@ -537,12 +538,12 @@ def test_missing_or_corrupt_image_files_are_named(tmp_path):
 
 
 def test_a_corrupt_pair_image_is_named_or_skipped_and_counted(tmp_path):
-  params = world.WorldParams(feature_dim=64, images=True)
-  pairs = [world.make_pair(0, 'pretrain', i, params) for i in range(8)]
+  params = scenes.WorldParams(feature_dim=64, images=True)
+  pairs = [scenes.make_pair(0, 'pretrain', i, params) for i in range(8)]
   pairs[3]['image'] = pairs[3]['image'][:100]
   path = records.split_path(str(tmp_path), 'pretrain')
   records.write_records(path, pairs)
-  records.write_meta(str(tmp_path), world.make_meta(params, 0,
+  records.write_meta(str(tmp_path), scenes.make_meta(params, 0,
                                                     {'pretrain': 8}))
   c = pretrain.get_config('tiny')
   c.model.visual.input = 'pixels'

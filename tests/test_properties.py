@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from cmal_jax.data import anchors, pipeline, records, world
+from cmal_jax.data import anchors, pipeline, records
+from cmal_jax.world import scenes
 from cmal_jax.data.tokenizer import load_tokenizer
 from configs import pretrain
 
@@ -17,7 +18,7 @@ CONFIG = pretrain.get_config('tiny')
 SHAPES = pipeline.Shapes.from_config(CONFIG)
 T, R, K, F = (SHAPES.max_text_len, SHAPES.max_regions, SHAPES.max_anchors,
               SHAPES.feature_dim)
-VOCAB = anchors.TagVocab(world.WORLD_TAGS, world.WORLD_SYNONYMS)
+VOCAB = anchors.TagVocab(scenes.WORLD_TAGS, scenes.WORLD_SYNONYMS)
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
@@ -25,9 +26,9 @@ SETTINGS = settings(max_examples=150, deadline=None,
 # words that nearly do, and unicode the tokenizer and the word splitter
 # treat differently (dropped, [UNK], split per character, lower() growing).
 _TAG_WORDS = sorted(
-    set(world.WORLD_SYNONYMS)
-    | {world.plural(w) for w in world.WORLD_SYNONYMS}
-    | {w.upper() for w in world.WORLD_SYNONYMS} | {'Half Circles', 'half'})
+    set(scenes.WORLD_SYNONYMS)
+    | {scenes.plural(w) for w in scenes.WORLD_SYNONYMS}
+    | {w.upper() for w in scenes.WORLD_SYNONYMS} | {'Half Circles', 'half'})
 _ODD_WORDS = ['a', 'the', 'red', 'of', 'circ', 'circless', 'boxs', 'İ', 'İİ',
               '日本', '©', '🔴', 'ｃｉｒｃｌｅ', 'círcle', 'circle\u0301',
               'a\u200bcircle', 'circle©square', '\x00', '\t\n', '—', "'s",
@@ -116,9 +117,9 @@ def vocabs(draw):
     return VOCAB
   extra = draw(st.lists(st.text(min_size=1, max_size=12) | WORDS,
                         max_size=6, unique=True))
-  tags = list(world.WORLD_TAGS) + [t for t in extra
-                                   if t not in world.WORLD_TAGS]
-  synonyms = dict(world.WORLD_SYNONYMS)
+  tags = list(scenes.WORLD_TAGS) + [t for t in extra
+                                   if t not in scenes.WORLD_TAGS]
+  synonyms = dict(scenes.WORLD_SYNONYMS)
   for phrase in draw(st.lists(st.text(max_size=10) | WORDS, max_size=6)):
     synonyms[phrase] = draw(st.sampled_from(tags))
   return anchors.TagVocab(tuple(tags), synonyms)
@@ -212,7 +213,7 @@ def test_encode_pair_properties(caption, data):
 
 
 # A region tag list as stored: world tags, '' (no tag), or unknown names.
-TAG_NAMES = st.sampled_from(list(world.WORLD_TAGS) + ['']) | st.text(
+TAG_NAMES = st.sampled_from(list(scenes.WORLD_TAGS) + ['']) | st.text(
     max_size=8)
 
 
@@ -231,7 +232,7 @@ def test_decode_then_encode_properties(caption, names):
                 region_tags=names,
                 region_conf=rng.uniform(size=n).astype(np.float32))
   raw = records.encode_record(record)
-  unknown = [t for t in names if t and t not in world.WORLD_TAGS]
+  unknown = [t for t in names if t and t not in scenes.WORLD_TAGS]
   if unknown:
     with pytest.raises(records.RecordError) as e:
       pipeline.decode_pair(raw, path='p', index=7, shapes=SHAPES, vocab=VOCAB)

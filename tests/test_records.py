@@ -52,7 +52,7 @@ def test_missing_file_names_path(tmp_path):
   path = str(tmp_path / 'nope.array_record')
   with pytest.raises(FileNotFoundError, match='nope.array_record') as e:
     records.open_source(path)
-  assert 'cmal_jax.data.world' in str(e.value)
+  assert 'cmal_jax.world.scenes' in str(e.value)
 
 
 def test_truncated_file_names_file(tmp_path):

@@ -22,7 +22,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 import pytest
 
 from cmal_jax import checkpoint, finetune, guards, metrics, train
-from cmal_jax.data import records, synthetic, tasks
+from cmal_jax.data import records, tasks
+from cmal_jax.world import synthetic
 from configs import finetune as finetune_configs
 from configs import pretrain as pretrain_configs
 
@@ -204,7 +205,7 @@ def test_generate_once_race_has_one_winner(tmp_path):
 
 GENERATE = '''
 import os, sys, time
-from cmal_jax.data import synthetic
+from cmal_jax.world import synthetic
 from configs import pretrain
 config = pretrain.get_config('tiny')
 config.world.num_train, config.world.num_eval = 96, 16

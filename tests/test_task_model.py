@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cmal_jax import checkpoint, train
-from cmal_jax.model import prompt
+from cmal_jax.model import cmap
 from cmal_jax.model.cmal import (CMAL, ENCODER_PARAMS, ModelConfig,
                                  pretrained_param_names)
 from cmal_testutil import random_batch
@@ -114,7 +114,7 @@ def test_encode_without_anchors_equals_cmap_doing_nothing():
   model, c = tiny_model()
   inputs = task_inputs(c)
   with_none = dict(inputs, **_no_anchors(c, B))
-  assert (with_none['anchor_action'] == prompt.NONE).all()
+  assert (with_none['anchor_action'] == cmap.NONE).all()
   params = init(model, with_none)
   x1 = model.apply({'params': params}, inputs, method=CMAL.encode)[0]
   x2 = model.apply({'params': params}, with_none, method=CMAL.encode)[0]

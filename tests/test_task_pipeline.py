@@ -18,8 +18,8 @@ from cmal_jax.data import records
 from cmal_jax.data import region_store
 from cmal_jax.data import task_pipeline as tp
 from cmal_jax.data import tasks
-from cmal_jax.data import world
-from cmal_jax.data import world_tasks as wt
+from cmal_jax.world import scenes
+from cmal_jax.world import task_examples as wt
 from cmal_jax.data.tokenizer import load_tokenizer
 from configs import finetune
 
@@ -34,7 +34,7 @@ def data_dir(tmp_path_factory):
   """All five tasks (train 48 / val 16 / test 16), feature_dim 64. Tests
   that write copy it first (_copy)."""
   d = str(tmp_path_factory.mktemp('task_data'))
-  wt.generate(d, tasks.TASKS, SPLITS, world.WorldParams(feature_dim=64),
+  wt.generate(d, tasks.TASKS, SPLITS, scenes.WorldParams(feature_dim=64),
               seed=0)
   return d
 

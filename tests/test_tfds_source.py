@@ -13,7 +13,8 @@ from absl import flags
 from ml_collections import config_flags
 from tensorflow_datasets.core import registered
 
-from cmal_jax.data import anchors, pipeline, records, tfds_source, world
+from cmal_jax.data import anchors, pipeline, records, tfds_source
+from cmal_jax.world import scenes
 from cmal_testutil import F, good_pair
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +85,7 @@ with registered.skip_registration():
                                                   dtype=np.float32),
                   'bbox': tfds.features.BBoxFeature(),
                   'label': tfds.features.ClassLabel(
-                      names=list(world.WORLD_TAGS)),
+                      names=list(scenes.WORLD_TAGS)),
                   'score': tfds.features.Scalar(dtype=np.float32),
               }),
           }), disable_shuffling=True)
@@ -188,7 +189,7 @@ def test_other_names_through_the_feature_mapping(tfds_dir):
   source, name, meta = tfds_source.open_pairs(config, 'unused', 'pretrain')
   assert name == f'{OTHER_SOURCE}/train'
   # Derived: the ClassLabel's names, the feature's width, no synonyms.
-  assert meta == dict(tags=list(world.WORLD_TAGS), synonyms={},
+  assert meta == dict(tags=list(scenes.WORLD_TAGS), synonyms={},
                       feature_dim=F)
   assert len(source) == NUM['train']
   for i in range(NUM['train']):
@@ -219,7 +220,7 @@ def test_bad_width_names_dataset_record_and_field(tfds_dir):
       f"tfds:cmal_pairs_bad_width/train: record {BAD_INDEX}: field "
       f"'region_feats': feature width {BAD_WIDTH} does not match")
   # data.on_error='skip' replaces it by the next good record, and counts it.
-  vocab = anchors.TagVocab.from_meta({'tags': list(world.WORLD_TAGS)})
+  vocab = anchors.TagVocab.from_meta({'tags': list(scenes.WORLD_TAGS)})
   decode = pipeline.RecordDecoder(
       source, path=source.label, vocab=vocab, on_error='skip',
       shapes=pipeline.Shapes(24, 8, 4, F))

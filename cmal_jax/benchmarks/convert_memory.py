@@ -75,7 +75,7 @@ def _rss_mb() -> float:
 
 def measure(tsv: str, vocab: str, out: str, float16: bool) -> dict:
   """Converts in this process; returns RSS figures (run it in a fresh one)."""
-  from cmal_jax.data.formats import bottom_up
+  from cmal_jax.convert.formats import bottom_up
   imported = _rss_mb()
   start = time.time()
   n, skipped = bottom_up.convert_bottom_up([tsv], vocab, out, float16=float16)

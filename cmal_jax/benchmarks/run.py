@@ -431,7 +431,7 @@ def parse_args(argv):
                  help='where the synthetic data goes (default a temp dir); '
                  'reused when it exists')
   p.add_argument('--records', default='',
-                 help='a records directory (python -m cmal_jax.data.world) '
+                 help='a records directory (python -m cmal_jax.world.scenes) '
                  'to read instead of generating a world per size')
   p.add_argument('--out_dir', default='.')
   args = p.parse_args(argv)

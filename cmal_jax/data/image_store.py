@@ -102,7 +102,7 @@ class ImageStore:
       raise FileNotFoundError(
           f'{self.path}: no such image store (a JSON of {{image_id: '
           '{"file", "boxes", "tags"}}); write one with python -m '
-          'cmal_jax.data.convert coco_instances|vg_objects')
+          'cmal_jax.convert coco_instances|vg_objects')
     with open(self.path, encoding='utf-8') as f:
       try:
         self._entries = json.load(f)
@@ -282,6 +282,6 @@ def open_image_store(directory: str):
   raise FileNotFoundError(
       f'{directory}: no images for a model that reads pixels: neither '
       f'{IMAGE_STORE_FILE} (image files + boxes; python -m '
-      'cmal_jax.data.convert coco_instances|vg_objects) nor '
+      'cmal_jax.convert coco_instances|vg_objects) nor '
       f'{region_store.REGION_STORE_FILE} with images (python -m '
-      'cmal_jax.data.world_tasks --images)')
+      'cmal_jax.world.task_examples --images)')

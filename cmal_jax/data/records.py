@@ -40,7 +40,7 @@ IMAGE_FIELD = 'image'  # Encoded image bytes, for models that read pixels.
 PIXEL_PAIR_FIELDS = ('image_id', 'caption', IMAGE_FIELD, 'region_boxes',
                      'region_tags', 'region_conf')
 _HOW_TO_CREATE = (
-    'create it with: python -m cmal_jax.data.world --out=DIR --split=SPLIT '
+    'create it with: python -m cmal_jax.world.scenes --out=DIR --split=SPLIT '
     '--num=N')
 
 

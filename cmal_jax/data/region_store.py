@@ -174,12 +174,12 @@ class RegionStore:
       raise FileNotFoundError(
           f'{self.path}: no such region store; write it with '
           f'region_store.write_region_store (synthetic tasks: python -m '
-          f'cmal_jax.data.world_tasks --out=DIR)')
+          f'cmal_jax.world.task_examples --out=DIR)')
     if not os.path.exists(idx):
       raise FileNotFoundError(
           f'{idx}: no region store index next to {self.path}; write the '
           f'store with region_store.write_region_store (or python -m '
-          f'cmal_jax.data.world_tasks)')
+          f'cmal_jax.world.task_examples)')
     self._source = records.open_source(self.path)
     with open(idx) as f:
       self._index = json.load(f)

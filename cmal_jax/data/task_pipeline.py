@@ -78,8 +78,8 @@ REC_IOU_THRESHOLD = 0.5
 PAIR_KEYS = ('input_ids', 'text_mask', 'region_feats', 'images',
              'region_boxes', 'region_mask')
 
-_HOW_TO_CREATE = ('create task data with: python -m cmal_jax.data.world_tasks '
-                  '--out=DIR, or the readers in cmal_jax/data/formats/')
+_HOW_TO_CREATE = ('create task data with: python -m cmal_jax.world.task_examples '
+                  '--out=DIR, or the readers in cmal_jax/convert/formats/')
 
 
 # ------------------------------------------------------------------ config

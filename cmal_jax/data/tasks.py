@@ -1,7 +1,7 @@
 """Downstream task examples: the one schema that every source writes.
 
-The official-format readers (`cmal_jax/data/formats/`) and the synthetic
-world's task generator (`cmal_jax/data/world_tasks.py`) both produce these
+The official-format readers (`cmal_jax/convert/formats/`) and the synthetic
+world's task generator (`cmal_jax/world/task_examples.py`) both produce these
 dicts, so fine-tuning never sees where an example came from. An example
 names its image(s) by id; the visual side (regions) comes from a region
 store (`cmal_jax/data/region_store.py`) that returns a region record for an

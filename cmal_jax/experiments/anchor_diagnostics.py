@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmal_jax import checkpoint, evaluate, objectives
-from cmal_jax.data import pipeline, synthetic
+from cmal_jax.data import pipeline
+from cmal_jax.world import synthetic
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.export import export
-from cmal_jax.model import prompt
+from cmal_jax.model import cmap
 from cmal_jax.model.cmal import CMAL, ModelConfig
 from cmal_jax.model.unified import SlotEmbeddings
 
@@ -109,7 +110,7 @@ def coverage(a, max_anchors):
 
 
 def amc_accuracy(a):
-  w = a['action'] == prompt.SWAP
+  w = a['action'] == cmap.SWAP
   return {k: float(a[f'hit_{k}'][w].mean()) if w.any() else float('nan')
           for k in ('t2r', 'r2t', 'word')}
 
@@ -136,7 +137,7 @@ def swap_probe(a):
   features from native ones, on each side of the hybrid sequence."""
   B, T = a['text_mask'].shape
   rows = np.arange(B)[:, None]
-  swapped = a['action'] == prompt.SWAP  # [B, K]
+  swapped = a['action'] == cmap.SWAP  # [B, K]
   moved_text = np.zeros_like(a['text_mask'], bool)
   moved_text[rows, a['anchor_text_pos']] |= swapped
   moved_region = np.zeros_like(a['region_mask'], bool)

@@ -193,7 +193,7 @@ def prepare_data(config):
   a (seed, corpus) or (seed, task) folder, shared by every recipe that reads
   the same inputs (region features, or pixels: data_folder)."""
   from cmal_jax import finetune
-  from cmal_jax.data import synthetic
+  from cmal_jax.world import synthetic
   # Both refuse a pixel run on a folder without images
   # (synthetic.check_images).
   if config.task == 'pretrain':
@@ -383,9 +383,10 @@ def table(results, args):
 
 def blind_baselines(out, args):
   """{task: (mean, std, n)}: the score of a model that never sees the image
-  (world_tasks.blind_baseline, priors from train) on each seed's test
+  (task_examples.blind_baseline, priors from train) on each seed's test
   split, for the tasks whose data this grid has."""
-  from cmal_jax.data import region_store, task_pipeline, tasks, world_tasks
+  from cmal_jax.data import region_store, task_pipeline, tasks
+  from cmal_jax.world import task_examples
   scores = {}
   for task in args.tasks:
     for seed in args.seeds:
@@ -399,7 +400,7 @@ def blind_baselines(out, args):
         continue  # Not generated (yet).
       regions = region_store.RegionStore(
           region_store.store_path(folder)) if task == 'rec' else None
-      scores.setdefault(task, []).append(world_tasks.blind_baseline(
+      scores.setdefault(task, []).append(task_examples.blind_baseline(
           task_pipeline.read_task_examples(folder, task, 'test'), task,
           task_pipeline.read_task_examples(folder, task, 'train'), regions))
   return {t: (*mean_std(v), len(v)) for t, v in scores.items()}

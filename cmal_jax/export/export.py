@@ -38,7 +38,8 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from cmal_jax import checkpoint, train
-from cmal_jax.data import synthetic, task_pipeline, tokenizer
+from cmal_jax.data import task_pipeline, tokenizer
+from cmal_jax.world import synthetic
 from cmal_jax.export import bert, mapping
 from cmal_jax.model.cmal import CMAL, PIXEL_PARAMS, ModelConfig
 from cmal_jax.model.unified import EncoderConfig

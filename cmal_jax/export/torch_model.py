@@ -20,7 +20,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-# CMAP's anchor actions, as cmal_jax.model.prompt numbers them.
+# CMAP's anchor actions, as cmal_jax.model.cmap numbers them.
 NONE, SWAP, MASK, KEEP = 0, 1, 2, 3
 
 CONFIG_FILE, WEIGHTS_FILE = 'config.json', 'model.safetensors'
@@ -257,7 +257,7 @@ class RegionScorer(nn.Module):
 
 def swap_anchor_features(text, regions, anchor_text_pos, anchor_text_end,
                          anchor_region, anchor_action, mask_vector):
-  """CMAP's hybrid sequences, as `cmal_jax.model.prompt.swap_anchor_features`:
+  """CMAP's hybrid sequences, as `cmal_jax.model.cmap.swap_anchor_features`:
   text [B, T, D], regions [B, R, D], anchors [B, K] -> (text, regions)."""
   T = text.shape[1]
   pos, end = anchor_text_pos.long(), anchor_text_end.long()

@@ -7,8 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmal_jax.model import axes, heads, prompt
-from cmal_jax.model.encoders import TextEncoder, VisionEncoder, l2_normalize
+from cmal_jax.model import axes, cmap, heads
+from cmal_jax.model.umse import TextEncoder, VisionEncoder, l2_normalize
 from cmal_jax.model.pixels import PixelBackbone, PixelConfig
 from cmal_jax.model.unified import (BertEncoder, EncoderConfig,
                                     SlotEmbeddings, two_stream_masks)
@@ -194,7 +194,7 @@ class CMAL(nn.Module):
     text = (text_unit * self.text_scale).astype(dt)
     regions = (region_unit * self.vision_scale).astype(dt)
     if 'anchor_action' in inputs:
-      text, regions = prompt.swap_anchor_features(
+      text, regions = cmap.swap_anchor_features(
           text, regions, inputs['anchor_text_pos'], inputs['anchor_text_end'],
           inputs['anchor_region'], inputs['anchor_action'], self.mask_vector)
     x = self.slots(text, regions, inputs['region_boxes'], deterministic)
@@ -240,13 +240,13 @@ class CMAL(nn.Module):
     text_out, region_out = x[:, :T], x[:, T:]
 
     # AMC: at each anchor the text slot p_k and the region slot o_k.
-    at_word = prompt.gather_slots(text_out, inputs['anchor_text_pos'])  # [B, K, D]
-    at_region = prompt.gather_slots(region_out, inputs['anchor_region'])  # [B, K, D]
+    at_word = cmap.gather_slots(text_out, inputs['anchor_text_pos'])  # [B, K, D]
+    at_region = cmap.gather_slots(region_out, inputs['anchor_region'])  # [B, K, D]
     # One vocabulary pass for the AMC words and the MLM positions: the
     # [*, V] logits and their gradient are most of a small model's step.
     K = at_word.shape[1]
     words = self.vocab_head(jnp.concatenate(
-        [at_word, prompt.gather_slots(text_out, inputs['mlm_positions'])], 1),
+        [at_word, cmap.gather_slots(text_out, inputs['mlm_positions'])], 1),
                             self.text_encoder.attend)
     itc_text, itc_image = itc_features(text_unit, region_unit,
                                        inputs['region_mask'])

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cmal_jax.model import axes, unified
-from cmal_jax.model.encoders import l2_normalize
+from cmal_jax.model.umse import l2_normalize
 from cmal_jax.model.unified import layer_norm
 
 

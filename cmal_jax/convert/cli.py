@@ -1,12 +1,12 @@
 r"""Converts real-world region features and captions into our records.
 
-  python -m cmal_jax.data.convert bottom_up --tsv=FILE[,FILE...] \
+  python -m cmal_jax.convert bottom_up --tsv=FILE[,FILE...] \
       --vocab=objects_vocab.txt --out=DIR [--float16] [--skip_bad]
-  python -m cmal_jax.data.convert captions --format=coco|vg|jsonl \
+  python -m cmal_jax.convert captions --format=coco|vg|jsonl \
       --input=FILE --regions=DIR --out=DIR --split=pretrain [--skip_bad]
-  python -m cmal_jax.data.convert coco_instances --instances=FILE \
+  python -m cmal_jax.convert coco_instances --instances=FILE \
       --images=DIR --out=DIR [--synonyms=FILE] [--skip_bad]
-  python -m cmal_jax.data.convert vg_objects --objects=FILE \
+  python -m cmal_jax.convert vg_objects --objects=FILE \
       [--image_data=FILE] --images=DIR --out=DIR [--vocab=FILE] [--skip_bad]
 
 `bottom_up` turns bottom-up-attention TSV region features (+ the detector's
@@ -33,7 +33,7 @@ naming the file, line or record, and field.
 
 import argparse
 
-from cmal_jax.data.formats import bottom_up, captions, image_boxes
+from cmal_jax.convert.formats import bottom_up, captions, image_boxes
 
 
 def summary(what: str, n: int, skipped: dict[str, int]) -> str:

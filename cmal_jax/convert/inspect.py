@@ -1,6 +1,6 @@
 r"""What a region store, pair file or task file holds, and what is wrong in it.
 
-  python -m cmal_jax.data.inspect /tmp/world/train.array_record --top=3
+  python -m cmal_jax.convert.inspect /tmp/world/train.array_record --top=3
 
   /tmp/world/train.array_record: pair file, 200 records, 200 images
     features  width 256 (meta.json 256), float32; values mean 0.3593 std
@@ -1065,7 +1065,7 @@ def main(argv=None) -> int:
   """Prints the report; returns the exit code (1: errors found, 2: no
   such path)."""
   ap = argparse.ArgumentParser(
-      prog='python -m cmal_jax.data.inspect',
+      prog='python -m cmal_jax.convert.inspect',
       description=__doc__.split('\n')[0])
   ap.add_argument('path', help='a record file or a folder of them')
   ap.add_argument('--limit', type=int, default=None,

@@ -6,7 +6,7 @@ Annotations (absent for test splits): `{"annotations": [{"question_id",
 "multiple_choice_answer", "question_type", "answer_type"}]}`.
 """
 
-from cmal_jax.data.formats import (Collector, FormatError, Location,
+from cmal_jax.convert.formats import (Collector, FormatError, Location,
                                    check_image, load_json, record_location,
                                    top_level_list)
 

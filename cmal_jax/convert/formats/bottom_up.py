@@ -1,6 +1,6 @@
 """Bottom-up-attention TSV region features -> a region store.
 
-  python -m cmal_jax.data.convert bottom_up --tsv=FILE[,FILE...] \\
+  python -m cmal_jax.convert bottom_up --tsv=FILE[,FILE...] \\
       --vocab=objects_vocab.txt --out=DIR [--float16] [--skip_bad]
 
 The input is what the bottom-up-attention `generate_tsv.py` writes (and
@@ -62,7 +62,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from cmal_jax.data import records, region_store
-from cmal_jax.data.formats import (Collector, FormatError, Location,
+from cmal_jax.convert.formats import (Collector, FormatError, Location,
                                    check_exists)
 
 REQUIRED_FIELDS = ('image_id', 'image_w', 'image_h', 'num_boxes', 'boxes',

@@ -18,7 +18,8 @@ import jax
 from jax.experimental import multihost_utils
 
 from cmal_jax import configlib, guards
-from cmal_jax.data import records, world
+from cmal_jax.data import records
+from cmal_jax.world import scenes
 from cmal_jax.guards import log
 
 
@@ -48,7 +49,7 @@ def local_world_dir(config):
   depends on (task, world, seed, splits), so runs that need the same data
   share it and any other change gets a folder of its own."""
   what = dict(task=config.task, seed=config.seed,
-              world=dataclasses.asdict(world.WorldParams.from_config(config)),
+              world=dataclasses.asdict(scenes.WorldParams.from_config(config)),
               splits=synthetic_splits(config))
   digest = hashlib.sha256(
       json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
@@ -119,12 +120,12 @@ def ensure_world_data(config, directory, every_process=False):
   """Generates the synthetic world's pre-training splits where they are
   missing (ensure_splits), after check_images."""
   check_images(config, directory)
-  params = world.WorldParams.from_config(config)
+  params = scenes.WorldParams.from_config(config)
 
   def generate(folder, sizes):
     for split, num in sizes.items():
       t = time.time()
-      world.generate_split(folder, split, num, params, seed=config.seed,
+      scenes.generate_split(folder, split, num, params, seed=config.seed,
                            workers=min(4, os.cpu_count() or 1))
       log(f'Generated {num} synthetic {split} pairs in {directory} '
           f'({time.time() - t:.0f}s)')

@@ -9,7 +9,7 @@ official image file names without `.png`.
 
 import re
 
-from cmal_jax.data.formats import Location, check_image, convert_jsonl
+from cmal_jax.convert.formats import Location, check_image, convert_jsonl
 
 # `split` may itself hold hyphens (only the last three parts are numbers).
 _IDENTIFIER = re.compile(r'(.+)-(\d+)-(\d+)-(\d+)', re.ASCII)

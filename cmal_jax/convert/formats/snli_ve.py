@@ -6,7 +6,7 @@ image), `sentence2` (the hypothesis), `gold_label` and `pairID`.
 
 import os
 
-from cmal_jax.data.formats import (Location, SkipExample, check_image,
+from cmal_jax.convert.formats import (Location, SkipExample, check_image,
                                    convert_jsonl)
 from cmal_jax.data.tasks import VE_LABELS
 

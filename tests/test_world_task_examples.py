@@ -18,10 +18,10 @@ import pytest
 from cmal_jax.data import records
 from cmal_jax.data import region_store
 from cmal_jax.data import tasks
-from cmal_jax.data import world
-from cmal_jax.data import world_tasks as wt
+from cmal_jax.world import scenes
+from cmal_jax.world import task_examples as wt
 
-P = world.WorldParams(feature_dim=64)
+P = scenes.WorldParams(feature_dim=64)
 SPLITS = {'train': 160, 'val': 12, 'test': 80}
 NUM_CHECKED = 90  # Examples per task whose labels are recomputed.
 
@@ -43,9 +43,9 @@ def _read(directory, task, split):
 _SIZES = {'small': 'small', 'little': 'small', 'tiny': 'small',
           'large': 'large', 'big': 'large'}
 _NOUN_TAG = {}
-for _w, _t in world.WORLD_SYNONYMS.items():
+for _w, _t in scenes.WORLD_SYNONYMS.items():
   _NOUN_TAG[_w] = _t
-  _NOUN_TAG[world.plural(_w)] = _t
+  _NOUN_TAG[scenes.plural(_w)] = _t
 for _g in ('object', 'shape', 'thing'):
   _NOUN_TAG[_g] = _NOUN_TAG[_g + 's'] = None
 _NOUNS_LONGEST = sorted(_NOUN_TAG, key=len, reverse=True)
@@ -65,7 +65,7 @@ def parse_desc(phrase):
     if word in _SIZES:
       desc['size'] = _SIZES[word]
     else:
-      assert word in world.COLOURS, (word, phrase)
+      assert word in scenes.COLOURS, (word, phrase)
       desc['colour'] = word
   return desc
 
@@ -110,15 +110,15 @@ def test_same_seed_same_bytes_other_split_differs(task):
 
 
 def test_streams_disjoint_from_pretraining():
-  ids = {world.split_id(s) for s in ('pretrain', 'val')}
+  ids = {scenes.split_id(s) for s in ('pretrain', 'val')}
   for task in tasks.TASKS:
     for split in SPLITS:
-      assert world.split_id(wt.stream_name(task, split)) not in ids
+      assert scenes.split_id(wt.stream_name(task, split)) not in ids
   # Task image 0 is not pre-training image 0 (same seed, same index).
   _, images = wt.make_example_scenes('retrieval', 0, 'train', 0, P)
-  rng = np.random.default_rng([0, world.split_id('pretrain'), 0])
+  rng = np.random.default_rng([0, scenes.split_id('pretrain'), 0])
   assert not np.array_equal(images[0][1].image,
-                            world.sample_scene(rng, P).image)
+                            scenes.sample_scene(rng, P).image)
 
 
 # -------------------------------------------------------------------- schema
@@ -176,10 +176,10 @@ def test_schema_and_store_coverage(dataset, task):
          'rec': 'sent_id', 'retrieval': 'image_id'}[task]
   all_keys = [ex[key] for s in SPLITS for ex in _read(d, task, s)]
   assert len(set(all_keys)) == len(all_keys)  # Ids unique across splits.
-  # Region records are the detector's: valid, F = 64, tags from the world.
+  # Region records are the detector's: valid, F = 64, tags from the scenes.
   rec = store[sorted(seen_ids)[0]]
   assert rec['region_feats'].shape[1:] == (64,)
-  assert set(rec['region_tags']) <= set(world.WORLD_TAGS) | {''}
+  assert set(rec['region_tags']) <= set(scenes.WORLD_TAGS) | {''}
 
 
 def test_store_holds_the_regenerated_regions(dataset):
@@ -199,7 +199,7 @@ def test_meta_and_store_size(dataset):
   d, paths = dataset
   meta = records.read_meta(d)
   assert meta['feature_dim'] == 64
-  assert meta['tags'] == list(world.WORLD_TAGS)
+  assert meta['tags'] == list(scenes.WORLD_TAGS)
   assert meta['synonyms']['disc'] == 'circle'
   assert meta['splits']['nlvr2_train'] == SPLITS['train']
   store = region_store.RegionStore(paths['regions'])
@@ -268,7 +268,7 @@ def test_ve_labels_follow_from_the_scene():
       subject, value = re.fullmatch(r'the (.+) is (.+)', h).groups()
       cands = fits(obs, parse_desc(subject))
       assert cands, h
-      if value in world.COLOURS:
+      if value in scenes.COLOURS:
         truths = [o.colour == value for o in cands]
       elif value in _SIZES:
         truths = [o.size == _SIZES[value] for o in cands]
@@ -348,7 +348,7 @@ def test_retrieval_captions_describe_the_scene():
     colours = {o.colour for o in scene.objects}
     for c in ex['captions']:
       words = re.findall(r'[a-z]+', c.lower())
-      named = {w for w in words if w in world.COLOURS}
+      named = {w for w in words if w in scenes.COLOURS}
       assert named and named <= colours, (c, colours)
 
 
@@ -473,7 +473,7 @@ def test_region_store_without_index_says_how_to_make_it(tmp_path):
 
 def test_cli_writes_every_file(tmp_path):
   out = str(tmp_path / 'cli')
-  cmd = [sys.executable, '-m', 'cmal_jax.data.world_tasks', f'--out={out}',
+  cmd = [sys.executable, '-m', 'cmal_jax.world.task_examples', f'--out={out}',
          '--tasks=vqa,nlvr2', '--num_train=6', '--num_val=3', '--num_test=2',
          '--feature_dim=64', '--seed=3']
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

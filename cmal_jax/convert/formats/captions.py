@@ -1,6 +1,6 @@
 """Caption files joined with a region store -> pre-training pair records.
 
-  python -m cmal_jax.data.convert captions --format=coco|vg|jsonl \\
+  python -m cmal_jax.convert captions --format=coco|vg|jsonl \\
       --input=FILE --regions=STORE_DIR --out=DIR --split=pretrain
 
 Caption formats (one pair record per caption):
@@ -43,7 +43,7 @@ import os
 from typing import Iterator
 
 from cmal_jax.data import image_store, records, region_store
-from cmal_jax.data.formats import (Collector, FormatError, Location,
+from cmal_jax.convert.formats import (Collector, FormatError, Location,
                                    iter_jsonl, load_json, record_location,
                                    top_level_list)
 
@@ -178,7 +178,7 @@ def open_store(regions_dir: str):
   if not os.path.exists(os.path.join(regions_dir, records.META_FILE)):
     raise FileNotFoundError(
         f'{regions_dir}/{records.META_FILE}: no metadata next to the region '
-        'store; write the store with python -m cmal_jax.data.convert '
+        'store; write the store with python -m cmal_jax.convert '
         'bottom_up')
   return store, records.read_meta(regions_dir)
 

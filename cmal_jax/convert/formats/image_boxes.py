@@ -1,9 +1,9 @@
 """COCO instances / Visual Genome objects + image files -> an image store.
 
-  python -m cmal_jax.data.convert coco_instances \\
+  python -m cmal_jax.convert coco_instances \\
       --instances=annotations/instances_train2014.json --images=train2014 \\
       --out=DIR [--synonyms=FILE] [--skip_bad]
-  python -m cmal_jax.data.convert vg_objects --objects=objects.json \\
+  python -m cmal_jax.convert vg_objects --objects=objects.json \\
       [--image_data=image_data.json] --images=VG --out=DIR \\
       [--vocab=objects_vocab.txt | --max_tags=1600] [--skip_bad]
 
@@ -47,7 +47,7 @@ import os
 from typing import Any
 
 from cmal_jax.data import image_store, records
-from cmal_jax.data.formats import (Collector, FormatError, Location,
+from cmal_jax.convert.formats import (Collector, FormatError, Location,
                                    check_exists, image_size, is_finite_number,
                                    load_json, record_location, top_level_list)
 
@@ -132,7 +132,7 @@ def read_vg_objects(objects_path: str, images_dir: str, *,
                       f'of images, got {type(data).__name__}', 'bad_type')
   image_data = _vg_image_data(image_data_path) if image_data_path else {}
   if vocab_path:
-    from cmal_jax.data.formats import bottom_up
+    from cmal_jax.convert.formats import bottom_up
     tags, synonyms = bottom_up.read_vocab(vocab_path)
   else:
     tags = _frequent_names(data, max_tags)

@@ -4,7 +4,7 @@ Example i of a split depends only on (seed, split, i): its generator is
 `np.random.default_rng([seed, split_id(split), i])`, so any subset of a
 split can be made in any order, in any process, with identical bytes.
 
-  python -m cmal_jax.data.world --out=/tmp/world --split=pretrain --num=20000
+  python -m cmal_jax.world.scenes --out=/tmp/world --split=pretrain --num=20000
 
 writes `/tmp/world/pretrain.array_record`, `/tmp/world/meta.json` and a few
 PNG previews in `/tmp/world/previews/` (see records.py for the schema).
@@ -478,7 +478,7 @@ def make_meta(params: WorldParams, seed: int, splits: dict[str, int]) -> dict:
   return {
       'tags': list(WORLD_TAGS), 'synonyms': dict(WORLD_SYNONYMS),
       'feature_dim': params.feature_dim, 'splits': dict(splits),
-      'generator': {'name': 'cmal_jax.data.world', 'seed': seed,
+      'generator': {'name': 'cmal_jax.world.scenes', 'seed': seed,
                     **dataclasses.asdict(params)},
   }
 

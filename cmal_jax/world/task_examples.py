@@ -1,6 +1,6 @@
 r"""Downstream tasks from the synthetic world: VQA, VE, NLVR2, REC, retrieval.
 
-  python -m cmal_jax.data.world_tasks --out=DIR \
+  python -m cmal_jax.world.task_examples --out=DIR \
       --tasks=vqa,ve,nlvr2,rec,retrieval --num_train=2000 --num_val=500 \
       --num_test=500 --feature_dim=256 --seed=0
 
@@ -12,9 +12,9 @@ each region record also carries its scene as PNG bytes, for a model that
 reads pixels (image_store.StoredImages).
 
 Scenes, the detector and the region features are the world's own
-(world.sample_scene, world.detect_regions, the same WorldParams). Example i
+(scenes.sample_scene, scenes.detect_regions, the same WorldParams). Example i
 of a task split depends only on (seed, task, split, i): its generator is
-`np.random.default_rng([seed, world.split_id(f'task-{task}-{split}'), i])`,
+`np.random.default_rng([seed, scenes.split_id(f'task-{task}-{split}'), i])`,
 a stream disjoint from pre-training ('pretrain', 'val') and from the other
 tasks, and its image ids are `task-{task}-{split}-{seed}-{i:07d}` (NLVR2:
 the official `{split}_s{seed}-{set}-{pair}-img0/img1`).
@@ -71,14 +71,14 @@ from cmal_jax.data import image_store
 from cmal_jax.data import records
 from cmal_jax.data import region_store
 from cmal_jax.data import tasks
-from cmal_jax.data import world
+from cmal_jax.world import scenes
 
 SPLITS = ('train', 'val', 'test')
-COLOUR_NAMES = tuple(world.COLOURS)
+COLOUR_NAMES = tuple(scenes.COLOURS)
 NUMBER_WORDS = ('no', 'one', 'two', 'three', 'four', 'five', 'six')
-# Nouns for each tag, canonical first (world.WORLD_SYNONYMS keeps order).
-NOUNS = {tag: tuple(w for w, t in world.WORLD_SYNONYMS.items() if t == tag)
-         for tag in world.WORLD_TAGS}
+# Nouns for each tag, canonical first (scenes.WORLD_SYNONYMS keeps order).
+NOUNS = {tag: tuple(w for w, t in scenes.WORLD_SYNONYMS.items() if t == tag)
+         for tag in scenes.WORLD_TAGS}
 _SIZE_WORDS = {'small': ('small', 'little'), 'large': ('large', 'big')}
 _GENERIC = ('object', 'shape', 'thing')  # Nouns that name no tag.
 _DEAD_ZONE = 0.06   # Fraction of the image size: relations closer are unsure.
@@ -117,8 +117,8 @@ def _desc_of(ob, attrs) -> dict:
 
 
 def _random_desc(rng, attrs) -> dict:
-  domain = {'shape': world.WORLD_TAGS, 'colour': COLOUR_NAMES,
-            'size': world.SIZES}
+  domain = {'shape': scenes.WORLD_TAGS, 'colour': COLOUR_NAMES,
+            'size': scenes.SIZES}
   return {a: _pick(rng, domain[a]) for a in attrs}
 
 
@@ -134,7 +134,7 @@ def _phrase(rng, desc: dict, number: int = 1, generic=_GENERIC) -> str:
             else _pick(rng, NOUNS[desc['shape']]))
   else:
     noun = _pick(rng, generic)
-  words.append(noun if number == 1 else world.plural(noun))
+  words.append(noun if number == 1 else scenes.plural(noun))
   return ' '.join(words)
 
 
@@ -172,10 +172,10 @@ def _unique_desc(rng, objects, ob, attr_options):
 def _sample(rng, params, build, images=1):
   """Samples `images` scenes until build(*scenes) is not None."""
   for _ in range(_MAX_TRIES):
-    scenes = [world.sample_scene(rng, params) for _ in range(images)]
-    out = build(*scenes)
+    sampled = [scenes.sample_scene(rng, params) for _ in range(images)]
+    out = build(*sampled)
     if out is not None:
-      return scenes, out
+      return sampled, out
   raise RuntimeError(f'no scene realised the plan in {_MAX_TRIES} tries')
 
 
@@ -183,10 +183,10 @@ def region_record(image_id: str, scene, rng, params) -> dict:
   """The simulated detector's view of a scene: image_id + REGION_FIELDS.
 
   region_feats f32 [N, F], region_boxes f32 [N, 4], region_tags [N],
-  region_conf f32 [N] (world.detect_regions); with params.images, the
+  region_conf f32 [N] (scenes.detect_regions); with params.images, the
   scene's PNG bytes too (`image`).
   """
-  boxes, tags, conf, feats = world.detect_regions(scene, rng, params)
+  boxes, tags, conf, feats = scenes.detect_regions(scene, rng, params)
   record = {'image_id': image_id, 'region_feats': feats,
             'region_boxes': boxes, 'region_tags': tags, 'region_conf': conf}
   if params.images:  # For a model that reads pixels (image_store.py).
@@ -201,7 +201,7 @@ def stream_name(task: str, split: str) -> str:
 
 def _example_rng(seed, task, split, index):
   return np.random.default_rng(
-      [seed, world.split_id(stream_name(task, split)), index])
+      [seed, scenes.split_id(stream_name(task, split)), index])
 
 
 def _image_id(seed, task, split, index):
@@ -212,7 +212,7 @@ def _int_id(split: str, index: int) -> int:
   """Dataset-unique integer ids (question_id, ref_id): split offset + i."""
   offset = {'train': 0, 'val': 1, 'test': 2}.get(split)
   if offset is None:
-    offset = 3 + world.split_id(split) % 997
+    offset = 3 + scenes.split_id(split) % 997
   return offset * 10_000_000 + index
 
 
@@ -230,9 +230,9 @@ def _vqa_plan(rng) -> dict:
   if qtype == 'colour':
     plan['answer'] = _pick(rng, COLOUR_NAMES)
   elif qtype in ('shape', 'relation'):
-    plan['answer'] = _pick(rng, world.WORLD_TAGS)
+    plan['answer'] = _pick(rng, scenes.WORLD_TAGS)
   elif qtype == 'size':
-    plan['answer'] = _pick(rng, world.SIZES)
+    plan['answer'] = _pick(rng, scenes.SIZES)
   elif qtype == 'exists':
     plan['answer'] = _pick(rng, ('yes', 'no'))
     plan['attrs'] = _pick(rng, (('shape',), ('colour', 'shape'),
@@ -270,9 +270,9 @@ def _vqa_question(scene, rng, plan, image_size):
     if plan['of'] == 'all':
       if len(obs) != n:
         return None
-      return f'how many {world.plural(_pick(rng, _GENERIC))} are there?', answer
+      return f'how many {scenes.plural(_pick(rng, _GENERIC))} are there?', answer
     attr = plan['of']
-    domain = world.WORLD_TAGS if attr == 'shape' else COLOUR_NAMES
+    domain = scenes.WORLD_TAGS if attr == 'shape' else COLOUR_NAMES
     values = [v for v in domain if len(_select(obs, {attr: v})) == n]
     if not values:
       return None
@@ -311,7 +311,7 @@ def _disagreement(rng, qtype: str, answer: str) -> str:
   if qtype == 'count':
     n = int(answer)
     return str(n + 1 if n == 0 or rng.random() < 0.5 else n - 1)
-  if answer in world.SIZES:
+  if answer in scenes.SIZES:
     return 'large' if answer == 'small' else 'small'
   if answer in _COLOUR_CONFUSIONS:
     return _pick(rng, _COLOUR_CONFUSIONS[answer])
@@ -328,7 +328,7 @@ def annotate(rng, qtype: str, answer: str, num: int = 10) -> list[str]:
   question (yes/no, small/large): there a flipped vote is the other answer,
   and more of them would hand a blind model credit it did not earn.
   """
-  if answer in ('yes', 'no') or answer in world.SIZES:
+  if answer in ('yes', 'no') or answer in scenes.SIZES:
     rate, cap = _pick(rng, (0.0, 0.0, 0.05, 0.15)), 2
   else:
     rate, cap = _pick(rng, (0.0, 0.1, 0.2, 0.3)), 4
@@ -362,8 +362,8 @@ VE_FAMILIES = ('colour', 'shape', 'size', 'relation')
 _VE_DESC = {'colour': (('shape',), ('size', 'shape')),
             'shape': (('colour',), ('size', 'colour')),
             'size': (('shape',), ('colour', 'shape'))}
-_VE_DOMAIN = {'colour': COLOUR_NAMES, 'shape': world.WORLD_TAGS,
-              'size': world.SIZES}
+_VE_DOMAIN = {'colour': COLOUR_NAMES, 'shape': scenes.WORLD_TAGS,
+              'size': scenes.SIZES}
 
 
 def _ve_plan(rng) -> dict:
@@ -512,13 +512,13 @@ def nlvr2_pair_id(seed, split, index) -> str:
 def make_nlvr2(seed, split, index, params):
   rng = _example_rng(seed, 'nlvr2', split, index)
   plan = _nlvr2_plan(rng)
-  scenes, sentence = _sample(
+  pair_scenes, sentence = _sample(
       rng, params, lambda l, r: _nlvr2_sentence(l, r, rng, plan), images=2)
   pair = nlvr2_pair_id(seed, split, index)
   image_ids = [f'{pair}-img0', f'{pair}-img1']
   example = {'identifier': f'{pair}-0', 'image_ids': image_ids,
              'sentence': sentence, 'label': plan['label']}
-  return example, list(zip(image_ids, scenes))
+  return example, list(zip(image_ids, pair_scenes))
 
 
 # --------------------------------------------------------------------- REC
@@ -610,16 +610,16 @@ def make_rec(seed, split, index, params):
 
 def make_retrieval(seed, split, index, params, num_captions=5):
   rng = _example_rng(seed, 'retrieval', split, index)
-  scene = world.sample_scene(rng, params)
+  scene = scenes.sample_scene(rng, params)
   captions = []
   for _ in range(4 * num_captions):  # Prefer distinct captions.
-    c = world.describe(scene, rng)
+    c = scenes.describe(scene, rng)
     if c not in captions:
       captions.append(c)
     if len(captions) == num_captions:
       break
   while len(captions) < num_captions:  # A one-object scene has few.
-    captions.append(world.describe(scene, rng))
+    captions.append(scenes.describe(scene, rng))
   image_id = _image_id(seed, 'retrieval', split, index)
   return ({'image_id': image_id, 'captions': captions},
           [(image_id, scene)])
@@ -630,14 +630,14 @@ MAKERS = {'vqa': make_vqa, 've': make_ve, 'nlvr2': make_nlvr2,
 
 
 def make_example_scenes(task, seed, split, index,
-                        params=world.WorldParams()):
-  """(example, [(image_id, world.Scene)]): the example and its true scenes."""
+                        params=scenes.WorldParams()):
+  """(example, [(image_id, scenes.Scene)]): the example and its true scenes."""
   if task not in MAKERS:
     raise ValueError(f'unknown task {task!r}; tasks are {list(tasks.TASKS)}')
   return MAKERS[task](seed, split, index, params)
 
 
-def make_example(task, seed, split, index, params=world.WorldParams()):
+def make_example(task, seed, split, index, params=scenes.WorldParams()):
   """(example, region records of its images) for example `index`.
 
   The detector of image k runs on its own stream [seed, split id, index,
@@ -645,7 +645,7 @@ def make_example(task, seed, split, index, params=world.WorldParams()):
   many scenes the plan needed.
   """
   example, images = make_example_scenes(task, seed, split, index, params)
-  sid = world.split_id(stream_name(task, split))
+  sid = scenes.split_id(stream_name(task, split))
   recs = [region_record(image_id, scene,
                         np.random.default_rng([seed, sid, index, k + 1]),
                         params)
@@ -653,7 +653,7 @@ def make_example(task, seed, split, index, params=world.WorldParams()):
   return example, recs
 
 
-def generate_task_split(task, split, num, params=world.WorldParams(), seed=0):
+def generate_task_split(task, split, num, params=scenes.WorldParams(), seed=0):
   """([example], [region record]) of a whole task split."""
   examples, regions = [], []
   for i in range(num):
@@ -712,7 +712,7 @@ def blind_baseline(examples: list[dict], task: str, train=None,
 # ------------------------------------------------------------------ writing
 
 def generate(out_dir: str, task_names=tasks.TASKS, splits=None,
-             params: world.WorldParams = world.WorldParams(),
+             params: scenes.WorldParams = scenes.WorldParams(),
              seed: int = 0) -> dict:
   """Writes every task split, the region store and meta.json to out_dir.
 
@@ -722,8 +722,8 @@ def generate(out_dir: str, task_names=tasks.TASKS, splits=None,
   be generated into one folder one at a time.
   """
   splits = dict(splits or zip(SPLITS, (1000, 200, 200)))
-  meta = world.make_meta(params, seed, {})
-  meta['generator']['name'] = 'cmal_jax.data.world_tasks'
+  meta = scenes.make_meta(params, seed, {})
+  meta['generator']['name'] = 'cmal_jax.world.task_examples'
   records.check_meta_compatible(out_dir, meta)  # Fail before the long part.
   paths, regions = {}, {}
   for task in task_names:
@@ -763,7 +763,7 @@ def main(argv=None):
   for t in task_names:
     if t not in tasks.TASKS:
       ap.error(f'unknown task {t!r}; tasks are {",".join(tasks.TASKS)}')
-  params = world.WorldParams(image_size=a.image_size,
+  params = scenes.WorldParams(image_size=a.image_size,
                              feature_dim=a.feature_dim, images=a.images)
   splits = {'train': a.num_train, 'val': a.num_val, 'test': a.num_test}
   t0 = time.time()

@@ -7,7 +7,7 @@ test and restval (COCO's images outside the 5k val/test, usually trained on).
 
 import os
 
-from cmal_jax.data.formats import (Collector, Location, check_image,
+from cmal_jax.convert.formats import (Collector, Location, check_image,
                                    load_json, top_level_list)
 
 SPLITS = ('train', 'val', 'test', 'restval')

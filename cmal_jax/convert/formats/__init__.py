@@ -299,7 +299,7 @@ def read_task_split(directory: str, task: str, split: str) -> list[dict]:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no such task file; convert the '
                             f'official {task} annotations with '
-                            f'cmal_jax.data.formats and write_task_split')
+                            f'cmal_jax.convert.formats and write_task_split')
   source = records.open_source(path)
   examples = []
   for index in range(len(source)):
@@ -317,8 +317,8 @@ def _empty_lists_back(example: dict) -> dict:
 
 
 # The readers import the helpers above, so they come last (no import cycle).
-from cmal_jax.data.formats.karpathy import read_karpathy  # noqa: E402
-from cmal_jax.data.formats.nlvr2 import read_nlvr2  # noqa: E402
-from cmal_jax.data.formats.refcoco import read_refcoco  # noqa: E402
-from cmal_jax.data.formats.snli_ve import read_snli_ve  # noqa: E402
-from cmal_jax.data.formats.vqa_v2 import read_vqa_v2  # noqa: E402
+from cmal_jax.convert.formats.karpathy import read_karpathy  # noqa: E402
+from cmal_jax.convert.formats.nlvr2 import read_nlvr2  # noqa: E402
+from cmal_jax.convert.formats.refcoco import read_refcoco  # noqa: E402
+from cmal_jax.convert.formats.snli_ve import read_snli_ve  # noqa: E402
+from cmal_jax.convert.formats.vqa_v2 import read_vqa_v2  # noqa: E402

@@ -9,7 +9,7 @@ style: `{"images": [{"id", "width", "height", ...}], "annotations": [{"id",
 
 import pickle
 
-from cmal_jax.data.formats import (Collector, FormatError, Location,
+from cmal_jax.convert.formats import (Collector, FormatError, Location,
                                    check_exists, check_image,
                                    image_size, is_finite_number, load_json,
                                    record_location, top_level_list)

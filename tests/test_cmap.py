@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cmal_testutil import random_anchors, run_with_8_devices
-from cmal_jax.model import prompt
-from cmal_jax.model.prompt import KEEP, MASK, NONE, SWAP
+from cmal_jax.model import cmap
+from cmal_jax.model.cmap import KEEP, MASK, NONE, SWAP
 
 B, T, R, K, D = 3, 12, 7, 4, 8
 
@@ -63,10 +63,10 @@ def test_random_anchor_sets_are_valid():
 def test_matches_python_loop_reference(seed):
     case = random_case(seed)
     want_t, want_r = reference_swap(*case)
-    got_t, got_r = prompt.swap_anchor_features(*map(jnp.asarray, case))
+    got_t, got_r = cmap.swap_anchor_features(*map(jnp.asarray, case))
     np.testing.assert_array_equal(np.asarray(got_t), want_t)
     np.testing.assert_array_equal(np.asarray(got_r), want_r)
-    jit_t, jit_r = jax.jit(prompt.swap_anchor_features)(*case)
+    jit_t, jit_r = jax.jit(cmap.swap_anchor_features)(*case)
     np.testing.assert_array_equal(np.asarray(jit_t), want_t)
     np.testing.assert_array_equal(np.asarray(jit_r), want_r)
 
@@ -84,7 +84,7 @@ def test_swap_moves_exact_features_and_masks_other_pieces():
     # with region 0; the third anchor is KEEP.
     pos, end = np.array([[1, 4, 5]]), np.array([[4, 5, 6]])
     region, action = np.array([[2, 0, 1]]), np.array([[SWAP, MASK, KEEP]])
-    t, r = map(np.asarray, prompt.swap_anchor_features(
+    t, r = map(np.asarray, cmap.swap_anchor_features(
         text, regions, pos, end, region, action, mv))
     np.testing.assert_array_equal(t[0, 0], text[0, 0])
     np.testing.assert_array_equal(t[0, 1], regions[0, 2])
@@ -107,7 +107,7 @@ def test_none_and_keep_change_nothing(fill):
     region = rng.integers(0, R, (B, K)).astype(np.int32)
     action = np.full((B, K), fill, np.int32)
     for args in ((pos, end, region), (0 * pos, 0 * end, 0 * region)):
-        t, r = jax.jit(prompt.swap_anchor_features)(
+        t, r = jax.jit(cmap.swap_anchor_features)(
             text, regions, *args, action, mv)
         assert np.asarray(t).tobytes() == text.tobytes()
         assert np.asarray(r).tobytes() == regions.tobytes()
@@ -128,7 +128,7 @@ def test_gradients_flow_through_swapped_features():
     action = np.array([[SWAP, MASK, KEEP], [SWAP, NONE, NONE]], np.int32)
 
     def f(text, regions, mv):
-        t, r = prompt.swap_anchor_features(text, regions, pos, end, region,
+        t, r = cmap.swap_anchor_features(text, regions, pos, end, region,
                                            action, mv)
         return jnp.sum(t * w1) + jnp.sum(r * w2)
 
@@ -159,7 +159,7 @@ def test_sample_anchor_actions_statistics():
     N = 100_000
     rng = np.random.default_rng(3)
     valid = rng.random((N, 4)) < 0.7
-    actions = np.asarray(prompt.sample_anchor_actions(
+    actions = np.asarray(cmap.sample_anchor_actions(
         jax.random.key(0), jnp.asarray(valid), select_prob=0.5, swap_prob=0.8,
         mask_prob=0.1))
     assert actions.shape == valid.shape and actions.dtype == np.int32
@@ -178,10 +178,10 @@ def test_sample_anchor_actions_statistics():
     close((actions == MASK).sum(), n_sel, 0.1)
     close((actions == KEEP).sum(), n_sel, 0.1)
     # Another key gives another draw; the same key the same one.
-    again = prompt.sample_anchor_actions(
+    again = cmap.sample_anchor_actions(
         jax.random.key(0), jnp.asarray(valid), select_prob=0.5, swap_prob=0.8,
         mask_prob=0.1)
-    other = prompt.sample_anchor_actions(
+    other = cmap.sample_anchor_actions(
         jax.random.key(1), jnp.asarray(valid), select_prob=0.5, swap_prob=0.8,
         mask_prob=0.1)
     np.testing.assert_array_equal(np.asarray(again), actions)
@@ -191,14 +191,14 @@ def test_sample_anchor_actions_statistics():
 def test_sample_anchor_actions_extremes():
     valid = jnp.asarray(np.random.default_rng(4).random((64, 6)) < 0.5)
     kw = dict(swap_prob=0.8, mask_prob=0.1)
-    none = prompt.sample_anchor_actions(jax.random.key(0), valid,
+    none = cmap.sample_anchor_actions(jax.random.key(0), valid,
                                         select_prob=0.0, **kw)
     assert np.all(np.asarray(none) == NONE)
-    every = np.asarray(prompt.sample_anchor_actions(
+    every = np.asarray(cmap.sample_anchor_actions(
         jax.random.key(0), valid, select_prob=1.0, swap_prob=1.0,
         mask_prob=0.0))
     np.testing.assert_array_equal(every, np.where(valid, SWAP, NONE))
-    np.testing.assert_array_equal(np.asarray(prompt.all_swapped(valid)),
+    np.testing.assert_array_equal(np.asarray(cmap.all_swapped(valid)),
                                   np.where(valid, SWAP, NONE))
 
 
@@ -208,8 +208,8 @@ def test_jit_has_no_host_callbacks_and_no_batch_loop():
             ((b, T, D), jnp.float32), ((b, R, D), jnp.float32),
             ((b, K), jnp.int32), ((b, K), jnp.int32), ((b, K), jnp.int32),
             ((b, K), jnp.int32), ((D,), jnp.float32))]
-        hlo = jax.jit(prompt.swap_anchor_features).lower(*args).as_text()
-        jaxpr = jax.make_jaxpr(prompt.swap_anchor_features)(*args)
+        hlo = jax.jit(cmap.swap_anchor_features).lower(*args).as_text()
+        jaxpr = jax.make_jaxpr(cmap.swap_anchor_features)(*args)
         return hlo, jaxpr
 
     hlo2, jaxpr2 = lower(2)
@@ -231,7 +231,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
     from cmal_jax import sharding
-    from cmal_jax.model import prompt
+    from cmal_jax.model import cmap
     assert jax.device_count() == 8, jax.devices()
     d = sys.argv[1]
     args = [np.load(os.path.join(d, f'in{i}.npy')) for i in range(7)]
@@ -240,7 +240,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
     placed = [jax.device_put(a, batch) for a in args[:6]] + [
         jax.device_put(args[6], NamedSharding(mesh, P()))]
     with jax.set_mesh(mesh):
-        t, r = jax.jit(prompt.swap_anchor_features)(*placed)
+        t, r = jax.jit(cmap.swap_anchor_features)(*placed)
     assert len(t.sharding.device_set) == 8, t.sharding
     assert t.addressable_shards[0].data.shape[0] == args[0].shape[0] // 8
     np.save(os.path.join(d, 'text.npy'), np.asarray(t))
@@ -252,7 +252,7 @@ def test_same_result_with_batch_sharded_over_8_devices(tmp_path):
     case = random_case(7, B=16)
     for i, a in enumerate(case):
         np.save(tmp_path / f'in{i}.npy', a)
-    want_t, want_r = map(np.asarray, jax.jit(prompt.swap_anchor_features)(*case))
+    want_t, want_r = map(np.asarray, jax.jit(cmap.swap_anchor_features)(*case))
     ref_t, ref_r = reference_swap(*case)
     np.testing.assert_array_equal(want_t, ref_t)
     run_with_8_devices(_SHARDED_SCRIPT, tmp_path)

@@ -1,0 +1,6 @@
+"""python -m cmal_jax.convert: see cli.py."""
+
+from cmal_jax.convert.cli import main
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,2 @@
+"""The embedded synthetic world: scenes, captions, downstream tasks, and
+their generation into a workdir."""
