@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from etils import epath
+
 from cmal_jax import guards
 
 ITEMS = ('state', 'data', 'signature')
@@ -171,3 +173,48 @@ def merge_pretrained(params, pretrained, names, source='checkpoint'):
         f'{len(problems)} parameter(s)): ' + '; '.join(problems[:5])
         + ('; ...' if len(problems) > 5 else ''))
   return traverse_util.unflatten_dict(flat, sep='/'), taken
+
+
+def best_dir(workdir):
+  """workdir/best: absolute when local, as given when gs://."""
+  return str(guards.workdir_path(workdir, 'best'))
+
+
+class BestCheckpoint:
+  """Keeps the parameters of the best evaluation so far (higher is better)
+  in workdir/best, described by workdir/best.json; survives resumes."""
+
+  def __init__(self, workdir, metric):
+    self.metric = metric
+    self.json_path = epath.Path(workdir) / 'best.json'
+    self.value, self.step = None, None
+    if self.json_path.exists():
+      saved = json.loads(self.json_path.read_text())
+      self.value, self.step = saved['value'], saved['step']
+    self.manager = ocp.CheckpointManager(
+        best_dir(workdir), item_names=('params',),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, enable_async_checkpointing=False))
+
+  def update(self, step, results, params):
+    value = float(results[self.metric])
+    if self.value is not None and value <= self.value:
+      return
+    self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params)), force=True)
+    self.manager.wait_until_finished()
+    self.value, self.step = value, step
+    if jax.process_index() == 0:
+      guards.write_text_atomic(self.json_path, json.dumps(
+          dict(metric=self.metric, value=value, step=step)))
+
+  def restore(self, params):
+    """The best parameters, in the shardings of `params` (same tree)."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        params)
+    return self.manager.restore(self.step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract)))['params']
+
+  def close(self):
+    self.manager.close()

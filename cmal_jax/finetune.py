@@ -2,7 +2,7 @@
 
 train.py runs the same loop for both (checkpoints, resume, metrics,
 sharding); this module supplies the task's data, model, loss and evaluation
-(train.Job). Per task (DESIGN §2):
+(train_step.Job). Per task (DESIGN §2):
 
   vqa        BCE on VQA v2 soft scores over the answer vocabulary; metric
              VQA accuracy (official normalisation and 10-choose-9 average),
@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from cmal_jax import (checkpoint, configlib, guards, objectives, sharding,
-                      task_metrics, train)
+                      task_metrics, train_step)
 from cmal_jax.data import task_pipeline, tasks
 from cmal_jax.world import scenes, synthetic, task_examples
 from cmal_jax.model.cmal import (CMAL, PIXEL_PARAMS, ModelConfig,
@@ -85,7 +85,7 @@ def init_inputs(config):
   z = lambda *s, dtype=jnp.int32: jnp.zeros((rows,) + s, dtype)
   inputs = dict(input_ids=z(T), text_mask=z(T),
                 region_boxes=z(R, 4, dtype=jnp.float32), region_mask=z(R))
-  inputs.update(train.zero_visual_inputs(shapes, rows))
+  inputs.update(train_step.zero_visual_inputs(shapes, rows))
   return inputs
 
 
@@ -152,7 +152,7 @@ def task_loss(outputs, batch, config, denominators=None):
 
 
 def make_loss(model, config):
-  """The task's train.Loss; no corruption step, so prepare is the
+  """The task's train_step.Loss; no corruption step, so prepare is the
   identity."""
   def loss_fn(params, batch, rng, denominators):
     outputs = model.apply({'params': params},
@@ -160,7 +160,7 @@ def make_loss(model, config):
                           deterministic=False, rngs={'dropout': rng})
     return task_loss(outputs, batch, config, denominators)
 
-  return train.Loss(prepare=lambda batch, rng, state=None: batch,
+  return train_step.Loss(prepare=lambda batch, rng, state=None: batch,
                     loss=loss_fn,
                     denominators=lambda batch: task_denominators(batch,
                                                                  config))
@@ -431,7 +431,7 @@ def check_visual_input(pretrained, config, where):
 
 
 def make_job(config, workdir, mesh, axis_rules, local_batch):
-  """The train.Job of a fine-tuning config."""
+  """The train_step.Job of a fine-tuning config."""
   directory = synthetic.data_dir(config, workdir)
   if not config.data.dir:
     ensure_task_data(config, directory,
@@ -490,7 +490,7 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
         'the task head starts from random init.')
     return merged
 
-  return train.Job(
+  return train_step.Job(
       model=model, train_ds=train_ds, epoch_size=info['num_examples'],
       stat_keys=task_pipeline.TASK_STAT_KEYS[config.task],
       init_inputs=lambda rng: init_inputs(config),

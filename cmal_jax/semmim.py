@@ -102,7 +102,7 @@ def prepare(model, config, specials, batch, rng, state):
   matched pairs), image_targets [B, K] and region_mask [B, R]."""
   if state is None or state.ema_params is None:
     raise ValueError('SemMIM needs the momentum encoder: call the loss '
-                     'with the TrainState (train.loss_and_grads(state=...)).')
+                     'with the TrainState (train_step.loss_and_grads(state=...)).')
   corrupt_rng, mask_rng = jax.random.split(rng)
   inputs, targets = objectives.prepare_inputs(batch, corrupt_rng, config,
                                               specials)

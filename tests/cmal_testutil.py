@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 
+from cmal_jax import train_step
 from cmal_jax.data import pipeline, records
 from cmal_jax.world import scenes
 
@@ -174,7 +175,7 @@ def shrink(config):
 
 
 class FastStep:
-    """train.jit_train_step's jitted step (same program, shardings and
+    """train_step.jit_train_step's jitted step (same program, shardings and
     donation) compiled at FAST on its first call."""
 
     def __init__(self, jitted):
@@ -189,11 +190,11 @@ class FastStep:
 
 @contextlib.contextmanager
 def fast_train_steps():
-    """Within: every run's train step (train.jit_train_step) compiles at
+    """Within: every run's train step (train_step.jit_train_step) compiles at
     FAST."""
     import pytest
     from cmal_jax import train
-    jit_train_step = train.jit_train_step
+    jit_train_step = train_step.jit_train_step
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, 'jit_train_step',
                       lambda *args: FastStep(jit_train_step(*args)))

@@ -3,7 +3,6 @@ odd but valid input (long captions, images without regions) works."""
 
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cmal_jax import pretraining
+from cmal_jax import train_step
 from cmal_jax import configlib, objectives, sharding, train
 from cmal_jax.data import pipeline, records
 from cmal_jax.world import scenes
@@ -302,14 +303,14 @@ def test_image_without_regions_trains(tmp_path, compilation_cache):
   tok = load_tokenizer(None)
   specials = objectives.SpecialTokens.from_tokenizer(tok)
   model = CMAL(ModelConfig.from_config(config.model, len(scenes.WORLD_TAGS)))
-  init_inputs, loss_fn = train.pretrain_objectives(model, config,
+  init_inputs, loss_fn = pretraining.pretrain_objectives(model, config,
                                                         specials)
-  tx, schedule = train.make_optimizer(config)
+  tx, schedule = train_step.make_optimizer(config)
   mesh = sharding.mesh_from_config(config)
   rules = sharding.rules(config)
-  state, _ = train.create_train_state(
+  state, _ = train_step.create_train_state(
       model, init_inputs, pipeline.STAT_KEYS, tx, config, mesh, rules)
-  step = jax.jit(train.make_train_step(loss_fn, config, schedule))
+  step = jax.jit(train_step.make_train_step(loss_fn, config, schedule))
   for batch in (mixed, empty):
     batch = jax.tree.map(jnp.asarray, batch)
     with jax.set_mesh(mesh):

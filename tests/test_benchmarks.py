@@ -14,7 +14,8 @@ import torch
 
 from flax import traverse_util
 
-from cmal_jax import objectives, train
+from cmal_jax import train_step
+from cmal_jax import objectives
 from cmal_jax.benchmarks import run, torch_step
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
@@ -92,7 +93,7 @@ def test_no_decay_matches_the_jax_decay_mask(world_dir):
       CMAL(ModelConfig.from_config(config.model, num_tags)).init,
       jax.random.key(0), inputs)['params'])
   decays = {mapping.torch_name(k)[0]: d for k, d in traverse_util.flatten_dict(
-      train.decay_mask(params), sep='/').items()}
+      train_step.decay_mask(params), sep='/').items()}
   assert {n for n, d in decays.items() if not d} == {
       n for n in decays if torch_step.no_decay(n)}
   assert sum(not d for d in decays.values()) > 10

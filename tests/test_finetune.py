@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from cmal_jax import train_step
 from cmal_jax import (checkpoint, configlib, finetune, guards, sharding,
                       task_metrics, train)
 from cmal_jax.data import pipeline, task_pipeline, tasks
@@ -104,7 +105,7 @@ def flat(tree):
 
 def load_best_params(workdir):
   best = read_json(workdir, 'best.json')
-  manager = ocp.CheckpointManager(train.best_dir(workdir),
+  manager = ocp.CheckpointManager(checkpoint.best_dir(workdir),
                                   item_names=('params',))
   try:
     return manager.restore(best['step'], args=ocp.args.Composite(
@@ -710,8 +711,8 @@ def test_a_restored_state_has_the_types_of_a_fresh_one(runs, tmp_path):
   mesh, rules = sharding.mesh_from_config(config), sharding.rules(config)
   job = finetune.make_job(config, str(tmp_path), mesh, rules,
                           config.batch_size)
-  tx, _ = train.make_optimizer(config)
-  fresh, _ = train.create_train_state(job.model, job.init_inputs,
+  tx, _ = train_step.make_optimizer(config)
+  fresh, _ = train_step.create_train_state(job.model, job.init_inputs,
                                       job.stat_keys, tx, config, mesh, rules)
   manager = checkpoint.make_manager(whole['workdir'], config)
   try:

@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cmal_jax import pretraining
+from cmal_jax import train_step
 from cmal_jax import checkpoint, configlib, finetune, guards, train
 from cmal_jax.data import (image_store, pipeline, records, task_pipeline,
                            tasks)
@@ -131,7 +133,7 @@ def test_rec_finetunes_from_the_pixel_checkpoint(pixel_pretrained, tmp_path):
   # What init_from took: the encoders and the backbone.
   pretrained, _ = checkpoint.load_pretrained_params(workdir)
   assert 'pixels' in pretrained
-  assert 'pixels' in train.pretrained_lr(c)[0]
+  assert 'pixels' in train_step.pretrained_lr(c)[0]
 
 
 def test_pixel_and_region_checkpoints_are_not_mixed(pixel_pretrained,
@@ -232,7 +234,7 @@ def _regions_model_outputs(c):
   from cmal_jax.model.cmal import CMAL, ModelConfig
   specials = objectives.SpecialTokens(0, 101, 102, 103, 30522)
   model = CMAL(ModelConfig.from_config(c.model, 10))
-  init_inputs, loss = train.pretrain_objectives(model, c, specials)
+  init_inputs, loss = pretraining.pretrain_objectives(model, c, specials)
   params = jax.device_get(nn.unbox(jax.jit(
       lambda r: model.init(r, init_inputs(r))['params'])(jax.random.key(0))))
   batch = random_batch(0, 8, 24, 8, 4, 64)
@@ -588,14 +590,14 @@ _SHARD_SCRIPT = textwrap.dedent('''
         mesh = sharding.mesh_from_config(config, devices=devices)
         rules = sharding.rules(config)
         model = CMAL(ModelConfig.from_config(config.model, num_tags=10))
-        init_inputs, loss = train.pretrain_objectives(model, config, specials)
-        tx, schedule = train.make_optimizer(config)
-        state, shardings = train.create_train_state(
+        init_inputs, loss = pretraining.pretrain_objectives(model, config, specials)
+        tx, schedule = train_step.make_optimizer(config)
+        state, shardings = train_step.create_train_state(
             model, init_inputs, pipeline.stat_keys(config), tx, config, mesh,
             rules)
         batch = sharding.global_batch(host, mesh)
         shard = list(batch['images'].addressable_shards[0].data.shape)
-        step = train.jit_train_step(loss, config, schedule, shardings, mesh)
+        step = train_step.jit_train_step(loss, config, schedule, shardings, mesh)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             state, metrics = step(state, batch)
         return shard, float(metrics['loss']), jax.device_get(state.params)

@@ -20,6 +20,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from cmal_jax import logs
+from cmal_jax import pretraining
+from cmal_jax import train_step
 from cmal_jax import checkpoint, guards, metrics, objectives, sharding, train
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
@@ -270,14 +273,14 @@ def step_setup():
   config = pretrain.get_config('tiny')
   specials = objectives.SpecialTokens.from_tokenizer(load_tokenizer(None))
   model = CMAL(ModelConfig.from_config(config.model, 10))
-  init_inputs, loss_fn = train.pretrain_objectives(model, config,
+  init_inputs, loss_fn = pretraining.pretrain_objectives(model, config,
                                                         specials)
-  tx, schedule = train.make_optimizer(config)
+  tx, schedule = train_step.make_optimizer(config)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   rules = sharding.rules(config)
-  state, _ = train.create_train_state(
+  state, _ = train_step.create_train_state(
       model, init_inputs, pipeline.STAT_KEYS, tx, config, mesh, rules)
-  step = jax.jit(train.make_train_step(loss_fn, config, schedule))
+  step = jax.jit(train_step.make_train_step(loss_fn, config, schedule))
   c = config.data
   batch = random_batch(0, 8, c.max_text_len, c.max_regions, c.max_anchors,
                        config.model.region_feat_dim)
@@ -393,19 +396,19 @@ def test_log_line_and_progress_bar(monkeypatch, capsys):
   mean = dict(loss=2.5, loss_mlm=2.0, loss_itm=0.5, acc_mlm=0.25, acc_itm=0.5,
               lr=3e-4, grad_norm=1.25, steps_per_sec=2.0,
               examples_per_sec=128.0, epoch=1.5, nonfinite_skips=0)
-  line = train.format_log_line(100, 300, mean)
+  line = logs.format_log_line(100, 300, mean)
   assert line == ('step 100/300 epoch 1.50 loss=2.500 [itm=0.500 mlm=2.000] '
                   '[itm=0.50 mlm=0.25] lr=3.00e-04 grad_norm=1.25 '
                   '2.00 steps/s 128 ex/s ETA 1.7 min')
-  assert 'skipped=2' in train.format_log_line(
+  assert 'skipped=2' in logs.format_log_line(
       100, 300, dict(mean, nonfinite_skips=2))
 
-  bar = train.ProgressBar(10)  # pytest's stdout is not a terminal.
+  bar = logs.ProgressBar(10)  # pytest's stdout is not a terminal.
   bar.update(1)
   bar.update(5)
   assert capsys.readouterr().out == ''
   monkeypatch.setattr(sys.stdout, 'isatty', lambda: True)
-  bar = train.ProgressBar(10, width=10)
+  bar = logs.ProgressBar(10, width=10)
   bar.update(1)
   bar.update(5)
   out = capsys.readouterr().out

@@ -73,7 +73,7 @@ def fake_gcs(monkeypatch):
 def test_remote_paths_are_not_made_absolute():
   assert checkpoint.checkpoint_dir('gs://b/runs/x') == (
       'gs://b/runs/x/checkpoints')
-  assert train.best_dir('gs://b/runs/x/') == 'gs://b/runs/x/best'
+  assert checkpoint.best_dir('gs://b/runs/x/') == 'gs://b/runs/x/best'
   assert checkpoint.checkpoint_dir('runs/x') == os.path.abspath(
       'runs/x/checkpoints')  # Local: absolute, as Orbax wants.
   assert guards.is_remote('gs://b/x') and not guards.is_remote('/tmp/x')

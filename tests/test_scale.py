@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+from cmal_jax import pretraining
+from cmal_jax import train_step
 from cmal_jax import configlib, main, objectives, sharding, train
 from cmal_jax.data import pipeline
 from cmal_jax.model.cmal import CMAL, ModelConfig
@@ -25,7 +27,7 @@ SPECIALS = objectives.SpecialTokens(0, 101, 102, 103, 30522)
 
 def test_micro_batches_take_every_kth_row():
   batch = {'x': np.arange(12).reshape(12, 1)}
-  micro = train.split_micro_batches(batch, 4)['x']
+  micro = train_step.split_micro_batches(batch, 4)['x']
   assert micro.shape == (4, 3, 1)
   np.testing.assert_array_equal(micro[1, :, 0], [1, 5, 9])
 
@@ -39,12 +41,12 @@ def test_accumulating_4_micro_batches_equals_one_batch():
                        c.data.max_anchors, c.model.region_feat_dim)
   batch.pop('stats')
   model = CMAL(ModelConfig.from_config(c.model, num_tags=10))
-  init_inputs, loss = train.pretrain_objectives(model, c, SPECIALS)
+  init_inputs, loss = pretraining.pretrain_objectives(model, c, SPECIALS)
   params = model.init(jax.random.key(0), init_inputs(jax.random.key(0)))
   params = jax.tree.map(lambda x: x.value if hasattr(x, 'value') else x,
                         params['params'],
                         is_leaf=lambda x: hasattr(x, 'value'))
-  run = jax.jit(lambda p, b, n: train.loss_and_grads(
+  run = jax.jit(lambda p, b, n: train_step.loss_and_grads(
       loss, p, b, jax.random.key(1), n), static_argnums=2)
   grads1, metrics1 = run(params, batch, 1)
   grads4, metrics4 = run(params, batch, 4)

@@ -22,7 +22,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cmal_jax import checkpoint, configlib, objectives, semmim, sharding, train
+from cmal_jax import pretraining
+from cmal_jax import train_step
+from cmal_jax import checkpoint, configlib, objectives, semmim, sharding
 from cmal_jax.data import pipeline
 from cmal_jax.model.cmal import CMAL, ModelConfig, pixel_config
 from cmal_jax.model.pixels import (PixelBackbone, PixelConfig, grid_boxes,
@@ -122,13 +124,13 @@ def semmim_state():
   """(config, model, loss, state, step fn, mesh) of the shrunk config."""
   c = small_semmim_config()
   model = CMAL(ModelConfig.from_config(c.model, num_tags=10))
-  init_inputs, loss = train.pretrain_objectives(model, c, SPECIALS)
-  tx, schedule = train.make_optimizer(c)
+  init_inputs, loss = pretraining.pretrain_objectives(model, c, SPECIALS)
+  tx, schedule = train_step.make_optimizer(c)
   mesh = sharding.mesh_from_config(c)
-  state, _ = train.create_train_state(
+  state, _ = train_step.create_train_state(
       model, init_inputs, pipeline.stat_keys(c), tx, c, mesh,
       sharding.rules(c))
-  step = jax.jit(train.make_train_step(loss, c, schedule),
+  step = jax.jit(train_step.make_train_step(loss, c, schedule),
                  compiler_options=FAST)
   return c, model, loss, state, step, mesh
 
@@ -179,7 +181,7 @@ def test_momentum_encoder_is_not_differentiated(semmim_state):
   stats = batch.pop('stats')
   key = jax.random.key(0)
   # The gradients a step applies have the parameters' structure, no EMA.
-  grads = jax.eval_shape(lambda s, b: train.loss_and_grads(
+  grads = jax.eval_shape(lambda s, b: train_step.loss_and_grads(
       loss, s.params, b, key, 1, s)[0], state, batch)
   assert jax.tree.structure(grads) == jax.tree.structure(state.params)
 
@@ -526,7 +528,7 @@ def test_ve_finetunes_from_the_semmim_checkpoint(semmim_pretrained,
   # init_from took every encoder and backbone array of the checkpoint but
   # the pre-training mask token, which the task model has no use for.
   pretrained, _ = checkpoint.load_pretrained_params(workdir)
-  names = train.pretrained_lr(c)[0]
+  names = train_step.pretrained_lr(c)[0]
   assert 'pixels' in names and 'mask_token' in pretrained['pixels']
   expected = sum(len(jax.tree.leaves(pretrained[n])) for n in names) - 1
   match = re.search(r'init_from (\S+)/checkpoints/20: (\d+) parameter arrays '

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmal_jax import checkpoint, configlib, objectives, train
+from cmal_jax import pretraining
+from cmal_jax import checkpoint, configlib, objectives
 from cmal_jax.model.cmal import CMAL, ENCODER_PARAMS, ModelConfig
 from cmal_jax.model.unified import two_stream_masks
 from cmal_testutil import (CLS, FAST, MASK, PAD, SEP, finetune_tiny,
@@ -233,14 +234,14 @@ def test_image_without_regions_has_finite_gradients_in_two_stream_mode(
 # ----------------------------------------------------- schedule and config
 
 def test_two_stream_step_alternates():
-  assert [bool(train.two_stream_step(s, 2)) for s in range(6)] == [
+  assert [bool(pretraining.two_stream_step(s, 2)) for s in range(6)] == [
       False, True, False, True, False, True]
-  assert [bool(train.two_stream_step(s, 3)) for s in range(6)] == [
+  assert [bool(pretraining.two_stream_step(s, 3)) for s in range(6)] == [
       False, False, True, False, False, True]
   # Traced steps (as in the jitted train step) give the same.
   steps = jnp.arange(6, dtype=jnp.int32)
   np.testing.assert_array_equal(
-      jax.jit(lambda s: train.two_stream_step(s, 2))(steps),
+      jax.jit(lambda s: pretraining.two_stream_step(s, 2))(steps),
       [False, True, False, True, False, True])
 
 
@@ -248,7 +249,7 @@ def test_prepared_batch_carries_the_mode_of_the_step():
   config = pretrain.get_config('tiny,semvlp')
   assert config.two_stream_every == 2 and config.model.cross_attention
   model = CMAL(model_config(True))
-  _, loss = train.pretrain_objectives(model, config, SPECIALS)
+  _, loss = pretraining.pretrain_objectives(model, config, SPECIALS)
   batch = host_batch(0)
   # The state as the train step passes it; only its step is read here.
   prepare = jax.jit(lambda batch, step: loss.prepare(
@@ -267,7 +268,7 @@ def test_prepared_batch_carries_the_mode_of_the_step():
           'two_stream'])(batch), [False] * B)
   # Without the schedule the prepared batch carries no mode.
   config.two_stream_every = 0
-  _, plain = train.pretrain_objectives(model, config, SPECIALS)
+  _, plain = pretraining.pretrain_objectives(model, config, SPECIALS)
   assert 'two_stream' not in jax.eval_shape(plain.prepare, batch,
                                             jax.random.key(0), None)
 

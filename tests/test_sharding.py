@@ -25,7 +25,7 @@ _SCRIPT = textwrap.dedent('''
     import flax.linen as nn
     import jax
     import numpy as np
-    from cmal_jax import objectives, sharding, train
+    from cmal_jax import objectives, pretraining, sharding, train_step
     from cmal_jax.data import pipeline
     from cmal_jax.model.cmal import CMAL, ModelConfig
     from configs.pretrain import get_config
@@ -53,10 +53,10 @@ _SCRIPT = textwrap.dedent('''
         mesh = sharding.mesh_from_config(config, devices=devices)
         rules = sharding.rules(config)
         model = CMAL(ModelConfig.from_config(config.model, num_tags=10))
-        init_inputs, loss_fn = train.pretrain_objectives(model, config,
+        init_inputs, loss_fn = pretraining.pretrain_objectives(model, config,
                                                               specials)
-        tx, schedule = train.make_optimizer(config)
-        state, state_shardings = train.create_train_state(
+        tx, schedule = train_step.make_optimizer(config)
+        state, state_shardings = train_step.create_train_state(
       model, init_inputs, pipeline.STAT_KEYS, tx, config, mesh, rules)
         params0 = jax.device_get(state.params)
         q = leaf(state.params, ('unified', 'layer_0', 'attention',
@@ -75,7 +75,7 @@ _SCRIPT = textwrap.dedent('''
         info['batch_shard'] = list(
             batch['region_feats'].addressable_shards[0].data.shape)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            step_fn = train.jit_train_step(loss_fn, config, schedule,
+            step_fn = train_step.jit_train_step(loss_fn, config, schedule,
                                            state_shardings, mesh).lower(
                                                state, batch).compile()
         memory = step_fn.memory_analysis()

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmal_jax import checkpoint, train
+from cmal_jax import checkpoint, train_step
 from cmal_jax.model import cmap
 from cmal_jax.model.cmal import (CMAL, ENCODER_PARAMS, ModelConfig,
                                  pretrained_param_names)
@@ -224,7 +224,7 @@ def test_pretrained_lr_mult_scales_the_steps_of_loaded_parameters(
   c = finetune_config.get_config('vqa,tiny')
   c.init_from, c.finetune.pretrained_lr_mult = init_from, mult
   c.optim.warmup_fraction = 0.0
-  tx, _ = train.make_optimizer(c)
+  tx, _ = train_step.make_optimizer(c)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), OPTIMIZER_PARAMS)
   updates, _ = tx.update(grads, tx.init(OPTIMIZER_PARAMS), OPTIMIZER_PARAMS)
   head, loaded = updates['vqa_head']['kernel'], updates['unified']['kernel']
@@ -240,8 +240,8 @@ def test_optimizer_state_has_one_structure_whatever_the_multiplier():
                           ('runs/pretrain', 0.2)):
     c = finetune_config.get_config('vqa,tiny')
     c.init_from, c.finetune.pretrained_lr_mult = init_from, mult
-    tx, _ = train.make_optimizer(c)
+    tx, _ = train_step.make_optimizer(c)
     structures.add(jax.tree.structure(tx.init(OPTIMIZER_PARAMS)))
-  tx, _ = train.make_optimizer(pretrain.get_config('tiny'))
+  tx, _ = train_step.make_optimizer(pretrain.get_config('tiny'))
   structures.add(jax.tree.structure(tx.init(OPTIMIZER_PARAMS)))
   assert len(structures) == 1

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cmal_jax import checkpoint, objectives, train
+from cmal_jax import checkpoint, objectives, pretraining, train, train_step
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_testutil import assert_trees_equal
@@ -283,10 +283,10 @@ def _initial_state(world_dir, arg):
   specials = objectives.SpecialTokens.from_tokenizer(load_tokenizer(None))
   model = CMAL(ModelConfig.from_config(config.model, 10))
   mesh = sharding.mesh_from_config(config)
-  init_inputs, _ = train.pretrain_objectives(model, config, specials)
+  init_inputs, _ = pretraining.pretrain_objectives(model, config, specials)
   rules = sharding.rules(config)
-  tx, _ = train.make_optimizer(config)
-  state, _ = train.create_train_state(
+  tx, _ = train_step.make_optimizer(config)
+  state, _ = train_step.create_train_state(
       model, init_inputs, pipeline.STAT_KEYS, tx, config, mesh, rules)
   return config, specials, model, state, mesh, rules
 

@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmal_jax import objectives, sharding, train
+from cmal_jax import pretraining
+from cmal_jax import train_step
+from cmal_jax import objectives, sharding
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
 
@@ -89,14 +91,14 @@ class JaxStep:
     self.mesh = sharding.mesh_from_config(config)
     self.axis_rules = sharding.rules(config)
     local = sharding.per_process_batch_size(config.batch_size, self.mesh)
-    self.job = train.pretrain_job(config, workdir, self.mesh, self.axis_rules,
+    self.job = pretraining.make_job(config, workdir, self.mesh, self.axis_rules,
                                   local)
-    tx, schedule = train.make_optimizer(config)
+    tx, schedule = train_step.make_optimizer(config)
     with self.scope():
-      self.state, shardings = train.create_train_state(
+      self.state, shardings = train_step.create_train_state(
           self.job.model, self.job.init_inputs, self.job.stat_keys, tx,
           config, self.mesh, self.axis_rules)
-      self.step_fn = train.jit_train_step(self.job.loss, config, schedule,
+      self.step_fn = train_step.jit_train_step(self.job.loss, config, schedule,
                                           shardings, self.mesh)
     self.iterator = pipeline.to_iterator(self.job.train_ds, config)
     self.local_batch = next(self.iterator)
@@ -272,7 +274,7 @@ class TorchWorker:
     from cmal_jax.export import export
     job = dict(model_config=export.export_config(step.config, step.params),
                params=step.params, config=step.config,
-               lr=float(train.make_optimizer(step.config)[1](1)),
+               lr=float(train_step.make_optimizer(step.config)[1](1)),
                inputs=inputs, targets=targets, mode=mode)
     ctx = multiprocessing.get_context('spawn')
     self.conn, child = ctx.Pipe()

@@ -20,7 +20,7 @@ def to_torch(tree):
 
 
 def no_decay(name):
-  """train.decay_mask's rule on PyTorch names: no weight decay for biases,
+  """train_step.decay_mask's rule on PyTorch names: no weight decay for biases,
   LayerNorm, scales and the [MASK] vector."""
   last = name.rsplit('.', 1)[-1]
   return (last in ('bias', 'mask_vector', 'text_scale', 'vision_scale',

@@ -9,7 +9,6 @@ table as the PyTorch export, so both directions share one mapping.
 import json
 import os
 
-import numpy as np
 from flax import traverse_util
 
 from cmal_jax.export import mapping

@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from cmal_jax import checkpoint, train
+from cmal_jax import checkpoint
 from cmal_jax.data import task_pipeline, tokenizer
 from cmal_jax.world import synthetic
 from cmal_jax.export import bert, mapping
@@ -167,14 +167,14 @@ def load_params(workdir, step=None):
                             'run kept no best parameters).')
   with open(best_json) as f:
     best_step = json.load(f)['step']
-  manager = ocp.CheckpointManager(train.best_dir(workdir),
+  manager = ocp.CheckpointManager(checkpoint.best_dir(workdir),
                                   item_names=('params',))
   try:
     params = manager.restore(best_step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore()))['params']
   finally:
     manager.close()
-  return params, f'{train.best_dir(workdir)}/{best_step}'
+  return params, f'{checkpoint.best_dir(workdir)}/{best_step}'
 
 
 def answer_vocab(run_config, workdir):

@@ -19,7 +19,6 @@ import functools
 import os
 import time
 import zlib
-from typing import Any
 
 import numpy as np
 

@@ -1,0 +1,276 @@
+"""The train-step contract: the train state, the optimizer, a job's
+objectives (Loss) and what a job hands the loop (Job), gradient
+accumulation over micro-batches, and the jitted step."""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from cmal_jax import configlib, semmim, sharding
+from cmal_jax.data import pipeline
+from cmal_jax.guards import log
+from cmal_jax.model.cmal import pretrained_param_names
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState plus the data counters (pipeline.STAT_KEYS), which
+  live in the checkpoint so a resumed run keeps counting from where it was,
+  the number of updates skipped because they were not finite, and (SemMIM)
+  the momentum encoder's parameters: an EMA of `params`, never
+  differentiated (None when the recipe has no target encoder)."""
+  data_stats: dict
+  nonfinite_skips: jax.Array
+  ema_params: Any = None
+
+
+def decay_mask(params):
+  """AdamW decays kernels and embeddings, not biases, LayerNorm, scales,
+  the [MASK] vectors or SemMIM's prototypes (used normalised)."""
+  def decays(path, _):
+    name = [k.key for k in path if isinstance(getattr(k, 'key', None), str)][-1]
+    return not name.endswith(('bias', 'scale', 'mask_vector', 'mask_token',
+                              'prototypes'))
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config):
+  o = config.optim
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, o.lr, int(o.warmup_fraction * config.total_steps),
+      config.total_steps,
+      end_value=o.lr * o.end_lr_fraction)
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.grad_clip_norm),
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                  mask=decay_mask))
+  # Fine-tuning: gentler steps on what init_from loaded. Always chained (an
+  # empty mask when nothing was loaded), so the optimizer state keeps one
+  # structure and a run resumes whatever the multiplier.
+  slow, mult = pretrained_lr(config)
+  tx = optax.chain(tx, optax.masked(
+      optax.scale(mult),
+      lambda params: {k: jax.tree.map(lambda _: k in slow, v)
+                      for k, v in params.items()}))
+  return tx, schedule
+
+
+def pretrained_lr(config):
+  """(top-level parameter names, lr multiplier) of the parameters a
+  fine-tuning run takes from init_from; ((), 1.0) when it loads none."""
+  if not config.get('init_from'):
+    return (), 1.0
+  return (pretrained_param_names(config.task,
+                                 configlib.reads_pixels(config)),
+          config.finetune.pretrained_lr_mult)
+
+
+def bert_params(config, params):
+  """`params` with what config.init.bert's BERT folder initialises (the
+  unified encoder and the embeddings it sees); unchanged when it is ''."""
+  if not config.get('init', {}).get('bert'):
+    return params
+  from cmal_jax.export import bert
+  params, taken = bert.init_params(jax.device_get(params), config.init.bert,
+                                   config.model)
+  log(f'init.bert {bert.resolve_path(config.init.bert)}: {taken} parameter '
+      'arrays (unified encoder, slot and text embeddings, ITM pooler).')
+  return params
+
+
+def dummy_batch(config, batch_size):
+  """Zeros with the pipeline's shapes, for init and shape inference."""
+  shapes = pipeline.Shapes.from_config(config)
+  T, R, K = shapes.max_text_len, shapes.max_regions, shapes.max_anchors
+  z = lambda *s, dtype=jnp.int32: jnp.zeros((batch_size,) + s, dtype)
+  batch = dict(input_ids=z(T), text_mask=z(T),
+               region_boxes=z(R, 4, dtype=jnp.float32), region_tags=z(R),
+               region_mask=z(R), anchor_text_pos=z(K), anchor_text_end=z(K),
+               anchor_region=z(K), anchor_valid=z(K, dtype=bool),
+               itm_label=z())
+  batch.update(zero_visual_inputs(shapes, batch_size))
+  return batch
+
+
+def zero_visual_inputs(shapes, rows):
+  """What the vision side reads, as zeros: images [rows, S, S, 3] uint8
+  (model.visual.input='pixels') or region_feats [rows, R, F] float32."""
+  if shapes.pixels:
+    S = shapes.image_size
+    return {'images': jnp.zeros((rows, S, S, 3), jnp.uint8)}
+  return {'region_feats': jnp.zeros(
+      (rows, shapes.max_regions, shapes.feature_dim), jnp.float32)}
+
+
+def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,
+                       axis_rules, abstract_only=False):
+  """Initialises the state directly in its shardings (no host copy).
+
+  init_inputs(rng) -> the model's inputs for init; stat_keys: the data
+  counters kept in the state. Returns (state, state_shardings); with
+  abstract_only, the state as jax.ShapeDtypeStructs (compile_only).
+  The momentum encoder (semmim.uses_target_encoder) starts as a copy of the
+  parameters, sharded as they are.
+  """
+  def init(rng):
+    params = model.init(rng, init_inputs(rng))['params']  # Boxed.
+    state = TrainState.create(
+        apply_fn=model.apply, params=params, tx=tx,
+        data_stats={k: jnp.zeros((), jnp.int32) for k in stat_keys},
+        nonfinite_skips=jnp.zeros((), jnp.int32),
+        ema_params=params if semmim.uses_target_encoder(config) else None)
+    # create() starts from a weak-typed step; a restored one is int32, and
+    # the jitted step must see one type to reuse its compilation.
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+  rng = jax.random.key(config.seed)
+  with nn.logical_axis_rules(axis_rules):
+    abstract = jax.eval_shape(init, rng)
+    shardings = sharding.logical_shardings(abstract, mesh, axis_rules)
+    if abstract_only:  # Shapes, dtypes and shardings; nothing allocated.
+      return jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          nn.unbox(abstract), shardings), shardings
+    state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+# ----------------------------------------------------------- 4. train step
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """A job's objectives, in the parts gradient accumulation and SemMIM need.
+
+  prepare(batch, rng, state) -> batch: the corruption (CMAP's anchor
+    actions, MLM masking; SemVLP's mode of the step; SemMIM's momentum
+    encoder's targets and text-guided masks), applied to the whole batch so
+    that accumulating micro-batches sees the same corruption as one batch.
+    It is not differentiated; `state` is the TrainState (None outside a
+    train step; only SemMIM needs it).
+  loss(params, batch, rng, denominators) -> (loss, metrics): the model's
+    losses on a (micro-)batch; rng is for dropout.
+  denominators(batch) -> {name: scalar}: what each mean divides by, over
+    the whole batch; losses and metrics are then sums over micro-batches.
+  after_update(state) -> state: runs after each applied update (SemMIM's
+    momentum-encoder update), inside the jitted step.
+  """
+  prepare: Callable
+  loss: Callable
+  denominators: Callable
+  after_update: Callable = lambda state: state
+
+
+def split_micro_batches(batch, num):
+  """{k: [B, ...]} -> {k: [num, B / num, ...]}; micro-batch i holds rows
+  i, i + num, ... so that each is spread over every batch shard (a shard's
+  consecutive rows go to different micro-batches) and needs no transfer."""
+  def split(x):
+    x = x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(
+        x, (None, 'batch') + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, batch)
+
+
+def loss_and_grads(loss, params, batch, rng, num_micro=1, state=None):
+  """Gradients and metrics of a Loss on `batch` -> (grads, metrics).
+
+  num_micro > 1 sums the gradients of that many micro-batches (lax.scan,
+  one micro-batch's activations live at a time): the same as one batch up
+  to float rounding (the corruption is drawn once for the whole batch and
+  the means divide by whole-batch counts), ITC's in-batch negatives and
+  dropout's draws aside. state: what Loss.prepare reads (the TrainState).
+  """
+  prep_rng, dropout_rng = jax.random.split(rng)
+  batch = loss.prepare(batch, prep_rng, state)
+  denominators = loss.denominators(batch)
+  value_and_grad = jax.value_and_grad(loss.loss, has_aux=True)
+  if num_micro == 1:
+    (_, metrics), grads = value_and_grad(params, batch, dropout_rng,
+                                         denominators)
+    return grads, metrics
+
+  def accumulate(carry, micro):
+    i, micro_batch = micro
+    (_, metrics), grads = value_and_grad(
+        params, micro_batch, jax.random.fold_in(dropout_rng, i), denominators)
+    return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+  micro_batches = split_micro_batches(batch, num_micro)
+  (_, metric_shapes), grad_shapes = jax.eval_shape(
+      value_and_grad, params, jax.tree.map(lambda x: x[0], micro_batches),
+      dropout_rng, denominators)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       (grad_shapes, metric_shapes))
+  (grads, metrics), _ = jax.lax.scan(
+      accumulate, zeros, (jnp.arange(num_micro), micro_batches))
+  return grads, metrics
+
+
+def make_train_step(loss, config, schedule):
+  """The train step (state, batch) -> (state, metrics) of a Loss, with
+  config.grad_accum_steps micro-batches (loss_and_grads)."""
+  base_rng = jax.random.key(config.seed)
+
+  def train_step(state, batch):
+    batch = dict(batch)
+    data_stats = {k: v + jnp.sum(batch['stats'][k])
+                  for k, v in state.data_stats.items()}
+    del batch['stats']
+    # All randomness: the config seed folded with the step.
+    rng = jax.random.fold_in(base_rng, state.step)
+    grads, metrics = loss_and_grads(loss, state.params, batch, rng,
+                                    config.grad_accum_steps, state)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['lr'] = schedule(state.step)
+    # A non-finite loss or gradient skips the update: parameters and
+    # optimizer state stay as they were; the step and data still advance.
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    metrics['update_skipped'] = ~finite
+    skips = state.nonfinite_skips + (~finite).astype(jnp.int32)
+    # lax.cond, not a select: only the taken branch runs, so a finite step
+    # does not read the old and new state (3 x params) once more to choose
+    # (6 % of a base step on CPU).
+    state = jax.lax.cond(
+        finite, lambda s: loss.after_update(s.apply_gradients(grads=grads)),
+        lambda s: s.replace(step=s.step + 1), state)
+    return state.replace(data_stats=data_stats, nonfinite_skips=skips), metrics
+
+  return train_step
+
+
+def jit_train_step(loss, config, schedule, state_shardings, mesh):
+  """The jitted train step (state, batch) -> (state, metrics) with the
+  state donated (updated in place) and the batch split over data x fsdp.
+  Call it under jax.set_mesh(mesh) and the config's axis rules."""
+  return jax.jit(
+      make_train_step(loss, config, schedule),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+
+
+# -------------------------------------------------------------------- jobs
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """What differs between pre-training and fine-tuning a task.
+
+  init_inputs(rng) -> model inputs for init; loss: the objectives (a
+  Loss); evaluate(params, final) -> flat results on the eval
+  split; finish(best_params, best_step) -> extra final results (or None);
+  initial_params(params) -> params before step 0 (init_from).
+  """
+  model: Any
+  train_ds: Any  # A grain MapDataset of process-local batches.
+  epoch_size: int  # Examples in one epoch of the train split.
+  stat_keys: tuple  # batch['stats'] keys, summed into TrainState.data_stats.
+  init_inputs: Callable
+  loss: Loss
+  evaluate: Callable
+  directory: str
+  finish: Callable | None = None
+  initial_params: Callable = lambda params: params
