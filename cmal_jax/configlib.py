@@ -3,20 +3,28 @@ message that names the field."""
 
 import ml_collections
 
+from cmal_jax import recipes
+from cmal_jax.data import tasks
+from cmal_jax.model import bert_init
+from cmal_jax.model.cmal import pixel_config
+from cmal_jax.model.unified import REMAT_POLICIES
+
 
 def _fail(field, value, why):
   raise ValueError(f'config.{field}={value!r}: {why}')
 
 
-TASKS = ('pretrain', 'vqa', 've', 'nlvr2', 'rec', 'retrieval')
-PRETRAIN_RECIPES = ('cmal', 'cmcl', 'mlm_itm', 'semvlp', 'semmim')
+TASKS = ('pretrain',) + tasks.TASKS
 VISUAL_INPUTS = ('regions', 'pixels')
 BOX_SOURCES = ('given', 'grid')
 RECALLS = tuple(f'{d}_r{k}' for d in ('t2i', 'i2t') for k in (1, 5, 10))
-# What fine-tuning's evaluation reports per task (finetune.py).
+# What fine-tuning's evaluation reports per task (finetune.py); the last
+# is the validation metric that picks the best checkpoint (higher is
+# better).
 TASK_METRICS = {'vqa': ('vqa_accuracy',), 've': ('accuracy',),
                 'nlvr2': ('accuracy',), 'rec': ('accuracy',),
                 'retrieval': RECALLS + ('mean_recall',)}
+BEST_METRIC = {task: names[-1] for task, names in TASK_METRICS.items()}
 
 
 def reads_pixels(config) -> bool:
@@ -108,12 +116,10 @@ def validate(config: ml_collections.ConfigDict):
   if not 0 <= o.warmup_fraction < 1:
     _fail('optim.warmup_fraction', o.warmup_fraction, 'must be in [0, 1)')
   if config.get('init', {}).get('bert'):  # Sizes checked before any work.
-    from cmal_jax.export import bert
-    bert.check_config(config.init.bert, config.model)
+    bert_init.check_config(config.init.bert, config.model)
   if len(config.mesh.shape) not in (0, 3):
     _fail('mesh.shape', tuple(config.mesh.shape),
           "needs 3 entries, (data, fsdp, tensor), or () for the preset's")
-  from cmal_jax.model.unified import REMAT_POLICIES  # The one list.
   remat_names = ['none', *REMAT_POLICIES]
   if m.remat not in remat_names:
     _fail('model.remat', m.remat, f'must be one of {remat_names}')
@@ -140,7 +146,6 @@ def _validate_visual(config):
     return
   if v.boxes not in BOX_SOURCES:
     _fail('model.visual.boxes', v.boxes, f'must be one of {BOX_SOURCES}')
-  from cmal_jax.model.cmal import pixel_config  # Imports JAX.
   try:
     cfg = pixel_config(config.model)
   except (TypeError, ValueError) as e:  # 'PixelConfig.width=0: ...'.
@@ -159,8 +164,14 @@ def _validate_visual(config):
           'grid_size or raise max_regions')
 
 
-# Pre-training's objective weights (mim and agreement: SemMIM's configs only).
-LOSS_WEIGHTS = ('amc', 'mlm', 'itm', 'mrc', 'itc', 'mim', 'agreement')
+# The fields of config.loss that are not objective weights; every other
+# field is one (a recipe may add its own, as SemMIM adds mim and agreement).
+LOSS_SETTINGS = ('amc_targets', 'mlm_prob', 'mrc_prob', 'mask_anchors')
+
+
+def loss_weights(config):
+  """{objective: weight} of a pre-training config; 0 turns one off."""
+  return {k: v for k, v in config.loss.items() if k not in LOSS_SETTINGS}
 
 
 def _validate_pretrain(config):
@@ -176,10 +187,13 @@ def _validate_pretrain(config):
   if config.cmap.swap_prob + config.cmap.mask_prob > 1:
     _fail('cmap.mask_prob', config.cmap.mask_prob,
           'swap_prob + mask_prob must be <= 1 (the rest keeps the anchor)')
-  for name in LOSS_WEIGHTS:
-    if config.loss.get(name, 0) < 0:
-      _fail(f'loss.{name}', config.loss[name], 'weights must be >= 0')
-  if not any(config.loss.get(n, 0) > 0 for n in LOSS_WEIGHTS):
+  weights = loss_weights(config)
+  for name, weight in weights.items():
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+      _fail(f'loss.{name}', weight, 'an objective weight must be a number')
+    if weight < 0:
+      _fail(f'loss.{name}', weight, 'weights must be >= 0')
+  if not any(w > 0 for w in weights.values()):
     _fail('loss', 'all zero', 'enable at least one objective')
   if config.loss.amc_targets not in ('pairing', 'label', 'both'):
     _fail('loss.amc_targets', config.loss.amc_targets,
@@ -190,51 +204,8 @@ def _validate_pretrain(config):
   if config.loss.amc > 0 and not config.cmap.enabled:
     _fail('loss.amc', config.loss.amc,
           'AMC needs CMAP: set cmap.enabled=True or loss.amc=0')
-  if config.recipe not in PRETRAIN_RECIPES:
-    _fail('recipe', config.recipe,
-          f'must be one of {list(PRETRAIN_RECIPES)}')
-  every = config.get('two_stream_every', 0)
-  if not isinstance(every, int) or every < 0:
-    _fail('two_stream_every', every, 'must be an integer >= 0')
-  if every and not config.model.get('cross_attention', False):
-    _fail('two_stream_every', every, 'alternating modes needs the '
-          'cross-attention sub-layer: set model.cross_attention=True')
-  if config.loss.get('mim', 0) > 0 or config.loss.get('agreement', 0) > 0:
-    _validate_semmim(config)
-
-
-def _validate_semmim(config):
-  """SemMIM masks the backbone's patches: the regions must be exactly them."""
-  v, s = config.model.visual, config.semmim
-  needs = (('model.visual.input', v.input, 'pixels'),
-           ('model.visual.kind', v.kind, 'patch'),
-           ('model.visual.boxes', v.boxes, 'grid'),
-           ('model.visual.grid_size', v.grid_size,
-            v.image_size // v.patch_size))
-  for field, value, wanted in needs:
-    if value != wanted:
-      _fail(field, value, f'SemMIM (loss.mim / loss.agreement) masks the '
-            f'pixel backbone\'s patches, one region each: needs {wanted!r}')
-  if not isinstance(config.model.prototypes, int) or (
-      config.model.prototypes < 2):
-    _fail('model.prototypes', config.model.prototypes,
-          'SemMIM needs K >= 2 prototypes')
-  if config.model.unified_layers < 1:
-    _fail('model.unified_layers', config.model.unified_layers,
-          "SemMIM's text-guided masking reads the last unified layer")
-  if not 0 < s.mask_ratio < 1:
-    _fail('semmim.mask_ratio', s.mask_ratio, 'must be in (0, 1)')
-  if not 0 <= s.ema_momentum <= 1:
-    _fail('semmim.ema_momentum', s.ema_momentum, 'must be in [0, 1]')
-  for field in ('teacher_temp', 'student_temp'):
-    if not s[field] > 0:
-      _fail(f'semmim.{field}', s[field], 'must be > 0')
-  if s.mask_noise < 0:
-    _fail('semmim.mask_noise', s.mask_noise, 'must be >= 0')
-  if not isinstance(s.sinkhorn_iterations, int) or s.sinkhorn_iterations < 1:
-    _fail('semmim.sinkhorn_iterations', s.sinkhorn_iterations,
-          'must be an integer >= 1 (the last one makes each row a '
-          'distribution)')
+  # The recipe's own fields (cmal_jax/recipes/); an unknown name fails.
+  recipes.get(config.recipe).check(config)
 
 
 def _validate_finetune(config):

@@ -147,7 +147,7 @@ def umse_spread(model, params, config, rows, mesh):
   real caption token after [CLS] ('umse_text_spread'). 1 for directions
   spread evenly over the sphere; 0 when every region (token) maps to one
   vector, which MLM + ITM pre-training can reach when ITM never leaves
-  chance (README, "SemVLP and SemMIM at small")."""
+  chance (docs/results.md, "SemVLP and SemMIM at small")."""
   (text, regions), (text_mask, region_mask) = matched_pair_outputs(
       lambda p, b: (model.apply({'params': p}, b, method='embed_units'),
                     (b['text_mask'][:, 1:], b['region_mask'])),

@@ -2,7 +2,7 @@
 
 train.py runs the same loop for both (checkpoints, resume, metrics,
 sharding); this module supplies the task's data, model, loss and evaluation
-(train_step.Job). Per task (DESIGN §2):
+(train_step.Job). Per task (docs/design.md §2):
 
   vqa        BCE on VQA v2 soft scores over the answer vocabulary; metric
              VQA accuracy (official normalisation and 10-choose-9 average),
@@ -152,7 +152,7 @@ def task_loss(outputs, batch, config, denominators=None):
 
 
 def make_loss(model, config):
-  """The task's train_step.Loss; no corruption step, so prepare is the
+  """The task's objectives.Loss; no corruption step, so prepare is the
   identity."""
   def loss_fn(params, batch, rng, denominators):
     outputs = model.apply({'params': params},
@@ -160,7 +160,7 @@ def make_loss(model, config):
                           deterministic=False, rngs={'dropout': rng})
     return task_loss(outputs, batch, config, denominators)
 
-  return train_step.Loss(prepare=lambda batch, rng, state=None: batch,
+  return objectives.Loss(prepare=lambda batch, rng, state=None: batch,
                     loss=loss_fn,
                     denominators=lambda batch: task_denominators(batch,
                                                                  config))

@@ -1,5 +1,7 @@
-"""Pre-training objectives: input corruption (MLM, MRC, CMAP actions) and
-the AMC, MLM, ITM, MRC and ITC losses.
+"""Pre-training objectives: input corruption (MLM, MRC, CMAP actions), the
+AMC, MLM, ITM, MRC and ITC losses, and the Loss contract a job hands the
+train step (train_step.py). A recipe (cmal_jax/recipes/) picks among these
+by its loss weights and may add its own.
 
 All randomness here runs on device from one key per step, so it is the same
 on any mesh and needs no host round trip.
@@ -7,12 +9,12 @@ on any mesh and needs no host round trip.
 
 import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from cmal_jax.model import cmap
-from cmal_jax.model.cmal import masked_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,53 @@ class SpecialTokens:
   def from_tokenizer(cls, tok):
     return cls(tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id,
                tok.vocab_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """A job's objectives, in the parts gradient accumulation and the recipes'
+  hooks need (train_step.loss_and_grads calls them in this order).
+
+  prepare(batch, rng, state) -> batch: the corruption (CMAP's anchor
+    actions, MLM masking; a recipe's own, e.g. SemVLP's mode of the step or
+    SemMIM's momentum encoder's targets and masks), applied to the whole
+    batch so that accumulating micro-batches sees the same corruption as
+    one batch. It is not differentiated; `state` is the TrainState (None
+    outside a train step).
+  loss(params, batch, rng, denominators) -> (loss, metrics): the model's
+    losses on a (micro-)batch; rng is for dropout.
+  denominators(batch) -> {name: scalar}: what each mean divides by, over
+    the whole batch; losses and metrics are then sums over micro-batches.
+  after_update(state) -> state: runs after each applied update, inside the
+    jitted step (SemMIM: the momentum encoder's step).
+  extra_state(params) -> pytree or None: the recipe's own train state
+    (TrainState.extra, checkpointed with it) for starting parameters
+    `params` (SemMIM: the momentum encoder, a copy of them).
+  """
+  prepare: Callable
+  loss: Callable
+  denominators: Callable
+  after_update: Callable = lambda state: state
+  extra_state: Callable = lambda params: None
+
+
+def pretraining_loss(model, config, specials, two_stream=None):
+  """The Loss of the configured pre-training objectives: prepare_inputs'
+  corruption, then compute_losses. two_stream: the model's mode (None: the
+  config's; SemVLP's schedule picks one per step)."""
+  def prepare(batch, rng, state=None):
+    inputs, targets = prepare_inputs(batch, rng, config, specials)
+    return dict(inputs=inputs, targets=targets)
+
+  def loss(params, batch, rng, denominators):
+    outputs = model.apply({'params': params}, batch['inputs'],
+                          deterministic=False, rngs={'dropout': rng},
+                          two_stream=two_stream)
+    return compute_losses(outputs, batch['targets'], config, denominators)
+
+  return Loss(prepare=prepare, loss=loss,
+              denominators=lambda batch: loss_denominators(batch['targets'],
+                                                           config))
 
 
 def choose_positions(rng, eligible, prob, scores=None):
@@ -218,18 +267,6 @@ def itc_loss(text, image, log_scale, positive, denom=None):
   return (t2i[0] + i2t[0]) / 2, (t2i[1] + i2t[1]) / 2
 
 
-def soft_xent(logits, target_probs, weights, denom):
-  """Cross-entropy against soft targets (self-distillation) and how often
-  the argmaxes agree: logits, target_probs [..., K], weights [...] ->
-  (sum of weighted entries / denom, agreement likewise)."""
-  w = weights.astype(jnp.float32)
-  ce = -jnp.sum(target_probs * jax.nn.log_softmax(logits.astype(jnp.float32)),
-                -1)
-  agree = (jnp.argmax(logits, -1) == jnp.argmax(target_probs, -1)).astype(
-      jnp.float32)
-  return jnp.sum(ce * w) / denom, jnp.sum(agree * w) / denom
-
-
 def denominator(weights):
   """A weighted mean's divisor: the total weight, at least 1."""
   return jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
@@ -241,9 +278,7 @@ def loss_denominators(targets, config):
   gradient accumulation the micro-batches' losses and metrics add up to the
   batch's exactly (ITC aside: its negatives are the micro-batch's)."""
   amc = targets['amc_weights']
-  semmim = ({} if 'mim_weights' not in targets else
-            dict(mim=denominator(targets['mim_weights'])))
-  return dict(**semmim, amc=denominator(amc),
+  return dict(amc=denominator(amc),
               amc_tag=denominator(amc & (targets['amc_tag'] >= 0)),
               mlm=denominator(targets['mlm_weights']),
               itm=denominator(jnp.ones_like(targets['itm_label'])),
@@ -311,28 +346,5 @@ def compute_losses(outputs, targets, config, denominators=None):
                          d['itc'])
     add('itc', lc.itc, loss)
     metrics['acc_itc'] = acc
-  student = lambda name: outputs[name] / config.semmim.student_temp
-  if lc.get('mim', 0) > 0:
-    # SemMIM: each masked patch's prototype distribution (the student sees
-    # the masked image) matches the momentum encoder's on the whole image.
-    loss, acc = soft_xent(student('proto_patch_logits'),
-                          targets['mim_targets'], targets['mim_weights'],
-                          d['mim'])
-    add('mim', lc.mim, loss)
-    metrics['acc_mim'] = acc
-  if lc.get('agreement', 0) > 0:
-    # SemMIM's local semantics enhancing: the momentum encoder's global
-    # image encoding is the target of the student's global encoding and of
-    # its patch encodings taken together (their mean distribution), in the
-    # one prototype space both share.
-    target, positive = targets['image_targets'], targets['positive']
-    global_loss, acc = soft_xent(student('proto_image_logits'), target,
-                                 positive, d['itc'])
-    mean_probs = masked_mean(jax.nn.softmax(student('proto_patch_logits')),
-                             targets['region_mask'])  # [B, K]
-    local_loss, _ = soft_xent(jnp.log(mean_probs + 1e-9), target, positive,
-                              d['itc'])
-    add('agreement', lc.agreement, (global_loss + local_loss) / 2)
-    metrics['acc_agreement'] = acc
   metrics['loss'] = total
   return total, metrics

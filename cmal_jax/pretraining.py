@@ -1,84 +1,30 @@
 """The pre-training job: the world's (or your) pairs, the CMAL model, the
-recipe's objectives (CMAP, AMC, MLM, ITM, MRC, ITC; SemVLP's modes,
-SemMIM's momentum encoder) and the held-out evaluation, as a
+recipe's objectives (cmal_jax/recipes/) and the held-out evaluation, as a
 train_step.Job for the loop in train.py."""
 
 import jax
-import jax.numpy as jnp
 
-from cmal_jax import evaluate, guards, objectives, semmim, sharding
+from cmal_jax import evaluate, guards, objectives, recipes, sharding
 from cmal_jax.data import pipeline, tfds_source
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.guards import log
 from cmal_jax.model.cmal import CMAL, ModelConfig
-from cmal_jax.train_step import Job, Loss, dummy_batch
+from cmal_jax.train_step import Job, dummy_batch
 from cmal_jax.world import synthetic
 
 
 def pretrain_objectives(model, config, specials):
-  """(init_inputs(rng), Loss) of pre-training: objectives.prepare_inputs'
-  corruption (SemMIM: semmim.prepare's), then the configured losses, in
-  SemVLP's mode of the step (two_stream_step)."""
-  with_target_encoder = semmim.uses_target_encoder(config)
-  every = config.get('two_stream_every', 0)
-
-  def prepare(batch, rng, state=None):
-    if with_target_encoder:
-      inputs, targets = semmim.prepare(model, config, specials, batch, rng,
-                                       state)
-    else:
-      inputs, targets = objectives.prepare_inputs(batch, rng, config,
-                                                  specials)
-    prepared = dict(inputs=inputs, targets=targets)
-    if every:  # Per row, so micro-batches split it like the rest.
-      two = (jnp.bool_(config.model.two_stream) if state is None
-             else two_stream_step(state.step, every))
-      prepared['two_stream'] = jnp.full(batch['input_ids'].shape[:1], two)
-    return prepared
-
-  def loss_in_mode(two_stream):
-    def loss(params, batch, rng, denominators):
-      outputs = model.apply({'params': params}, batch['inputs'],
-                            deterministic=False, rngs={'dropout': rng},
-                            two_stream=two_stream)
-      return objectives.compute_losses(outputs, batch['targets'], config,
-                                       denominators)
-    return loss
-
-  def loss_fn(params, batch, rng, denominators):
-    if not every:
-      return loss_in_mode(None)(params, batch, rng, denominators)
-    # One program holds both modes; lax.cond runs only the step's.
-    loss, metrics = jax.lax.cond(batch['two_stream'][0], loss_in_mode(True),
-                                 loss_in_mode(False), params, batch, rng,
-                                 denominators)
-    # The share of two-stream steps (a sum over micro-batches, like the
-    # metrics, so divided by their number).
-    metrics['two_stream'] = jnp.mean(batch['two_stream'].astype(
-        jnp.float32)) / config.grad_accum_steps
-    return loss, metrics
+  """(init_inputs(rng), Loss) of the config's recipe (cmal_jax/recipes/):
+  its corruption, losses and hooks, and the model inputs for init."""
+  recipe = recipes.get(config.recipe)
+  loss = recipe.make_loss(model, config, specials)
 
   def init_inputs(rng):
     inputs = objectives.prepare_inputs(dummy_batch(config, 1), rng, config,
                                        specials)[0]
-    if with_target_encoder:  # Creates the patch mask token.
-      inputs['patch_masked'] = jnp.zeros_like(inputs['region_mask'], bool)
-    return inputs
+    return recipe.init_inputs(inputs, config)
 
-  after_update = lambda state: state
-  if with_target_encoder:
-    after_update = lambda state: state.replace(ema_params=semmim.ema_update(
-        state.ema_params, state.params, config.semmim.ema_momentum))
-  return init_inputs, Loss(
-      prepare=prepare, loss=loss_fn,
-      denominators=lambda batch: objectives.loss_denominators(
-          batch['targets'], config), after_update=after_update)
-
-
-def two_stream_step(step, every):
-  """SemVLP's schedule: whether `step` (0-based) runs two-stream. Of each
-  `every` steps the last does (every=2: single, two, single, ...)."""
-  return step % every == every - 1
+  return init_inputs, loss
 
 
 def make_job(config, workdir, mesh, axis_rules, local_batch):

@@ -1,4 +1,4 @@
-"""Downstream metrics (DESIGN.md §2 "Downstream heads"): VQA accuracy and
+"""Downstream metrics (docs/design.md §2 "Downstream heads"): VQA accuracy and
 answer vocabulary, REC accuracy, retrieval recall@k, per-type breakdowns.
 
 Pure numpy / Python, no JAX: these run on the host over gathered predictions.

@@ -82,7 +82,8 @@ def train_and_evaluate(config, workdir):
   # (fine-tuning with init_from) the pre-trained parameters merged in.
   tx, schedule = make_optimizer(config)
   state, state_shardings = create_train_state(
-      job.model, job.init_inputs, job.stat_keys, tx, config, mesh, axis_rules)
+      job.model, job.init_inputs, job.stat_keys, tx, config, mesh, axis_rules,
+      extra_state=job.loss.extra_state)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   log(f'Model: {num_params / 1e6:.2f}M parameters, size {config.size}, '
       f'recipe {config.recipe}.')
@@ -95,8 +96,8 @@ def train_and_evaluate(config, workdir):
     if params is not state.params:
       params = jax.device_put(params, state_shardings.params)
       state = state.replace(params=params)
-      if state.ema_params is not None:  # The momentum encoder starts equal.
-        state = state.replace(ema_params=params)
+      # The recipe's state (SemMIM's momentum encoder) starts from them.
+      state = state.replace(extra=job.loss.extra_state(params))
   step = int(state.step)
   if jax.process_index() == 0:
     guards.write_text_atomic(epath.Path(workdir) / 'config.json',
@@ -225,7 +226,7 @@ def compile_report(job, config, workdir, mesh, axis_rules, local_batch):
   tx, schedule = make_optimizer(config)
   state, state_shardings = create_train_state(
       job.model, job.init_inputs, job.stat_keys, tx, config, mesh, axis_rules,
-      abstract_only=True)
+      abstract_only=True, extra_state=job.loss.extra_state)
   batch_sharding = sharding.batch_sharding(mesh)
   batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(

@@ -1,6 +1,6 @@
-"""The train-step contract: the train state, the optimizer, a job's
-objectives (Loss) and what a job hands the loop (Job), gradient
-accumulation over micro-batches, and the jitted step."""
+"""The train-step contract: the train state, the optimizer, what a job
+hands the loop (Job, with its objectives.Loss), gradient accumulation over
+micro-batches, and the jitted step."""
 
 import dataclasses
 from typing import Any, Callable
@@ -11,21 +11,22 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from cmal_jax import configlib, semmim, sharding
+from cmal_jax import configlib, objectives, sharding
 from cmal_jax.data import pipeline
 from cmal_jax.guards import log
+from cmal_jax.model import bert_init
 from cmal_jax.model.cmal import pretrained_param_names
 
 
 class TrainState(train_state.TrainState):
   """Flax's TrainState plus the data counters (pipeline.STAT_KEYS), which
   live in the checkpoint so a resumed run keeps counting from where it was,
-  the number of updates skipped because they were not finite, and (SemMIM)
-  the momentum encoder's parameters: an EMA of `params`, never
-  differentiated (None when the recipe has no target encoder)."""
+  the number of updates skipped because they were not finite, and the
+  recipe's own state (objectives.Loss.extra_state; SemMIM: its momentum
+  encoder), never differentiated; None when the recipe keeps none."""
   data_stats: dict
   nonfinite_skips: jax.Array
-  ema_params: Any = None
+  extra: Any = None
 
 
 def decay_mask(params):
@@ -74,11 +75,11 @@ def bert_params(config, params):
   unified encoder and the embeddings it sees); unchanged when it is ''."""
   if not config.get('init', {}).get('bert'):
     return params
-  from cmal_jax.export import bert
-  params, taken = bert.init_params(jax.device_get(params), config.init.bert,
-                                   config.model)
-  log(f'init.bert {bert.resolve_path(config.init.bert)}: {taken} parameter '
-      'arrays (unified encoder, slot and text embeddings, ITM pooler).')
+  params, taken = bert_init.init_params(jax.device_get(params),
+                                        config.init.bert, config.model)
+  log(f'init.bert {bert_init.resolve_path(config.init.bert)}: {taken} '
+      'parameter arrays (unified encoder, slot and text embeddings, ITM '
+      'pooler).')
   return params
 
 
@@ -107,14 +108,16 @@ def zero_visual_inputs(shapes, rows):
 
 
 def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,
-                       axis_rules, abstract_only=False):
+                       axis_rules, abstract_only=False,
+                       extra_state=lambda params: None):
   """Initialises the state directly in its shardings (no host copy).
 
   init_inputs(rng) -> the model's inputs for init; stat_keys: the data
   counters kept in the state. Returns (state, state_shardings); with
   abstract_only, the state as jax.ShapeDtypeStructs (compile_only).
-  The momentum encoder (semmim.uses_target_encoder) starts as a copy of the
-  parameters, sharded as they are.
+  extra_state(params) -> TrainState.extra (objectives.Loss.extra_state):
+  built from the boxed parameters, so what it copies of them is sharded
+  as they are.
   """
   def init(rng):
     params = model.init(rng, init_inputs(rng))['params']  # Boxed.
@@ -122,7 +125,7 @@ def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,
         apply_fn=model.apply, params=params, tx=tx,
         data_stats={k: jnp.zeros((), jnp.int32) for k in stat_keys},
         nonfinite_skips=jnp.zeros((), jnp.int32),
-        ema_params=params if semmim.uses_target_encoder(config) else None)
+        extra=extra_state(params))
     # create() starts from a weak-typed step; a restored one is int32, and
     # the jitted step must see one type to reuse its compilation.
     return state.replace(step=jnp.zeros((), jnp.int32))
@@ -140,29 +143,6 @@ def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,
 
 
 # ----------------------------------------------------------- 4. train step
-
-@dataclasses.dataclass(frozen=True)
-class Loss:
-  """A job's objectives, in the parts gradient accumulation and SemMIM need.
-
-  prepare(batch, rng, state) -> batch: the corruption (CMAP's anchor
-    actions, MLM masking; SemVLP's mode of the step; SemMIM's momentum
-    encoder's targets and text-guided masks), applied to the whole batch so
-    that accumulating micro-batches sees the same corruption as one batch.
-    It is not differentiated; `state` is the TrainState (None outside a
-    train step; only SemMIM needs it).
-  loss(params, batch, rng, denominators) -> (loss, metrics): the model's
-    losses on a (micro-)batch; rng is for dropout.
-  denominators(batch) -> {name: scalar}: what each mean divides by, over
-    the whole batch; losses and metrics are then sums over micro-batches.
-  after_update(state) -> state: runs after each applied update (SemMIM's
-    momentum-encoder update), inside the jitted step.
-  """
-  prepare: Callable
-  loss: Callable
-  denominators: Callable
-  after_update: Callable = lambda state: state
-
 
 def split_micro_batches(batch, num):
   """{k: [B, ...]} -> {k: [num, B / num, ...]}; micro-batch i holds rows
@@ -259,8 +239,8 @@ def jit_train_step(loss, config, schedule, state_shardings, mesh):
 class Job:
   """What differs between pre-training and fine-tuning a task.
 
-  init_inputs(rng) -> model inputs for init; loss: the objectives (a
-  Loss); evaluate(params, final) -> flat results on the eval
+  init_inputs(rng) -> model inputs for init; loss: the objectives (an
+  objectives.Loss); evaluate(params, final) -> flat results on the eval
   split; finish(best_params, best_step) -> extra final results (or None);
   initial_params(params) -> params before step 0 (init_from).
   """
@@ -269,7 +249,7 @@ class Job:
   epoch_size: int  # Examples in one epoch of the train split.
   stat_keys: tuple  # batch['stats'] keys, summed into TrainState.data_stats.
   init_inputs: Callable
-  loss: Loss
+  loss: objectives.Loss
   evaluate: Callable
   directory: str
   finish: Callable | None = None

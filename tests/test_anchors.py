@@ -1,4 +1,4 @@
-"""Tests for anchor point detection (DESIGN.md §2)."""
+"""Tests for anchor point detection (docs/design.md §2)."""
 
 import numpy as np
 import pytest

@@ -19,7 +19,8 @@ from cmal_jax import objectives
 from cmal_jax.benchmarks import run, torch_step
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
-from cmal_jax.export import export, mapping, torch_model, torch_objectives
+from cmal_jax.export import export, torch_model, torch_objectives
+from cmal_jax.model import torch_names
 from cmal_jax.model.cmal import CMAL, ModelConfig
 from configs import pretrain
 
@@ -61,7 +62,7 @@ def test_torch_losses_and_gradients_match_jax(world_dir, loss):
 
   mirror = torch_model.CMAL(export.export_config(config, params))
   mirror.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in
-                          mapping.to_torch_state(params).items()})
+                          torch_names.to_torch_state(params).items()})
   mirror.train()  # Dropout is 0, so train mode computes the same.
   loss_t, metrics_t = torch_objectives.compute_losses(
       mirror(torch_step.to_torch(inputs)), torch_step.to_torch(targets),
@@ -77,7 +78,7 @@ def test_torch_losses_and_gradients_match_jax(world_dir, loss):
                                atol=1e-5, rtol=1e-5, err_msg=k)
   torch_grads = {n: p.grad.numpy() for n, p in mirror.named_parameters()
                  if p.grad is not None}
-  jax_grads = mapping.to_torch_state(jax.device_get(grads_j))
+  jax_grads = torch_names.to_torch_state(jax.device_get(grads_j))
   assert set(torch_grads) <= set(jax_grads)
   # Parameters the losses do not reach have zero gradients in JAX.
   for name, g in jax_grads.items():
@@ -92,7 +93,7 @@ def test_no_decay_matches_the_jax_decay_mask(world_dir):
   params = nn.unbox(jax.eval_shape(  # Names and shapes are enough.
       CMAL(ModelConfig.from_config(config.model, num_tags)).init,
       jax.random.key(0), inputs)['params'])
-  decays = {mapping.torch_name(k)[0]: d for k, d in traverse_util.flatten_dict(
+  decays = {torch_names.torch_name(k)[0]: d for k, d in traverse_util.flatten_dict(
       train_step.decay_mask(params), sep='/').items()}
   assert {n for n, d in decays.items() if not d} == {
       n for n in decays if torch_step.no_decay(n)}

@@ -1,4 +1,4 @@
-"""Tests for CMAP: anchor actions and swap feature filling (DESIGN.md §2)."""
+"""Tests for CMAP: anchor actions and swap feature filling (docs/design.md §2)."""
 
 import textwrap
 

@@ -22,7 +22,8 @@ import torch
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from cmal_jax.export import bert, export, mapping, torch_model
+from cmal_jax.export import export, torch_model
+from cmal_jax.model import bert_init, torch_names
 from cmal_jax.model import cmap
 from configs import pretrain as pretrain_config
 
@@ -37,7 +38,7 @@ SIZES = {
                   vision_layers=1, unified_layers=3, vocab_size=211,
                   num_tags=7, region_feat_dim=33, max_position=40),
 }
-MINILM = bert.resolve_path('minilm')
+MINILM = bert_init.resolve_path('minilm')
 
 
 def export_config(size, task, num_outputs=7):
@@ -96,7 +97,7 @@ def random_inputs(config, batch=3, T=12, R=6, K=3, M=4, seed=0):
 
 def torch_outputs(config, params, inputs):
   model = torch_model.CMAL(config).eval()
-  state = mapping.to_torch_state(params)
+  state = torch_names.to_torch_state(params)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
   with torch.no_grad():
     out = model({k: torch.from_numpy(v) for k, v in inputs.items()})
@@ -248,21 +249,21 @@ def test_torch_mirror_numbers_anchor_actions_as_jax():
 
 
 def test_names_follow_the_table():
-  assert mapping.torch_name('unified/layer_3/attention/query_kernel') == (
+  assert torch_names.torch_name('unified/layer_3/attention/query_kernel') == (
       'unified.layer.3.attention.self.query.weight', 'heads_in')
-  assert mapping.torch_name('unified/layer_0/attention/out_kernel') == (
+  assert torch_names.torch_name('unified/layer_0/attention/out_kernel') == (
       'unified.layer.0.attention.output.dense.weight', 'heads_out')
-  assert mapping.torch_name('text_encoder/encoder/layer_1/output_norm/scale') \
+  assert torch_names.torch_name('text_encoder/encoder/layer_1/output_norm/scale') \
       == ('text_encoder.encoder.layer.1.output.LayerNorm.weight', 'same')
-  assert mapping.torch_name('unified/layer_0/output/kernel') == (
+  assert torch_names.torch_name('unified/layer_0/output/kernel') == (
       'unified.layer.0.output.dense.weight', 'dense')
-  assert mapping.torch_name('slots/position_embeddings/embedding') == (
+  assert torch_names.torch_name('slots/position_embeddings/embedding') == (
       'slots.position_embeddings.weight', 'same')
-  assert mapping.torch_name('text_scale') == ('text_scale', 'same')
+  assert torch_names.torch_name('text_scale') == ('text_scale', 'same')
   # Every name of the mirror comes from the table, and none is left over.
   for task in TASKS:
     config = export_config('d60h5', task)
-    names = set(mapping.to_torch_state(random_params(config)))
+    names = set(torch_names.to_torch_state(random_params(config)))
     assert names == set(torch_model.CMAL(config).state_dict()), task
 
 
@@ -345,7 +346,7 @@ def minilm_params():
                            layer_norm_eps=1e-12))
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                        export.abstract_params(config))
-  params, taken = bert.init_params(zeros, 'minilm', c.model)
+  params, taken = bert_init.init_params(zeros, 'minilm', c.model)
   return config, params, taken
 
 
@@ -493,7 +494,7 @@ def copy_bert(tmp_path, edit_config=None, drop=None):
 def test_bert_folder_of_another_size_is_refused(tmp_path, edit, message):
   c = pretrain_config.get_config('minilm')
   with pytest.raises(ValueError, match=message):
-    bert.init_params({}, copy_bert(tmp_path, edit), c.model)
+    bert_init.init_params({}, copy_bert(tmp_path, edit), c.model)
 
 
 def test_bert_weights_with_missing_keys_are_named(tmp_path, minilm_params):
@@ -502,7 +503,7 @@ def test_bert_weights_with_missing_keys_are_named(tmp_path, minilm_params):
   c = pretrain_config.get_config('minilm')
   with pytest.raises(ValueError, match=r'unified\.layer\.4\.intermediate\.'
                      r'dense\.(weight|bias): missing in the BERT checkpoint'):
-    bert.init_params(params, folder, c.model)
+    bert_init.init_params(params, folder, c.model)
 
 
 def test_bert_weights_of_another_shape_name_both_shapes(tmp_path,
@@ -517,7 +518,7 @@ def test_bert_weights_of_another_shape_name_both_shapes(tmp_path,
   with pytest.raises(ValueError, match=r'unified\.layer\.2\.output\.dense\.'
                      r'weight: the BERT checkpoint .* \(384, 1000\), model '
                      r'\(384, 1536\)'):
-    bert.init_params(params, folder, c.model)
+    bert_init.init_params(params, folder, c.model)
 
 
 def test_bert_pytorch_model_bin_with_old_names(tmp_path, minilm_params):
@@ -536,7 +537,7 @@ def test_bert_pytorch_model_bin_with_old_names(tmp_path, minilm_params):
   shutil.copy(os.path.join(MINILM, 'config.json'), folder / 'config.json')
   zeros = jax.tree.map(np.zeros_like, want)
   c = pretrain_config.get_config('minilm')
-  got, got_taken = bert.init_params(zeros, str(folder), c.model)
+  got, got_taken = bert_init.init_params(zeros, str(folder), c.model)
   assert got_taken == taken
   assert export.trees_equal(got, want)
 
@@ -569,12 +570,12 @@ def test_export_cli_of_a_pretraining_checkpoint(pretrained_tiny, tmp_path):
 def test_bert_folder_without_weights_or_config(tmp_path):
   c = pretrain_config.get_config('minilm')
   with pytest.raises(FileNotFoundError, match='config.json not found'):
-    bert.init_params({}, str(tmp_path), c.model)
+    bert_init.init_params({}, str(tmp_path), c.model)
   (tmp_path / 'config.json').write_text(
       open(os.path.join(MINILM, 'config.json')).read())
   with pytest.raises(FileNotFoundError, match='neither model.safetensors nor '
                      'pytorch_model.bin'):
-    bert.init_params({}, str(tmp_path), c.model)
+    bert_init.init_params({}, str(tmp_path), c.model)
 
 
 def test_export_refuses_a_non_empty_folder_and_keeps_it(tmp_path):

@@ -35,7 +35,7 @@ from cmal_testutil import assert_trees_equal, fast_train_steps
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 
-TASKS = finetune_config.TASKS
+TASKS = tasks.TASKS
 F = 64  # The tiny config's region_feat_dim.
 TOTAL_STEPS, EVAL_EVERY = 6, 3
 NUM_TRAIN, NUM_EVAL, NUM_TEST = 32, 16, 16
@@ -420,7 +420,7 @@ def test_finetune_end_to_end(runs, task, request):
   ev = read_json(workdir, 'eval.json')
   assert ev == json.loads(json.dumps(run['results']))  # Returned = written.
   assert ev['task'] == task
-  assert ev['best_metric'] == finetune_config.BEST_METRIC[task]
+  assert ev['best_metric'] == configlib.BEST_METRIC[task]
   assert ev['step'] == TOTAL_STEPS and ev['nonfinite_skips'] == 0
   assert ev['data_stats']['examples'] == TOTAL_STEPS * config.batch_size
   best = read_json(workdir, 'best.json')
@@ -733,7 +733,7 @@ def test_finetune_configs_validate(task):
   c = finetune_config.get_config(f'{task},tiny')
   configlib.validate(c)
   assert c.task == task and c.init_from == '' and c.size == 'tiny'
-  assert c.eval.best_metric == finetune_config.BEST_METRIC[task]
+  assert c.eval.best_metric == configlib.BEST_METRIC[task]
   assert 'cmap' not in c and 'loss' not in c
   assert tuple(c.finetune.test_splits) == ('test',)
 

@@ -1,4 +1,4 @@
-"""SemMIM (configs/pretrain.py:tiny,semmim; cmal_jax/semmim.py): the
+"""SemMIM (configs/pretrain.py:tiny,semmim; cmal_jax/recipes/semmim.py): the
 momentum encoder's update and that it is never differentiated, text-guided
 masking, Sinkhorn-Knopp targets, the backbone's patch mask token, the grid
 of patches as regions, the config checks, and one short pre-training run
@@ -24,8 +24,9 @@ import pytest
 
 from cmal_jax import pretraining
 from cmal_jax import train_step
-from cmal_jax import checkpoint, configlib, objectives, semmim, sharding
+from cmal_jax import checkpoint, configlib, objectives, sharding
 from cmal_jax.data import pipeline
+from cmal_jax.recipes import semmim
 from cmal_jax.model.cmal import CMAL, ModelConfig, pixel_config
 from cmal_jax.model.pixels import (PixelBackbone, PixelConfig, grid_boxes,
                                    grid_regions)
@@ -129,7 +130,7 @@ def semmim_state():
   mesh = sharding.mesh_from_config(c)
   state, _ = train_step.create_train_state(
       model, init_inputs, pipeline.stat_keys(c), tx, c, mesh,
-      sharding.rules(c))
+      sharding.rules(c), extra_state=loss.extra_state)
   step = jax.jit(train_step.make_train_step(loss, c, schedule),
                  compiler_options=FAST)
   return c, model, loss, state, step, mesh
@@ -139,8 +140,8 @@ def test_train_step_moves_the_momentum_encoder(semmim_state):
   c, _, _, state, step, mesh = semmim_state
   m = c.semmim.ema_momentum
   # The momentum encoder starts as a copy of the parameters.
-  assert state.ema_params is not None
-  assert_trees_equal(state.ema_params, state.params, min_leaves=20)
+  assert state.extra is not None
+  assert_trees_equal(state.extra['ema_params'], state.params, min_leaves=20)
   assert 'mask_token' in state.params['pixels']
   assert 'prototype_head' in state.params
   states = [state]
@@ -158,8 +159,8 @@ def test_train_step_moves_the_momentum_encoder(semmim_state):
       assert not bool(metrics['update_skipped'])
       states.append(new)
   for old, new in zip(states, states[1:]):
-    old_ema, params, ema = map(jax.device_get, (old.ema_params, new.params,
-                                                new.ema_params))
+    old_ema, params, ema = map(jax.device_get, (old.extra['ema_params'], new.params,
+                                                new.extra['ema_params']))
     moved = max(float(np.abs(p - q).max()) for p, q in zip(
         jax.tree.leaves(params), jax.tree.leaves(old.params)))
     assert moved > 1e-3, moved  # The step updated the parameters...
@@ -188,26 +189,26 @@ def test_momentum_encoder_is_not_differentiated(semmim_state):
   def loss_of_ema(ema, batch):
     """The loss as a function of the momentum encoder: it reaches the loss
     through the targets and the text-guided mask only."""
-    prepared = loss.prepare(batch, key, state.replace(ema_params=ema))
+    prepared = loss.prepare(batch, key, state.replace(extra={'ema_params': ema}))
     return loss.loss(state.params, prepared, key,
                      loss.denominators(prepared))[0]
 
   rng = np.random.default_rng(0)
   other = jax.tree.map(lambda x: x + rng.normal(0, 0.5, x.shape).astype(
-      x.dtype), jax.device_get(state.ema_params))
+      x.dtype), jax.device_get(state.extra['ema_params']))
   # Placed as the state's arrays, so the step's compilation is reused.
   other = jax.device_put(other, jax.tree.map(lambda x: x.sharding,
-                                             state.ema_params))
+                                             state.extra['ema_params']))
   grad = jax.jit(jax.grad(loss_of_ema), compiler_options=FAST)
   with jax.set_mesh(mesh):
-    for ema in (state.ema_params, other):
+    for ema in (state.extra['ema_params'], other):
       for path, g in jax.tree_util.tree_leaves_with_path(grad(ema, batch)):
         assert not np.asarray(g).any(), jax.tree_util.keystr(path)
     # Yet the loss does depend on it (the targets are the EMA's): the same
     # step from another momentum encoder sees another loss.
     batch['stats'] = stats
     losses = [float(step(s, batch)[1]['loss'])
-              for s in (state, state.replace(ema_params=other))]
+              for s in (state, state.replace(extra={'ema_params': other}))]
   assert all(math.isfinite(v) for v in losses)
   assert abs(losses[0] - losses[1]) > 1e-3, losses
   # Without a train state there is no momentum encoder to read.
@@ -498,10 +499,11 @@ def test_semmim_pretraining_learns(semmim_pretrained):
   # The checkpoints hold the momentum encoder, and between the last two it
   # moved by the rule: ema_20 = m ema_19 + (1 - m) params_20.
   s19, s20 = restore_state(workdir, STEPS - 1), restore_state(workdir, STEPS)
-  assert 'ema_params' in s20
+  assert 'ema_params' in s20['extra']
   m = c.semmim.ema_momentum
   flat = lambda tree: dict(jax.tree_util.tree_leaves_with_path(tree))
-  ema19, ema20, params20 = (flat(s19['ema_params']), flat(s20['ema_params']),
+  ema19, ema20, params20 = (flat(s19['extra']['ema_params']),
+                            flat(s20['extra']['ema_params']),
                             flat(s20['params']))
   assert ema20.keys() == params20.keys()
   for path, e in ema20.items():

@@ -27,6 +27,7 @@ from cmal_jax import pretraining
 from cmal_jax import checkpoint, configlib, objectives
 from cmal_jax.model.cmal import CMAL, ENCODER_PARAMS, ModelConfig
 from cmal_jax.model.unified import two_stream_masks
+from cmal_jax.recipes import semvlp
 from cmal_testutil import (CLS, FAST, MASK, PAD, SEP, finetune_tiny,
                             random_batch, shrink, train_fast)
 from configs import pretrain
@@ -234,14 +235,14 @@ def test_image_without_regions_has_finite_gradients_in_two_stream_mode(
 # ----------------------------------------------------- schedule and config
 
 def test_two_stream_step_alternates():
-  assert [bool(pretraining.two_stream_step(s, 2)) for s in range(6)] == [
+  assert [bool(semvlp.two_stream_step(s, 2)) for s in range(6)] == [
       False, True, False, True, False, True]
-  assert [bool(pretraining.two_stream_step(s, 3)) for s in range(6)] == [
+  assert [bool(semvlp.two_stream_step(s, 3)) for s in range(6)] == [
       False, False, True, False, False, True]
   # Traced steps (as in the jitted train step) give the same.
   steps = jnp.arange(6, dtype=jnp.int32)
   np.testing.assert_array_equal(
-      jax.jit(lambda s: pretraining.two_stream_step(s, 2))(steps),
+      jax.jit(lambda s: semvlp.two_stream_step(s, 2))(steps),
       [False, True, False, True, False, True])
 
 
@@ -254,7 +255,7 @@ def test_prepared_batch_carries_the_mode_of_the_step():
   # The state as the train step passes it; only its step is read here.
   prepare = jax.jit(lambda batch, step: loss.prepare(
       batch, jax.random.key(0),
-      types.SimpleNamespace(step=step, ema_params=None)),
+      types.SimpleNamespace(step=step, extra=None)),
                     compiler_options=FAST)
   for step in range(4):
     prepared = prepare(batch, jnp.int32(step))
@@ -281,7 +282,7 @@ def test_config_checks_name_the_field():
     configlib.validate(config)
 
   c = pretrain.get_config('tiny,cmal')
-  assert not c.model.cross_attention and c.two_stream_every == 0
+  assert not c.model.cross_attention and 'two_stream_every' not in c
   c.model.two_stream = True
   with pytest.raises(ValueError, match=r'config\.model\.two_stream=True.*'
                      'cross_attention=True'):

@@ -1,5 +1,5 @@
 """Two train steps on 1 device and on 8 fake CPU devices under each
-sharding preset (DESIGN.md §5), and the per-device memory the compiled step
+sharding preset (docs/design.md §5), and the per-device memory the compiled step
 reports for each.
 
 Runs in one subprocess (XLA_FLAGS must be set before JAX starts, and the

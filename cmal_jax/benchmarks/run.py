@@ -97,7 +97,8 @@ class JaxStep:
     with self.scope():
       self.state, shardings = train_step.create_train_state(
           self.job.model, self.job.init_inputs, self.job.stat_keys, tx,
-          config, self.mesh, self.axis_rules)
+          config, self.mesh, self.axis_rules,
+          extra_state=self.job.loss.extra_state)
       self.step_fn = train_step.jit_train_step(self.job.loss, config, schedule,
                                           shardings, self.mesh)
     self.iterator = pipeline.to_iterator(self.job.train_ds, config)

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import torch
 
-from cmal_jax.export import mapping, torch_model, torch_objectives
+from cmal_jax.export import torch_model, torch_objectives
+from cmal_jax.model import torch_names
 
 
 def to_torch(tree):
@@ -34,7 +35,7 @@ def make_torch_step(export_config, params, config, lr, compile_mode=None):
   compile_mode: None (eager) or a torch.compile mode ('default', ...).
   """
   model = torch_model.CMAL(export_config)
-  state = mapping.to_torch_state(jax.device_get(params))
+  state = torch_names.to_torch_state(jax.device_get(params))
   model.load_state_dict({k: torch.as_tensor(np.array(v))
                          for k, v in state.items()})
   model.train()  # Dropout on, as in the JAX train step.

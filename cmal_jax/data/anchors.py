@@ -1,4 +1,4 @@
-"""Anchor point detection (DESIGN.md §2): caption words naming detected objects.
+"""Anchor point detection (docs/design.md §2): caption words naming detected objects.
 
 Host side, pure numpy/python, deterministic, called once per example in the
 input pipeline. Caption -> lower-cased words with char spans -> canonical tag

@@ -40,7 +40,8 @@ from safetensors.numpy import save_file
 from cmal_jax import checkpoint
 from cmal_jax.data import task_pipeline, tokenizer
 from cmal_jax.world import synthetic
-from cmal_jax.export import bert, mapping
+from cmal_jax.export import bert
+from cmal_jax.model import torch_names
 from cmal_jax.model.cmal import CMAL, PIXEL_PARAMS, ModelConfig
 from cmal_jax.model.unified import EncoderConfig
 
@@ -216,9 +217,9 @@ def write_export(out, params, config, vocab_path=None, overwrite=False):
   (export_config) into `out`, atomically."""
   check_out_dir(out, overwrite)
   params = jax.tree.map(np.asarray, params)
-  state = mapping.to_torch_state(params)
+  state = torch_names.to_torch_state(params)
   # The export must read back to the very same parameters.
-  if not trees_equal(mapping.from_torch_state(state, params), params):
+  if not trees_equal(torch_names.from_torch_state(state, params), params):
     raise AssertionError('export: the name mapping does not round-trip.')
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
@@ -274,8 +275,8 @@ def export(workdir, out, step=None, overwrite=False):
   if answers is not None:
     config['answers'] = answers
   template = abstract_params(config)
-  mapping.from_torch_state(  # Fails naming what a changed model lacks.
-      mapping.to_torch_state(params), template, f'checkpoint {where}')
+  torch_names.from_torch_state(  # Fails naming what a changed model lacks.
+      torch_names.to_torch_state(params), template, f'checkpoint {where}')
   vocab = run_config.data.get('vocab_path') or tokenizer.default_vocab_path()
   write_export(out, params, config, vocab, overwrite)
   return config

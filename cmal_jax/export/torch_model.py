@@ -1,6 +1,6 @@
 """The PyTorch mirror of `cmal_jax.model.cmal.CMAL`: the same computation
 (UMSE, CMAP with the anchor swap, the unified encoder, every pre-training
-and task head) with the same parameter tree, named by `mapping.py`.
+and task head) with the same parameter tree, named by `torch_names.py`.
 
     from cmal_jax.export.torch_model import CMAL
     model = CMAL.from_pretrained('runs/export')  # model.safetensors + config.json
@@ -287,7 +287,7 @@ def pool_regions(region_unit, region_mask):
 
 class CMAL(nn.Module):
   """The whole model for `config['task']`: 'pretrain' or a task of
-  cmal_jax.model.cmal.TASK_HEADS. `config` is the exported config.json's
+  cmal_jax.data.tasks.TASKS. `config` is the exported config.json's
   'model' section plus task and num_outputs."""
 
   def __init__(self, config):
@@ -345,11 +345,12 @@ class CMAL(nn.Module):
     return model.to(device).eval()
 
   def jax_params(self):
-    """The parameters in the JAX model's tree (numpy), through mapping."""
-    from cmal_jax.export import export, mapping  # JAX, only when asked.
+    """The parameters in the JAX model's tree (numpy), through torch_names."""
+    from cmal_jax.export import export  # JAX, only when asked.
+    from cmal_jax.model import torch_names
     template = export.abstract_params(self.config)
     state = {k: v.detach().cpu().numpy() for k, v in self.state_dict().items()}
-    return mapping.from_torch_state(state, template, 'the PyTorch model')
+    return torch_names.from_torch_state(state, template, 'the PyTorch model')
 
   # ------------------------------------------------------------- forward
 

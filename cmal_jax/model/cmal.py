@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cmal_jax.data.tasks import TASKS
 from cmal_jax.model import axes, cmap, heads
 from cmal_jax.model.umse import TextEncoder, VisionEncoder, l2_normalize
 from cmal_jax.model.pixels import PixelBackbone, PixelConfig
@@ -74,9 +75,6 @@ def pixel_config(model_config):
       dtype=jnp.dtype(model_config.get('dtype', 'float32')))
 
 
-# Downstream tasks and what their head outputs (DESIGN §2, "Downstream
-# heads"); the encoder parameters are the same in every task.
-TASK_HEADS = ('vqa', 've', 'nlvr2', 'rec', 'retrieval')
 # Parameters a fine-tuning run takes from a pre-trained checkpoint.
 ENCODER_PARAMS = ('text_encoder', 'vision_encoder', 'text_scale',
                   'vision_scale', 'mask_vector', 'slots', 'unified')
@@ -317,4 +315,4 @@ def _task_head(task, cfg, num_outputs):
   if task == 'rec':
     return heads.RegionScorer(cfg, name='rec_head')
   raise ValueError(f'unknown task {task!r}; tasks are pretrain and '
-                   f'{list(TASK_HEADS)}')
+                   f'{list(TASKS)}')

@@ -1,6 +1,6 @@
 """Pixel backbone: images -> a feature map -> one feature vector per region.
 
-For plain image files (DESIGN.md section 3): region features come from a
+For plain image files (docs/design.md §3): region features come from a
 small backbone trained end to end with the rest of the model, pooled by
 RoIAlign over the given boxes, or over a G x G grid of cells when an image
 has no boxes. Its output stands where a detector's region_feats [B, R, F]

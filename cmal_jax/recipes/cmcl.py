@@ -1,0 +1,6 @@
+"""CMCL: contrastive alignment (ITC) in place of CMAP and AMC, beside MLM
+and ITM: the contrastive baseline CMAL is compared with."""
+
+
+def configure(config):
+  config.loss.itc = 1.0
