@@ -40,17 +40,17 @@ import subprocess
 import time
 import traceback
 
-from cmal_jax import configlib
+from cmal_jax import configlib, recipes
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 
-RECIPES = pretrain_config.RECIPES
+RECIPES = recipes.RECIPES
 # The table's title names the recipes so.
 RECIPE_TITLES = {'cmal': 'CMAL', 'cmcl': 'CMCL', 'mlm_itm': 'MLM + ITM',
                  'semvlp': 'SemVLP', 'semmim': 'SemMIM'}
 TASKS = ('ve', 'rec', 'vqa')
 # The metric each task is judged by (its fine-tuning config's best_metric).
-TASK_METRIC = finetune_config.BEST_METRIC
+TASK_METRIC = configlib.BEST_METRIC
 # CMAL's own choices, ablated on the smallest corpus (--ablations): name ->
 # config overrides of the cmal recipe (the main cmal run is the reference:
 # both AMC targets, select_prob 0.5, swap 0.8 / mask 0.1 / keep 0.1).
