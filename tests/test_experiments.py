@@ -15,6 +15,9 @@ import pytest
 from cmal_jax import configlib
 from cmal_jax.world import synthetic
 from cmal_jax.experiments import data_efficiency as de
+from cmal_jax.experiments import grid_plan
+from cmal_jax.experiments import grid_report
+from cmal_jax.experiments import grid_runner
 from cmal_testutil import fast_train_steps
 
 E2E_RECIPES = ('cmal', 'cmcl', 'mlm_itm')
@@ -78,7 +81,8 @@ def test_table_and_plot_are_written(grid_out):
     for recipe in E2E_RECIPES:
       assert f'| {recipe} | 256 | ' in text
     assert '| random init | - | ' in text
-    blind = de.blind_baselines(grid_out, de.parse_args(ARGS + ['--out=x']))
+    blind = grid_report.blind_baselines(grid_out,
+                                        de.parse_args(ARGS + ['--out=x']))
     assert blind['ve'][2] == 1 and 0 < blind['ve'][0] < 1
     assert f"| blind baseline | - | {blind['ve'][0]:.3f} |" in text
     assert '| cmal+mask_only | 256 | ' in text
@@ -108,9 +112,9 @@ def test_model_ablations_hold_in_fine_tuning_and_cmap_ones_do_not():
   args = de.parse_args(['--out=x', '--size=tiny', '--ablations=all'])
   assert 'no_hypersphere' in args.ablations
   configs = {
-      (kind, ablation): de.run_config(
-          de.Run(kind, 0, 'cmal', 2000, 'pretrain' if kind == 'pretrain'
-                 else 've', ablation), args, 'x')
+      (kind, ablation): grid_plan.run_config(
+          grid_plan.Run(kind, 0, 'cmal', 2000, 'pretrain' if kind == 'pretrain'
+                        else 've', ablation), args, 'x')
       for kind in ('pretrain', 'finetune')
       for ablation in ('', 'no_hypersphere', 'mask_only')}
   assert configs['pretrain', ''].model.hypersphere
@@ -135,14 +139,14 @@ def test_a_failed_run_is_reported_and_the_rest_of_the_grid_finishes(
     results = ({'amc_pair_acc': 0.5} if run.kind == 'pretrain' else
                {'val': {'accuracy': 0.5}, 'test': {'accuracy': 0.4},
                 'best_step': 4})
-    summary = de.summarise(run, results, 1.0)
+    summary = grid_plan.summarise(run, results, 1.0)
     os.makedirs(os.path.join(out, 'results'), exist_ok=True)
-    with open(de.result_path(out, run), 'w') as f:
+    with open(grid_plan.result_path(out, run), 'w') as f:
       json.dump(summary, f)
     return summary
 
-  monkeypatch.setattr(de, 'execute', fake_execute)
-  monkeypatch.setattr(de, 'prepare_data', lambda *a: None)
+  monkeypatch.setattr(grid_runner, 'execute', fake_execute)
+  monkeypatch.setattr(grid_runner, 'prepare_data', lambda *a: None)
   with pytest.raises(SystemExit) as failure:
     de.main(['--out', str(tmp_path), '--corpus_sizes=256', '--seeds=0',
              '--tasks=ve', '--recipes=cmal,cmcl'])
@@ -195,11 +199,11 @@ def test_paired_differences_pair_runs_by_seed():
   test = {('cmal', '', 100): [0.5, 0.6, 0.7], ('cmcl', '', 100): [0.4, 0.7, 0.5],
           ('cmal', 'mask_only', 100): [0.5, 0.5, 0.5],
           ('cmal', '', 200): [0.9, 0.9, 0.9]}  # cmcl-200 never finished.
-  results = {de.Run('finetune', seed, recipe, corpus, 've', ablation):
+  results = {grid_plan.Run('finetune', seed, recipe, corpus, 've', ablation):
              {'metrics': {'test': values[seed]}}
              for (recipe, ablation, corpus), values in test.items()
              for seed in range(3)}
-  diffs = de.paired_differences(results, args)
+  diffs = grid_report.paired_differences(results, args)
   assert sorted(diffs) == [('ve', 'cmal', 'cmcl', 100),
                            ('ve', 'cmal+mask_only', 'cmal', 100)]
   mean, std, n, wins = diffs[('ve', 'cmal', 'cmcl', 100)]  # +.1, -.1, +.2
@@ -244,7 +248,8 @@ def test_semvlp_and_semmim_runs_build_their_own_models_and_data():
   args = de.parse_args(['--out=x', '--size=tiny', '--corpus_sizes=2000',
                         '--seeds=0', '--tasks=ve,rec'])
   assert args.recipes == de.RECIPES  # The default: every recipe.
-  configs = {r.name: de.run_config(r, args, 'x') for r in de.grid(args)}
+  configs = {r.name: grid_plan.run_config(r, args, 'x')
+             for r in grid_plan.grid(args)}
   assert sorted(configs) == sorted(
       [f'{k}-{r}-2000-s0' for k in ('pretrain', 've', 'rec')
        for r in de.RECIPES] + ['ve-random-s0', 'rec-random-s0'])
@@ -275,20 +280,21 @@ def test_semvlp_and_semmim_runs_build_their_own_models_and_data():
       assert random.data.dir == cmal.data.dir
 
 
-@pytest.mark.parametrize('run', [de.Run('pretrain', 0, 'semmim', 256),
-                                 de.Run('finetune', 0, 'semmim', 256, 've')])
+@pytest.mark.parametrize('run', [
+    grid_plan.Run('pretrain', 0, 'semmim', 256),
+    grid_plan.Run('finetune', 0, 'semmim', 256, 've')])
 def test_a_pixel_run_refuses_a_data_folder_without_images(tmp_path, run):
   """synthetic.check_images, which the world's and the tasks' generators
   both run first: a pixel config on a folder of region-only data."""
   args = de.parse_args(['--out=x', '--size=tiny', '--recipes=semmim'])
-  config = de.run_config(run, args, str(tmp_path))
+  config = grid_plan.run_config(run, args, str(tmp_path))
   os.makedirs(config.data.dir)
   with open(os.path.join(config.data.dir, 'meta.json'), 'w') as f:
     json.dump({'generator': {'images': False}}, f)
   with pytest.raises(ValueError, match=re.escape(
       f'{config.data.dir} holds synthetic data without images, and this '
       f'{config.task} run reads pixels')):
-    de.prepare_data(config)
+    grid_runner.prepare_data(config)
   with open(os.path.join(config.data.dir, 'meta.json'), 'w') as f:
     json.dump({'generator': {'images': True}}, f)
   synthetic.check_images(config, config.data.dir)  # Accepted.
@@ -302,7 +308,7 @@ def test_new_recipes_join_a_finished_grid(tmp_path, monkeypatch, capsys):
 
   def fake_execute(run, args, out):
     executed.append(run.name)
-    config = de.run_config(run, args, out)
+    config = grid_plan.run_config(run, args, out)
     assert prepared[config.data.dir] == configlib.reads_pixels(config)
     test = {'cmal': 0.6, 'cmcl': 0.5, 'semvlp': 0.45, 'semmim': 0.4,
             'random': 0.3}[run.recipe]
@@ -312,15 +318,16 @@ def test_new_recipes_join_a_finished_grid(tmp_path, monkeypatch, capsys):
                if run.kind == 'pretrain' else
                {'val': {'accuracy': test}, 'test': {'accuracy': test},
                 'best_step': 4})
-    summary = de.summarise(run, results, 1.0)
+    summary = grid_plan.summarise(run, results, 1.0)
     os.makedirs(os.path.join(out, 'results'), exist_ok=True)
-    with open(de.result_path(out, run), 'w') as f:
+    with open(grid_plan.result_path(out, run), 'w') as f:
       json.dump(summary, f)
     return summary
 
-  monkeypatch.setattr(de, 'execute', fake_execute)
-  monkeypatch.setattr(de, 'prepare_data', lambda c: prepared.setdefault(
-      c.data.dir, configlib.reads_pixels(c)))
+  monkeypatch.setattr(grid_runner, 'execute', fake_execute)
+  monkeypatch.setattr(grid_runner, 'prepare_data',
+                      lambda c: prepared.setdefault(
+                          c.data.dir, configlib.reads_pixels(c)))
   common = ['--out', str(tmp_path), '--corpus_sizes=256', '--seeds=0',
             '--tasks=ve']
   de.main(common + ['--recipes=cmal,cmcl'])
@@ -337,7 +344,7 @@ def test_new_recipes_join_a_finished_grid(tmp_path, monkeypatch, capsys):
       os.path.join(data, 've-s0'): False,
       os.path.join(data, 've-s0-pixels'): True}
   text = (tmp_path / 'data_efficiency.md').read_text()
-  assert 'CMAL vs CMCL vs SemVLP vs SemMIM (tiny)' in text
+  assert 'CMAL vs CMCL vs SemMIM vs SemVLP (tiny)' in text
   assert ('5 of 5 runs finished (and 4 finished run(s) of cmal, cmcl '
           'already in this folder)') in text
   assert '| cmal | 256 | 0.600 | 0.900 | 0.700 | - |' in text

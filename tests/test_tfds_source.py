@@ -14,6 +14,7 @@ from ml_collections import config_flags
 from tensorflow_datasets.core import registered
 
 from cmal_jax.data import anchors, pipeline, records, tfds_source
+from cmal_jax.data.shapes import Shapes
 from cmal_jax.world import scenes
 from cmal_testutil import F, good_pair
 
@@ -223,7 +224,7 @@ def test_bad_width_names_dataset_record_and_field(tfds_dir):
   vocab = anchors.TagVocab.from_meta({'tags': list(scenes.WORLD_TAGS)})
   decode = pipeline.RecordDecoder(
       source, path=source.label, vocab=vocab, on_error='skip',
-      shapes=pipeline.Shapes(24, 8, 4, F))
+      shapes=Shapes(24, 8, 4, F))
   replaced = decode(BAD_INDEX)
   assert replaced['image_id'] == yielded_pair('train', BAD_INDEX + 1)[
       'image_id']

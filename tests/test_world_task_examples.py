@@ -19,7 +19,10 @@ from cmal_jax.data import records
 from cmal_jax.data import region_store
 from cmal_jax.data import tasks
 from cmal_jax.world import scenes
+from cmal_jax.world import task_baselines
+from cmal_jax.world import task_common
 from cmal_jax.world import task_examples as wt
+from cmal_jax.world import task_vqa
 
 P = scenes.WorldParams(feature_dim=64)
 SPLITS = {'train': 160, 'val': 12, 'test': 80}
@@ -113,7 +116,7 @@ def test_streams_disjoint_from_pretraining():
   ids = {scenes.split_id(s) for s in ('pretrain', 'val')}
   for task in tasks.TASKS:
     for split in SPLITS:
-      assert scenes.split_id(wt.stream_name(task, split)) not in ids
+      assert scenes.split_id(task_common.stream_name(task, split)) not in ids
   # Task image 0 is not pre-training image 0 (same seed, same index).
   _, images = wt.make_example_scenes('retrieval', 0, 'train', 0, P)
   rng = np.random.default_rng([0, scenes.split_id('pretrain'), 0])
@@ -157,7 +160,7 @@ def test_schema_and_store_coverage(dataset, task):
       if task == 'vqa':
         assert len(ex['answers']) == 10
         assert all(isinstance(a, str) and a for a in ex['answers'])
-        assert ex['question_type'] in wt.VQA_TYPES
+        assert ex['question_type'] in task_vqa.VQA_TYPES
         assert ex['answer_type'] in ('yes/no', 'number', 'other')
       elif task == 've':
         assert ex['label'] in tasks.VE_LABELS
@@ -238,7 +241,7 @@ def test_vqa_answers_follow_from_the_scene():
       target = [o for o in obs if o is not anchor][holds.index(True)]
       assert truth == target.shape, q
     checked[qt] += 1
-  assert set(checked) == set(wt.VQA_TYPES)
+  assert set(checked) == set(task_vqa.VQA_TYPES)
 
 
 def test_vqa_annotators_disagree_sometimes():
@@ -363,7 +366,7 @@ def test_label_balance(dataset):
   assert 0.40 <= np.mean(nlvr2) <= 0.60
   types = collections.Counter(ex['question_type']
                               for ex in _read(d, 'vqa', 'train'))
-  assert set(types) == set(wt.VQA_TYPES) and min(types.values()) >= 10
+  assert set(types) == set(task_vqa.VQA_TYPES) and min(types.values()) >= 10
 
 
 def test_blind_baselines_are_far_from_perfect(dataset):
@@ -372,7 +375,8 @@ def test_blind_baselines_are_far_from_perfect(dataset):
   scores = {}
   for task in tasks.TASKS:
     train, test = _read(d, task, 'train'), _read(d, task, 'test')
-    scores[task] = wt.blind_baseline(test, task, train=train, regions=store)
+    scores[task] = task_baselines.blind_baseline(test, task, train=train,
+                                                 regions=store)
   assert 0.15 < scores['vqa'] < 0.45, scores
   assert 0.2 < scores['ve'] < 0.45, scores
   assert 0.35 < scores['nlvr2'] < 0.65, scores

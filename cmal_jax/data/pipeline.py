@@ -14,8 +14,6 @@ is identical on every run, after a restore, and for any number of
 processes.
 """
 
-import dataclasses
-
 import grain
 import numpy as np
 
@@ -23,6 +21,8 @@ from cmal_jax.configlib import reads_pixels
 from cmal_jax.data import anchors as anchors_lib
 from cmal_jax.data import image_store
 from cmal_jax.data import records
+from cmal_jax.data import tfds_source
+from cmal_jax.data.shapes import Shapes
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.model.pixels import grid_boxes
 
@@ -47,39 +47,6 @@ PIXEL_STAT_KEYS = STAT_KEYS + (f'skipped_{records.IMAGE_FIELD}',)
 def stat_keys(config):
   """The batch['stats'] keys of a pre-training config."""
   return PIXEL_STAT_KEYS if reads_pixels(config) else STAT_KEYS
-
-
-@dataclasses.dataclass(frozen=True)
-class Shapes:
-  """Static per-example shapes: T text, R regions, K anchors, F features.
-
-  Pixels (image_size S > 0): images [S, S, 3] uint8 replace region_feats
-  (feature_dim is 0); an image without boxes gets its G x G grid cells
-  (grid_size) as regions, and with grid_only every image does (R = G * G).
-  """
-  max_text_len: int
-  max_regions: int
-  max_anchors: int
-  feature_dim: int
-  image_size: int = 0
-  grid_size: int = 0
-  grid_only: bool = False
-
-  @property
-  def pixels(self) -> bool:
-    return self.image_size > 0
-
-  @classmethod
-  def from_config(cls, config):
-    d = config.data
-    if not reads_pixels(config):
-      return cls(d.max_text_len, d.max_regions, d.max_anchors,
-                 config.model.region_feat_dim)
-    v = config.model.visual
-    grid_only = v.boxes == 'grid'
-    return cls(d.max_text_len, v.grid_size ** 2 if grid_only
-               else d.max_regions, d.max_anchors, 0, v.image_size,
-               v.grid_size, grid_only)
 
 
 def tag_ids_of(region_tags, vocab, *, path, index) -> np.ndarray:
@@ -361,15 +328,6 @@ class BatchEncoder:
     return batch
 
 
-def check_feature_dim(directory, meta_dim, feature_dim):
-  """A data folder's meta.json feature_dim must be the config's F. F = 0
-  (Shapes of a model that reads pixels) reads no features: any passes."""
-  if feature_dim and meta_dim != feature_dim:
-    raise ValueError(
-        f'{directory}/meta.json: feature_dim={meta_dim} does not match '
-        f'config model.region_feat_dim={feature_dim}.')
-
-
 def make_dataset(config, directory, split, *, batch_size, train, seed,
                  process_index=0, process_count=1):
   """The batched MapDataset of one split for this process.
@@ -381,7 +339,6 @@ def make_dataset(config, directory, split, *, batch_size, train, seed,
   Returns (dataset, vocab, num_dropped).
   """
   # data.source: `directory`'s records, or a TFDS dataset (tfds_source.py).
-  from cmal_jax.data import tfds_source
   source, path, meta = tfds_source.open_pairs(config, directory, split)
   # (end data.source)
   vocab = anchors_lib.TagVocab.from_meta(meta)

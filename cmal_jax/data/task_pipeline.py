@@ -43,6 +43,7 @@ from cmal_jax.data import pipeline
 from cmal_jax.data import records
 from cmal_jax.data import region_store
 from cmal_jax.data import tasks
+from cmal_jax.data.shapes import check_feature_dim
 from cmal_jax.data.tokenizer import load_tokenizer
 
 ANSWER_VOCAB_FILE = 'answer_vocab.json'
@@ -432,7 +433,7 @@ def _check_feature_dim(directory, shapes):
     return
   meta_dim = records.read_meta(directory).get('feature_dim')
   if meta_dim is not None:
-    pipeline.check_feature_dim(directory, meta_dim, feature_dim)
+    check_feature_dim(directory, meta_dim, feature_dim)
 
 
 def make_task_dataset(config, directory, task, split, *, batch_size, train,

@@ -46,7 +46,8 @@ import os
 
 import numpy as np
 
-from cmal_jax.data import pipeline, records
+from cmal_jax.data import records
+from cmal_jax.data.shapes import Shapes, check_feature_dim
 
 PREFIX = 'tfds:'
 # The fields a dataset may lack (mapped to '' in data.tfds_features).
@@ -351,7 +352,7 @@ def tfds_meta(config, source: TfdsPairSource, feature_dim: int) -> dict:
   meta_dir = config.data.dir
   if meta_dir and os.path.exists(os.path.join(meta_dir, records.META_FILE)):
     meta = records.read_meta(meta_dir)
-    pipeline.check_feature_dim(meta_dir, meta.get('feature_dim'), feature_dim)
+    check_feature_dim(meta_dir, meta.get('feature_dim'), feature_dim)
     return meta
   meta = source.derived_meta()
   if meta['feature_dim'] != feature_dim:
@@ -371,12 +372,11 @@ def open_pairs(config, directory: str, split: str):
   the dataset's meta (tags, synonyms, feature_dim), its feature_dim checked
   against the config's.
   """
-  shapes = pipeline.Shapes.from_config(config)
+  shapes = Shapes.from_config(config)
   spec = source_spec(config)
   if spec is None:  # Records in `directory`, as pre-training always read.
     meta = records.read_meta(directory)
-    pipeline.check_feature_dim(directory, meta.get('feature_dim'),
-                               shapes.feature_dim)
+    check_feature_dim(directory, meta.get('feature_dim'), shapes.feature_dim)
     path = records.split_path(directory, split)
     return records.open_source(path), path, meta
   if shapes.pixels:

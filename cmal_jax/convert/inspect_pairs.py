@@ -1,0 +1,61 @@
+"""Inspection of a pair file ({split}.array_record, meta.json beside it):
+each pair checked as pipeline.decode_pair checks it; its image described
+once, its caption and anchors every time."""
+
+import functools
+
+from cmal_jax.convert.inspect_scan import (
+    FileScan, as_record_error, decode_record_image, expected_width,
+    feature_width, stored_dtype, validate_visual)
+from cmal_jax.convert.inspect_stats import (
+    AnchorStats, ImageIds, ImageStats, RegionStats, TextEncoder, TextStats,
+    unavailable)
+from cmal_jax.data import pipeline
+from cmal_jax.data import records
+
+
+def _check_pair(scan: FileScan, example, index: int, width):
+  """(validated pair, decoded image or None): pipeline.decode_pair's
+  checks, for regions and / or pixels."""
+  if not isinstance(example, dict):
+    raise records.RecordError(scan.path, index, '*', 'record is not a dict')
+  validate = functools.partial(records.validate_pair, path=scan.path,
+                               index=index)
+  pair = validate_visual(validate, example, expected_width(width, example))
+  if scan.vocab is not None:
+    pipeline.tag_ids_of(pair['region_tags'], scan.vocab, path=scan.path,
+                        index=index)
+  return pair, decode_record_image(pair, scan.path, index)
+
+
+def scan_pairs(scan: FileScan, top: int) -> dict:
+  """Pair records: images, regions, captions, anchors."""
+  width = scan.meta_width
+  images, regions = ImageIds(), RegionStats(scan.vocab)
+  pixels, texts = ImageStats(), TextStats(TextEncoder())
+  anchors = AnchorStats(scan.vocab) if scan.vocab is not None else None
+  valid = 0
+  for index, example in scan.decoded():
+    try:
+      pair, image = _check_pair(scan, example, index, width)
+    except Exception as e:  # pylint: disable=broad-except
+      scan.errors.add(as_record_error(e, scan.path, index))
+      continue
+    valid += 1
+    width = width or feature_width(pair)
+    if images.add(pair['image_id']):  # Describe each image once.
+      regions.add(pair, stored_dtype(example))
+      if image is not None:
+        pixels.add(image, pair[records.IMAGE_FIELD])
+    encoded = texts.add(pair['caption'])
+    if anchors is not None:
+      anchors.add(pair['caption'], encoded, pair['region_tags'],
+                  pair['region_conf'])
+  return dict(
+      valid_records=valid, images=len(images),
+      **regions.to_dict(top, scan.meta_width), pixels=pixels.to_dict(),
+      captions=texts.to_dict(),
+      anchors=(anchors.to_dict(top) if anchors is not None else unavailable(
+          f'no usable {records.META_FILE} beside the file: tag vocabulary '
+          'unknown')))
+

@@ -1,0 +1,54 @@
+"""Blind baselines of the task examples: the score of a model that never
+looks at the image (what a task's metric must beat to show the image was
+used)."""
+
+import collections
+
+import numpy as np
+
+from cmal_jax import task_metrics
+from cmal_jax.data import tasks
+
+
+def blind_baseline(examples: list[dict], task: str, train=None,
+                   regions=None) -> float:
+  """Score of a model that never looks at the image, on `examples`.
+
+  vqa: the most common answer of each question type in `train` (VQA
+  accuracy); ve / nlvr2: the majority label of `train` (accuracy); rec:
+  the chance that a uniformly random detected region has IoU >= 0.5 with
+  the gold box (needs `regions`, a RegionStore or {image_id: record});
+  retrieval: recall@1 of a random ranking, 1 / len(examples).
+  `train` defaults to `examples` (an optimistic baseline).
+  """
+  train = examples if train is None else train
+  if task == 'vqa':
+    per_type = collections.defaultdict(collections.Counter)
+    for ex in train:
+      per_type[ex['question_type']].update(ex['answers'])
+    overall = collections.Counter(a for ex in train for a in ex['answers'])
+    best = {t: c.most_common(1)[0][0] for t, c in per_type.items()}
+    default = overall.most_common(1)[0][0]
+    return float(np.mean([
+        task_metrics.vqa_accuracy(best.get(ex['question_type'], default),
+                                  ex['answers'])
+        for ex in examples]))
+  if task in ('ve', 'nlvr2'):
+    majority = collections.Counter(
+        ex['label'] for ex in train).most_common(1)[0][0]
+    return float(np.mean([ex['label'] == majority for ex in examples]))
+  if task == 'rec':
+    if regions is None:
+      raise ValueError('rec baseline needs the region store (regions=...)')
+    chances = []
+    for ex in examples:
+      boxes = np.asarray(regions[ex['image_id']]['region_boxes']).reshape(
+          -1, 4)
+      gold = np.broadcast_to(np.asarray(ex['target_box'], np.float64),
+                             boxes.shape)
+      hits = task_metrics.box_iou(boxes, gold) >= 0.5
+      chances.append(float(np.mean(hits)) if len(hits) else 0.0)
+    return float(np.mean(chances))
+  if task == 'retrieval':
+    return 1.0 / max(len(examples), 1)
+  raise ValueError(f'unknown task {task!r}; tasks are {list(tasks.TASKS)}')
