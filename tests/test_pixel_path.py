@@ -568,7 +568,7 @@ _SHARD_SCRIPT = textwrap.dedent('''
     import flax.linen as nn
     import jax
     import numpy as np
-    from cmal_jax import objectives, sharding, train
+    from cmal_jax import objectives, pretraining, sharding, train_step
     from cmal_jax.data import pipeline
     from cmal_jax.model.cmal import CMAL, ModelConfig
     from configs.pretrain import get_config

@@ -258,8 +258,9 @@ def test_tiny_run_with_a_gs_workdir(fake_gcs, monkeypatch, tmp_path):
   monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
   monkeypatch.setattr(checkpoint, 'checkpoint_dir',
                       lambda workdir: str(tmp_path / 'orbax' / 'checkpoints'))
-  monkeypatch.setattr(train, 'best_dir',
-                      lambda workdir: str(tmp_path / 'orbax' / 'best'))
+  for module in (train, checkpoint):  # train imports it by name.
+    monkeypatch.setattr(module, 'best_dir',
+                        lambda workdir: str(tmp_path / 'orbax' / 'best'))
   config = _tiny(num_train=64, num_eval=64)
   config.total_steps, config.log_every, config.eval.every_steps = 1, 1, 0
   results = train.train_and_evaluate(config, 'gs://b/runs/x')
