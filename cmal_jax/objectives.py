@@ -59,10 +59,13 @@ class Loss:
   extra_state: Callable = lambda params: None
 
 
-def pretraining_loss(model, config, specials, two_stream=None):
+def pretraining_loss(model, config, specials, two_stream=None,
+                     extra_losses=None):
   """The Loss of the configured pre-training objectives: prepare_inputs'
   corruption, then compute_losses. two_stream: the model's mode (None: the
-  config's; SemVLP's schedule picks one per step)."""
+  config's; SemVLP's schedule picks one per step). extra_losses(outputs,
+  targets, denominators, total) -> (total, metrics): a recipe's own losses,
+  added to compute_losses' total and metrics."""
   def prepare(batch, rng, state=None):
     inputs, targets = prepare_inputs(batch, rng, config, specials)
     return dict(inputs=inputs, targets=targets)
@@ -71,7 +74,13 @@ def pretraining_loss(model, config, specials, two_stream=None):
     outputs = model.apply({'params': params}, batch['inputs'],
                           deterministic=False, rngs={'dropout': rng},
                           two_stream=two_stream)
-    return compute_losses(outputs, batch['targets'], config, denominators)
+    total, metrics = compute_losses(outputs, batch['targets'], config,
+                                    denominators)
+    if extra_losses is not None:
+      total, extra = extra_losses(outputs, batch['targets'], denominators,
+                                  total)
+      metrics.update(extra, loss=total)
+    return total, metrics
 
   return Loss(prepare=prepare, loss=loss,
               denominators=lambda batch: loss_denominators(batch['targets'],

@@ -66,6 +66,8 @@ def test_a_recipe_module_needs_configure():
 # own config section and check, in one new file.
 THROWAWAY = textwrap.dedent('''
     """ITM plus a logit penalty: a recipe written in one file."""
+    import functools
+
     import jax.numpy as jnp
     import ml_collections
 
@@ -82,21 +84,16 @@ THROWAWAY = textwrap.dedent('''
         raise ValueError('config.throwaway.penalty: must be >= 0')
 
 
+    def logit_penalty(config, outputs, targets, denominators, total):
+      penalty = jnp.mean(jnp.square(outputs['itm_logits']))
+      return (total + config.throwaway.penalty * penalty,
+              {'loss_logit_penalty': penalty})
+
+
     def make_loss(model, config, specials):
-      base = objectives.pretraining_loss(model, config, specials)
-
-      def loss(params, batch, rng, denominators):
-        outputs = model.apply({'params': params}, batch['inputs'],
-                              deterministic=False, rngs={'dropout': rng})
-        total, metrics = objectives.compute_losses(
-            outputs, batch['targets'], config, denominators)
-        penalty = jnp.mean(jnp.square(outputs['itm_logits']))
-        metrics['loss_logit_penalty'] = penalty
-        metrics['loss'] = total + config.throwaway.penalty * penalty
-        return metrics['loss'], metrics
-
-      return objectives.Loss(prepare=base.prepare, loss=loss,
-                             denominators=base.denominators)
+      return objectives.pretraining_loss(
+          model, config, specials,
+          extra_losses=functools.partial(logit_penalty, config))
 ''')
 
 

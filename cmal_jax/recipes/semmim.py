@@ -18,6 +18,9 @@ Per step, inside the jitted train step (docs/semmim.md has the reasoning):
   5. After the update the momentum encoder moves: θ' = m·θ' + (1 − m)·θ.
 """
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -78,9 +81,6 @@ def check(config):
   def fail(field, value, why):
     raise ValueError(f'config.{field}={value!r}: {why}')
 
-  for name in ('mim', 'agreement'):
-    if config.loss.get(name, 0) < 0:
-      fail(f'loss.{name}', config.loss[name], 'weights must be >= 0')
   if not uses_target_encoder(config):
     return
   v, s = config.model.visual, config.semmim
@@ -135,26 +135,18 @@ def make_loss(model, config, specials):
   """MLM / ITM / ITC (objectives.pretraining_loss) on the student's view,
   plus the MIM and agreement losses against the momentum encoder's
   targets; the momentum encoder is the recipe's extra state."""
-  base = objectives.pretraining_loss(model, config, specials)
   if not uses_target_encoder(config):
-    return base
+    return objectives.pretraining_loss(model, config, specials)
+  base = objectives.pretraining_loss(
+      model, config, specials,
+      extra_losses=functools.partial(semmim_losses, config))
 
   def prepare_batch(batch, rng, state=None):
     inputs, targets = prepare(model, config, specials, batch, rng, state)
     return dict(inputs=inputs, targets=targets)
 
-  def loss(params, batch, rng, denominators):
-    outputs = model.apply({'params': params}, batch['inputs'],
-                          deterministic=False, rngs={'dropout': rng})
-    total, metrics = objectives.compute_losses(outputs, batch['targets'],
-                                               config, denominators)
-    total, extra = semmim_losses(outputs, batch['targets'], config,
-                                 denominators, total)
-    metrics.update(extra, loss=total)
-    return total, metrics
-
   def denominators(batch):
-    return dict(objectives.loss_denominators(batch['targets'], config),
+    return dict(base.denominators(batch),
                 mim=objectives.denominator(batch['targets']['mim_weights']))
 
   def after_update(state):
@@ -162,12 +154,13 @@ def make_loss(model, config, specials):
                      config.semmim.ema_momentum)
     return state.replace(extra=dict(state.extra, ema_params=ema))
 
-  return objectives.Loss(prepare=prepare_batch, loss=loss,
-                         denominators=denominators, after_update=after_update,
-                         extra_state=lambda params: {'ema_params': params})
+  return dataclasses.replace(
+      base, prepare=prepare_batch, denominators=denominators,
+      after_update=after_update,
+      extra_state=lambda params: {'ema_params': params})
 
 
-def semmim_losses(outputs, targets, config, denominators, total):
+def semmim_losses(config, outputs, targets, denominators, total):
   """The MIM and agreement losses -> (total + their weighted sum, their
   metrics), added to `total` in that order."""
   lc, d, metrics = config.loss, denominators, {}
