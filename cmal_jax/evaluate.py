@@ -9,6 +9,7 @@ import numpy as np
 from cmal_jax import objectives, sharding, task_metrics
 from cmal_jax.data import pipeline, tfds_source
 from cmal_jax.data import anchors as anchors_lib
+from cmal_jax.data.shapes import Shapes
 from cmal_jax.data.tokenizer import load_tokenizer
 
 EVAL_SEED_OFFSET = 7919  # Eval corruption key differs from any train step's.
@@ -72,7 +73,7 @@ def retrieval_pairs(config, directory, split, num_images):
   are detected for the pair actually fed."""
   source, path, meta = tfds_source.open_pairs(config, directory, split)
   vocab = anchors_lib.TagVocab.from_meta(meta)
-  shapes = pipeline.Shapes.from_config(config)
+  shapes = Shapes.from_config(config)
   tokenizer = load_tokenizer(config.data.vocab_path or None)
   n = min(num_images, len(source))
   examples = [pipeline.decode_pair(source[i], path=path, index=i,

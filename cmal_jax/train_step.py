@@ -12,7 +12,7 @@ import optax
 from flax.training import train_state
 
 from cmal_jax import configlib, objectives, sharding
-from cmal_jax.data import pipeline
+from cmal_jax.data.shapes import Shapes
 from cmal_jax.guards import log
 from cmal_jax.model import bert_init
 from cmal_jax.model.cmal import pretrained_param_names
@@ -85,7 +85,7 @@ def bert_params(config, params):
 
 def dummy_batch(config, batch_size):
   """Zeros with the pipeline's shapes, for init and shape inference."""
-  shapes = pipeline.Shapes.from_config(config)
+  shapes = Shapes.from_config(config)
   T, R, K = shapes.max_text_len, shapes.max_regions, shapes.max_anchors
   z = lambda *s, dtype=jnp.int32: jnp.zeros((batch_size,) + s, dtype)
   batch = dict(input_ids=z(T), text_mask=z(T),

@@ -8,6 +8,7 @@ import pytest
 from cmal_jax import configlib
 from cmal_jax.data import anchors, pipeline, records
 from cmal_jax.world import scenes
+from cmal_jax.data.shapes import Shapes
 from cmal_jax.data.tokenizer import load_tokenizer
 from configs import pretrain
 import cmal_testutil
@@ -79,7 +80,7 @@ def test_skip_feeds_next_good_record_and_counts(bad_dir):
 
   # Every slot holds the good record it should: the same arrays as that
   # record encoded on its own.
-  shapes = pipeline.Shapes.from_config(config)
+  shapes = Shapes.from_config(config)
   vocab = anchors.TagVocab(scenes.WORLD_TAGS, scenes.WORLD_SYNONYMS)
   tok = load_tokenizer(None)
   for slot, i in enumerate(FED):
@@ -195,7 +196,7 @@ class _FlakySource:
 
 def test_skip_survives_an_unreadable_record():
   config = tiny()
-  shapes = pipeline.Shapes.from_config(config)
+  shapes = Shapes.from_config(config)
   vocab = anchors.TagVocab(scenes.WORLD_TAGS, scenes.WORLD_SYNONYMS)
   source = _FlakySource([records.encode_record(good_pair(i))
                          for i in range(3)], 'f')

@@ -17,6 +17,7 @@ from cmal_jax import train_step
 from cmal_jax import configlib, objectives, sharding, train
 from cmal_jax.data import pipeline, records
 from cmal_jax.world import scenes
+from cmal_jax.data.shapes import Shapes
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.model.cmal import CMAL, ModelConfig
 from configs import pretrain
@@ -228,7 +229,7 @@ LONG = ('a small red circle above a large blue square to the left of a '
 
 def test_long_caption_is_truncated_and_counted():
   config = tiny()
-  shapes = pipeline.Shapes.from_config(config)
+  shapes = Shapes.from_config(config)
   T = shapes.max_text_len
   tok = load_tokenizer(None)
   assert len(tok.encode(LONG, 1000).ids) > T + 5  # Really too long.

@@ -11,11 +11,12 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from cmal_jax.data import anchors, pipeline, records
 from cmal_jax.world import scenes
+from cmal_jax.data.shapes import Shapes
 from cmal_jax.data.tokenizer import load_tokenizer
 from configs import pretrain
 
 CONFIG = pretrain.get_config('tiny')
-SHAPES = pipeline.Shapes.from_config(CONFIG)
+SHAPES = Shapes.from_config(CONFIG)
 T, R, K, F = (SHAPES.max_text_len, SHAPES.max_regions, SHAPES.max_anchors,
               SHAPES.feature_dim)
 VOCAB = anchors.TagVocab(scenes.WORLD_TAGS, scenes.WORLD_SYNONYMS)

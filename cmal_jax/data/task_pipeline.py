@@ -43,7 +43,7 @@ from cmal_jax.data import pipeline
 from cmal_jax.data import records
 from cmal_jax.data import region_store
 from cmal_jax.data import tasks
-from cmal_jax.data.shapes import check_feature_dim
+from cmal_jax.data.shapes import Shapes, check_feature_dim
 from cmal_jax.data.tokenizer import load_tokenizer
 
 ANSWER_VOCAB_FILE = 'answer_vocab.json'
@@ -92,8 +92,8 @@ def _get(section, name, default):
 
 
 def task_shapes(config):
-  """pipeline.Shapes with no anchors (CMAP is off in fine-tuning)."""
-  return dataclasses.replace(pipeline.Shapes.from_config(config),
+  """Shapes with no anchors (CMAP is off in fine-tuning)."""
+  return dataclasses.replace(Shapes.from_config(config),
                              max_anchors=0)
 
 
