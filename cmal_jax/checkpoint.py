@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 
 from etils import epath
 
-from cmal_jax import guards
+from cmal_jax import guards, storage
 
 ITEMS = ('state', 'data', 'signature')
 
@@ -61,7 +61,7 @@ class DataRestore(ocp.args.CheckpointArgs):
 
 def checkpoint_dir(workdir):
   """workdir/checkpoints: absolute when local, as given when gs://."""
-  return str(guards.workdir_path(workdir, 'checkpoints'))
+  return str(storage.workdir_path(workdir, 'checkpoints'))
 
 
 def make_manager(workdir, config):
@@ -121,7 +121,7 @@ def load_pretrained_params(path, step=None, what='init_from'):
   folder, or one step's folder (.../checkpoints/N). `what` starts the error
   messages (the flag that named the path).
   """
-  path = guards.workdir_path(path)  # May be a pod's gs:// workdir.
+  path = storage.workdir_path(path)  # May be a pod's gs:// workdir.
   if not path.is_dir():
     raise FileNotFoundError(f'{what}: {path} is not a directory (a '
                             'training workdir or checkpoints/N).')
@@ -177,7 +177,7 @@ def merge_pretrained(params, pretrained, names, source='checkpoint'):
 
 def best_dir(workdir):
   """workdir/best: absolute when local, as given when gs://."""
-  return str(guards.workdir_path(workdir, 'best'))
+  return str(storage.workdir_path(workdir, 'best'))
 
 
 class BestCheckpoint:
@@ -205,7 +205,7 @@ class BestCheckpoint:
     self.manager.wait_until_finished()
     self.value, self.step = value, step
     if jax.process_index() == 0:
-      guards.write_text_atomic(self.json_path, json.dumps(
+      storage.write_text_atomic(self.json_path, json.dumps(
           dict(metric=self.metric, value=value, step=step)))
 
   def restore(self, params):

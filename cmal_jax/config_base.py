@@ -4,6 +4,10 @@ data and the synthetic world, the optimizer, the mesh, checkpointing and
 evaluation. configs/pretrain.py and configs/finetune.py build on
 base_config and add their own sections."""
 
+import importlib
+import os
+import sys
+
 import ml_collections
 
 from cmal_jax import recipes
@@ -121,7 +125,7 @@ def base_config(size, recipe):
           grid_size=p['grid_size'],  # G.
       )),
       # A cross-modal attention sub-layer in every unified layer
-      # (model/unified.py BertLayer; the semvlp recipe). two_stream is the
+      # (model/layers.py BertLayer; the semvlp recipe). two_stream is the
       # mode evaluation and fine-tuning run in: False, single-stream (text
       # and regions attend jointly; the sub-layer unused); True, two-stream
       # (each modality attends to itself, then to the other through it).
@@ -238,3 +242,13 @@ def base_config(size, recipe):
   ))
   recipes.get(recipe).configure_model(c)
   return c
+
+
+def config_module(name):
+  """The repository's configs/{name}.py (it lives next to the package, not
+  in it) as a module, for tools that need a config file's defaults
+  (report, benchmarks) from any working directory."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  return importlib.import_module(f'configs.{name}')

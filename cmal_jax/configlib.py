@@ -6,8 +6,8 @@ import ml_collections
 from cmal_jax import recipes
 from cmal_jax.data import tasks
 from cmal_jax.model import bert_init
-from cmal_jax.model.cmal import pixel_config
-from cmal_jax.model.unified import REMAT_POLICIES
+from cmal_jax.model.pixels import pixel_config
+from cmal_jax.model.layers import REMAT_POLICIES
 
 
 def _fail(field, value, why):
@@ -25,13 +25,6 @@ TASK_METRICS = {'vqa': ('vqa_accuracy',), 've': ('accuracy',),
                 'nlvr2': ('accuracy',), 'rec': ('accuracy',),
                 'retrieval': RECALLS + ('mean_recall',)}
 BEST_METRIC = {task: names[-1] for task, names in TASK_METRICS.items()}
-
-
-def reads_pixels(config) -> bool:
-  """Whether the model reads images (model.visual.input='pixels') rather
-  than region features. Configs written before the field read regions."""
-  visual = config.model.get('visual')
-  return visual is not None and visual.get('input', 'regions') == 'pixels'
 
 
 def eval_metric_names(config):

@@ -25,16 +25,21 @@ from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 import optax
 
-from cmal_jax import (checkpoint, configlib, guards, objectives, sharding,
-                      task_metrics, train_step)
+from cmal_jax import (checkpoint, objectives, sharding, storage, task_metrics,
+                      train_step)
 from cmal_jax.data import task_pipeline, tasks
-from cmal_jax.world import scenes, synthetic, task_examples
+from cmal_jax.data.shapes import zero_inputs
+from cmal_jax.data.tokenizer import load_tokenizer
+from cmal_jax.model import xent
 from cmal_jax.model.cmal import (CMAL, PIXEL_PARAMS, ModelConfig,
                                  itc_features, pretrained_param_names)
-from cmal_jax.guards import log
+from cmal_jax.world import scenes, synthetic, task_examples
+from cmal_jax.logs import log
+from cmal_jax.model.pixels import reads_pixels
 
 MODEL_INPUTS = task_pipeline.PAIR_KEYS  # What the model reads of a batch.
 PREDICTIONS_DIR = 'predictions'
@@ -78,15 +83,10 @@ def model_inputs(batch, task):
 
 
 def init_inputs(config):
-  """Zero model inputs with the task's shapes, for init."""
-  rows = 2 if config.task == 'nlvr2' else 1
-  shapes = task_pipeline.task_shapes(config)
-  T, R = shapes.max_text_len, shapes.max_regions
-  z = lambda *s, dtype=jnp.int32: jnp.zeros((rows,) + s, dtype)
-  inputs = dict(input_ids=z(T), text_mask=z(T),
-                region_boxes=z(R, 4, dtype=jnp.float32), region_mask=z(R))
-  inputs.update(train_step.zero_visual_inputs(shapes, rows))
-  return inputs
+  """Zero model inputs with the task's shapes, for init (NLVR2: one
+  example's two images)."""
+  return zero_inputs(task_pipeline.task_shapes(config),
+                     2 if config.task == 'nlvr2' else 1)
 
 
 # ------------------------------------------------------------------ losses
@@ -97,10 +97,10 @@ def task_denominators(batch, config):
   whose target overlaps a kept region."""
   d = {'rows': jnp.float32(jax.tree.leaves(batch)[0].shape[0])}
   if config.task == 'rec':
-    d['rec_targets'] = objectives.denominator(
+    d['rec_targets'] = xent.denominator(
         jnp.max(batch['region_iou'], -1) > 0)
   if config.task == 'retrieval':
-    d['itc'] = objectives.denominator(batch['itm_label'] == 1)
+    d['itc'] = xent.denominator(batch['itm_label'] == 1)
   return d
 
 
@@ -123,19 +123,19 @@ def task_loss(outputs, batch, config, denominators=None):
     # The soft score of the top answer: VQA accuracy against the vocabulary.
     acc = mean(jnp.take_along_axis(batch['targets'], best, 1))
   elif task in ('ve', 'nlvr2'):
-    loss, acc, _ = objectives.weighted_xent(
+    loss, acc, _ = xent.weighted_xent(
         logits, batch['label'], jnp.ones_like(batch['label'], bool),
         d['rows'])
   elif task == 'rec':
     # Examples whose target overlaps no kept region teach nothing.
     has_target = jnp.max(batch['region_iou'], -1) > 0
-    loss, _, _ = objectives.weighted_xent(logits, batch['gold_region'],
+    loss, _, _ = xent.weighted_xent(logits, batch['gold_region'],
                                           has_target, d['rec_targets'])
     chosen = jnp.take_along_axis(batch['region_iou'],
                                  jnp.argmax(logits, -1)[:, None], 1)[:, 0]
     acc = mean(chosen >= task_pipeline.REC_IOU_THRESHOLD)
   elif task == 'retrieval':
-    loss, acc, _ = objectives.weighted_xent(
+    loss, acc, _ = xent.weighted_xent(
         logits, batch['itm_label'], jnp.ones_like(batch['itm_label'], bool),
         d['rows'])
     if config.finetune.itc > 0:
@@ -212,7 +212,6 @@ def multihost_gather(local, mesh):
   """A process-local batch column -> the global batch's, on every process."""
   if jax.process_count() == 1:
     return local
-  from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
@@ -237,7 +236,7 @@ def classification_results(config, directory, split, pred, info, out_dir):
         results[f'vqa_accuracy_by_{field}'] = task_metrics.accuracy_by_type(
             acc, [examples[i][field] for i in labelled])
     if out_dir:  # task_metrics.write_vqa_results' JSON, local or gs://.
-      guards.write_text_atomic(
+      storage.write_text_atomic(
           epath.Path(out_dir) / f'vqa_{split}_results.json',
           json.dumps(task_metrics.vqa_results_json(
               [ex['question_id'] for ex in examples], answers)))
@@ -263,7 +262,7 @@ def classification_results(config, directory, split, pred, info, out_dir):
 
 
 def write_jsonl(path, rows):
-  guards.write_text_atomic(path, ''.join(json.dumps(row) + '\n'
+  storage.write_text_atomic(path, ''.join(json.dumps(row) + '\n'
                                          for row in rows))
 
 
@@ -277,7 +276,6 @@ def retrieval_inputs(config, directory, split):
   examples = task_pipeline.read_task_examples(directory, 'retrieval', split)
   shapes = task_pipeline.task_shapes(config)
   store = task_pipeline.open_store(directory, shapes)
-  from cmal_jax.data.tokenizer import load_tokenizer
   tokenizer = load_tokenizer(config.data.vocab_path or None)
   text, caption_image, images = [], [], []
   for i, ex in enumerate(examples):
@@ -383,7 +381,7 @@ def retrieval_results(model, params, config, directory, split, mesh,
                  pairs_scored=num_pairs, seconds=time.time() - t0)
   if out_dir:
     top = lambda s: np.argsort(-s, axis=1, kind='stable')[:, :10]
-    guards.write_text_atomic(
+    storage.write_text_atomic(
         epath.Path(out_dir) / f'retrieval_{split}.json', json.dumps({
             'images': image_ids,
             'caption_image': caption_image.tolist(),
@@ -421,7 +419,7 @@ def check_visual_input(pretrained, config, where):
   model that reads pixels, and one of region features only a region model:
   their vision encoders read different features, even at the same width."""
   had = 'pixels' if PIXEL_PARAMS in pretrained else 'regions'
-  wants = 'pixels' if configlib.reads_pixels(config) else 'regions'
+  wants = 'pixels' if reads_pixels(config) else 'regions'
   if had != wants:
     raise ValueError(
         f'init_from: {where} was pre-trained on {had} and this config reads '
@@ -435,7 +433,7 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
   directory = synthetic.data_dir(config, workdir)
   if not config.data.dir:
     ensure_task_data(config, directory,
-                     every_process=guards.is_remote(workdir))
+                     every_process=storage.is_remote(workdir))
   train_ds, info = task_pipeline.make_task_dataset(
       config, directory, config.task, config.data.train_split,
       batch_size=local_batch, train=True, seed=config.seed,
@@ -483,7 +481,7 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
       return params
     pretrained, where = loaded
     names = pretrained_param_names(config.task,
-                                   configlib.reads_pixels(config))
+                                   reads_pixels(config))
     merged, taken = checkpoint.merge_pretrained(
         jax.device_get(params), pretrained, names, source=where)
     log(f'init_from {where}: {taken} parameter arrays ({", ".join(names)}); '

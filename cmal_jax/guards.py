@@ -1,26 +1,13 @@
 """What keeps a long run trustworthy: preemption (SIGTERM), non-finite
-updates, resuming only a compatible checkpoint, and a record of where and
-with what a run ran."""
+updates, and resuming only a compatible checkpoint."""
 
 import json
-import os
-import platform
 import signal
-import socket
-import sys
-import time
-from importlib import metadata
 
-from etils import epath
 from flax import traverse_util
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
-
-
-def log(*args):
-  """print on process 0 only (every process runs the same code)."""
-  if jax.process_index() == 0:
-    print(*args, flush=True)
 
 
 # Config fields that define the run's parameters and objectives: a checkpoint
@@ -60,7 +47,6 @@ class Preemption:
 
   def reached(self, step):
     if self.multi_process:
-      from jax.experimental import multihost_utils
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
@@ -153,63 +139,3 @@ def signature_mismatches(saved, current):
   return [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
           for k in sorted(set(saved) | set(current))
           if saved.get(k) != current.get(k)]
-
-
-def move_aside(path):
-  """Renames `path` to `path.replaced-<time>` (never deletes a run). On GCS
-  a folder's rename copies and deletes each object: slow, but nothing goes."""
-  target = f'{path}.replaced-{time.strftime("%Y%m%d-%H%M%S")}'
-  epath.Path(path).rename(target)
-  return target
-
-
-# ------------------------------------------------ workdirs: local or gs://
-
-def is_remote(path):
-  """True for a URL (gs://bucket/dir): an object store, where renames are
-  not atomic, objects cannot be appended to and ArrayRecord cannot read."""
-  return '://' in os.fspath(path)
-
-
-def workdir_path(path, *parts):
-  """epath.Path of path/parts: a URL as it is, a local path made absolute
-  (Orbax wants absolute local paths; os.path.abspath('gs://b') would give
-  '<cwd>/gs:/b')."""
-  path = epath.Path(path, *parts)
-  return path if is_remote(path) else epath.Path(os.path.abspath(path))
-
-
-def write_text_atomic(path, text):
-  """Writes `text` to `path` (local or gs://) so that no reader ever sees
-  it half written. Every JSON file of a workdir goes through here."""
-  path = epath.Path(path)
-  if is_remote(path):
-    # An uploaded object appears whole or not at all; a rename would be
-    # copy + delete there, so write the object directly.
-    path.write_text(text)
-    return
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def run_info(mesh):
-  """Where and with what this run runs: versions and device topology."""
-  packages = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain',
-              'numpy', 'tokenizers', 'ml_collections', 'cmal-jax')
-  versions = {}
-  for name in packages:
-    try:
-      versions[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      versions[name] = None
-  devices = jax.devices()
-  return dict(
-      time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), host=socket.gethostname(),
-      argv=sys.argv, python=platform.python_version(), packages=versions,
-      backend=jax.default_backend(), process_index=jax.process_index(),
-      process_count=jax.process_count(), device_count=len(devices),
-      local_device_count=jax.local_device_count(),
-      device_kinds=sorted({d.device_kind for d in devices}),
-      mesh=dict(mesh.shape))

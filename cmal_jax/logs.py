@@ -1,10 +1,19 @@
-"""What a run prints: one log line per interval and, on a terminal, a live
-progress bar between them."""
+"""What a run reports: one log line per interval and, on a terminal, a live
+progress bar between them; and run_info, where and with what it ran."""
 
+import platform
+import socket
 import sys
 import time
+from importlib import metadata
 
 import jax
+
+
+def log(*args):
+  """print on process 0 only (every process runs the same code)."""
+  if jax.process_index() == 0:
+    print(*args, flush=True)
 
 
 def format_log_line(step, total_steps, mean):
@@ -50,3 +59,24 @@ class ProgressBar:
     if self.active:
       sys.stdout.write('\r' + ' ' * (self.width + 50) + '\r')
       sys.stdout.flush()
+
+
+def run_info(mesh):
+  """Where and with what this run runs: versions and device topology."""
+  packages = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain',
+              'numpy', 'tokenizers', 'ml_collections', 'cmal-jax')
+  versions = {}
+  for name in packages:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      versions[name] = None
+  devices = jax.devices()
+  return dict(
+      time=time.strftime('%Y-%m-%dT%H:%M:%S%z'), host=socket.gethostname(),
+      argv=sys.argv, python=platform.python_version(), packages=versions,
+      backend=jax.default_backend(), process_index=jax.process_index(),
+      process_count=jax.process_count(), device_count=len(devices),
+      local_device_count=jax.local_device_count(),
+      device_kinds=sorted({d.device_kind for d in devices}),
+      mesh=dict(mesh.shape))

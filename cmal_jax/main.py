@@ -1,8 +1,8 @@
 """Entry point: python -m cmal_jax.main --config=configs/pretrain.py --workdir=DIR
 
 Starts jax.distributed when the environment says the job is multi-process,
-then trains: config.task is 'pretrain' (configs/pretrain.py) or a
-downstream task (configs/finetune.py:TASK).
+then runs the job config.task names (jobs.py): 'pretrain'
+(configs/pretrain.py) or a downstream task (configs/finetune.py:TASK).
 """
 
 import os
@@ -11,7 +11,10 @@ import sys
 import time
 
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
+
+from cmal_jax import jobs
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Python config file, e.g. configs/pretrain.py:small,cmal',
@@ -59,7 +62,6 @@ def maybe_initialize_distributed():
   """jax.distributed for TPU pods, SLURM or an explicit coordinator (flags or
   JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID, which
   JAX does not read itself); nothing for a single process."""
-  import jax
   env = os.environ
   address = _COORDINATOR.value or env.get('JAX_COORDINATOR_ADDRESS')
   timeout = _TIMEOUT.value
@@ -119,8 +121,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO.
   maybe_initialize_distributed()
   config = _CONFIG.value
-  from cmal_jax import train  # Pre-training and every fine-tuning task.
-  train.train_and_evaluate(config, _WORKDIR.value)
+  jobs.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -7,7 +7,7 @@ import json
 from etils import epath
 import jax
 
-from cmal_jax import guards
+from cmal_jax import storage
 
 
 class MetricWriter:
@@ -26,7 +26,7 @@ class MetricWriter:
     # is small). Simpler than a local copy to upload, and each rewrite is
     # a whole object, never a torn line.
     self.remote_lines = None
-    if guards.is_remote(workdir):
+    if storage.is_remote(workdir):
       self.remote_lines = (kept_lines(path.read_text(), resume_step)
                            if path.exists() else [])
       self.path = path
@@ -46,7 +46,7 @@ class MetricWriter:
     line = json.dumps({'step': int(step), **scalars}) + '\n'
     if self.remote_lines is not None:
       self.remote_lines.append(line)
-      guards.write_text_atomic(self.path, ''.join(self.remote_lines))
+      storage.write_text_atomic(self.path, ''.join(self.remote_lines))
     else:
       self.jsonl.write(line)
       self.jsonl.flush()
@@ -80,4 +80,4 @@ def drop_lines_after(path, step):
   incomplete last line, from a killed writer, goes too); atomic."""
   with open(path) as f:
     text = f.read()
-  guards.write_text_atomic(path, ''.join(kept_lines(text, step)))
+  storage.write_text_atomic(path, ''.join(kept_lines(text, step)))

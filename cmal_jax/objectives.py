@@ -1,7 +1,8 @@
 """Pre-training objectives: input corruption (MLM, MRC, CMAP actions), the
-AMC, MLM, ITM, MRC and ITC losses, and the Loss contract a job hands the
-train step (train_step.py). A recipe (cmal_jax/recipes/) picks among these
-by its loss weights and may add its own.
+MLM, ITM, MRC and ITC losses with AMC's (model/amc.py), and the Loss
+contract a job hands the train step (train_step.py). A recipe
+(cmal_jax/recipes/) picks among these by its loss weights and may add its
+own.
 
 All randomness here runs on device from one key per step, so it is the same
 on any mesh and needs no host round trip.
@@ -14,7 +15,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from cmal_jax.model import cmap
+from cmal_jax.model import amc, cmap
+from cmal_jax.model.xent import denominator, weighted_xent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,33 +233,6 @@ def _masked_regions(batch, positions, masked):
   return dict(region_feats=feats)
 
 
-def weighted_xent(logits, labels, weights, denom=None):
-  """Mean cross-entropy and accuracy over weighted entries.
-
-  logits [..., C], labels [...] int, weights [...] -> (loss, acc, count).
-  denom: what the sums are divided by; default the entries' total weight
-  (at least 1). Gradient accumulation passes the whole batch's, so the
-  micro-batches' losses add up to the batch's.
-  """
-  w = weights.astype(jnp.float32)
-  labels = jnp.maximum(labels, 0)  # Unweighted entries may hold -1.
-  logits = logits.astype(jnp.float32)
-  # The label's logit through a one-hot product, not a gather: its gradient
-  # is then elementwise and fuses into the softmax's, where a gather's is a
-  # scatter into a zero [..., C] buffer (C = 30522 for the vocabulary).
-  label_logit = jnp.sum(
-      logits * jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype),
-      -1)
-  ce = jax.nn.logsumexp(logits, -1) - label_logit
-  # Right when the label's logit is the top one: argmax's (value, index)
-  # reduction over the vocabulary cost more than the loss. Ties count as
-  # right (the only ties are masked -1e9 slots, never labels).
-  correct = (label_logit >= jnp.max(logits, -1)).astype(jnp.float32)
-  n = jnp.sum(w)
-  denom = jnp.maximum(n, 1.0) if denom is None else denom
-  return jnp.sum(ce * w) / denom, jnp.sum(correct * w) / denom, n
-
-
 def itc_loss(text, image, log_scale, positive, denom=None):
   """InfoNCE both ways over the matched pairs of the global batch.
 
@@ -276,19 +251,12 @@ def itc_loss(text, image, log_scale, positive, denom=None):
   return (t2i[0] + i2t[0]) / 2, (t2i[1] + i2t[1]) / 2
 
 
-def denominator(weights):
-  """A weighted mean's divisor: the total weight, at least 1."""
-  return jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
-
-
 def loss_denominators(targets, config):
   """What each objective's mean divides by: its number of entries in the
   batch (at least 1). Computed once over the whole batch, so that with
   gradient accumulation the micro-batches' losses and metrics add up to the
   batch's exactly (ITC aside: its negatives are the micro-batch's)."""
-  amc = targets['amc_weights']
-  return dict(amc=denominator(amc),
-              amc_tag=denominator(amc & (targets['amc_tag'] >= 0)),
+  return dict(**amc.amc_denominators(targets),
               mlm=denominator(targets['mlm_weights']),
               itm=denominator(jnp.ones_like(targets['itm_label'])),
               mrc=denominator(targets['mrc_weights']),
@@ -312,24 +280,10 @@ def compute_losses(outputs, targets, config, denominators=None):
     total = total + weight * loss
 
   if lc.amc > 0:
-    w = targets['amc_weights']
-    if lc.amc_targets in ('pairing', 'both'):
-      t2r, t2r_acc, n = weighted_xent(outputs['amc_t2r_logits'],
-                                      targets['amc_region'], w, d['amc'])
-      r2t, r2t_acc, _ = weighted_xent(outputs['amc_r2t_logits'],
-                                      targets['amc_text_pos'], w, d['amc'])
-      add('amc_pair', lc.amc, (t2r + r2t) / 2)
-      metrics.update(acc_amc_t2r=t2r_acc, acc_amc_r2t=r2t_acc,
-                     acc_amc_pair=(t2r_acc + r2t_acc) / 2, amc_anchors=n)
-    if lc.amc_targets in ('label', 'both'):
-      word, word_acc, _ = weighted_xent(outputs['amc_word_logits'],
-                                        targets['amc_word'], w, d['amc'])
-      tag_w = w & (targets['amc_tag'] >= 0)
-      tag, tag_acc, _ = weighted_xent(outputs['amc_tag_logits'],
-                                      targets['amc_tag'], tag_w,
-                                      d['amc_tag'])
-      add('amc_label', lc.amc, (word + tag) / 2)
-      metrics.update(acc_amc_word=word_acc, acc_amc_tag=tag_acc)
+    losses, amc_metrics = amc.amc_loss(outputs, targets, lc.amc_targets, d)
+    for name, loss in losses.items():
+      add(name, lc.amc, loss)
+    metrics.update(amc_metrics)
   if lc.mlm > 0:
     loss, acc, _ = weighted_xent(outputs['mlm_logits'],
                                  targets['mlm_targets'],

@@ -4,12 +4,13 @@ train_step.Job for the loop in train.py."""
 
 import jax
 
-from cmal_jax import evaluate, guards, objectives, recipes, sharding
+from cmal_jax import evaluate, objectives, recipes, sharding, storage
 from cmal_jax.data import pipeline, tfds_source
+from cmal_jax.data.shapes import Shapes, zero_inputs
 from cmal_jax.data.tokenizer import load_tokenizer
-from cmal_jax.guards import log
+from cmal_jax.logs import log
 from cmal_jax.model.cmal import CMAL, ModelConfig
-from cmal_jax.train_step import Job, dummy_batch
+from cmal_jax.train_step import Job
 from cmal_jax.world import synthetic
 
 
@@ -20,8 +21,8 @@ def pretrain_objectives(model, config, specials):
   loss = recipe.make_loss(model, config, specials)
 
   def init_inputs(rng):
-    inputs = objectives.prepare_inputs(dummy_batch(config, 1), rng, config,
-                                       specials)[0]
+    batch = zero_inputs(Shapes.from_config(config), 1, pretrain=True)
+    inputs = objectives.prepare_inputs(batch, rng, config, specials)[0]
     return recipe.init_inputs(inputs, config)
 
   return init_inputs, loss
@@ -35,7 +36,7 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
   tfds_spec = tfds_source.source_spec(config)
   if not config.data.dir and tfds_spec is None:
     synthetic.ensure_world_data(config, directory,
-                      every_process=guards.is_remote(workdir))
+                      every_process=storage.is_remote(workdir))
   tokenizer = load_tokenizer(config.data.vocab_path or None)
   if tokenizer.vocab_size != config.model.vocab_size:
     raise ValueError(

@@ -19,6 +19,8 @@ import textwrap
 
 from flax import traverse_util
 
+from cmal_jax import config_base
+
 CONFIG, METRICS, EVAL, BEST = ('config.json', 'metrics.jsonl', 'eval.json',
                                'best.json')
 # Entries of eval.json (and eval/* lines) that are not evaluation metrics.
@@ -90,26 +92,15 @@ def is_score(name):
           or re.search(r'_r\d+$', name) is not None)
 
 
-def load_config_module(name):
-  """configs/{name}.py, which lives at the repo root, not in the package."""
-  import importlib
-  try:
-    return importlib.import_module(f'configs.{name}')
-  except ImportError:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, root)
-    return importlib.import_module(f'configs.{name}')
-
-
 def default_config(config):
   """The defaults of the run's config file and argument, as config.json
   would hold them (tuples become lists)."""
   task, size = config.get('task', 'pretrain'), config.get('size', 'small')
   if task == 'pretrain':
-    default = load_config_module('pretrain').get_config(
+    default = config_base.config_module('pretrain').get_config(
         f'{size},{config.get("recipe", "cmal")}')
   else:
-    default = load_config_module('finetune').get_config(
+    default = config_base.config_module('finetune').get_config(
         f'{task},{size},{config.get("pretrain_recipe", "cmal")}')
   return json.loads(default.to_json_best_effort())
 

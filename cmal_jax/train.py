@@ -1,7 +1,8 @@
-"""The training loop, top to bottom, for pre-training and fine-tuning:
+"""The training loop, top to bottom, for any job (jobs.py hands it one:
+pre-training or a downstream task):
 
   1. setup: config check, mesh, the job (data generated if missing, model,
-     loss, evaluation: pretraining.make_job or finetune.make_job)
+     loss, evaluation: make_job, pretraining's or finetune's)
   2. optimizer and a sharded train state (fine-tuning: init_from merged in)
   3. resume from the workdir's latest checkpoint
   4. the jitted train step
@@ -21,11 +22,10 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from cmal_jax import (checkpoint, configlib, finetune, guards, logs,
-                      pretraining, sharding)
+from cmal_jax import checkpoint, configlib, guards, logs, sharding, storage
 from cmal_jax.checkpoint import BestCheckpoint, best_dir
 from cmal_jax.data import pipeline
-from cmal_jax.guards import log
+from cmal_jax.logs import log
 from cmal_jax.metrics import MetricWriter
 from cmal_jax.train_step import (bert_params, create_train_state,
                                  jit_train_step, make_optimizer)
@@ -39,9 +39,10 @@ from cmal_jax.train_step import (bert_params, create_train_state,
 MIN_EXAMPLES_FOR_SKIP_CHECK = 1000
 
 
-def train_and_evaluate(config, workdir):
-  """Pre-trains or fine-tunes (config.task) per `config`, checkpointing into
-  and resuming from `workdir`.
+def run(config, workdir, make_job):
+  """Trains the job make_job(config, workdir, mesh, axis_rules, local_batch)
+  -> train_step.Job builds, per `config`, checkpointing into and resuming
+  from `workdir`.
 
   Returns the final evaluation dict (also written to workdir/eval.json), or
   None when config.stop_at_step ended the run before total_steps.
@@ -52,8 +53,6 @@ def train_and_evaluate(config, workdir):
   mesh = sharding.mesh_from_config(config)
   axis_rules = sharding.rules(config)
   local_batch = sharding.per_process_batch_size(config.batch_size, mesh)
-  make_job = (pretraining.make_job if config.task == 'pretrain'
-              else finetune.make_job)
   job = make_job(config, workdir, mesh, axis_rules, local_batch)
   train_iter = pipeline.to_iterator(job.train_ds, config)
   log(f'Mesh {dict(mesh.shape)} over {jax.device_count()} '
@@ -71,7 +70,7 @@ def train_and_evaluate(config, workdir):
     for old in (checkpoint.checkpoint_dir(workdir), best_dir(workdir),
                 os.path.join(workdir, 'best.json')):
       if epath.Path(old).exists():
-        log(f'config.resume=fresh: moved {old} to {guards.move_aside(old)}.')
+        log(f'config.resume=fresh: moved {old} to {storage.move_aside(old)}.')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('resume_fresh')
   manager = checkpoint.make_manager(workdir, config)
@@ -100,12 +99,12 @@ def train_and_evaluate(config, workdir):
       state = state.replace(extra=job.loss.extra_state(params))
   step = int(state.step)
   if jax.process_index() == 0:
-    guards.write_text_atomic(epath.Path(workdir) / 'config.json',
+    storage.write_text_atomic(epath.Path(workdir) / 'config.json',
                              config.to_json_best_effort(indent=2))
     # One line per start; read and rewritten, as GCS cannot append.
     info = epath.Path(workdir) / 'run_info.json'
-    guards.write_text_atomic(info, (info.read_text() if info.exists() else '')
-                             + json.dumps(dict(guards.run_info(mesh),
+    storage.write_text_atomic(info, (info.read_text() if info.exists() else '')
+                             + json.dumps(dict(logs.run_info(mesh),
                                                start_step=step)) + '\n')
 
   # 4. The jitted step; the state is donated, so it is updated in place.
@@ -208,7 +207,7 @@ def train_and_evaluate(config, workdir):
   results['data_stats'] = stats
   results['nonfinite_skips'] = int(jax.device_get(state.nonfinite_skips))
   if jax.process_index() == 0:
-    guards.write_text_atomic(epath.Path(workdir) / 'eval.json',
+    storage.write_text_atomic(epath.Path(workdir) / 'eval.json',
                              json.dumps(results, indent=2))
   best.close()
   writer.close()
@@ -285,6 +284,6 @@ def compile_report(job, config, workdir, mesh, axis_rules, local_batch):
       f'  FLOPs per step: {report["flops_per_step"]:.3e} '
       f'({report["flops_per_device"]:.3e} per device)')
   if jax.process_index() == 0:
-    guards.write_text_atomic(epath.Path(workdir) / 'compile.json',
+    storage.write_text_atomic(epath.Path(workdir) / 'compile.json',
                              json.dumps(report, indent=2))
   return report

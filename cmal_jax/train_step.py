@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from cmal_jax import configlib, objectives, sharding
-from cmal_jax.data.shapes import Shapes
-from cmal_jax.guards import log
+from cmal_jax import objectives, sharding
+from cmal_jax.logs import log
 from cmal_jax.model import bert_init
 from cmal_jax.model.cmal import pretrained_param_names
+from cmal_jax.model.pixels import reads_pixels
 
 
 class TrainState(train_state.TrainState):
@@ -66,7 +66,7 @@ def pretrained_lr(config):
   if not config.get('init_from'):
     return (), 1.0
   return (pretrained_param_names(config.task,
-                                 configlib.reads_pixels(config)),
+                                 reads_pixels(config)),
           config.finetune.pretrained_lr_mult)
 
 
@@ -81,30 +81,6 @@ def bert_params(config, params):
       'parameter arrays (unified encoder, slot and text embeddings, ITM '
       'pooler).')
   return params
-
-
-def dummy_batch(config, batch_size):
-  """Zeros with the pipeline's shapes, for init and shape inference."""
-  shapes = Shapes.from_config(config)
-  T, R, K = shapes.max_text_len, shapes.max_regions, shapes.max_anchors
-  z = lambda *s, dtype=jnp.int32: jnp.zeros((batch_size,) + s, dtype)
-  batch = dict(input_ids=z(T), text_mask=z(T),
-               region_boxes=z(R, 4, dtype=jnp.float32), region_tags=z(R),
-               region_mask=z(R), anchor_text_pos=z(K), anchor_text_end=z(K),
-               anchor_region=z(K), anchor_valid=z(K, dtype=bool),
-               itm_label=z())
-  batch.update(zero_visual_inputs(shapes, batch_size))
-  return batch
-
-
-def zero_visual_inputs(shapes, rows):
-  """What the vision side reads, as zeros: images [rows, S, S, 3] uint8
-  (model.visual.input='pixels') or region_feats [rows, R, F] float32."""
-  if shapes.pixels:
-    S = shapes.image_size
-    return {'images': jnp.zeros((rows, S, S, 3), jnp.uint8)}
-  return {'region_feats': jnp.zeros(
-      (rows, shapes.max_regions, shapes.feature_dim), jnp.float32)}
 
 
 def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from cmal_jax import train_step
+from cmal_jax import jobs, train, train_step
 from cmal_jax.data import pipeline, records
 from cmal_jax.world import scenes
 
@@ -193,7 +193,6 @@ def fast_train_steps():
     """Within: every run's train step (train_step.jit_train_step) compiles at
     FAST."""
     import pytest
-    from cmal_jax import train
     jit_train_step = train_step.jit_train_step
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, 'jit_train_step',
@@ -203,9 +202,8 @@ def fast_train_steps():
 
 def train_fast(config, workdir):
     """train.train_and_evaluate with its train step compiled at FAST."""
-    from cmal_jax import train
     with fast_train_steps():
-        return train.train_and_evaluate(config, workdir)
+        return jobs.train_and_evaluate(config, workdir)
 
 
 def finetune_tiny(task, recipe, init_from):

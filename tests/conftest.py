@@ -3,6 +3,7 @@
 import jax
 import pytest
 
+from cmal_jax import jobs
 from cmal_jax.world import scenes
 
 NUM_TRAIN, NUM_VAL = 1024, 128
@@ -51,12 +52,11 @@ def pretrained_tiny(world_dir, tmp_path_factory, compilation_cache):
   checkpoint holds the init parameters, which a fresh seed-0 model has too.
   30 total steps and 8 retrieval images as test_reliability's and
   test_train's runs, so the compiled step is shared through the cache."""
-  from cmal_jax import train
   from configs import pretrain
   workdir = str(tmp_path_factory.mktemp('pretrained_tiny'))
   c = pretrain.get_config('tiny')
   c.data.dir = world_dir
   c.total_steps, c.stop_at_step = 30, 2
   c.eval.retrieval_images = 8
-  assert train.train_and_evaluate(c, workdir) is None
+  assert jobs.train_and_evaluate(c, workdir) is None
   return workdir

@@ -12,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmal_jax import pretraining
-from cmal_jax import train_step
-from cmal_jax import configlib, objectives, sharding, train
+from cmal_jax import (configlib, jobs, objectives, pretraining, sharding,
+                      train_step)
 from cmal_jax.data import pipeline, records
 from cmal_jax.world import scenes
 from cmal_jax.data.shapes import Shapes
@@ -106,7 +105,7 @@ def test_missing_vocabulary_load_tokenizer():
 def test_missing_vocabulary_train(tmp_path, world_dir):
   config = tiny(dir=world_dir, vocab_path='/nonexistent/vocab.txt')
   with pytest.raises(FileNotFoundError) as e:
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    jobs.train_and_evaluate(config, str(tmp_path / 'run'))
   assert '/nonexistent/vocab.txt' in str(e.value)
   assert 'data.vocab_path' in str(e.value)
   # It failed before building a model or a checkpoint manager.

@@ -14,8 +14,7 @@ import torch
 
 from flax import traverse_util
 
-from cmal_jax import train_step
-from cmal_jax import objectives
+from cmal_jax import objectives, train_step
 from cmal_jax.benchmarks import run, torch_step
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer

@@ -19,6 +19,7 @@ import re
 import numpy as np
 import pytest
 
+from cmal_jax import jobs
 from cmal_jax.convert import cli as convert
 from cmal_jax.data import records, region_store
 from cmal_jax.convert.formats import FormatError, bottom_up, captions
@@ -477,7 +478,6 @@ def _check_inspected(store, data):
 
 
 def test_end_to_end_tsv_to_pretraining(tmp_path):
-  from cmal_jax import train
   from cmal_testutil import read_all
   from configs import pretrain
   store, data = tmp_path / 'store', tmp_path / 'data'
@@ -506,7 +506,7 @@ def test_end_to_end_tsv_to_pretraining(tmp_path):
   own_captions.data.itm_neg_prob = 0.0
   for batch in read_all(own_captions, data, 16):
     assert batch['anchor_valid'].any(axis=1).all()
-  results = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  results = jobs.train_and_evaluate(c, str(tmp_path / 'run'))
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
     lines = [m for m in map(json.loads, f) if 'loss' in m]  # Train lines.
   assert [m['step'] for m in lines] == [10, 20]

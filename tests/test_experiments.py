@@ -18,6 +18,7 @@ from cmal_jax.experiments import data_efficiency as de
 from cmal_jax.experiments import grid_plan
 from cmal_jax.experiments import grid_report
 from cmal_jax.experiments import grid_runner
+from cmal_jax.model.pixels import reads_pixels
 from cmal_testutil import fast_train_steps
 
 E2E_RECIPES = ('cmal', 'cmcl', 'mlm_itm')
@@ -262,8 +263,8 @@ def test_semvlp_and_semmim_runs_build_their_own_models_and_data():
         'cmal', 'semvlp', 'semmim'))
     assert semvlp.model.cross_attention and not cmal.model.cross_attention
     assert not semvlp.model.two_stream  # Fine-tuning: single-stream.
-    assert configlib.reads_pixels(semmim)
-    assert not configlib.reads_pixels(cmal) and not configlib.reads_pixels(
+    assert reads_pixels(semmim)
+    assert not reads_pixels(cmal) and not reads_pixels(
         semvlp)
     # Region recipes share the folders (and names) of the finished grid.
     folder = ('pretrain-2000-s0' if task == 'pretrain' else f'{task}-s0')
@@ -275,7 +276,7 @@ def test_semvlp_and_semmim_runs_build_their_own_models_and_data():
           'x', 'runs', 'pretrain-semmim-2000-s0')
       assert semmim.model.visual.boxes == 'given'  # The records' boxes.
       random = configs[name('random')]  # CMAL's model, on regions.
-      assert random.init_from == '' and not configlib.reads_pixels(random)
+      assert random.init_from == '' and not reads_pixels(random)
       assert not random.model.cross_attention
       assert random.data.dir == cmal.data.dir
 
@@ -309,7 +310,7 @@ def test_new_recipes_join_a_finished_grid(tmp_path, monkeypatch, capsys):
   def fake_execute(run, args, out):
     executed.append(run.name)
     config = grid_plan.run_config(run, args, out)
-    assert prepared[config.data.dir] == configlib.reads_pixels(config)
+    assert prepared[config.data.dir] == reads_pixels(config)
     test = {'cmal': 0.6, 'cmcl': 0.5, 'semvlp': 0.45, 'semmim': 0.4,
             'random': 0.3}[run.recipe]
     # No AMC metrics but for CMAL's (summarise keeps what there is).
@@ -327,7 +328,7 @@ def test_new_recipes_join_a_finished_grid(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(grid_runner, 'execute', fake_execute)
   monkeypatch.setattr(grid_runner, 'prepare_data',
                       lambda c: prepared.setdefault(
-                          c.data.dir, configlib.reads_pixels(c)))
+                          c.data.dir, reads_pixels(c)))
   common = ['--out', str(tmp_path), '--corpus_sizes=256', '--seeds=0',
             '--tasks=ve']
   de.main(common + ['--recipes=cmal,cmcl'])

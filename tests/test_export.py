@@ -22,6 +22,7 @@ import torch
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+from cmal_jax import jobs
 from cmal_jax.export import export, torch_model
 from cmal_jax.model import bert_init, torch_names
 from cmal_jax.model import cmap
@@ -382,7 +383,7 @@ def test_unified_encoder_from_minilm_matches_transformers(minilm_params):
   with torch.no_grad():
     x = model.embeddings(input_ids=torch.from_numpy(
         rng.integers(1000, 30000, (2, 14)))).numpy()
-  from cmal_jax.model.unified import BertEncoder, EncoderConfig
+  from cmal_jax.model.layers import BertEncoder, EncoderConfig
   enc = BertEncoder(EncoderConfig(384, 12, 1536, 6, dropout=0.0))
   ours = enc.apply({'params': params['unified']}, jnp.asarray(x),
                    jnp.asarray(mask), True)
@@ -401,7 +402,7 @@ def test_pretraining_starts_from_init_bert(world_dir, compilation_cache,
   of a random tiny model, exported) initialises a tiny pre-training run.
   Its step-1 checkpoint holds the initial parameters (warmup: the first
   update has lr 0)."""
-  from cmal_jax import checkpoint, train
+  from cmal_jax import checkpoint
   c = pretrain_config.get_config('tiny')
   m = c.model
   config = dict(format=export.FORMAT, task='pretrain', num_outputs=0,
@@ -416,7 +417,7 @@ def test_pretraining_starts_from_init_bert(world_dir, compilation_cache,
   c.init.bert = str(tmp_path / 'export' / export.BERT_DIR)
   # As conftest's pretrained_tiny, so the compiled step is shared.
   c.total_steps, c.stop_at_step, c.eval.retrieval_images = 30, 1, 8
-  assert train.train_and_evaluate(c, str(tmp_path / 'run')) is None
+  assert jobs.train_and_evaluate(c, str(tmp_path / 'run')) is None
   params, _ = checkpoint.load_pretrained_params(str(tmp_path / 'run'))
   got = traverse_util.flatten_dict(params, sep='/')
   want = traverse_util.flatten_dict(source, sep='/')
@@ -458,13 +459,12 @@ def test_minilm_presets_fit_the_shipped_checkpoint(arg):
 
 
 def test_init_bert_of_another_size_fails_at_start(tmp_path):
-  from cmal_jax import train
   c = pretrain_config.get_config('tiny')
   c.init.bert = 'minilm'
   with pytest.raises(ValueError, match='hidden_size 384, config.model.'
                      'hidden_dim 64; num_attention_heads 12, config.model.'
                      'num_heads 2'):
-    train.train_and_evaluate(c, str(tmp_path / 'run'))
+    jobs.train_and_evaluate(c, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run' / 'data')  # Nothing generated.
 
 

@@ -25,12 +25,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cmal_jax import train_step
-from cmal_jax import (checkpoint, configlib, finetune, guards, sharding,
-                      task_metrics, train)
+from cmal_jax import (checkpoint, configlib, finetune, guards, jobs, sharding,
+                      task_metrics, train_step)
 from cmal_jax.data import pipeline, task_pipeline, tasks
 from cmal_jax.world import scenes, task_examples
-from cmal_jax.model.cmal import CMAL, ENCODER_PARAMS, ModelConfig, pool_regions
+from cmal_jax.model.cmal import (CMAL, ENCODER_PARAMS, ModelConfig,
+                                 image_feature)
 from cmal_testutil import assert_trees_equal, fast_train_steps
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
@@ -73,7 +73,7 @@ def run_logged(config, workdir):
   out = io.StringIO()
   try:
     with contextlib.redirect_stdout(out), fast_train_steps():
-      results = train.train_and_evaluate(config, workdir)
+      results = jobs.train_and_evaluate(config, workdir)
   except BaseException:
     print(out.getvalue())
     raise
@@ -283,7 +283,7 @@ def retrieval_setup(tmp_path_factory, compilation_cache):
   # ITC similarity from the model's UMSE outputs (not finetune's numpy).
   text, image = jax.jit(lambda p: (
       model.apply({'params': p}, captions, method='embed_text')[:, 0],
-      pool_regions(model.apply({'params': p}, images, method='embed_regions'),
+      image_feature(model.apply({'params': p}, images, method='embed_regions'),
                    images['region_mask'])))(params)
   sim = np.asarray(text @ image.T)
   return scores, direct, sim

@@ -10,6 +10,7 @@ import pytest
 from cmal_testutil import CLS, MASK, PAD, SEP, VOCAB, random_batch
 from cmal_jax import objectives
 from cmal_jax.model.cmap import NONE, SWAP
+from cmal_jax.model import xent
 from configs.pretrain import get_config
 
 SPECIALS = objectives.SpecialTokens(PAD, CLS, SEP, MASK, VOCAB)
@@ -250,9 +251,9 @@ def test_weighted_xent_zero_weights():
                          jnp.float32)
     labels = jnp.full((3, 5), -1, jnp.int32)  # Unweighted entries may be -1.
     weights = jnp.zeros((3, 5), bool)
-    loss, acc, n = objectives.weighted_xent(logits, labels, weights)
+    loss, acc, n = xent.weighted_xent(logits, labels, weights)
     assert float(loss) == 0.0 and float(acc) == 0.0 and float(n) == 0.0
-    grad = jax.grad(lambda l: objectives.weighted_xent(l, labels, weights)[0])(
+    grad = jax.grad(lambda l: xent.weighted_xent(l, labels, weights)[0])(
         logits)
     assert np.all(np.isfinite(np.asarray(grad)))
     assert float(jnp.abs(grad).max()) == 0.0
@@ -263,7 +264,7 @@ def test_weighted_xent_values():
     logits = rng.normal(size=(4, 6)).astype(np.float32)
     labels = np.array([0, 5, -1, 2])
     weights = np.array([True, True, False, True])
-    loss, acc, n = objectives.weighted_xent(jnp.asarray(logits),
+    loss, acc, n = xent.weighted_xent(jnp.asarray(logits),
                                             jnp.asarray(labels),
                                             jnp.asarray(weights))
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))

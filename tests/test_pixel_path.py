@@ -25,9 +25,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmal_jax import pretraining
-from cmal_jax import train_step
-from cmal_jax import checkpoint, configlib, finetune, guards, train
+from cmal_jax import (checkpoint, configlib, finetune, guards, jobs,
+                      pretraining, train_step)
 from cmal_jax.data import (image_store, pipeline, records, task_pipeline,
                            tasks)
 from cmal_jax.world import scenes, task_examples
@@ -82,7 +81,7 @@ def first_and_last_loss(workdir):
 def pixel_pretrained(pixel_world, tmp_path_factory, compilation_cache):
   """(workdir, results) of pixel pre-training with the world's boxes."""
   workdir = str(tmp_path_factory.mktemp('pixel_pretrain'))
-  results = train.train_and_evaluate(pixel_pretrain_config(pixel_world,
+  results = jobs.train_and_evaluate(pixel_pretrain_config(pixel_world,
                                                            'given'), workdir)
   return workdir, results
 
@@ -105,7 +104,7 @@ def test_pretraining_from_pixels_on_the_grid(pixel_world, tmp_path,
   # The NaN hook of pixel batches (their boxes carry it): one update of the
   # middle log window is skipped, the first and last stay finite.
   c.debug_nan_steps = (15,)
-  results = train.train_and_evaluate(c, str(tmp_path))
+  results = jobs.train_and_evaluate(c, str(tmp_path))
   first, last = first_and_last_loss(str(tmp_path))
   print(f'pixels, {GRID}x{GRID} grid: loss {first:.3f} -> {last:.3f}')
   assert last < first - 0.5, (first, last)
@@ -122,7 +121,7 @@ def test_rec_finetunes_from_the_pixel_checkpoint(pixel_pretrained, tmp_path):
   c.model.visual.grid_size = GRID
   c.data.max_regions = GRID * GRID
   c.init_from = workdir
-  results = train.train_and_evaluate(c, str(tmp_path / 'rec'))
+  results = jobs.train_and_evaluate(c, str(tmp_path / 'rec'))
   for split in ('val', 'test'):
     assert 0 <= results[split]['accuracy'] <= 1
     assert results[split]['num_examples'] == c.world.num_test

@@ -14,7 +14,7 @@ import pytest
 
 from cmal_jax import objectives
 from cmal_jax.model.cmal import CMAL, ModelConfig
-from cmal_jax.model.unified import REMAT_POLICIES
+from cmal_jax.model.layers import REMAT_POLICIES
 from cmal_testutil import CLS, MASK, PAD, SEP, VOCAB, random_batch
 from configs.pretrain import get_config
 

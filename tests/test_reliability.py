@@ -20,10 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cmal_jax import logs
-from cmal_jax import pretraining
-from cmal_jax import train_step
-from cmal_jax import checkpoint, guards, metrics, objectives, sharding, train
+from cmal_jax import (checkpoint, guards, jobs, logs, metrics, objectives,
+                      pretraining, sharding, train, train_step)
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.model.cmal import CMAL, ModelConfig
@@ -236,13 +234,13 @@ def test_resume_refuses_a_different_model(world_dir, tmp_path,
                                           compilation_cache):
   workdir = str(tmp_path)
   config = tiny(world_dir, total_steps=TOTAL, stop_at_step=2)
-  assert train.train_and_evaluate(config, workdir) is None
+  assert jobs.train_and_evaluate(config, workdir) is None
   other = tiny(world_dir, total_steps=TOTAL)
   other.model.hidden_dim = 32
   other.model.mlp_dim = 128
   other.model.dropout = 0.0  # Free to change: not part of the signature.
   with pytest.raises(ValueError) as e:
-    train.train_and_evaluate(other, workdir)
+    jobs.train_and_evaluate(other, workdir)
   message = str(e.value)
   assert 'checkpoints/2 holds a checkpoint of a different run' in message
   assert 'model.hidden_dim: checkpoint 64, config 32' in message
@@ -253,12 +251,12 @@ def test_resume_refuses_a_different_model(world_dir, tmp_path,
   # The same model with another dropout resumes.
   same = tiny(world_dir, total_steps=TOTAL, stop_at_step=3)
   same.model.dropout = 0.0
-  assert train.train_and_evaluate(same, workdir) is None
+  assert jobs.train_and_evaluate(same, workdir) is None
 
   # resume=fresh moves the old checkpoints aside and starts over (the same
   # model here: it takes no new compile).
   fresh = tiny(world_dir, total_steps=TOTAL, stop_at_step=1, resume='fresh')
-  assert train.train_and_evaluate(fresh, workdir) is None
+  assert jobs.train_and_evaluate(fresh, workdir) is None
   assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ['1']
   aside = [n for n in os.listdir(workdir)
            if n.startswith('checkpoints.replaced-')]
@@ -316,7 +314,7 @@ def test_isolated_nonfinite_steps_are_skipped_and_counted(
     world_dir, tmp_path, compilation_cache):
   config = tiny(world_dir, total_steps=TOTAL, log_every=1, checkpoint_every=6,
                 debug_nan_steps=(3, 7))
-  results = train.train_and_evaluate(config, str(tmp_path))
+  results = jobs.train_and_evaluate(config, str(tmp_path))
   assert results['nonfinite_skips'] == 2
   lines = [m for m in read_lines(str(tmp_path)) if 'loss' in m]
   assert [m['update_skipped'] for m in lines] == [
@@ -333,7 +331,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(world_dir, tmp_path,
   config = tiny(world_dir, total_steps=TOTAL, log_every=5, checkpoint_every=4,
                 debug_nan_steps=(5, 6, 7, 8), max_nonfinite_steps=3)
   with pytest.raises(FloatingPointError) as e:
-    train.train_and_evaluate(config, str(tmp_path))
+    jobs.train_and_evaluate(config, str(tmp_path))
   message = str(e.value)
   assert '3 consecutive non-finite updates, steps 5..7' in message
   # NaN features reach every objective through the unified encoder.
@@ -355,7 +353,7 @@ def test_periodic_eval_keeps_the_best_checkpoint(world_dir, tmp_path,
   workdir = str(tmp_path)
   config = tiny(world_dir, total_steps=TOTAL, log_every=10)
   config.eval.every_steps = 10
-  results = train.train_and_evaluate(config, workdir)
+  results = jobs.train_and_evaluate(config, workdir)
   evals = [m for m in read_lines(workdir) if 'eval/amc_pair_acc' in m]
   assert [m['step'] for m in evals] == [10, 20, 30]
   # Periodic evaluations skip retrieval; the final one has it.
@@ -386,7 +384,7 @@ def test_unknown_best_metric_fails_at_start(world_dir, tmp_path):
   with pytest.raises(ValueError, match=r"config.eval.best_metric="
                      r"'retrieval_itc_t2i_r1': not a metric this recipe "
                      r"evaluates; one of \[.*'amc_pair_acc'"):
-    train.train_and_evaluate(config, str(tmp_path))
+    jobs.train_and_evaluate(config, str(tmp_path))
   assert not os.listdir(tmp_path)
 
 
@@ -418,7 +416,7 @@ def test_log_line_and_progress_bar(monkeypatch, capsys):
 
 def test_run_info_records_versions_and_topology():
   mesh = sharding.make_mesh((-1, 1, 1))
-  info = guards.run_info(mesh)
+  info = logs.run_info(mesh)
   assert info['packages']['jax'] == jax.__version__
   assert info['packages']['flax'] is not None
   assert info['device_count'] == jax.device_count()
@@ -462,9 +460,9 @@ def test_skipped_records_are_counted_and_limited(tmp_path, compilation_cache,
   too_big.eval.batch_size = 128
   with pytest.raises(ValueError, match=r'val.array_record holds 64 pairs, '
                      r'fewer than config.eval.batch_size=128'):
-    train.train_and_evaluate(too_big, str(tmp_path / 'too_big'))
+    jobs.train_and_evaluate(too_big, str(tmp_path / 'too_big'))
 
-  results = train.train_and_evaluate(config(0.05), str(tmp_path / 'ok'))
+  results = jobs.train_and_evaluate(config(0.05), str(tmp_path / 'ok'))
   # 30 steps x 32 = 960 examples = 5 epochs of 192 good records, 8 bad each.
   stats = results['data_stats']
   assert stats['examples'] == TOTAL * 32
@@ -480,5 +478,5 @@ def test_skipped_records_are_counted_and_limited(tmp_path, compilation_cache,
   with pytest.raises(ValueError, match=r'for 192 examples .* more than '
                      r'config.data.max_skip_fraction=0.01 allows; by field: '
                      r'region_feats \d+'):
-    train.train_and_evaluate(config(0.01), str(tmp_path / 'strict'))
+    jobs.train_and_evaluate(config(0.01), str(tmp_path / 'strict'))
   assert not os.listdir(checkpoint.checkpoint_dir(str(tmp_path / 'strict')))

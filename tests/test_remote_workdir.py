@@ -21,7 +21,7 @@ import fsspec
 from fsspec.implementations.memory import MemoryFileSystem
 import pytest
 
-from cmal_jax import checkpoint, finetune, guards, metrics, train
+from cmal_jax import checkpoint, finetune, jobs, metrics, storage, train
 from cmal_jax.data import records, tasks
 from cmal_jax.world import synthetic
 from configs import finetune as finetune_configs
@@ -76,7 +76,7 @@ def test_remote_paths_are_not_made_absolute():
   assert checkpoint.best_dir('gs://b/runs/x/') == 'gs://b/runs/x/best'
   assert checkpoint.checkpoint_dir('runs/x') == os.path.abspath(
       'runs/x/checkpoints')  # Local: absolute, as Orbax wants.
-  assert guards.is_remote('gs://b/x') and not guards.is_remote('/tmp/x')
+  assert storage.is_remote('gs://b/x') and not storage.is_remote('/tmp/x')
 
 
 def test_load_pretrained_names_the_remote_path(fake_gcs):
@@ -88,25 +88,25 @@ def test_load_pretrained_names_the_remote_path(fake_gcs):
 
 def test_write_text_atomic_local(tmp_path):
   path = tmp_path / 'best.json'
-  guards.write_text_atomic(path, '{"step": 1}')
-  guards.write_text_atomic(str(path), '{"step": 2}')
+  storage.write_text_atomic(path, '{"step": 1}')
+  storage.write_text_atomic(str(path), '{"step": 2}')
   assert path.read_text() == '{"step": 2}'
   with pytest.raises(TypeError):  # Fails while writing: the old file stays.
-    guards.write_text_atomic(path, None)
+    storage.write_text_atomic(path, None)
   assert path.read_text() == '{"step": 2}'
 
 
 def test_write_text_atomic_remote_writes_the_object(fake_gcs):
-  guards.write_text_atomic('gs://b/r/eval.json', '{"a": 1}')
-  guards.write_text_atomic('gs://b/r/eval.json', '{"a": 2}')
+  storage.write_text_atomic('gs://b/r/eval.json', '{"a": 1}')
+  storage.write_text_atomic('gs://b/r/eval.json', '{"a": 2}')
   assert sorted(fake_gcs) == ['b/r/eval.json']  # No temporary object.
   assert fake_gcs['b/r/eval.json'].getvalue() == b'{"a": 2}'
   assert FakeGCS.renames == 0  # A rename is copy + delete on GCS.
 
 
 def test_move_aside_remote(fake_gcs):
-  guards.write_text_atomic('gs://b/r/checkpoints/3/x', 'state')
-  target = guards.move_aside('gs://b/r/checkpoints')
+  storage.write_text_atomic('gs://b/r/checkpoints/3/x', 'state')
+  target = storage.move_aside('gs://b/r/checkpoints')
   assert target.startswith('gs://b/r/checkpoints.replaced-')
   assert sorted(fake_gcs) == [target[5:] + '/3/x']
 
@@ -142,7 +142,7 @@ def test_metric_writer_remote_rewrites_and_resumes(fake_gcs, monkeypatch):
   assert [l[:10] for l in lines().splitlines()] == [
       '{"step": 1', '{"step": 2', '{"step": 3']
   # A killed writer's torn line, then a resume from the step-2 checkpoint.
-  guards.write_text_atomic('gs://b/r/metrics.jsonl', lines() + '{"ste')
+  storage.write_text_atomic('gs://b/r/metrics.jsonl', lines() + '{"ste')
   writer = metrics.MetricWriter('gs://b/r', resume_step=2)
   writer.write(3, {'loss': 0.5})
   writer.close()
@@ -263,7 +263,7 @@ def test_tiny_run_with_a_gs_workdir(fake_gcs, monkeypatch, tmp_path):
                         lambda workdir: str(tmp_path / 'orbax' / 'best'))
   config = _tiny(num_train=64, num_eval=64)
   config.total_steps, config.log_every, config.eval.every_steps = 1, 1, 0
-  results = train.train_and_evaluate(config, 'gs://b/runs/x')
+  results = jobs.train_and_evaluate(config, 'gs://b/runs/x')
   assert sorted(fake_gcs) == [f'b/runs/x/{name}' for name in (
       'best.json', 'config.json', 'eval.json', 'metrics.jsonl',
       'run_info.json')]

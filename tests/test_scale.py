@@ -12,9 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from cmal_jax import pretraining
-from cmal_jax import train_step
-from cmal_jax import configlib, main, objectives, sharding, train
+from cmal_jax import (configlib, jobs, main, objectives, pretraining, sharding,
+                      train_step)
 from cmal_jax.data import pipeline
 from cmal_jax.model.cmal import CMAL, ModelConfig
 from cmal_testutil import random_batch
@@ -136,7 +135,7 @@ def test_itm_group_must_divide_the_process_batch(world_dir, tmp_path):
   c = config_with(data__dir=world_dir, data__itm_group=5)
   with pytest.raises(ValueError, match=r'config.data.itm_group=5 must divide '
                      r'the per-process batch of config.batch_size \(32 rows'):
-    train.train_and_evaluate(c, str(tmp_path))
+    jobs.train_and_evaluate(c, str(tmp_path))
 
 
 # ------------------------------------------------ process-invariant data
@@ -171,7 +170,7 @@ def test_eval_pass_drops_only_the_last_partial_global_batch(world_dir):
 def test_compile_only_reports_memory_and_flops(world_dir, tmp_path,
                                                compilation_cache):
   c = config_with(data__dir=world_dir, total_steps=30, compile_only=True)
-  report = train.train_and_evaluate(c, str(tmp_path))
+  report = jobs.train_and_evaluate(c, str(tmp_path))
   assert report['mesh'] == {'data': 1, 'fsdp': 1, 'tensor': 1}
   assert report['devices'] == 1 and report['sharding'] == 'dp'
   # Adam's two moments: the state is about three times the parameters.
@@ -188,7 +187,7 @@ def test_compile_only_reports_memory_and_flops(world_dir, tmp_path,
   # Four micro-batches: the same FLOPs per step (XLA's count of the loop
   # body is not taken as the step's), fewer live activations.
   c.grad_accum_steps = 4
-  micro = train.train_and_evaluate(c, str(tmp_path / 'micro'))
+  micro = jobs.train_and_evaluate(c, str(tmp_path / 'micro'))
   assert micro['state_bytes'] == report['state_bytes']
   assert micro['temp_bytes'] < report['temp_bytes']
   np.testing.assert_allclose(micro['flops_per_step'],

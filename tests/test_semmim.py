@@ -22,14 +22,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cmal_jax import pretraining
-from cmal_jax import train_step
-from cmal_jax import checkpoint, configlib, objectives, sharding
+from cmal_jax import (checkpoint, configlib, objectives, pretraining, sharding,
+                      train_step)
 from cmal_jax.data import pipeline
 from cmal_jax.recipes import semmim
-from cmal_jax.model.cmal import CMAL, ModelConfig, pixel_config
+from cmal_jax.model.cmal import CMAL, ModelConfig
+from cmal_jax.model.pixels import pixel_config
 from cmal_jax.model.pixels import (PixelBackbone, PixelConfig, grid_boxes,
                                    grid_regions)
+from cmal_jax.model.pixels import reads_pixels
 from cmal_testutil import (CLS, FAST, MASK, PAD, SEP, assert_trees_equal,
                             finetune_tiny, shrink, train_fast)
 from configs import finetune as finetune_config
@@ -519,7 +520,7 @@ def test_ve_finetunes_from_the_semmim_checkpoint(semmim_pretrained,
   workdir, _, _ = semmim_pretrained
   c = finetune_tiny('ve', 'semmim', workdir)
   # The task's regions are its records' boxes, pooled from the backbone.
-  assert configlib.reads_pixels(c) and c.model.visual.boxes == 'given'
+  assert reads_pixels(c) and c.model.visual.boxes == 'given'
   assert c.model.prototypes == 64 and 'semmim' not in c
   capsys.readouterr()
   results = train_fast(c, str(tmp_path))

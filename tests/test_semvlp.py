@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmal_jax import pretraining
-from cmal_jax import checkpoint, configlib, objectives
+from cmal_jax import checkpoint, configlib, objectives, pretraining
 from cmal_jax.model.cmal import CMAL, ENCODER_PARAMS, ModelConfig
 from cmal_jax.model.unified import two_stream_masks
 from cmal_jax.recipes import semvlp

@@ -13,6 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 from tensorflow_datasets.core import registered
 
+from cmal_jax import jobs
 from cmal_jax.data import anchors, pipeline, records, tfds_source
 from cmal_jax.data.shapes import Shapes
 from cmal_jax.world import scenes
@@ -270,7 +271,6 @@ def test_source_syntax():
 # ------------------------------------------------------------- pre-training
 
 def test_five_pretraining_steps_from_flags(tfds_dir, tmp_path):
-  from cmal_jax import train
   mapping = [f'--config.data.tfds_features.{k}={v}'
              for k, v in OTHER_FEATURES.items()]
   argv = ['test', f'--config={REPO}/configs/pretrain.py:tiny',
@@ -284,7 +284,7 @@ def test_five_pretraining_steps_from_flags(tfds_dir, tmp_path):
                                   lock_config=True, sys_argv=argv)
   flag_values(argv)
   workdir = str(tmp_path / 'run')
-  results = train.train_and_evaluate(flag_values.config, workdir)
+  results = jobs.train_and_evaluate(flag_values.config, workdir)
   assert not os.path.exists(os.path.join(workdir, 'data'))  # No world made.
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     lines = [m for m in map(json.loads, f) if 'loss' in m]

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cmal_jax import checkpoint, objectives, pretraining, train, train_step
+from cmal_jax import checkpoint, jobs, objectives, pretraining, train_step
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_testutil import assert_trees_equal
@@ -61,7 +61,7 @@ def learn_run(tmp_path_factory, world_dir):
   """tiny + cmal, its default 200 steps, logged every 10."""
   workdir = str(tmp_path_factory.mktemp('learn'))
   config = tiny_config(world_dir, total_steps=200, log_every=10)
-  results = train.train_and_evaluate(config, workdir)
+  results = jobs.train_and_evaluate(config, workdir)
   return workdir, config, results
 
 
@@ -196,13 +196,13 @@ def restore_params(workdir, config, step):
 def resume_runs(tmp_path_factory, world_dir, compilation_cache):
   a = str(tmp_path_factory.mktemp('resume_a'))
   b = str(tmp_path_factory.mktemp('resume_b'))
-  first = train.train_and_evaluate(resume_config(world_dir, N), a)
+  first = jobs.train_and_evaluate(resume_config(world_dir, N), a)
   a_after_stop = dict(
       returned=first, lines=read_metrics(a),
       checkpoints=sorted(os.listdir(os.path.join(a, 'checkpoints'))),
       has_eval=os.path.exists(os.path.join(a, 'eval.json')))
-  results_a = train.train_and_evaluate(resume_config(world_dir, 0), a)
-  results_b = train.train_and_evaluate(resume_config(world_dir, 0), b)
+  results_a = jobs.train_and_evaluate(resume_config(world_dir, 0), a)
+  results_b = jobs.train_and_evaluate(resume_config(world_dir, 0), b)
   return a, b, a_after_stop, results_a, results_b
 
 
@@ -252,7 +252,7 @@ def test_cmcl_recipe_trains(tmp_path, world_dir):
   config = tiny_config(world_dir, 'tiny,cmcl', total_steps=100, log_every=10)
   config.eval.retrieval_images = 16
   assert not config.cmap.enabled and config.loss.amc == 0
-  results = train.train_and_evaluate(config, str(tmp_path))
+  results = jobs.train_and_evaluate(config, str(tmp_path))
   lines = train_lines(read_metrics(str(tmp_path)))
   assert [m['step'] for m in lines] == list(range(10, 101, 10))
   for m in lines:

@@ -18,22 +18,26 @@ measurement: name, size, value, unit) to --out_dir.
 """
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmal_jax import pretraining
-from cmal_jax import train_step
-from cmal_jax import objectives, sharding
+from cmal_jax import (config_base, objectives, pretraining, sharding,
+                      train_step)
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
+from cmal_jax.export import export
 
 # Batch sizes that keep a CPU step in seconds; --batch overrides them.
 CPU_BATCH = {'tiny': 32, 'small': 64, 'base': 16, 'minilm': 64}
@@ -72,8 +76,7 @@ def bench_config(size, batch, cmap=True, records=''):
   """The pre-training config of `size` (CMAL recipe) at `batch`, on
   `records` (a records directory) or a synthetic world just big enough for
   the benchmark."""
-  from configs import pretrain  # The repository's configs/ (see main()).
-  config = pretrain.get_config(size)
+  config = config_base.config_module('pretrain').get_config(size)
   config.data.dir = records
   config.batch_size = batch
   config.cmap.enabled = cmap
@@ -107,8 +110,6 @@ class JaxStep:
     self.params = jax.device_get(self.state.params)  # Before any update.
 
   def scope(self):
-    import contextlib
-    import flax.linen as nn
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(self.mesh))
     stack.enter_context(nn.logical_axis_rules(self.axis_rules))
@@ -271,8 +272,6 @@ class TorchWorker:
   there and returns its seconds."""
 
   def __init__(self, step, inputs, targets, mode):
-    import multiprocessing
-    from cmal_jax.export import export
     job = dict(model_config=export.export_config(step.config, step.params),
                params=step.params, config=step.config,
                lr=float(train_step.make_optimizer(step.config)[1](1)),
@@ -324,8 +323,7 @@ def _torch_worker(conn, job):
 def paper_figures(size, args, results, data_root):
   """Item 7: FLOPs and bytes of one step at the config's batch, compiled
   (not run) here, and what they imply on accelerators."""
-  from configs import pretrain
-  batch = pretrain.get_config(size).batch_size
+  batch = config_base.config_module('pretrain').get_config(size).batch_size
   step = JaxStep(bench_config(size, CPU_BATCH.get(size, 16),
                               records=args.records),
                  os.path.join(data_root, size))
@@ -447,15 +445,9 @@ def parse_args(argv):
 
 
 def main(argv=None):
-  import sys
   args = parse_args(argv)
   args.command = 'python -m cmal_jax.benchmarks ' + ' '.join(
       sys.argv[1:] if argv is None else argv)
-  # configs/ lives next to the package in the repository.
-  root = os.path.dirname(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))))
-  if root not in sys.path:
-    sys.path.insert(0, root)
   info = machine()
   print('Machine:', json.dumps(info), flush=True)
   results = Results()

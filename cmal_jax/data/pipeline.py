@@ -17,7 +17,7 @@ processes.
 import grain
 import numpy as np
 
-from cmal_jax.configlib import reads_pixels
+from cmal_jax.model.pixels import reads_pixels
 from cmal_jax.data import anchors as anchors_lib
 from cmal_jax.data import image_store
 from cmal_jax.data import records

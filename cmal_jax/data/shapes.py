@@ -1,10 +1,13 @@
-"""The static shapes of a pre-training example, and the feature-width check
-every source of pairs makes (pipeline.py reads records, tfds_source.py a
-TFDS dataset; task_pipeline.py checks its folders the same way)."""
+"""The static shapes of a pre-training example, zero inputs of those shapes
+(for init and shape inference), and the feature-width check every source of
+pairs makes (pipeline.py reads records, tfds_source.py a TFDS dataset;
+task_pipeline.py checks its folders the same way)."""
 
 import dataclasses
 
-from cmal_jax.configlib import reads_pixels
+import jax.numpy as jnp
+
+from cmal_jax.model.pixels import reads_pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,30 @@ class Shapes:
     return cls(d.max_text_len, v.grid_size ** 2 if grid_only
                else d.max_regions, d.max_anchors, 0, v.image_size,
                v.grid_size, grid_only)
+
+
+def zero_inputs(shapes, rows, pretrain=False):
+  """Zeros with these shapes, [rows, ...]: what every task's model reads
+  (input_ids, text_mask [rows, T]; region_boxes [rows, R, 4]; region_mask
+  [rows, R]; and images [rows, S, S, 3] uint8 when shapes.pixels, else
+  region_feats [rows, R, F]). pretrain adds the rest of a pre-training batch
+  (anchor_text_pos, anchor_text_end, anchor_region, anchor_valid [rows, K];
+  region_tags [rows, R]; itm_label [rows]), what the corruption
+  (objectives.prepare_inputs) turns into the model's inputs."""
+  T, R, K = shapes.max_text_len, shapes.max_regions, shapes.max_anchors
+  z = lambda *s, dtype=jnp.int32: jnp.zeros((rows,) + s, dtype)
+  inputs = dict(input_ids=z(T), text_mask=z(T),
+                region_boxes=z(R, 4, dtype=jnp.float32), region_mask=z(R))
+  if shapes.pixels:
+    S = shapes.image_size
+    inputs['images'] = z(S, S, 3, dtype=jnp.uint8)
+  else:
+    inputs['region_feats'] = z(R, shapes.feature_dim, dtype=jnp.float32)
+  if pretrain:
+    inputs.update(anchor_text_pos=z(K), anchor_text_end=z(K),
+                  anchor_region=z(K), anchor_valid=z(K, dtype=bool),
+                  region_tags=z(R), itm_label=z())
+  return inputs
 
 
 def check_feature_dim(directory, meta_dim, feature_dim):

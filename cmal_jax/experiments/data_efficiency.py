@@ -44,10 +44,6 @@ from cmal_jax.experiments.grid_plan import (
 
 RECIPES = recipes.RECIPES
 # The table's title names the recipes so.
-RECIPE_TITLES = {'cmal': 'CMAL', 'cmcl': 'CMCL', 'mlm_itm': 'MLM + ITM',
-                 'semvlp': 'SemVLP', 'semmim': 'SemMIM'}
-
-
 def run_grid(args):
   out = os.path.abspath(args.out)
   runs = grid(args)
@@ -135,7 +131,7 @@ def write_report(out, runs, args):
   if shown:
     args = argparse.Namespace(**{**vars(args), 'recipes': tuple(
         r for r in RECIPES if r in args.recipes or r in shown)})
-  title = ' vs '.join(RECIPE_TITLES.get(r, r) for r in args.recipes)
+  title = ' vs '.join(recipes.get(r).title for r in args.recipes)
   also = (f' (and {len(others)} finished run(s) of '
           f'{", ".join(sorted(shown, key=RECIPES.index))} already in this '
           'folder)' if others else '')

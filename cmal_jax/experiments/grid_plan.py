@@ -11,6 +11,7 @@ import dataclasses
 import os
 
 from cmal_jax import configlib
+from cmal_jax.model.pixels import reads_pixels
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 
@@ -84,7 +85,7 @@ def run_config(run, args, out):
     c.world.num_train = run.corpus
     c.total_steps = args.pretrain_steps or c.total_steps
     c.data.dir = data_folder(out, 'pretrain', run.seed, run.corpus,
-                             pixels=configlib.reads_pixels(c))
+                             pixels=reads_pixels(c))
   else:
     # The model of the checkpoint it starts from (random init: CMAL's).
     recipe = 'cmal' if run.recipe == 'random' else run.recipe
@@ -98,7 +99,7 @@ def run_config(run, args, out):
       # Periodic evaluations on the larger val split: a handful per run.
       c.eval.every_steps = max(c.total_steps // 5, 1)
     c.data.dir = data_folder(out, run.task, run.seed,
-                             pixels=configlib.reads_pixels(c))
+                             pixels=reads_pixels(c))
     if run.recipe != 'random':
       c.init_from = os.path.join(pretrain_out(args, out), 'runs',
                                  run.pretrain.name)

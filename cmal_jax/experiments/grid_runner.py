@@ -13,9 +13,7 @@ import time
 
 import jax
 
-from cmal_jax import finetune
-from cmal_jax import guards
-from cmal_jax import train
+from cmal_jax import finetune, jobs, storage
 from cmal_jax.experiments.grid_plan import result_path, run_config, summarise
 from cmal_jax.world import synthetic
 
@@ -45,12 +43,12 @@ def execute(run, args, out):
   prepare_data(config)  # Normally done by run_grid already.
   workdir = os.path.join(out, 'runs', run.name)
   t = time.time()
-  results = train.train_and_evaluate(config, workdir)
+  results = jobs.train_and_evaluate(config, workdir)
   summary = summarise(run, results, time.time() - t)
   path = result_path(out, run)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   # Atomic: a result is whole or absent, so resuming can trust it.
-  guards.write_text_atomic(path, json.dumps(summary, indent=1))
+  storage.write_text_atomic(path, json.dumps(summary, indent=1))
   if args.delete_checkpoints and run.kind == 'finetune':
     shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
   return summary

@@ -39,11 +39,12 @@ from safetensors.numpy import save_file
 
 from cmal_jax import checkpoint
 from cmal_jax.data import task_pipeline, tokenizer
-from cmal_jax.world import synthetic
+from cmal_jax.data.shapes import Shapes, zero_inputs
 from cmal_jax.export import bert
 from cmal_jax.model import torch_names
 from cmal_jax.model.cmal import CMAL, PIXEL_PARAMS, ModelConfig
-from cmal_jax.model.unified import EncoderConfig
+from cmal_jax.model.layers import EncoderConfig
+from cmal_jax.world import synthetic
 
 CONFIG_FILE, WEIGHTS_FILE, BERT_DIR = 'config.json', 'model.safetensors', \
     'unified_bert'
@@ -124,18 +125,16 @@ def flax_model(config):
 
 
 def init_inputs(config, batch=1):
-  """Zero inputs of the smallest shapes `flax_model(config)` takes."""
-  T, R, K, F = 2, 2, 1, config['model']['region_feat_dim']
+  """Zero inputs of the smallest shapes `flax_model(config)` takes (the
+  anchors as the corruption hands them to the model)."""
+  shapes = Shapes(max_text_len=2, max_regions=2, max_anchors=1,
+                  feature_dim=config['model']['region_feat_dim'])
   rows = 2 * batch if config['task'] == 'nlvr2' else batch
-  z = lambda *s, dtype=jnp.int32: jnp.zeros((rows,) + s, dtype)
-  inputs = dict(input_ids=z(T), text_mask=z(T),
-                region_feats=z(R, F, dtype=jnp.float32),
-                region_boxes=z(R, 4, dtype=jnp.float32), region_mask=z(R))
-  if config['task'] == 'pretrain':
-    inputs.update({k: z(K) for k in ('anchor_text_pos', 'anchor_text_end',
-                                     'anchor_region', 'anchor_action',
-                                     'mlm_positions')})
-  return inputs
+  if config['task'] != 'pretrain':
+    return zero_inputs(shapes, rows)
+  inputs = zero_inputs(shapes, rows, pretrain=True)
+  none = jnp.zeros_like(inputs['anchor_region'])  # [rows, K]
+  return dict(inputs, anchor_action=none, mlm_positions=none)
 
 
 def abstract_params(config):

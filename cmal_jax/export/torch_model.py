@@ -279,7 +279,7 @@ def swap_anchor_features(text, regions, anchor_text_pos, anchor_text_end,
   return text, regions
 
 
-def pool_regions(region_unit, region_mask):
+def image_feature(region_unit, region_mask):
   m = region_mask[..., None].to(region_unit.dtype)
   return l2_normalize(torch.sum(region_unit * m, 1)
                       / torch.clamp(torch.sum(m, 1), min=1.0))
@@ -378,7 +378,7 @@ class CMAL(nn.Module):
     x = self.unified(self.hybrid_embeddings(text_unit, region_unit, inputs),
                      mask)
     itc = lambda: {'itc_text': l2_normalize(text_unit[:, 0]),
-                   'itc_image': pool_regions(region_unit,
+                   'itc_image': image_feature(region_unit,
                                              inputs['region_mask']),
                    'itc_log_scale': self.itc_log_scale}
     if self.task == 'retrieval':

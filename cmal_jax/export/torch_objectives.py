@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 def weighted_xent(logits, labels, weights):
   """Mean cross-entropy and accuracy over weighted entries, as
-  objectives.weighted_xent: logits [..., C], labels [...], weights [...] ->
+  model.xent.weighted_xent: logits [..., C], labels [...], weights [...] ->
   (loss, acc, count)."""
   w = weights.float()
   labels = torch.clamp(labels.long(), min=0)  # Unweighted entries may be -1.

@@ -7,12 +7,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cmal_jax.data.tasks import TASKS
-from cmal_jax.model import axes, cmap, heads
+from cmal_jax.model import amc, axes, cmap, heads
 from cmal_jax.model.umse import TextEncoder, VisionEncoder, l2_normalize
-from cmal_jax.model.pixels import PixelBackbone, PixelConfig
-from cmal_jax.model.unified import (BertEncoder, EncoderConfig,
-                                    SlotEmbeddings, two_stream_masks)
+from cmal_jax.model.pixels import PixelBackbone, PixelConfig, pixel_config
+from cmal_jax.model.layers import BertEncoder, EncoderConfig
+from cmal_jax.model.unified import SlotEmbeddings, two_stream_masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +28,10 @@ class ModelConfig:
   max_position: int
   # Compute dtype: 'float32', 'bfloat16' or 'float16'. Parameters stay
   # float32; softmaxes, LayerNorm statistics, the unit-sphere features and
-  # every logit stay float32 (see model/unified.py).
+  # every logit stay float32 (see model/layers.py).
   dtype: str = 'float32'
   # Rematerialise encoder layers: 'none', 'full', 'dots', 'dots_no_batch'
-  # (unified.REMAT_POLICIES).
+  # (layers.REMAT_POLICIES).
   remat: str = 'none'
   # UMSE ends on the unit hypersphere (the paper); False is the ablation:
   # the features enter CMAP unnormalised (ITC still compares unit vectors).
@@ -60,19 +59,6 @@ class ModelConfig:
     return EncoderConfig(self.hidden_dim, self.num_heads, self.mlp_dim,
                          num_layers, self.dropout, jnp.dtype(self.dtype),
                          remat=self.remat, cross_attention=cross_attention)
-
-
-def pixel_config(model_config):
-  """The PixelConfig of config.model.visual when it reads pixels, else None
-  (also for configs written before model.visual existed)."""
-  visual = model_config.get('visual')
-  if visual is None or visual.get('input', 'regions') != 'pixels':
-    return None
-  return PixelConfig(
-      kind=visual.kind, width=visual.width, depth=visual.depth,
-      patch_size=visual.patch_size, roi_size=visual.roi_size,
-      sampling_ratio=visual.sampling_ratio, grid_size=visual.grid_size,
-      dtype=jnp.dtype(model_config.get('dtype', 'float32')))
 
 
 # Parameters a fine-tuning run takes from a pre-trained checkpoint.
@@ -152,7 +138,7 @@ class CMAL(nn.Module):
       return
     self.vocab_head = heads.VocabHead(unified_cfg, c.vocab_size)
     self.tag_head = heads.TagHead(unified_cfg, c.num_tags)
-    self.pairing_head = heads.PairingHead(unified_cfg)
+    self.pairing_head = amc.PairingHead(unified_cfg)
     if c.prototypes:
       self.prototype_head = heads.PrototypeHead(unified_cfg, c.prototypes)
 
@@ -237,9 +223,8 @@ class CMAL(nn.Module):
     T = inputs['input_ids'].shape[1]
     text_out, region_out = x[:, :T], x[:, T:]
 
-    # AMC: at each anchor the text slot p_k and the region slot o_k.
-    at_word = cmap.gather_slots(text_out, inputs['anchor_text_pos'])  # [B, K, D]
-    at_region = cmap.gather_slots(region_out, inputs['anchor_region'])  # [B, K, D]
+    # AMC (model/amc.py): at each anchor the text slot p_k and region o_k.
+    at_word, at_region = amc.anchor_slots(text_out, region_out, inputs)
     # One vocabulary pass for the AMC words and the MLM positions: the
     # [*, V] logits and their gradient are most of a small model's step.
     K = at_word.shape[1]
@@ -286,7 +271,7 @@ def itc_features(text_unit, region_unit, region_mask):
   pooled regions, (text [B, D], image [B, D]). Normalised here too, so ITC
   compares unit vectors with or without the hypersphere."""
   return (l2_normalize(text_unit[:, 0]),
-          pool_regions(region_unit, region_mask))
+          image_feature(region_unit, region_mask))
 
 
 def masked_mean(x, mask):
@@ -295,8 +280,9 @@ def masked_mean(x, mask):
   return jnp.sum(x * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
 
 
-def pool_regions(region_unit, region_mask):
-  """Masked mean of unit region features, renormalised: [B, R, D] -> [B, D]."""
+def image_feature(region_unit, region_mask):
+  """ITC's image vector: the masked mean of unit region features,
+  renormalised: [B, R, D] -> [B, D]."""
   return l2_normalize(masked_mean(region_unit, region_mask))
 
 
@@ -314,5 +300,5 @@ def _task_head(task, cfg, num_outputs):
     return heads.ClsClassifier(cfg, 2, num_images=2, name='nlvr2_head')
   if task == 'rec':
     return heads.RegionScorer(cfg, name='rec_head')
-  raise ValueError(f'unknown task {task!r}; tasks are pretrain and '
-                   f'{list(TASKS)}')
+  # configlib.validate names the tasks to a user before a model is built.
+  raise ValueError(f'CMAL has no head for task {task!r}')

@@ -8,14 +8,14 @@ logits takes its operands in it but accumulates into and returns float32
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cmal_jax.model import axes, unified
+from cmal_jax.model import axes, layers
 from cmal_jax.model.umse import l2_normalize
-from cmal_jax.model.unified import layer_norm
+from cmal_jax.model.layers import layer_norm
 
 
 def dense(features, cfg, name, in_axis='embed', out_axis='mlp', bias=0.0,
           logits=False):
-  return unified.dense(features, cfg, name, (in_axis, out_axis),
+  return layers.dense(features, cfg, name, (in_axis, out_axis),
                        bias_init=nn.initializers.constant(bias),
                        float32_out=logits)
 
@@ -41,7 +41,7 @@ class VocabHead(nn.Module):
     """x [..., D], attend: TextEncoder.attend (float32 logits, see there)
     -> logits [..., V] (float32)."""
     bias = self.param('bias', axes.init(nn.initializers.zeros, ('vocab',)),
-                      (self.vocab_size,), unified.PARAM_DTYPE)
+                      (self.vocab_size,), layers.PARAM_DTYPE)
     return attend(Transform(self.cfg, name='transform')(x)).astype(
         jnp.float32) + bias
 
@@ -56,21 +56,6 @@ class TagHead(nn.Module):
     x = Transform(self.cfg, name='transform')(x)
     return dense(self.num_tags, self.cfg, 'classifier', out_axis='tags',
                  logits=True)(x).astype(jnp.float32)
-
-
-class PairingHead(nn.Module):
-  """AMC pairing: scaled dot products between projected slot outputs."""
-  cfg: object
-
-  @nn.compact
-  def __call__(self, queries, keys, key_mask, query_side, key_side):
-    """queries [B, K, D], keys [B, L, D], key_mask [B, L] -> [B, K, L]."""
-    proj = {side: dense(self.cfg.hidden_dim, self.cfg, f'{side}_proj')
-            for side in ('text', 'region')}
-    q, k = proj[query_side](queries), proj[key_side](keys)
-    logits = unified.dot_general_f32(q, k, (((2,), (2,)), ((0,), (0,))))
-    logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
-    return jnp.where(key_mask[:, None, :] > 0, logits, -1e9)
 
 
 class ITMHead(nn.Module):
@@ -98,7 +83,7 @@ class PrototypeHead(nn.Module):
     x = Transform(self.cfg, name='transform')(x).astype(jnp.float32)
     prototypes = self.param(
         'prototypes', axes.init(nn.initializers.normal(1.0), ('embed', None)),
-        (self.cfg.hidden_dim, self.num_prototypes), unified.PARAM_DTYPE)
+        (self.cfg.hidden_dim, self.num_prototypes), layers.PARAM_DTYPE)
     return l2_normalize(x) @ l2_normalize(prototypes.T).T
 
 
@@ -128,7 +113,7 @@ class ClsClassifier(nn.Module):
     h = nn.gelu(dense(2 * self.cfg.hidden_dim, self.cfg, 'dense')(cls),
                 approximate=False)
     h = nn.LayerNorm(epsilon=self.cfg.layer_norm_eps, dtype=self.cfg.dtype,
-                     param_dtype=unified.PARAM_DTYPE, name='LayerNorm',
+                     param_dtype=layers.PARAM_DTYPE, name='LayerNorm',
                      scale_init=axes.init(nn.initializers.ones, ('mlp',)),
                      bias_init=axes.init(nn.initializers.zeros, ('mlp',)))(h)
     return dense(self.num_classes, self.cfg, 'classifier', in_axis='mlp',

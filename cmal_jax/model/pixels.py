@@ -16,7 +16,7 @@ each followed by `depth` residual blocks (a depthwise 3x3 convolution for
 spatial mixing, LayerNorm and a pointwise MLP, as in ConvNeXt) and a final
 LayerNorm.
 
-Parameters are float32 and computed in cfg.dtype, as in unified.py. Every
+Parameters are float32 and computed in cfg.dtype, as in layers.py. Every
 kernel names its output channels 'feature' (its other dimensions are
 unnamed: Flax allows a name once per array), norms and biases likewise:
 every sharding preset replicates 'feature', and a backbone this small costs
@@ -33,7 +33,7 @@ import numpy as np
 
 from cmal_jax.model import axes
 from cmal_jax.model.roi_align import roi_pool_mean
-from cmal_jax.model.unified import PARAM_DTYPE, dense
+from cmal_jax.model.layers import PARAM_DTYPE, dense
 
 KINDS = ('cnn', 'patch')
 
@@ -82,6 +82,26 @@ class PixelConfig:
     return image_height // self.patch_size, image_width // self.patch_size
 
 
+def pixel_config(model_config):
+  """The PixelConfig of config.model.visual when it reads pixels, else None
+  (also for configs written before model.visual existed)."""
+  visual = model_config.get('visual')
+  if visual is None or visual.get('input', 'regions') != 'pixels':
+    return None
+  return PixelConfig(
+      kind=visual.kind, width=visual.width, depth=visual.depth,
+      patch_size=visual.patch_size, roi_size=visual.roi_size,
+      sampling_ratio=visual.sampling_ratio, grid_size=visual.grid_size,
+      dtype=jnp.dtype(model_config.get('dtype', 'float32')))
+
+
+def reads_pixels(config) -> bool:
+  """Whether the model reads images (model.visual.input='pixels') rather
+  than region features. Configs written before the field read regions."""
+  visual = config.model.get('visual')
+  return visual is not None and visual.get('input', 'regions') == 'pixels'
+
+
 # ---------------------------------------------------------------------------
 # Layers with float32 parameters named for the sharding rules.
 
@@ -108,7 +128,7 @@ def _conv(features, kernel_size, stride, cfg, name, groups=1,
 
 
 def _channel_norm(cfg, name):
-  """LayerNorm over channels (statistics in float32, as unified.layer_norm)."""
+  """LayerNorm over channels (statistics in float32, as layers.layer_norm)."""
   return nn.LayerNorm(
       epsilon=1e-6, dtype=cfg.dtype, param_dtype=PARAM_DTYPE, name=name,
       scale_init=axes.init(nn.initializers.ones, ('feature',)),

@@ -11,8 +11,15 @@ import jax
 import jax.numpy as jnp
 
 from cmal_jax.model import axes
-from cmal_jax.model.unified import (BertEncoder, dense, dot_general_f32,
-                                    embed, layer_norm, location_features)
+from cmal_jax.model.layers import (BertEncoder, dense, dot_general_f32,
+                                    embed, layer_norm)
+
+
+def location_features(boxes):
+  """UNITER's 7-d location: [B, R, 4] (x1, y1, x2, y2) -> [B, R, 7]."""
+  x1, y1, x2, y2 = jnp.moveaxis(boxes, -1, 0)
+  w, h = x2 - x1, y2 - y1
+  return jnp.stack([x1, y1, x2, y2, w, h, w * h], axis=-1)
 
 
 def sphere_projection(cfg, name='sphere'):
@@ -35,7 +42,7 @@ def end_on_sphere(x, unit):
 
 class TextEncoder(nn.Module):
   """Token + position embeddings, LayerNorm, L_t layers, sphere projection."""
-  cfg: object  # unified.EncoderConfig with num_layers = L_t.
+  cfg: object  # layers.EncoderConfig with num_layers = L_t.
   vocab_size: int
   max_position: int
   unit: bool = True  # L2-normalise the output (the hypersphere).

@@ -20,6 +20,8 @@ others; the loop, the train step and the config checks never name one.
                             ones only this recipe feeds added.
   check(config)             optional. Raises ValueError naming the first
                             invalid field of what the recipe adds.
+  TITLE                     optional. Its name in reports and plots
+                            (default: the module's name).
 
 docs/recipes.md has a worked example of adding one.
 """
@@ -36,6 +38,7 @@ from cmal_jax import objectives
 class Recipe:
   """A recipe module's hooks, with the defaults of the ones it leaves out."""
   name: str
+  title: str
   configure: Callable
   configure_model: Callable = lambda config: None
   make_loss: Callable = objectives.pretraining_loss
@@ -46,11 +49,11 @@ class Recipe:
   def from_module(cls, module):
     name = module.__name__.rsplit('.', 1)[-1]
     hooks = {f.name: getattr(module, f.name)
-             for f in dataclasses.fields(cls)[1:] if hasattr(module, f.name)}
+             for f in dataclasses.fields(cls)[2:] if hasattr(module, f.name)}
     if 'configure' not in hooks:
       raise TypeError(f'{module.__file__}: a recipe module needs '
                       'configure(config).')
-    return cls(name=name, **hooks)
+    return cls(name=name, title=getattr(module, 'TITLE', name), **hooks)
 
 
 def _discover():

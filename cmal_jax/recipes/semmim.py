@@ -26,7 +26,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from cmal_jax import objectives
+from cmal_jax.model import xent
 from cmal_jax.model.cmal import masked_mean
+
+TITLE = 'SemMIM'
 
 # Per size: the patch side in pixels (its regions are the backbone's
 # patches, a grid of image_size / patch cells per side, each pooled exactly
@@ -147,7 +150,7 @@ def make_loss(model, config, specials):
 
   def denominators(batch):
     return dict(base.denominators(batch),
-                mim=objectives.denominator(batch['targets']['mim_weights']))
+                mim=xent.denominator(batch['targets']['mim_weights']))
 
   def after_update(state):
     ema = ema_update(state.extra['ema_params'], state.params,

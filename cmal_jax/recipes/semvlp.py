@@ -1,5 +1,5 @@
 """SemVLP (Li et al., 2021): one encoder pre-trained in both modes. Every
-unified layer carries a cross-modal attention sub-layer (model/unified.py);
+unified layer carries a cross-modal attention sub-layer (model/layers.py);
 of every `two_stream_every` steps the last runs two-stream (each modality
 attends to itself, then to the other through it), the others single-stream.
 Objectives: MLM, masked object prediction (MRC) and ITM, masking any word
@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from cmal_jax import objectives
+
+TITLE = 'SemVLP'
 
 
 def configure_model(config):

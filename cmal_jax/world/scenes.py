@@ -22,8 +22,8 @@ import zlib
 
 import numpy as np
 
-from cmal_jax.data import image_store
-from cmal_jax.data import records
+from cmal_jax.model.pixels import reads_pixels
+from cmal_jax.data import image_store, records
 
 # --------------------------------------------------------------- vocabulary
 
@@ -79,7 +79,6 @@ class WorldParams:
   def from_config(cls, config):
     """The world of a run config (config.world, model.region_feat_dim; with
     model.visual.input='pixels', the images too)."""
-    from cmal_jax.configlib import reads_pixels
     w = config.world
     return cls(image_size=w.image_size,
                feature_dim=config.model.region_feat_dim,

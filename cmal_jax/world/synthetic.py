@@ -17,10 +17,11 @@ import time
 import jax
 from jax.experimental import multihost_utils
 
-from cmal_jax import configlib, guards
+from cmal_jax import storage
 from cmal_jax.data import records
 from cmal_jax.world import scenes
-from cmal_jax.guards import log
+from cmal_jax.logs import log
+from cmal_jax.model.pixels import reads_pixels
 
 
 def data_dir(config, workdir):
@@ -29,7 +30,7 @@ def data_dir(config, workdir):
   files only)."""
   if config.data.dir:
     return config.data.dir
-  if guards.is_remote(workdir):
+  if storage.is_remote(workdir):
     return local_world_dir(config)
   return os.path.join(workdir, 'data')
 
@@ -105,7 +106,7 @@ def check_images(config, directory):
   """Refuses a synthetic folder without images for a config that reads
   pixels: the generators only add missing splits, so they would take the
   folder as it is and the run would fail on its first batch."""
-  if not configlib.reads_pixels(config) or not os.path.exists(
+  if not reads_pixels(config) or not os.path.exists(
       os.path.join(directory, records.META_FILE)):
     return
   if not records.read_meta(directory).get('generator', {}).get('images'):
