@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmal_jax import objectives, sharding, task_metrics
+from cmal_jax import controls, objectives, sharding, task_metrics
 from cmal_jax.data import pipeline, tfds_source
 from cmal_jax.data import anchors as anchors_lib
 from cmal_jax.data.shapes import Shapes
@@ -28,23 +28,35 @@ def make_eval_step(model, config, specials):
   Corruption follows the training distribution under a fixed key, so the
   accuracies are those of the training tasks on held-out pairs. AMC is also
   measured with every valid anchor swapped (`*_all_swapped`), a harder,
-  deterministic variant.
+  deterministic variant, and on that under the place controls
+  (`*_place_scrambled`, `*_place_only`); ITM also label-blind
+  (`itm_acc_label_blind`, CMAP off). controls.py says what each shows.
   """
   rng = jax.random.key(config.seed + EVAL_SEED_OFFSET)
+  control_rng = jax.random.fold_in(rng, 1)
   with_amc = config.cmap.enabled and config.loss.amc > 0
+
+  def pairing_counts(out, t, weights, suffix):
+    return {
+        f'amc_t2r_acc{suffix}': correct_and_count(out['amc_t2r_logits'],
+                                                  t['amc_region'], weights),
+        f'amc_r2t_acc{suffix}': correct_and_count(out['amc_r2t_logits'],
+                                                  t['amc_text_pos'], weights),
+    }
 
   def amc_counts(out, t, suffix=''):
     w = t['amc_weights']
     return {
-        f'amc_t2r_acc{suffix}': correct_and_count(out['amc_t2r_logits'],
-                                                  t['amc_region'], w),
-        f'amc_r2t_acc{suffix}': correct_and_count(out['amc_r2t_logits'],
-                                                  t['amc_text_pos'], w),
+        **pairing_counts(out, t, w, suffix),
         f'amc_word_acc{suffix}': correct_and_count(out['amc_word_logits'],
                                                    t['amc_word'], w),
         f'amc_tag_acc{suffix}': correct_and_count(
             out['amc_tag_logits'], t['amc_tag'], w & (t['amc_tag'] >= 0)),
     }
+
+  def itm_counts(out, t, name):
+    return {name: correct_and_count(out['itm_logits'], t['itm_label'],
+                                    jnp.ones_like(t['itm_label'], bool))}
 
   def eval_step(params, batch):
     apply = lambda inputs: model.apply({'params': params}, inputs,
@@ -54,14 +66,25 @@ def make_eval_step(model, config, specials):
     counts = {
         'mlm_acc': correct_and_count(out['mlm_logits'], t['mlm_targets'],
                                      t['mlm_weights']),
-        'itm_acc': correct_and_count(out['itm_logits'], t['itm_label'],
-                                     jnp.ones_like(t['itm_label'], bool)),
+        **itm_counts(out, t, 'itm_acc'),
     }
+    # ITM where the inputs cannot tell the label: CMAP off, uncorrupted.
+    clean, t_clean = objectives.prepare_inputs(batch, rng, config, specials,
+                                               swap_all=True, corrupt=False)
+    counts.update(itm_counts(apply(controls.label_blind(clean)), t_clean,
+                             'itm_acc_label_blind'))
     if with_amc:
       counts.update(amc_counts(out, t))
-      inputs, t = objectives.prepare_inputs(batch, rng, config, specials,
-                                            swap_all=True, corrupt=False)
-      counts.update(amc_counts(apply(inputs), t, '_all_swapped'))
+      counts.update(amc_counts(apply(clean), t_clean, '_all_swapped'))
+      # The place controls, on the all-swapped inputs (controls.py).
+      counts.update(pairing_counts(
+          apply(controls.place_scrambled(clean, control_rng)), t_clean,
+          t_clean['amc_weights'], '_place_scrambled'))
+      place_only, weights = controls.place_only(clean, t_clean)
+      counts.update(pairing_counts(apply(place_only), t_clean, weights,
+                                   '_place_only'))
+      counts['amc_pair_chance_place_only'] = controls.pairing_chance(
+          clean, weights)
     return counts
 
   return eval_step
@@ -199,7 +222,7 @@ def evaluate_pretrain(model, params, config, directory, specials, mesh,
         h0, n0 = totals.get(k, (0.0, 0.0))
         totals[k] = (h0 + float(hits), n0 + float(n))
     results = {k: h / max(n, 1.0) for k, (h, n) in totals.items()}
-    for suffix in ('', '_all_swapped'):
+    for suffix in ('', '_all_swapped', '_place_scrambled', '_place_only'):
       if f'amc_t2r_acc{suffix}' in results:
         results[f'amc_pair_acc{suffix}'] = (results[f'amc_t2r_acc{suffix}'] +
                                             results[f'amc_r2t_acc{suffix}']) / 2

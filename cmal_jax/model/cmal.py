@@ -144,15 +144,20 @@ class CMAL(nn.Module):
 
   def embed_text(self, inputs, deterministic=True):
     """UMSE text side: unit features [B, T, D] (unnormalised without the
-    hypersphere, as are all "unit" features below)."""
+    hypersphere, as are all "unit" features below). The optional
+    text_positions [B, T] are the position ids the tokens read (default
+    their own)."""
     return self.text_encoder(inputs['input_ids'], inputs['text_mask'],
-                             deterministic)
+                             deterministic, inputs.get('text_positions'))
 
   def embed_regions(self, inputs, deterministic=True):
-    """UMSE visual side: unit features [B, R, D]."""
+    """UMSE visual side: unit features [B, R, D]. The content comes from
+    region_feats (pixels: pooled at region_boxes), the place from the
+    optional umse_boxes [B, R, 4] (default region_boxes)."""
     feats = (inputs['region_feats'] if self.config.pixels is None
              else self.region_feats_from_pixels(inputs))
-    return self.vision_encoder(feats, inputs['region_boxes'],
+    return self.vision_encoder(feats,
+                               inputs.get('umse_boxes', inputs['region_boxes']),
                                inputs['region_mask'], deterministic)
 
   def region_feats_from_pixels(self, inputs):
@@ -167,20 +172,25 @@ class CMAL(nn.Module):
     return feats
 
   def fuse(self, text_unit, region_unit, inputs, deterministic=True,
-           two_stream=None):
+           two_stream=None, moved_units=None):
     """CMAP (when the inputs carry anchor actions) and the unified encoder
     over UMSE unit features: [B, T, D], [B, R, D] -> [B, T + R, D]. Split
     from encode() so retrieval can embed each caption and image once and
     fuse only the pairs it scores. two_stream: SemVLP's mode (None: the
-    config's)."""
+    config's). moved_units: (text [B, T, D], regions [B, R, D]), where the
+    features CMAP moves are taken from (default the same features)."""
     # Float32 unit features, scaled, then CMAP and on in the compute dtype.
     dt = jnp.dtype(self.config.dtype)
-    text = (text_unit * self.text_scale).astype(dt)
-    regions = (region_unit * self.vision_scale).astype(dt)
+    scale = lambda t, r: ((t * self.text_scale).astype(dt),
+                          (r * self.vision_scale).astype(dt))
+    text, regions = scale(text_unit, region_unit)
     if 'anchor_action' in inputs:
+      moved = scale(*moved_units) if moved_units is not None else (None,
+                                                                   None)
       text, regions = cmap.swap_anchor_features(
           text, regions, inputs['anchor_text_pos'], inputs['anchor_text_end'],
-          inputs['anchor_region'], inputs['anchor_action'], self.mask_vector)
+          inputs['anchor_region'], inputs['anchor_action'], self.mask_vector,
+          *moved)
     x = self.slots(text, regions, inputs['region_boxes'], deterministic)
     if two_stream is None:
       two_stream = self.config.two_stream
@@ -201,8 +211,13 @@ class CMAL(nn.Module):
     UMSE unit features."""
     text_unit = self.embed_text(inputs, deterministic)
     region_unit = self.embed_regions(inputs, deterministic)
+    moved_units = None
+    if 'moved' in inputs:  # CMAP moves features of another UMSE pass.
+      source = {**inputs, **inputs['moved']}
+      moved_units = (self.embed_text(source, deterministic),
+                     self.embed_regions(source, deterministic))
     return (self.fuse(text_unit, region_unit, inputs, deterministic,
-                      two_stream), text_unit, region_unit)
+                      two_stream, moved_units), text_unit, region_unit)
 
   def itm_log_prob(self, text_unit, region_unit, inputs):
     """Retrieval scoring from cached UMSE features: log p(match) [B]."""

@@ -45,7 +45,8 @@ def scatter_slots(x, idx, updates):
 
 
 def swap_anchor_features(text, regions, anchor_text_pos, anchor_text_end,
-                         anchor_region, anchor_action, mask_vector):
+                         anchor_region, anchor_action, mask_vector,
+                         moved_text=None, moved_regions=None):
   """Builds the hybrid prompt sequences.
 
   Args:
@@ -55,6 +56,9 @@ def swap_anchor_features(text, regions, anchor_text_pos, anchor_text_end,
     anchor_region: [B, K] region slot of each anchor.
     anchor_action: [B, K] NONE / SWAP / MASK / KEEP.
     mask_vector: [D] the learned [MASK] feature.
+    moved_text, moved_regions: [B, T, D], [B, R, D] where the moved word and
+      region features are taken from (default text and regions): another
+      UMSE pass of the same pair, e.g. with its place scrambled.
 
   Returns:
     (text, regions) of the same shapes. At a SWAP anchor the region's feature
@@ -68,8 +72,10 @@ def swap_anchor_features(text, regions, anchor_text_pos, anchor_text_end,
   swap = (anchor_action == SWAP)[..., None]
   hidden = (anchor_action == SWAP) | (anchor_action == MASK)  # [B, K]
   mask_vector = mask_vector.astype(text.dtype)
-  word = gather_slots(text, anchor_text_pos)  # [B, K, D]
-  obj = gather_slots(regions, anchor_region)  # [B, K, D]
+  word = gather_slots(text if moved_text is None else moved_text,
+                      anchor_text_pos)  # [B, K, D]
+  obj = gather_slots(regions if moved_regions is None else moved_regions,
+                     anchor_region)  # [B, K, D]
   new_word_slot = jnp.where(swap, obj, mask_vector)
   new_region_slot = jnp.where(swap, word, mask_vector)
   text_idx = jnp.where(hidden, anchor_text_pos, T)

@@ -58,12 +58,15 @@ class TextEncoder(nn.Module):
     self.encoder = BertEncoder(cfg, name='encoder')
     self.sphere = sphere_projection(cfg)
 
-  def __call__(self, input_ids, text_mask, deterministic):
+  def __call__(self, input_ids, text_mask, deterministic, positions=None):
     """input_ids, text_mask [B, T] -> token features [B, T, D], float32,
-    unit-norm when self.unit."""
+    unit-norm when self.unit. positions [B, T]: the position ids each token
+    reads (default 0 .. T-1; the place controls of evaluate.py scramble
+    them)."""
     T = input_ids.shape[1]
-    x = self.word_embeddings(input_ids) + self.position_embeddings(
-        jnp.arange(T))[None]
+    if positions is None:
+      positions = jnp.arange(T)[None]
+    x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
     x = self.dropout(self.norm(x.astype(self.cfg.dtype)),
                      deterministic=deterministic)
     x = self.encoder(axes.constrain(x, ('batch', 'length', 'embed')),

@@ -1,0 +1,96 @@
+"""Controls: evaluation inputs that take one kind of evidence away, so that a
+metric shows what it measures (docs/controls.md).
+
+AMC pairing can be earned by place rather than content: UMSE adds each
+token's position and each region's box before its encoder, so a feature
+CMAP moves still carries where it came from, and the slot it lands in adds
+where it now is; both halves of a pair then share (text position, box).
+ITM can be earned from the anchors: they are detected on the pair that is
+fed, and a mismatched pair has fewer, so CMAP's swaps tell the label.
+
+Each function maps the inputs objectives.prepare_inputs built (every anchor
+swapped, uncorrupted: the `_all_swapped` evaluation) to the control's:
+  place_scrambled  the moved features come from a UMSE pass whose places are
+                   permuted (text positions among the caption's real
+                   tokens, boxes among the image's real regions); content
+                   is kept. A model that pairs by content keeps its score.
+  place_only       the moved features' content is another anchor's of the
+                   same example and modality, their place their own; scored
+                   against the partner the place points to. A model that
+                   pairs by content falls to (or below) chance.
+  label_blind      CMAP off: nothing in the inputs depends on the anchors.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from cmal_jax.model import cmap
+
+
+def shuffled_real_slots(rng, mask):
+  """[B, L] int32: for each example a random permutation of its real slots
+  (mask > 0, which come first) followed by its padding slots in order."""
+  scores = jax.random.uniform(rng, mask.shape)
+  scores = jnp.where(mask > 0, scores, 2.0 + jnp.arange(mask.shape[1]))
+  return jnp.argsort(scores, axis=1).astype(jnp.int32)
+
+
+def place_scrambled(inputs, rng):
+  """CMAP moves features of a UMSE pass whose text positions and UMSE boxes
+  are permuted among the real slots (inputs['moved'], see CMAL.encode)."""
+  text_rng, region_rng = jax.random.split(rng)
+  positions = shuffled_real_slots(text_rng, inputs['text_mask'])
+  order = shuffled_real_slots(region_rng, inputs['region_mask'])
+  boxes = jnp.take_along_axis(inputs['region_boxes'], order[..., None], 1)
+  return dict(inputs, moved=dict(text_positions=positions, umse_boxes=boxes))
+
+
+def next_anchor(valid):
+  """[B, K] bool -> [B, K] int32: each valid anchor's successor among its
+  example's valid anchors, cyclically (itself when it is the only one)."""
+  rank = jnp.cumsum(valid, axis=1) - 1
+  count = jnp.maximum(jnp.sum(valid, axis=1, keepdims=True), 1)
+  wanted = (rank + 1) % count  # [B, K]
+  hit = valid[:, None, :] & (rank[:, None, :] == wanted[..., None])
+  return jnp.argmax(hit, axis=-1).astype(jnp.int32)
+
+
+def place_only(inputs, targets):
+  """CMAP moves, at anchor k, the content of anchor s(k) (next_anchor) in
+  k's own place: the word id of s(k) at k's position, the region features
+  of s(k) (pixels: pooled at its box) with k's box. Returns (inputs,
+  weights [B, K]): the anchors whose content was exchanged for a different
+  word and a different region; the targets stay k's partners."""
+  valid = targets['amc_weights']
+  source = next_anchor(valid)
+  take = lambda x: jnp.take_along_axis(x, source, axis=1)
+  pos, region = inputs['anchor_text_pos'], inputs['anchor_region']
+  word = targets['amc_word']
+  weights = (valid & (take(pos) != pos) & (take(region) != region)
+             & (take(word) != word))
+  put = lambda x, idx, updates: cmap.scatter_slots(
+      x, jnp.where(weights, idx, x.shape[1]), updates)
+  take_region = lambda x: put(x, region, jnp.take_along_axis(
+      x, take(region)[..., None], 1))
+  moved = dict(input_ids=put(inputs['input_ids'], pos, take(word)),
+               umse_boxes=inputs['region_boxes'])
+  if 'images' in inputs:  # The content is what the backbone pools there.
+    moved['region_boxes'] = take_region(inputs['region_boxes'])
+  else:
+    moved['region_feats'] = take_region(inputs['region_feats'])
+  return dict(inputs, moved=moved), weights
+
+
+def label_blind(inputs):
+  """CMAP off: the anchors no longer touch the inputs."""
+  return dict(inputs, anchor_action=jnp.zeros_like(inputs['anchor_action']))
+
+
+def pairing_chance(inputs, weights):
+  """(sum, count) of the chance accuracy of AMC pairing over the weighted
+  anchors: the mean of 1 / (real regions) and 1 / (real text slots)."""
+  regions = jnp.sum(inputs['region_mask'] > 0, axis=1, keepdims=True)
+  tokens = jnp.sum(inputs['text_mask'] > 0, axis=1, keepdims=True)
+  chance = (1 / jnp.maximum(regions, 1) + 1 / jnp.maximum(tokens, 1)) / 2
+  w = weights.astype(jnp.float32)
+  return jnp.sum(chance * w), jnp.sum(w)
