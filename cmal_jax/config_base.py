@@ -104,6 +104,11 @@ def base_config(size, recipe):
       # UMSE ends on the unit hypersphere (the paper). False: the ablation,
       # unnormalised features enter CMAP (ITC still compares unit vectors).
       hypersphere=True,
+      # Where the features CMAP moves come from (model/cmal.py ModelConfig):
+      # 'none', a UMSE pass that adds no position or box, so a moved
+      # feature carries no place and pairing must go by content; 'carried'
+      # (the paper's single pass), they carry the place they came from.
+      moved_place='none',
       # What the vision side reads. 'regions': region_feats [R, F] from a
       # detector (or the world's extractor). 'pixels': the images themselves
       # [S, S, 3] (S = image_size), through a backbone trained end to end,

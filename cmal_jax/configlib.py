@@ -9,6 +9,9 @@ from cmal_jax.model import bert_init
 from cmal_jax.model.pixels import pixel_config
 from cmal_jax.model.layers import REMAT_POLICIES
 
+# model.moved_place: where CMAP's moved features come from (ModelConfig).
+MOVED_PLACES = ('none', 'carried')
+
 
 def _fail(field, value, why):
   raise ValueError(f'config.{field}={value!r}: {why}')
@@ -62,6 +65,9 @@ def validate(config: ml_collections.ConfigDict):
           'the two-stream mode needs model.cross_attention=True')
   if m.dtype not in ('float32', 'bfloat16', 'float16'):
     _fail('model.dtype', m.dtype, 'must be float32, bfloat16 or float16')
+  if m.get('moved_place', 'none') not in MOVED_PLACES:
+    _fail('model.moved_place', m.moved_place,
+          f'must be one of {MOVED_PLACES}')
   if not 0 <= m.dropout < 1:
     _fail('model.dropout', m.dropout, 'must be in [0, 1)')
   for field in ('max_text_len', 'max_regions', 'max_anchors'):
@@ -159,7 +165,8 @@ def _validate_visual(config):
 
 # The fields of config.loss that are not objective weights; every other
 # field is one (a recipe may add its own, as SemMIM adds mim and agreement).
-LOSS_SETTINGS = ('amc_targets', 'mlm_prob', 'mrc_prob', 'mask_anchors')
+LOSS_SETTINGS = ('amc_targets', 'amc_tag_at', 'itm_inputs', 'mlm_prob',
+                 'mrc_prob', 'mask_anchors')
 
 
 def loss_weights(config):
@@ -191,6 +198,11 @@ def _validate_pretrain(config):
   if config.loss.amc_targets not in ('pairing', 'label', 'both'):
     _fail('loss.amc_targets', config.loss.amc_targets,
           "must be 'pairing', 'label' or 'both'")
+  for field, allowed in (('amc_tag_at', ('unswapped', 'all')),
+                         ('itm_inputs', ('label_blind', 'corrupted'))):
+    value = config.loss.get(field, allowed[0])
+    if value not in allowed:
+      _fail(f'loss.{field}', value, f'must be one of {allowed}')
   if config.loss.get('mask_anchors', False) and config.cmap.enabled:
     _fail('loss.mask_anchors', True, 'MLM and MRC cannot mask the anchors '
           'CMAP swaps: set cmap.enabled=False or loss.mask_anchors=False')

@@ -17,8 +17,11 @@ swapped, uncorrupted: the `_all_swapped` evaluation) to the control's:
   place_only       the moved features' content is another anchor's of the
                    same example and modality, their place their own; scored
                    against the partner the place points to. A model that
-                   pairs by content falls to (or below) chance.
-  label_blind      CMAP off: nothing in the inputs depends on the anchors.
+                   pairs by content falls below chance (it picks the
+                   partner of the content); chance is 1 / the anchors
+                   moved in the example (pairing_chance).
+ITM's control, label-blind ITM, is objectives.prepare_inputs with
+actions='none' (CMAP off): nothing in those inputs depends on the anchors.
 """
 
 import jax
@@ -42,7 +45,8 @@ def place_scrambled(inputs, rng):
   positions = shuffled_real_slots(text_rng, inputs['text_mask'])
   order = shuffled_real_slots(region_rng, inputs['region_mask'])
   boxes = jnp.take_along_axis(inputs['region_boxes'], order[..., None], 1)
-  return dict(inputs, moved=dict(text_positions=positions, umse_boxes=boxes))
+  return dict(inputs, moved=dict(inputs.get('moved', {}),
+                                 text_positions=positions, umse_boxes=boxes))
 
 
 def next_anchor(valid):
@@ -72,25 +76,22 @@ def place_only(inputs, targets):
       x, jnp.where(weights, idx, x.shape[1]), updates)
   take_region = lambda x: put(x, region, jnp.take_along_axis(
       x, take(region)[..., None], 1))
-  moved = dict(input_ids=put(inputs['input_ids'], pos, take(word)),
+  base = {**inputs, **inputs.get('moved', {})}  # What the moved pass reads.
+  moved = dict(inputs.get('moved', {}),
+               input_ids=put(base['input_ids'], pos, take(word)),
                umse_boxes=inputs['region_boxes'])
   if 'images' in inputs:  # The content is what the backbone pools there.
     moved['region_boxes'] = take_region(inputs['region_boxes'])
   else:
-    moved['region_feats'] = take_region(inputs['region_feats'])
+    moved['region_feats'] = take_region(base['region_feats'])
   return dict(inputs, moved=moved), weights
 
 
-def label_blind(inputs):
-  """CMAP off: the anchors no longer touch the inputs."""
-  return dict(inputs, anchor_action=jnp.zeros_like(inputs['anchor_action']))
-
-
-def pairing_chance(inputs, weights):
-  """(sum, count) of the chance accuracy of AMC pairing over the weighted
-  anchors: the mean of 1 / (real regions) and 1 / (real text slots)."""
-  regions = jnp.sum(inputs['region_mask'] > 0, axis=1, keepdims=True)
-  tokens = jnp.sum(inputs['text_mask'] > 0, axis=1, keepdims=True)
-  chance = (1 / jnp.maximum(regions, 1) + 1 / jnp.maximum(tokens, 1)) / 2
+def pairing_chance(moved, weights):
+  """(sum, count) of the chance accuracy of AMC pairing over the anchors
+  `weights` [B, K]: 1 / the number of anchors moved in the example (moved
+  [B, K]). A model that sees which slots hold moved features, but neither
+  their content nor their place, guesses among those."""
+  count = jnp.sum(moved, axis=1, keepdims=True)
   w = weights.astype(jnp.float32)
-  return jnp.sum(chance * w), jnp.sum(w)
+  return jnp.sum(w / jnp.maximum(count, 1)), jnp.sum(w)

@@ -51,7 +51,7 @@ def make_eval_step(model, config, specials):
         f'amc_word_acc{suffix}': correct_and_count(out['amc_word_logits'],
                                                    t['amc_word'], w),
         f'amc_tag_acc{suffix}': correct_and_count(
-            out['amc_tag_logits'], t['amc_tag'], w & (t['amc_tag'] >= 0)),
+            out['amc_tag_logits'], t['amc_tag'], t['amc_tag_weights']),
     }
 
   def itm_counts(out, t, name):
@@ -69,11 +69,12 @@ def make_eval_step(model, config, specials):
         **itm_counts(out, t, 'itm_acc'),
     }
     # ITM where the inputs cannot tell the label: CMAP off, uncorrupted.
-    clean, t_clean = objectives.prepare_inputs(batch, rng, config, specials,
-                                               swap_all=True, corrupt=False)
-    counts.update(itm_counts(apply(controls.label_blind(clean)), t_clean,
-                             'itm_acc_label_blind'))
+    blind, t_blind = objectives.prepare_inputs(batch, rng, config, specials,
+                                               actions='none', corrupt=False)
+    counts.update(itm_counts(apply(blind), t_blind, 'itm_acc_label_blind'))
     if with_amc:
+      clean, t_clean = objectives.prepare_inputs(
+          batch, rng, config, specials, actions='all_swapped', corrupt=False)
       counts.update(amc_counts(out, t))
       counts.update(amc_counts(apply(clean), t_clean, '_all_swapped'))
       # The place controls, on the all-swapped inputs (controls.py).
@@ -84,7 +85,7 @@ def make_eval_step(model, config, specials):
       counts.update(pairing_counts(apply(place_only), t_clean, weights,
                                    '_place_only'))
       counts['amc_pair_chance_place_only'] = controls.pairing_chance(
-          clean, weights)
+          t_clean['amc_weights'], weights)
     return counts
 
   return eval_step
@@ -108,13 +109,15 @@ def retrieval_pairs(config, directory, split, num_images):
 
 
 def make_itm_scorer(model, config, specials):
-  """(params, batch) -> ITM log p(match) [B], inputs uncorrupted (CMAP as in
-  evaluation: every anchor swapped)."""
+  """(params, batch) -> ITM log p(match) [B], inputs uncorrupted, with the
+  CMAP actions ITM trains with (objectives.itm_actions): none for a
+  label-blind ITM (every recipe's default), else every anchor swapped."""
   rng = jax.random.key(config.seed + EVAL_SEED_OFFSET)
+  actions = objectives.itm_actions(config)
 
   def score(params, batch):
     inputs, _ = objectives.prepare_inputs(batch, rng, config, specials,
-                                          swap_all=True, corrupt=False)
+                                          actions=actions, corrupt=False)
     logits = model.apply({'params': params}, inputs,
                          deterministic=True)['itm_logits']
     return jax.nn.log_softmax(logits)[:, 1]
@@ -221,7 +224,9 @@ def evaluate_pretrain(model, params, config, directory, specials, mesh,
       for k, (hits, n) in counts.items():
         h0, n0 = totals.get(k, (0.0, 0.0))
         totals[k] = (h0 + float(hits), n0 + float(n))
-    results = {k: h / max(n, 1.0) for k, (h, n) in totals.items()}
+    # A metric nothing was scored for is left out (e.g. the AMC tag with
+    # every anchor swapped, where loss.amc_tag_at='unswapped' scores none).
+    results = {k: h / n for k, (h, n) in totals.items() if n > 0}
     for suffix in ('', '_all_swapped', '_place_scrambled', '_place_only'):
       if f'amc_t2r_acc{suffix}' in results:
         results[f'amc_pair_acc{suffix}'] = (results[f'amc_t2r_acc{suffix}'] +

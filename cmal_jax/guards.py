@@ -23,7 +23,8 @@ FREE_MODEL_FIELDS = ('dropout', 'dtype', 'remat', 'two_stream')
 SIGNATURE_DEFAULTS = {'model.hypersphere': True,
                       'model.visual.input': 'regions',
                       'model.cross_attention': False,
-                      'model.prototypes': 0}
+                      'model.prototypes': 0,
+                      'model.moved_place': 'carried'}
 
 
 class Preemption:

@@ -61,21 +61,47 @@ class Loss:
   extra_state: Callable = lambda params: None
 
 
+def itm_actions(config):
+  """The CMAP actions of ITM's inputs: 'none' when ITM reads its own
+  label-blind pass (loss.itm_inputs='label_blind', the default), else those
+  of the corrupted pass ('all_swapped' at evaluation). A mismatched pair has
+  fewer anchors (they are detected on the pair that is fed), so CMAP's swaps
+  on ITM's inputs tell the label (docs/controls.md)."""
+  blind = config.loss.get('itm_inputs', 'label_blind') == 'label_blind'
+  return 'none' if blind or not config.cmap.enabled else 'all_swapped'
+
+
 def pretraining_loss(model, config, specials, two_stream=None,
                      extra_losses=None):
   """The Loss of the configured pre-training objectives: prepare_inputs'
   corruption, then compute_losses. two_stream: the model's mode (None: the
   config's; SemVLP's schedule picks one per step). extra_losses(outputs,
   targets, denominators, total) -> (total, metrics): a recipe's own losses,
-  added to compute_losses' total and metrics."""
+  added to compute_losses' total and metrics.
+
+  When CMAP is on and ITM label-blind (itm_actions), ITM's logits come from
+  a second pass over the uncorrupted pair with CMAP off."""
+  itm_pass = (config.cmap.enabled and config.loss.itm > 0
+              and itm_actions(config) == 'none')
+
   def prepare(batch, rng, state=None):
     inputs, targets = prepare_inputs(batch, rng, config, specials)
-    return dict(inputs=inputs, targets=targets)
+    out = dict(inputs=inputs, targets=targets)
+    if itm_pass:
+      out['itm_inputs'] = prepare_inputs(batch, rng, config, specials,
+                                         actions='none', corrupt=False)[0]
+    return out
 
   def loss(params, batch, rng, denominators):
-    outputs = model.apply({'params': params}, batch['inputs'],
-                          deterministic=False, rngs={'dropout': rng},
-                          two_stream=two_stream)
+    apply = lambda inputs, rng: model.apply(
+        {'params': params}, inputs, deterministic=False,
+        rngs={'dropout': rng}, two_stream=two_stream)
+    if itm_pass:
+      rng, itm_rng = jax.random.split(rng)
+      itm_logits = apply(batch['itm_inputs'], itm_rng)['itm_logits']
+      outputs = dict(apply(batch['inputs'], rng), itm_logits=itm_logits)
+    else:
+      outputs = apply(batch['inputs'], rng)
     total, metrics = compute_losses(outputs, batch['targets'], config,
                                     denominators)
     if extra_losses is not None:
@@ -117,33 +143,62 @@ def scatter_where(x, positions, weights, updates):
                               updates)
 
 
-def anchor_text_cover(batch):
-  """[B, T] bool: text slots inside any valid anchor word (all its pieces)."""
+def anchor_text_cover(batch, which=None):
+  """[B, T] bool: text slots inside any of the anchor words `which` [B, K]
+  (default the valid ones), all their pieces."""
+  which = batch['anchor_valid'] if which is None else which
   t = jnp.arange(batch['input_ids'].shape[1])[None, None]
   inside = ((t >= batch['anchor_text_pos'][..., None])
-            & (t < batch['anchor_text_end'][..., None])
-            & batch['anchor_valid'][..., None])
+            & (t < batch['anchor_text_end'][..., None]) & which[..., None])
   return jnp.any(inside, axis=1)
 
 
-def anchor_region_cover(batch):
-  """[B, R] bool: region slots that are some valid anchor's region."""
+def anchor_region_cover(batch, which=None):
+  """[B, R] bool: region slots that are the region of one of the anchors
+  `which` [B, K] (default the valid ones)."""
+  which = batch['anchor_valid'] if which is None else which
   r = jnp.arange(batch['region_mask'].shape[1])[None, None]
-  hit = (r == batch['anchor_region'][..., None]) & batch['anchor_valid'][
-      ..., None]
+  hit = (r == batch['anchor_region'][..., None]) & which[..., None]
   return jnp.any(hit, axis=1)
 
 
-def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
+def hide_anchor_inputs(inputs, batch, hidden, mask_id):
+  """The UMSE inputs without the anchors `hidden` [B, K]: their word pieces
+  become mask_id, their regions are zeroed (region_feats; pixels: marked in
+  region_masked, which the model zeroes after pooling)."""
+  words = anchor_text_cover(batch, hidden)
+  regions = anchor_region_cover(batch, hidden)
+  out = dict(inputs, input_ids=jnp.where(
+      words, jnp.asarray(mask_id, inputs['input_ids'].dtype),
+      inputs['input_ids']))
+  if 'images' in batch:
+    out['region_masked'] = inputs.get('region_masked', False) | regions
+  else:
+    out['region_feats'] = jnp.where(regions[..., None], 0,
+                                    inputs['region_feats'])
+  return out
+
+
+def prepare_inputs(batch, rng, config, specials, *, actions='sampled',
                    corrupt=True):
   """Corrupts a batch for one pre-training step.
 
   Returns (inputs, targets): the model's input dict (see model.cmal.CMAL) and
-  what the losses compare against. CMAP actions are sampled as in training,
-  or with swap_all=True every valid anchor is swapped (a deterministic
-  stress test of AMC, also used to score retrieval pairs).
+  what the losses compare against. CMAP actions (with cmap.enabled) are
+  'sampled' as in training, 'all_swapped' (every valid anchor: a
+  deterministic stress test of AMC) or 'none' (CMAP off: the inputs do not
+  depend on the anchors, what label-blind ITM reads).
   corrupt=False skips MLM and MRC masking (for scoring pairs).
+
+  With cmap.hide_inputs the UMSE pass whose features stay does not read a
+  hidden anchor: its word pieces are [MASK] and its region is zeroed, for
+  MASK anchors, and for SWAP anchors too when the moved features come from
+  their own pass (model.moved_place='none'; inputs['moved'] then holds the
+  pair as that pass reads it: MLM and MRC applied, anchors not hidden).
   """
+  if actions not in ('sampled', 'all_swapped', 'none'):
+    raise ValueError(f"actions={actions!r}: 'sampled', 'all_swapped' or "
+                     "'none'")
   cmap_rng, mlm_rng, mlm_sub_rng, mrc_rng = jax.random.split(rng, 4)
   ids = batch['input_ids']
   # MLM/MRC are scored only where the caption fits its image, but positions
@@ -152,9 +207,9 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
   positive = batch['itm_label'] > 0
   valid = batch['anchor_valid']
 
-  if not config.cmap.enabled:
+  if not config.cmap.enabled or actions == 'none':
     action = jnp.zeros_like(valid, jnp.int32)
-  elif swap_all:
+  elif actions == 'all_swapped':
     action = cmap.all_swapped(valid)
   else:
     action = cmap.sample_anchor_actions(
@@ -200,6 +255,29 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
       anchor_text_end=batch['anchor_text_end'],
       anchor_region=batch['anchor_region'], anchor_action=action,
       mlm_positions=mlm_pos)
+  cmap_on = config.cmap.enabled and actions != 'none'
+  if not cmap_on:  # Nothing moves: the inputs do not depend on the anchors.
+    del inputs['anchor_action']
+  own_pass = config.model.get('moved_place', 'none') == 'none'
+  moved = None
+  if cmap_on and own_pass:
+    # The moved features' pass reads the pair as corrupted so far.
+    moved = {k: inputs[k] for k in ('input_ids', 'region_feats')
+             if k in inputs}
+    if 'images' in inputs:  # Its own mask: the main pass hides more.
+      moved['region_masked'] = inputs.get(
+          'region_masked', jnp.zeros(batch['region_mask'].shape, bool))
+  if cmap_on and config.cmap.get('hide_inputs', True):
+    masked = action == cmap.MASK
+    if moved is not None:  # Its features of SWAP anchors are what moves.
+      moved = hide_anchor_inputs(moved, batch, masked, specials.mask)
+    hidden = masked | (own_pass & (action == cmap.SWAP))
+    inputs = hide_anchor_inputs(inputs, batch, hidden, specials.mask)
+  if moved is not None:
+    inputs['moved'] = moved
+  swapped = action == cmap.SWAP
+  tag_at_swapped = config.loss.get('amc_tag_at', 'unswapped') == 'all'
+  amc_tag = jnp.take_along_axis(region_tags, batch['anchor_region'], axis=1)
   targets = dict(
       itm_label=batch['itm_label'], positive=positive,
       mlm_targets=mlm_targets, mlm_weights=mlm_w,
@@ -207,7 +285,12 @@ def prepare_inputs(batch, rng, config, specials, *, swap_all=False,
       amc_region=batch['anchor_region'], amc_text_pos=batch['anchor_text_pos'],
       amc_word=jnp.take_along_axis(batch['input_ids'],
                                    batch['anchor_text_pos'], axis=1),
-      amc_tag=jnp.take_along_axis(region_tags, batch['anchor_region'], axis=1),
+      amc_tag=amc_tag,
+      # The tag is scored where the region slot still holds its region (or
+      # the mask vector): after a swap it holds the anchor word, which names
+      # the tag (loss.amc_tag_at='all' scores it there too, the ablation).
+      amc_tag_weights=((action != cmap.NONE) & (amc_tag >= 0)
+                       & (tag_at_swapped | ~swapped)),
       mrc_positions=mrc_pos, mrc_weights=mrc_w,
       mrc_targets=jnp.take_along_axis(region_tags, mrc_pos, axis=1))
   return inputs, targets

@@ -37,15 +37,28 @@ def get_config(arg=None):
       select_prob=0.5,
       swap_prob=0.8,
       mask_prob=0.1,  # The rest (0.1) keeps the anchor as it is.
+      # The UMSE pass whose features stay does not read a hidden anchor:
+      # MASK anchors (and SWAP anchors when model.moved_place='none') read
+      # [MASK] pieces and a zeroed region, so their neighbours cannot carry
+      # them. False: the ablation, every anchor read as it is.
+      hide_inputs=True,
   ))
   # Objective weights (0 turns one off; a recipe sets its own) and their
   # settings (configlib.LOSS_SETTINGS).
   c.loss = ml_collections.ConfigDict(dict(
       amc=0.0,
       amc_targets='both',  # 'pairing', 'label' or 'both'.
+      # Where the AMC tag is scored: 'unswapped', region slots that still
+      # hold their region or the mask vector; 'all' (the ablation) also the
+      # swapped ones, which hold the anchor word: the tag is then read off.
+      amc_tag_at='unswapped',
       mlm=1.0,
       mlm_prob=0.15,
       itm=1.0,
+      # What ITM reads: 'label_blind', a pass of the uncorrupted pair with
+      # CMAP off; 'corrupted' (the ablation), the CMAP pass, whose swaps
+      # tell the label (a mismatched pair has fewer anchors).
+      itm_inputs='label_blind',
       # Masked region classification: predict a masked region's tag
       # (SemVLP's masked object prediction).
       mrc=0.0,

@@ -60,7 +60,7 @@ def collect(workdir, split, max_pairs, step=None):
   @jax.jit
   def run(params, batch):
     inputs, t = objectives.prepare_inputs(batch, rng, config, specials,
-                                          swap_all=True, corrupt=False)
+                                          actions='all_swapped', corrupt=False)
     out, state = model.apply(
         {'params': params}, inputs, capture_intermediates=(
             lambda module, _: isinstance(module, SlotEmbeddings)),

@@ -96,6 +96,8 @@ def export_config(run_config, params, source=None):
                              'text_layers', 'vision_layers', 'unified_layers',
                              'dropout', 'vocab_size', 'max_position',
                              'hypersphere')}
+  # Runs from before model.moved_place moved the features it calls carried.
+  model['moved_place'] = m.get('moved_place', 'carried')
   model['region_feat_dim'] = int(flat['vision_encoder/feature/kernel'].shape[0])
   model['num_tags'] = int(flat['tag_head/classifier/kernel'].shape[-1]
                           if 'tag_head/classifier/kernel' in flat else 1)
@@ -118,8 +120,10 @@ def flax_model(config):
                               'text_layers', 'vision_layers', 'unified_layers',
                               'dropout', 'vocab_size', 'num_tags',
                               'max_position')}
-  # Exports written before the hypersphere ablation existed had it on.
+  # Exports written before the hypersphere ablation existed had it on, and
+  # before model.moved_place, CMAP moved the features it now calls carried.
   fields['hypersphere'] = m.get('hypersphere', True)
+  fields['moved_place'] = m.get('moved_place', 'carried')
   return CMAL(ModelConfig(**fields), task=config['task'],
               num_outputs=config.get('num_outputs', 0))
 

@@ -122,10 +122,12 @@ class TextEncoder(nn.Module):
     self.sphere = nn.Linear(D, D)
     self.unit = c.get('hypersphere', True)
 
-  def forward(self, input_ids, text_mask):
+  def forward(self, input_ids, text_mask, place=True):
     T = input_ids.shape[1]
-    x = self.word_embeddings(input_ids.long()) + self.position_embeddings(
-        torch.arange(T, device=input_ids.device))[None]
+    x = self.word_embeddings(input_ids.long())
+    if place:
+      x = x + self.position_embeddings(
+          torch.arange(T, device=input_ids.device))[None]
     x = F.dropout(self.LayerNorm(x), self.dropout, self.training)
     return end_on_sphere(self.sphere(self.encoder(x, text_mask)), self.unit)
 
@@ -142,8 +144,10 @@ class VisionEncoder(nn.Module):
     self.sphere = nn.Linear(D, D)
     self.unit = c.get('hypersphere', True)
 
-  def forward(self, feats, boxes, mask):
-    x = self.feature(feats) + self.location(location_features(boxes))
+  def forward(self, feats, boxes, mask, place=True):
+    x = self.feature(feats)
+    if place:
+      x = x + self.location(location_features(boxes))
     x = F.dropout(self.LayerNorm(x), self.dropout, self.training)
     return end_on_sphere(self.sphere(self.encoder(x, mask)), self.unit)
 
@@ -256,15 +260,19 @@ class RegionScorer(nn.Module):
 
 
 def swap_anchor_features(text, regions, anchor_text_pos, anchor_text_end,
-                         anchor_region, anchor_action, mask_vector):
+                         anchor_region, anchor_action, mask_vector,
+                         moved_text=None, moved_regions=None):
   """CMAP's hybrid sequences, as `cmal_jax.model.cmap.swap_anchor_features`:
-  text [B, T, D], regions [B, R, D], anchors [B, K] -> (text, regions)."""
+  text [B, T, D], regions [B, R, D], anchors [B, K] -> (text, regions); the
+  moved features from moved_text / moved_regions when given."""
   T = text.shape[1]
   pos, end = anchor_text_pos.long(), anchor_text_end.long()
   region = anchor_region.long()
   swap = (anchor_action == SWAP)[..., None]
   hidden = (anchor_action == SWAP) | (anchor_action == MASK)
-  word, obj = gather_slots(text, pos), gather_slots(regions, region)
+  word = gather_slots(text if moved_text is None else moved_text, pos)
+  obj = gather_slots(regions if moved_regions is None else moved_regions,
+                     region)
   mask_vector = mask_vector.to(text.dtype)
   new_word_slot = torch.where(swap, obj, mask_vector)
   new_region_slot = torch.where(swap, word, mask_vector)
@@ -294,6 +302,7 @@ class CMAL(nn.Module):
     super().__init__()
     c = dict(config['model'])
     self.config, self.task = config, config['task']
+    self.moved_place = config['model'].get('moved_place', 'carried')
     self.text_encoder = TextEncoder(c)
     self.vision_encoder = VisionEncoder(c)
     scale = math.sqrt(c['hidden_dim']) if c.get('hypersphere', True) else 1.0
@@ -354,22 +363,32 @@ class CMAL(nn.Module):
 
   # ------------------------------------------------------------- forward
 
-  def embed_text(self, inputs):
-    return self.text_encoder(inputs['input_ids'], inputs['text_mask'])
+  def embed_text(self, inputs, place=True):
+    return self.text_encoder(inputs['input_ids'], inputs['text_mask'], place)
 
-  def embed_regions(self, inputs):
+  def embed_regions(self, inputs, place=True):
     return self.vision_encoder(inputs['region_feats'],
-                               inputs['region_boxes'], inputs['region_mask'])
+                               inputs['region_boxes'], inputs['region_mask'],
+                               place)
 
   def hybrid_embeddings(self, text_unit, region_unit, inputs):
     """CMAP (when inputs carry anchor_action) and the slot embeddings: the
-    unified encoder's input [B, T + R, D]."""
+    unified encoder's input [B, T + R, D]. As the JAX model, the moved
+    features come from a UMSE pass of inputs['moved'] without place when
+    model.moved_place is 'none' (exports that predate it: 'carried')."""
     text, regions = (text_unit * self.text_scale,
                      region_unit * self.vision_scale)
     if 'anchor_action' in inputs:
+      moved = (None, None)
+      own_pass = self.moved_place == 'none'
+      if own_pass or 'moved' in inputs:
+        source = {**inputs, **inputs.get('moved', {})}
+        moved = (self.embed_text(source, not own_pass) * self.text_scale,
+                 self.embed_regions(source, not own_pass) * self.vision_scale)
       text, regions = swap_anchor_features(
           text, regions, inputs['anchor_text_pos'], inputs['anchor_text_end'],
-          inputs['anchor_region'], inputs['anchor_action'], self.mask_vector)
+          inputs['anchor_region'], inputs['anchor_action'], self.mask_vector,
+          *moved)
     return self.slots(text, regions, inputs['region_boxes'])
 
   def forward(self, inputs):

@@ -44,11 +44,11 @@ def anchor_slots(text_out, region_out, inputs):
 
 
 def amc_denominators(targets):
-  """What AMC's means divide by: the scored anchors, and those whose region
-  has a tag (the tag prediction's)."""
+  """What AMC's means divide by: the scored anchors, and those whose tag is
+  scored (amc_tag_weights: a tag, and a region slot that was not swapped)."""
   scored = targets['amc_weights']
   return dict(amc=denominator(scored),
-              amc_tag=denominator(scored & (targets['amc_tag'] >= 0)))
+              amc_tag=denominator(targets['amc_tag_weights']))
 
 
 def amc_loss(outputs, targets, amc_targets, denominators):
@@ -70,9 +70,9 @@ def amc_loss(outputs, targets, amc_targets, denominators):
   if amc_targets in ('label', 'both'):
     word, word_acc, _ = weighted_xent(outputs['amc_word_logits'],
                                       targets['amc_word'], w, d['amc'])
-    tag_w = w & (targets['amc_tag'] >= 0)
     tag, tag_acc, _ = weighted_xent(outputs['amc_tag_logits'],
-                                    targets['amc_tag'], tag_w, d['amc_tag'])
+                                    targets['amc_tag'],
+                                    targets['amc_tag_weights'], d['amc_tag'])
     losses['amc_label'] = (word + tag) / 2
     metrics.update(acc_amc_word=word_acc, acc_amc_tag=tag_acc)
   return losses, metrics

@@ -36,6 +36,12 @@ class ModelConfig:
   # UMSE ends on the unit hypersphere (the paper); False is the ablation:
   # the features enter CMAP unnormalised (ITC still compares unit vectors).
   hypersphere: bool = True
+  # Where the features CMAP moves come from: 'none', a second UMSE pass
+  # that adds no position or box, so a moved feature carries its content
+  # and no place (pairing cannot be solved by place); 'carried', the UMSE
+  # pass whose other features stay (the paper's), so it also carries the
+  # place it came from. docs/method.md, "What a moved feature carries".
+  moved_place: str = 'none'
   # The pixel backbone that turns images into region features
   # (model.visual.input='pixels'), or None: region features come as input.
   pixels: PixelConfig | None = None
@@ -142,23 +148,25 @@ class CMAL(nn.Module):
     if c.prototypes:
       self.prototype_head = heads.PrototypeHead(unified_cfg, c.prototypes)
 
-  def embed_text(self, inputs, deterministic=True):
+  def embed_text(self, inputs, deterministic=True, place=True):
     """UMSE text side: unit features [B, T, D] (unnormalised without the
     hypersphere, as are all "unit" features below). The optional
     text_positions [B, T] are the position ids the tokens read (default
-    their own)."""
+    their own); place=False: none."""
     return self.text_encoder(inputs['input_ids'], inputs['text_mask'],
-                             deterministic, inputs.get('text_positions'))
+                             deterministic, inputs.get('text_positions'),
+                             place)
 
-  def embed_regions(self, inputs, deterministic=True):
+  def embed_regions(self, inputs, deterministic=True, place=True):
     """UMSE visual side: unit features [B, R, D]. The content comes from
     region_feats (pixels: pooled at region_boxes), the place from the
-    optional umse_boxes [B, R, 4] (default region_boxes)."""
+    optional umse_boxes [B, R, 4] (default region_boxes); place=False:
+    none."""
     feats = (inputs['region_feats'] if self.config.pixels is None
              else self.region_feats_from_pixels(inputs))
-    return self.vision_encoder(feats,
-                               inputs.get('umse_boxes', inputs['region_boxes']),
-                               inputs['region_mask'], deterministic)
+    boxes = inputs.get('umse_boxes', inputs['region_boxes'])
+    return self.vision_encoder(feats, boxes, inputs['region_mask'],
+                               deterministic, place)
 
   def region_feats_from_pixels(self, inputs):
     """The backbone's region features [B, R, C]: RoIAlign over each region
@@ -212,10 +220,14 @@ class CMAL(nn.Module):
     text_unit = self.embed_text(inputs, deterministic)
     region_unit = self.embed_regions(inputs, deterministic)
     moved_units = None
-    if 'moved' in inputs:  # CMAP moves features of another UMSE pass.
-      source = {**inputs, **inputs['moved']}
-      moved_units = (self.embed_text(source, deterministic),
-                     self.embed_regions(source, deterministic))
+    own_pass = self.config.moved_place == 'none'
+    if 'anchor_action' in inputs and (own_pass or 'moved' in inputs):
+      # CMAP moves features of another UMSE pass over inputs['moved']
+      # (objectives.prepare_inputs: the pair without the anchors hidden;
+      # controls.py: with place or content exchanged).
+      source = {**inputs, **inputs.get('moved', {})}
+      moved_units = (self.embed_text(source, deterministic, not own_pass),
+                     self.embed_regions(source, deterministic, not own_pass))
     return (self.fuse(text_unit, region_unit, inputs, deterministic,
                       two_stream, moved_units), text_unit, region_unit)
 

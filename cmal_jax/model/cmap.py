@@ -64,7 +64,8 @@ def swap_anchor_features(text, regions, anchor_text_pos, anchor_text_end,
     (text, regions) of the same shapes. At a SWAP anchor the region's feature
     sits in the word's slot and the word's feature in the region's slot; at
     a MASK anchor both slots hold `mask_vector`. The word's other pieces are
-    masked whenever the anchor is swapped or masked, so the word cannot leak.
+    masked whenever the anchor is swapped or masked (that the encoders do
+    not read a hidden word is objectives.prepare_inputs' cmap.hide_inputs).
     One gather and one scatter per side, static shapes: NONE/KEEP anchors
     scatter to an out-of-range index that is dropped.
   """

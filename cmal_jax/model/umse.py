@@ -58,15 +58,19 @@ class TextEncoder(nn.Module):
     self.encoder = BertEncoder(cfg, name='encoder')
     self.sphere = sphere_projection(cfg)
 
-  def __call__(self, input_ids, text_mask, deterministic, positions=None):
+  def __call__(self, input_ids, text_mask, deterministic, positions=None,
+               place=True):
     """input_ids, text_mask [B, T] -> token features [B, T, D], float32,
     unit-norm when self.unit. positions [B, T]: the position ids each token
     reads (default 0 .. T-1; the place controls of evaluate.py scramble
-    them)."""
+    them). place=False adds no position at all (the features CMAP moves
+    with model.moved_place='none')."""
     T = input_ids.shape[1]
     if positions is None:
       positions = jnp.arange(T)[None]
-    x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+    x = self.word_embeddings(input_ids)
+    if place:
+      x = x + self.position_embeddings(positions)
     x = self.dropout(self.norm(x.astype(self.cfg.dtype)),
                      deterministic=deterministic)
     x = self.encoder(axes.constrain(x, ('batch', 'length', 'embed')),
@@ -103,14 +107,16 @@ class VisionEncoder(nn.Module):
   unit: bool = True  # L2-normalise the output (the hypersphere).
 
   @nn.compact
-  def __call__(self, region_feats, region_boxes, region_mask, deterministic):
+  def __call__(self, region_feats, region_boxes, region_mask, deterministic,
+               place=True):
     """feats [B, R, F], boxes [B, R, 4], mask [B, R] -> [B, R, D], float32,
-    unit-norm when self.unit."""
+    unit-norm when self.unit. place=False adds no box location."""
     cfg = self.cfg
     linear = lambda name: dense(cfg.hidden_dim, cfg, name,
                                 ('feature', 'embed'))
-    x = linear('feature')(region_feats) + linear('location')(
-        location_features(region_boxes))
+    x = linear('feature')(region_feats)
+    if place:
+      x = x + linear('location')(location_features(region_boxes))
     x = nn.Dropout(cfg.dropout)(layer_norm(cfg, 'LayerNorm')(x),
                                 deterministic=deterministic)
     x = BertEncoder(cfg, name='encoder')(

@@ -1,0 +1,188 @@
+"""The shortcuts of AMC and ITM are closed, and the controls that expose them
+(cmal_jax/controls.py) do what they say. Each shortcut test also runs the
+ablation that reopens it, so it fails if the fix stops working."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cmal_jax import configlib, controls, objectives
+from cmal_jax.model.cmal import CMAL, ModelConfig
+from cmal_jax.model.cmap import MASK as MASK_ACTION
+from cmal_jax.model.cmap import NONE, SWAP
+from cmal_testutil import CLS, MASK, PAD, SEP, VOCAB, random_batch
+from configs.pretrain import get_config
+
+SPECIALS = objectives.SpecialTokens(PAD, CLS, SEP, MASK, VOCAB)
+B, T, R, K, F = 8, 16, 6, 3, 64
+
+
+def config_with(moved_place='none', **cmap):
+  c = get_config('tiny')
+  c.model.moved_place = moved_place
+  c.model.region_feat_dim = F
+  c.model.vocab_size = VOCAB
+  c.cmap.update(cmap)
+  return c
+
+
+def model_of(config):
+  return CMAL(ModelConfig.from_config(config.model, num_tags=10))
+
+
+@pytest.fixture(scope='module')
+def batch():
+  return jax.tree.map(jnp.asarray, {k: v for k, v in random_batch(
+      3, B, T, R, K, F).items() if k != 'stats'})
+
+
+@pytest.fixture(scope='module')
+def params(batch):
+  c = config_with()
+  inputs, _ = objectives.prepare_inputs(batch, jax.random.key(0), c,
+                                        SPECIALS, actions='all_swapped')
+  return model_of(c).init(jax.random.key(1), inputs)['params']
+
+
+def apply(config, params, inputs):
+  return jax.jit(lambda p, x: model_of(config).apply({'params': p}, x))(
+      params, inputs)
+
+
+def swapped_inputs(config, batch):
+  return objectives.prepare_inputs(batch, jax.random.key(0), config,
+                                   SPECIALS, actions='all_swapped',
+                                   corrupt=False)
+
+
+@pytest.mark.parametrize('moved_place', ['none', 'carried'])
+def test_a_moved_feature_carries_no_place(batch, params, moved_place):
+  """With moved_place='none' the outputs do not change when the place the
+  moved features came from is scrambled; 'carried' (the paper's single
+  pass) is the ablation where they do."""
+  c = config_with(moved_place)
+  inputs, targets = swapped_inputs(c, batch)
+  assert int(targets['amc_weights'].sum()) >= B  # Anchors to move.
+  scrambled = controls.place_scrambled(inputs, jax.random.key(5))
+  a, b = apply(c, params, inputs), apply(c, params, scrambled)
+  same = all(np.array_equal(a[k], b[k]) for k in
+             ('amc_t2r_logits', 'amc_r2t_logits', 'itm_logits'))
+  assert same == (moved_place == 'none')
+
+
+def test_scrambled_places_permute_the_real_slots_only(batch):
+  order = np.asarray(controls.shuffled_real_slots(jax.random.key(2),
+                                                  batch['region_mask']))
+  mask = np.asarray(batch['region_mask'])
+  for row, m in zip(order, mask):
+    n = int(m.sum())
+    assert sorted(row[:n]) == list(range(n))  # A permutation of the real.
+    assert list(row[n:]) == list(range(n, R))  # Padding stays in place.
+
+
+def test_next_anchor_is_a_cycle_over_the_valid_anchors():
+  valid = jnp.asarray([[True, True, True], [True, False, True],
+                       [False, True, False]])
+  got = np.asarray(controls.next_anchor(valid))
+  assert list(got[0]) == [1, 2, 0]
+  assert got[1, 0] == 2 and got[1, 2] == 0  # 0 -> 2 -> 0, 1 is not valid.
+  assert got[2, 1] == 1  # The only anchor maps to itself.
+
+
+def test_place_only_puts_another_anchors_content_in_each_place(batch):
+  c = config_with('carried')
+  inputs, targets = swapped_inputs(c, batch)
+  exchanged, weights = controls.place_only(inputs, targets)
+  moved, w = exchanged['moved'], np.asarray(weights)
+  assert w.sum() >= 2
+  source = np.asarray(controls.next_anchor(targets['amc_weights']))
+  pos, region = np.asarray(inputs['anchor_text_pos']), np.asarray(
+      inputs['anchor_region'])
+  ids, feats = np.asarray(inputs['input_ids']), np.asarray(
+      inputs['region_feats'])
+  for b, k in zip(*np.nonzero(w)):
+    s = source[b, k]
+    assert moved['input_ids'][b, pos[b, k]] == ids[b, pos[b, s]]
+    np.testing.assert_array_equal(moved['region_feats'][b, region[b, k]],
+                                  feats[b, region[b, s]])
+  # The place is each slot's own.
+  np.testing.assert_array_equal(moved['umse_boxes'], inputs['region_boxes'])
+  chance_sum, count = controls.pairing_chance(targets['amc_weights'],
+                                              weights)
+  assert count == w.sum() and 0 < chance_sum / count <= 0.5
+
+
+@pytest.mark.parametrize('hide', [True, False])
+def test_a_masked_anchor_word_never_reaches_the_encoders(batch, params,
+                                                         hide):
+  """Every selected anchor masked: changing the anchors' words (and their
+  regions' features) changes no output when cmap.hide_inputs; without it
+  (the ablation) the neighbours carry them."""
+  c = config_with(select_prob=1.0, swap_prob=0.0, mask_prob=1.0,
+                  hide_inputs=hide)
+  cover = objectives.anchor_text_cover(batch)
+  regions = objectives.anchor_region_cover(batch)
+  other = dict(batch,
+               input_ids=jnp.where(cover, 1234, batch['input_ids']),
+               region_feats=jnp.where(regions[..., None], 7.0,
+                                      batch['region_feats']))
+  outs = []
+  for b in (batch, other):
+    inputs, targets = objectives.prepare_inputs(b, jax.random.key(0), c,
+                                                SPECIALS, corrupt=False)
+    assert np.all((np.asarray(inputs['anchor_action']) == MASK_ACTION)
+                  == np.asarray(batch['anchor_valid']))
+    outs.append(apply(c, params, inputs))
+  same = all(np.array_equal(outs[0][k], outs[1][k]) for k in
+             ('amc_t2r_logits', 'amc_tag_logits', 'mlm_logits', 'itm_logits'))
+  assert same == hide
+
+
+@pytest.mark.parametrize('itm_inputs', ['label_blind', 'corrupted'])
+def test_itm_reads_inputs_that_do_not_depend_on_the_anchors(batch, params,
+                                                           itm_inputs):
+  """Label-blind ITM: the ITM loss is the same for a batch whose anchors
+  were detected differently (negatives have fewer); 'corrupted' ITM (the
+  ablation) reads CMAP's swaps."""
+  c = config_with()
+  c.loss.amc = 1.0
+  c.cmap.enabled = True
+  c.loss.itm_inputs = itm_inputs
+  loss = objectives.pretraining_loss(model_of(c), c, SPECIALS)
+  fewer = dict(batch, anchor_valid=batch['anchor_valid'].at[:, 1:].set(False))
+  itm = []
+  for b in (batch, fewer):
+    prepared = loss.prepare(b, jax.random.key(0))
+    assert ('itm_inputs' in prepared) == (itm_inputs == 'label_blind')
+    if 'itm_inputs' in prepared:
+      assert not {'anchor_action', 'moved'} & set(prepared['itm_inputs'])
+    _, metrics = jax.jit(loss.loss)(params, prepared, jax.random.key(1),
+                                    loss.denominators(prepared))
+    itm.append(float(metrics['loss_itm']))
+  assert (itm[0] == itm[1]) == (itm_inputs == 'label_blind')
+
+
+@pytest.mark.parametrize('tag_at', ['unswapped', 'all'])
+def test_the_tag_is_not_scored_where_the_word_took_the_slot(batch, tag_at):
+  c = config_with(select_prob=1.0)
+  c.loss.amc_tag_at = tag_at
+  _, t = objectives.prepare_inputs(batch, jax.random.key(4), c, SPECIALS)
+  action = np.asarray(
+      objectives.prepare_inputs(batch, jax.random.key(4), c,
+                                SPECIALS)[0]['anchor_action'])
+  tagged = (action != NONE) & (np.asarray(t['amc_tag']) >= 0)
+  want = tagged & ((action != SWAP) | (tag_at == 'all'))
+  assert (action == SWAP).any() and (tagged & (action != SWAP)).any()
+  np.testing.assert_array_equal(t['amc_tag_weights'], want)
+
+
+@pytest.mark.parametrize('field,value', [('model.moved_place', 'both'),
+                                         ('loss.amc_tag_at', 'word'),
+                                         ('loss.itm_inputs', 'clean')])
+def test_a_bad_setting_names_its_field(field, value):
+  c = get_config('tiny')
+  section, name = field.split('.')
+  c[section][name] = value
+  with pytest.raises(ValueError, match=rf"config\.{field}='{value}'"):
+    configlib.validate(c)
