@@ -80,7 +80,12 @@ def test_choose_positions_static_shape_examples():
 
 @pytest.fixture(scope='module')
 def config():
-    return get_config('tiny')
+    """The tiny config with hidden anchors read as they are, so that what
+    MLM and MRC corrupt is all that changes in the inputs (cmap.hide_inputs
+    is tested in test_controls.py)."""
+    c = get_config('tiny')
+    c.cmap.hide_inputs = False
+    return c
 
 
 @pytest.fixture(scope='module')
@@ -211,10 +216,11 @@ def test_mask_anchors_lets_mlm_and_mrc_pick_anchors(config, batch):
     assert text_hits > 10 and region_hits > 5, (text_hits, region_hits)
 
 
-def test_prepare_inputs_swap_all_swaps_exactly_the_valid_anchors(config, batch):
+def test_prepare_inputs_all_swapped_swaps_exactly_the_valid_anchors(config,
+                                                                    batch):
     valid = batch['anchor_valid']
     for seed in range(3):
-        inputs, targets = prep(config, batch, seed, swap_all=True)
+        inputs, targets = prep(config, batch, seed, actions='all_swapped')
         np.testing.assert_array_equal(inputs['anchor_action'],
                                       np.where(valid, SWAP, NONE))
         np.testing.assert_array_equal(targets['amc_weights'], valid)
@@ -226,8 +232,10 @@ def test_prepare_inputs_swap_all_swaps_exactly_the_valid_anchors(config, batch):
     np.testing.assert_array_equal(
         targets['amc_tag'][valid],
         batch['region_tags'][rows[valid], batch['anchor_region'][valid]])
-    # corrupt=False leaves the text and regions as they are.
-    inputs, _ = prep(config, batch, 0, corrupt=False)
+    # corrupt=False with CMAP off leaves the text and regions as they are
+    # (with CMAP on, cmap.hide_inputs hides the anchors: test_controls.py).
+    inputs, _ = prep(config, batch, 0, corrupt=False, actions='none')
+    assert 'anchor_action' not in inputs and 'moved' not in inputs
     np.testing.assert_array_equal(np.asarray(inputs['input_ids']),
                                   batch['input_ids'])
     np.testing.assert_array_equal(np.asarray(inputs['region_feats']),
@@ -241,9 +249,9 @@ def test_prepare_inputs_train_actions(config, batch):
     assert np.all(actions[:, ~valid] == NONE)
     assert 0.3 < np.mean(actions[:, valid] != NONE) < 0.7
     cmcl = get_config('tiny,cmcl')
-    for swap_all in (False, True):  # CMAP off: no anchor is touched.
-        off = prep(cmcl, batch, 0, swap_all=swap_all)[0]
-        assert np.all(np.asarray(off['anchor_action']) == NONE)
+    for actions in ('sampled', 'all_swapped'):  # CMAP off: nothing moves.
+        off = prep(cmcl, batch, 0, actions=actions)[0]
+        assert 'anchor_action' not in off and 'moved' not in off
 
 
 def test_weighted_xent_zero_weights():

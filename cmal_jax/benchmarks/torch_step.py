@@ -4,7 +4,9 @@ decay mask and schedule value) as the JAX step, for side-by-side timing.
 
 The JAX step samples its corruption (CMAP actions, MLM positions) on device
 inside the step; the PyTorch step is fed inputs and targets corrupted once
-by `objectives.prepare_inputs`, so it does slightly less work per step.
+by `objectives.prepare_inputs`, so it does slightly less work per step; and
+it scores ITM on the CMAP pass (loss.itm_inputs='corrupted'), without the
+JAX step's label-blind ITM pass.
 """
 
 import jax
@@ -16,8 +18,10 @@ from cmal_jax.model import torch_names
 
 
 def to_torch(tree):
-  """A dict of arrays -> a dict of CPU tensors (bool stays bool)."""
-  return {k: torch.as_tensor(np.array(v)) for k, v in tree.items()}
+  """A dict of arrays (dicts nested, as inputs['moved']) -> the same of CPU
+  tensors (bool stays bool)."""
+  return {k: to_torch(v) if isinstance(v, dict) else torch.as_tensor(
+      np.array(v)) for k, v in tree.items()}
 
 
 def no_decay(name):

@@ -65,9 +65,9 @@ def compute_losses(outputs, targets, loss_config):
     if lc['amc_targets'] in ('label', 'both'):
       word, word_acc, _ = weighted_xent(outputs['amc_word_logits'],
                                         targets['amc_word'], w)
-      tag_w = w & (targets['amc_tag'] >= 0)
       tag, tag_acc, _ = weighted_xent(outputs['amc_tag_logits'],
-                                      targets['amc_tag'], tag_w)
+                                      targets['amc_tag'],
+                                      targets['amc_tag_weights'])
       add('amc_label', lc['amc'], (word + tag) / 2)
       metrics.update(acc_amc_word=word_acc, acc_amc_tag=tag_acc)
   if lc['mlm'] > 0:
