@@ -224,9 +224,10 @@ def evaluate_pretrain(model, params, config, directory, specials, mesh,
       for k, (hits, n) in counts.items():
         h0, n0 = totals.get(k, (0.0, 0.0))
         totals[k] = (h0 + float(hits), n0 + float(n))
-    # A metric nothing was scored for is left out (e.g. the AMC tag with
-    # every anchor swapped, where loss.amc_tag_at='unswapped' scores none).
-    results = {k: h / n for k, (h, n) in totals.items() if n > 0}
+    # A metric nothing was scored for reads 0 (e.g. the AMC tag with every
+    # anchor swapped under loss.amc_tag_at='unswapped'; a grid without
+    # anchors), so every run reports the same keys.
+    results = {k: h / max(n, 1.0) for k, (h, n) in totals.items()}
     for suffix in ('', '_all_swapped', '_place_scrambled', '_place_only'):
       if f'amc_t2r_acc{suffix}' in results:
         results[f'amc_pair_acc{suffix}'] = (results[f'amc_t2r_acc{suffix}'] +

@@ -106,14 +106,17 @@ def test_remat_config_reaches_every_encoder(case):
   model, c = tiny(remat='dots')
   assert model.config.remat == 'dots'
   assert {model.config.encoder(n).remat for n in (1, 2)} == {'dots'}
-  # One rematerialised block per BertLayer: text 1 + vision 1 + unified 2.
+  # One rematerialised block per BertLayer call: text 1 + vision 1, twice,
+  # + unified 2.
   def remat_blocks(model):
     jaxpr = jax.make_jaxpr(lambda p: model.apply({'params': p}, inputs))(
         params).jaxpr
     return sum(e.primitive.name == 'remat2' for e in all_eqns(jaxpr))
   m = c.model
+  # The UMSE layers run twice: the moved features' pass too
+  # (model.moved_place='none').
   assert remat_blocks(model) == (
-      m.text_layers + m.vision_layers + m.unified_layers) == 4
+      2 * (m.text_layers + m.vision_layers) + m.unified_layers) == 6
   assert remat_blocks(tiny()[0]) == 0
   # Same parameters, names and shapes, whatever the policy (export relies
   # on layer_0 ...).
