@@ -15,7 +15,7 @@ import torch
 from flax import traverse_util
 
 from cmal_jax import objectives, train_step
-from cmal_jax.benchmarks import run, torch_step
+from cmal_jax.benchmarks import convert_memory, run, torch_step
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.export import export, torch_model, torch_objectives
@@ -129,3 +129,22 @@ def test_benchmark_smoke_run_writes_the_table(world_dir, tmp_path,
   table = (out / 'BENCHMARKS.md').read_text()
   assert '| jax_over_torch_eager | tiny |' in table
   assert '**Machine:**' in table
+
+
+def test_convert_memory_measures_a_fresh_conversion(tmp_path):
+  # The TSV it writes is converted in a child process that reports its RSS.
+  rows = convert_memory.run([3], num_boxes=4, feature_dim=8,
+                            directory=str(tmp_path), float16=True, keep=True)
+  assert len(rows) == 1
+  row = rows[0]
+  assert (row['images'], row['skipped'], row['num_boxes'],
+          row['feature_dim'], row['float16']) == (3, {}, 4, 8, True)
+  assert row['peak_rss_mb'] >= row['rss_after_import_mb'] > 0
+  assert row['tsv_gb'] * 1e9 == os.path.getsize(tmp_path / 'features_3.tsv')
+  assert (tmp_path / 'store_3').is_dir()
+
+
+def test_convert_memory_refuses_what_the_disk_cannot_hold(tmp_path):
+  with pytest.raises(SystemExit, match='need ~.* GB free: lower --feature_dim'):
+    convert_memory.run([10**9], num_boxes=36, feature_dim=2048,
+                       directory=str(tmp_path), float16=False, keep=False)

@@ -15,6 +15,8 @@ import csv
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -134,6 +136,18 @@ def test_bottom_up_numbers_round_trip(tmp_path):
   meta = records.read_meta(str(out))
   assert meta['tags'] == TAGS and meta['synonyms']['puppy'] == 'dog'
   assert (meta['feature_dim'], meta['feature_dtype']) == (F, 'float32')
+
+
+def test_module_entry_point_converts_and_reports(tmp_path):
+  # python -m cmal_jax.convert (convert/__main__.py) runs cli.main.
+  tsv = _write_tsv(tmp_path / 'feats.tsv', _good_rows())
+  out = tmp_path / 'store'
+  done = subprocess.run(
+      [sys.executable, '-m', 'cmal_jax.convert', 'bottom_up', f'--tsv={tsv}',
+       f'--vocab={_vocab(tmp_path)}', f'--out={out}'],
+      capture_output=True, text=True, check=True)
+  assert done.stdout.strip() == f'Wrote 2 images to {out}; skipped none'
+  assert _store(out).image_ids() == ['42', '7']
 
 
 @pytest.mark.parametrize('ids_dtype', [np.int64, np.float32, np.int32])
