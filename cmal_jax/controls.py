@@ -14,12 +14,12 @@ swapped, uncorrupted: the `_all_swapped` evaluation) to the control's:
                    permuted (text positions among the caption's real
                    tokens, boxes among the image's real regions); content
                    is kept. A model that pairs by content keeps its score.
-  place_only       the moved features' content is another anchor's of the
-                   same example and modality, their place their own; scored
-                   against the partner the place points to. A model that
-                   pairs by content falls below chance (it picks the
-                   partner of the content); chance is 1 / the anchors
-                   moved in the example (pairing_chance).
+  place_only       the moved words are another anchor's of the same
+                   example, in their own place (the moved regions are
+                   unchanged); scored against the partner the place points
+                   to. A model that pairs by content falls below chance
+                   (it picks the partner of the content); chance is 1 / the
+                   anchors moved in the example (pairing_chance).
 ITM's control, label-blind ITM, is objectives.prepare_inputs with
 actions='none' (CMAP off): nothing in those inputs depends on the anchors.
 """
@@ -60,11 +60,18 @@ def next_anchor(valid):
 
 
 def place_only(inputs, targets):
-  """CMAP moves, at anchor k, the content of anchor s(k) (next_anchor) in
-  k's own place: the word id of s(k) at k's position, the region features
-  of s(k) (pixels: pooled at its box) with k's box. Returns (inputs,
-  weights [B, K]): the anchors whose content was exchanged for a different
-  word and a different region; the targets stay k's partners."""
+  """CMAP moves, at anchor k, the word of anchor s(k) (next_anchor) in k's
+  own place (its id at k's position); the moved regions are unchanged.
+  Returns (inputs, weights [B, K]): the anchors whose word was exchanged
+  for a different word, from a different position and region; the targets
+  stay k's partners.
+
+  One side only: were both k's moved word and moved region s(k)'s, the
+  slots p_k and o_k would again hold two halves of one anchor and a model
+  pairing by content would pick the place's partner too. With the word
+  exchanged, content points elsewhere in both directions: o_k's word is
+  s(k)'s, whose region is at p_{s(k)}; p_k's region is k's, whose word now
+  sits at o_{s^-1(k)}."""
   valid = targets['amc_weights']
   source = next_anchor(valid)
   take = lambda x: jnp.take_along_axis(x, source, axis=1)
@@ -72,18 +79,12 @@ def place_only(inputs, targets):
   word = targets['amc_word']
   weights = (valid & (take(pos) != pos) & (take(region) != region)
              & (take(word) != word))
-  put = lambda x, idx, updates: cmap.scatter_slots(
-      x, jnp.where(weights, idx, x.shape[1]), updates)
-  take_region = lambda x: put(x, region, jnp.take_along_axis(
-      x, take(region)[..., None], 1))
   base = {**inputs, **inputs.get('moved', {})}  # What the moved pass reads.
-  moved = dict(inputs.get('moved', {}),
-               input_ids=put(base['input_ids'], pos, take(word)),
-               umse_boxes=inputs['region_boxes'])
-  if 'images' in inputs:  # The content is what the backbone pools there.
-    moved['region_boxes'] = take_region(inputs['region_boxes'])
-  else:
-    moved['region_feats'] = take_region(base['region_feats'])
+  ids = base['input_ids']
+  # Slot index T (out of range) leaves the anchors not exchanged as they are.
+  input_ids = cmap.scatter_slots(ids, jnp.where(weights, pos, ids.shape[1]),
+                                 take(word))
+  moved = dict(inputs.get('moved', {}), input_ids=input_ids)
   return dict(inputs, moved=moved), weights
 
 

@@ -84,6 +84,10 @@ def make_eval_step(model, config, specials):
       place_only, weights = controls.place_only(clean, t_clean)
       counts.update(pairing_counts(apply(place_only), t_clean, weights,
                                    '_place_only'))
+      # Chance of each: 1 / the anchors moved in the example, over the
+      # anchors it scores (a single swapped anchor is found by elimination).
+      counts['amc_pair_chance_all_swapped'] = controls.pairing_chance(
+          t_clean['amc_weights'], t_clean['amc_weights'])
       counts['amc_pair_chance_place_only'] = controls.pairing_chance(
           t_clean['amc_weights'], weights)
     return counts

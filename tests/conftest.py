@@ -1,5 +1,7 @@
 """Shared fixtures: one small synthetic world, generated once per session."""
 
+import os
+
 import jax
 import pytest
 
@@ -28,20 +30,37 @@ def compilation_cache(tmp_path_factory):
 
   Runs whose jitted steps lower to the same program (same config shapes and
   the same total_steps, which the lr schedule bakes in) load them instead of
-  compiling again (~20 s each on 2 cores); subprocesses share it through
-  JAX_COMPILATION_CACHE_DIR. The previous settings are restored at the end.
+  compiling again (~20 s each on 2 cores). The xdist workers share one
+  directory (their base temps' common parent), and so do subprocesses,
+  through the JAX_* variables set here. A size limit (never reached) makes
+  JAX lock the cache while it reads or writes an entry, so one worker never
+  reads another's half-written file. The previous settings are restored at
+  the end.
   """
   from jax.experimental.compilation_cache import compilation_cache as cc
-  names = ('jax_compilation_cache_dir',
-           'jax_persistent_cache_min_compile_time_secs')
-  old = {n: getattr(jax.config, n) for n in names}
-  cache = str(tmp_path_factory.mktemp('xla_cache'))
-  jax.config.update(names[0], cache)
-  jax.config.update(names[1], 0.0)
+  settings = {'jax_compilation_cache_dir': None,
+              'jax_persistent_cache_min_compile_time_secs': 0.0,
+              'jax_compilation_cache_max_size': 1 << 40}
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # pytest-of-USER/pytest-N/, common to the workers.
+  cache = str(root / 'xla_cache')
+  os.makedirs(cache, exist_ok=True)
+  settings['jax_compilation_cache_dir'] = cache
+  old = {n: getattr(jax.config, n) for n in settings}
+  old_env = {n.upper(): os.environ.get(n.upper()) for n in settings}
+  for n, v in settings.items():
+    jax.config.update(n, v)
+    os.environ[n.upper()] = str(v)
   cc.reset_cache()
   yield cache
   for n, v in old.items():
     jax.config.update(n, v)
+  for n, v in old_env.items():
+    if v is None:
+      os.environ.pop(n, None)
+    else:
+      os.environ[n] = v
   cc.reset_cache()
 
 

@@ -90,27 +90,66 @@ def test_next_anchor_is_a_cycle_over_the_valid_anchors():
   assert got[2, 1] == 1  # The only anchor maps to itself.
 
 
-def test_place_only_puts_another_anchors_content_in_each_place(batch):
+def content_partners(inputs, moved, targets):
+  """[B, K] int: the anchor a model pairing by content picks from each word
+  slot p_k: CMAP puts there the moved region of k's region slot; its word
+  is the anchor a whose region that is, and the pick is the anchor j whose
+  region slot o_j holds a's word (moved input id at p_j). -1: none."""
+  ids = np.asarray(moved.get('input_ids', inputs['input_ids']))
+  feats = np.asarray(moved.get('region_feats', inputs['region_feats']))
+  pos, region = np.asarray(inputs['anchor_text_pos']), np.asarray(
+      inputs['anchor_region'])
+  valid, word = np.asarray(targets['amc_weights']), np.asarray(
+      targets['amc_word'])
+  own = np.asarray(inputs['region_feats'])
+  picks = np.full(valid.shape, -1)
+  for b, k in zip(*np.nonzero(valid)):
+    # The anchor whose (unmoved) region the moved feature at o_k is.
+    a = [i for i in np.nonzero(valid[b])[0]
+         if np.array_equal(feats[b, region[b, k]], own[b, region[b, i]])][0]
+    hits = [j for j in np.nonzero(valid[b])[0]
+            if ids[b, pos[b, j]] == word[b, a]]
+    picks[b, k] = hits[0] if hits else -1
+  return picks
+
+
+def test_place_only_puts_another_anchors_word_in_each_place(batch):
   c = config_with('carried')
   inputs, targets = swapped_inputs(c, batch)
   exchanged, weights = controls.place_only(inputs, targets)
   moved, w = exchanged['moved'], np.asarray(weights)
   assert w.sum() >= 2
+  # Only the words move: positions, boxes and region content stay.
+  assert set(moved) == {'input_ids'}
   source = np.asarray(controls.next_anchor(targets['amc_weights']))
-  pos, region = np.asarray(inputs['anchor_text_pos']), np.asarray(
-      inputs['anchor_region'])
-  ids, feats = np.asarray(inputs['input_ids']), np.asarray(
-      inputs['region_feats'])
+  pos = np.asarray(inputs['anchor_text_pos'])
+  ids = np.asarray(inputs['input_ids'])
+  changed = moved['input_ids'] != ids
   for b, k in zip(*np.nonzero(w)):
-    s = source[b, k]
-    assert moved['input_ids'][b, pos[b, k]] == ids[b, pos[b, s]]
-    np.testing.assert_array_equal(moved['region_feats'][b, region[b, k]],
-                                  feats[b, region[b, s]])
-  # The place is each slot's own.
-  np.testing.assert_array_equal(moved['umse_boxes'], inputs['region_boxes'])
+    assert moved['input_ids'][b, pos[b, k]] == ids[b, pos[b, source[b, k]]]
+  assert changed.sum() == len(set(
+      (b, pos[b, k]) for b, k in zip(*np.nonzero(w))))
+  # A model pairing by content gets every all-swapped anchor right and every
+  # place-only anchor wrong: the control tells content from place.
+  valid = np.asarray(targets['amc_weights'])
+  own = content_partners(inputs, {}, targets)
+  for b, k in zip(*np.nonzero(valid)):
+    assert own[b, k] == k
+  picks = content_partners(inputs, moved, targets)
+  for b, k in zip(*np.nonzero(w)):
+    assert picks[b, k] != k
   chance_sum, count = controls.pairing_chance(targets['amc_weights'],
                                               weights)
   assert count == w.sum() and 0 < chance_sum / count <= 0.5
+  # With every anchor scored (evaluate's amc_pair_chance_all_swapped): the
+  # mean over anchors of 1 / the anchors of their example.
+  valid = np.asarray(targets['amc_weights']) > 0
+  per_example = valid.sum(axis=1, keepdims=True)
+  all_sum, all_count = controls.pairing_chance(targets['amc_weights'],
+                                               targets['amc_weights'])
+  assert all_count == valid.sum()
+  np.testing.assert_allclose(
+      all_sum, np.sum(valid / np.maximum(per_example, 1)), rtol=1e-6)
 
 
 @pytest.mark.parametrize('hide', [True, False])

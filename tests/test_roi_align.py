@@ -1,7 +1,7 @@
 """RoIAlign against a loop-by-loop numpy transcription of torchvision's CPU
-kernel (and against torchvision itself when it is installed)."""
-
-import importlib.util
+kernel. (No test against torchvision itself: the only torchvision wheel that
+pairs with the pinned torch 2.13 CPU build is a CUDA build whose import
+fails here, and a test that skips when it is missing would never run.)"""
 
 import jax
 import jax.numpy as jnp
@@ -264,24 +264,3 @@ def test_rejects_adaptive_sampling_and_bad_shapes():
   with pytest.raises(ValueError, match='feature_map'):
     roi_pool_mean(jnp.zeros((4, 4, 2)), jnp.zeros((1, 2, 4)), (2, 2), 2)
 
-
-@pytest.mark.skipif(importlib.util.find_spec('torchvision') is None,
-                    reason='torchvision is not installed')
-@pytest.mark.parametrize('aligned', [True, False])
-def test_matches_torchvision(aligned):
-  import torch
-  import torchvision
-  rng = np.random.default_rng(8)
-  B, H, W, C, P = 2, 7, 9, 3, 3
-  fm = random_map(rng, (B, H, W, C))
-  boxes = np.concatenate([random_boxes(rng, B, 5), edge_boxes(B)], 1)
-  R = boxes.shape[1]
-  # torchvision: NCHW, boxes per image in feature-map cells, spatial_scale 1.
-  cells = boxes * np.array([W, H, W, H], np.float32)
-  expected = torchvision.ops.roi_align(
-      torch.from_numpy(fm.transpose(0, 3, 1, 2).copy()),
-      [torch.from_numpy(cells[b]) for b in range(B)], output_size=(P, P),
-      spatial_scale=1.0, sampling_ratio=2, aligned=aligned).numpy()
-  expected = expected.reshape(B, R, C, P, P).transpose(0, 1, 3, 4, 2)
-  got = roi_align(fm, boxes, (P, P), 2, aligned)
-  np.testing.assert_allclose(np.asarray(got), expected, atol=ATOL)

@@ -90,6 +90,7 @@ def test_cmal_learns(learn_run):
   _, acc = first_and_last3(lines, 'acc_amc_pair')
   assert acc > 0.6
   assert results['amc_pair_acc'] > 0.6
+  assert 0 < results['amc_pair_chance_all_swapped'] < 1
   assert read_json(workdir, 'eval.json')['amc_pair_acc'] == (
       results['amc_pair_acc'])
   # Every logged value is finite.
