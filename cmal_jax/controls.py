@@ -20,12 +20,15 @@ swapped, uncorrupted: the `_all_swapped` evaluation) to the control's:
                    to. A model that pairs by content falls below chance
                    (it picks the partner of the content); chance is 1 / the
                    anchors moved in the example (pairing_chance).
-ITM's control, label-blind ITM, is objectives.prepare_inputs with
-actions='none' (CMAP off): nothing in those inputs depends on the anchors.
+ITM's controls: label-blind ITM is objectives.prepare_inputs with
+actions='none' (CMAP off): nothing in those inputs depends on the anchors;
+same_anchor_negatives picks, for each caption, a mismatched image that gives
+it as many anchors as its own, so the anchor count tells nothing.
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cmal_jax.model import cmap
 
@@ -96,3 +99,36 @@ def pairing_chance(moved, weights):
   count = jnp.sum(moved, axis=1, keepdims=True)
   w = weights.astype(jnp.float32)
   return jnp.sum(w / jnp.maximum(count, 1)), jnp.sum(w)
+
+
+def same_anchor_negatives(anchor_counts, seed):
+  """anchor_counts [N, N]: anchors detected for (caption i, image j). For
+  each caption i, the first image j != i (in a seeded random order) with
+  anchor_counts[i, j] == anchor_counts[i, i] and at least one anchor: a
+  hard negative that shares tags with the caption and whose anchor count
+  is the positive's. Returns [N] int, -1 where no image qualifies."""
+  n = anchor_counts.shape[0]
+  order = np.random.default_rng(seed).permutation(n)
+  own = np.diagonal(anchor_counts)
+  picks = np.full(n, -1)
+  for i in range(n):
+    for j in order:
+      if j != i and anchor_counts[i, j] == own[i] and own[i] > 0:
+        picks[i] = j
+        break
+  return picks
+
+
+def same_anchor_itm(scores, anchor_counts, seed):
+  """ITM accuracy on each caption's own image and its same_anchor_negatives
+  image, balanced (as many negatives as positives), from the retrieval
+  scores [N, N] (log p(match) of caption i with image j; a match is
+  predicted above log 1/2). Returns {itm_acc_same_anchors,
+  itm_pairs_same_anchors: the captions scored (those with a negative)}."""
+  picks = same_anchor_negatives(anchor_counts, seed)
+  rows = np.nonzero(picks >= 0)[0]
+  threshold = np.log(0.5)
+  hits = (np.sum(scores[rows, rows] > threshold)
+          + np.sum(scores[rows, picks[rows]] <= threshold))
+  return dict(itm_acc_same_anchors=float(hits / max(2 * len(rows), 1)),
+              itm_pairs_same_anchors=float(len(rows)))

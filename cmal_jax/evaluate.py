@@ -247,6 +247,11 @@ def evaluate_pretrain(model, params, config, directory, specials, mesh,
     scores = itm_score_matrix(model, params, config, rows, specials, mesh)
     results.update({f'retrieval_{k}': v
                     for k, v in recall_at_k(scores).items()})
+    # ITM on hard negatives whose anchor count is the positive's.
+    anchor_counts = np.array([r['anchor_valid'].sum() for r in rows]).reshape(
+        scores.shape)
+    results.update(controls.same_anchor_itm(scores, anchor_counts,
+                                            config.seed + EVAL_SEED_OFFSET))
     results.update(umse_spread(model, params, config, rows, mesh))
     if config.loss.itc > 0:  # Where ITC was trained, retrieval by it too.
       itc = itc_score_matrix(model, params, config, rows, mesh)

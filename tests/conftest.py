@@ -10,6 +10,25 @@ from cmal_jax.world import scenes
 
 NUM_TRAIN, NUM_VAL = 1024, 128
 
+# Test files, longest first (pytest --durations=0, summed per file). xdist
+# deals whole files to its workers in collection order (pytest.ini:
+# --dist loadfile --no-loadscope-reorder), so the long ones start first and
+# the short ones fill in at the end; files not listed follow in their
+# collection order.
+LONGEST_FIRST = (
+    'test_reliability.py', 'test_train.py', 'test_pixel_path.py',
+    'test_export.py', 'test_task_model.py', 'test_finetune.py',
+    'test_sharding.py', 'test_scale.py', 'test_semmim.py',
+    'test_benchmarks.py', 'test_precision.py', 'test_semvlp.py',
+    'test_controls.py', 'test_convert.py', 'test_bad_input.py',
+    'test_tfds_source.py', 'test_objectives.py', 'test_remote_workdir.py',
+    'test_pixels.py', 'test_world_task_examples.py', 'test_recipes.py')
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable.
+
 
 @pytest.fixture(scope='session')
 def world_dir(tmp_path_factory):
@@ -32,15 +51,16 @@ def compilation_cache(tmp_path_factory):
   the same total_steps, which the lr schedule bakes in) load them instead of
   compiling again (~20 s each on 2 cores). The xdist workers share one
   directory (their base temps' common parent), and so do subprocesses,
-  through the JAX_* variables set here. A size limit (never reached) makes
-  JAX lock the cache while it reads or writes an entry, so one worker never
-  reads another's half-written file. The previous settings are restored at
-  the end.
+  through the JAX_* variables set here. No size limit: with one, JAX locks
+  the cache but also rescans the whole directory on every write, quadratic
+  in the thousands of entries a session writes. Unlocked, a worker may read
+  an entry another is still writing; JAX then warns and compiles (a
+  truncated entry does not decompress). The previous settings are restored
+  at the end.
   """
   from jax.experimental.compilation_cache import compilation_cache as cc
   settings = {'jax_compilation_cache_dir': None,
-              'jax_persistent_cache_min_compile_time_secs': 0.0,
-              'jax_compilation_cache_max_size': 1 << 40}
+              'jax_persistent_cache_min_compile_time_secs': 0.0}
   root = tmp_path_factory.getbasetemp()
   if os.environ.get('PYTEST_XDIST_WORKER'):
     root = root.parent  # pytest-of-USER/pytest-N/, common to the workers.

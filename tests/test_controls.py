@@ -225,3 +225,32 @@ def test_a_bad_setting_names_its_field(field, value):
   c[section][name] = value
   with pytest.raises(ValueError, match=rf"config\.{field}='{value}'"):
     configlib.validate(c)
+
+
+def test_same_anchor_negatives_match_the_positives_anchor_count():
+  counts = np.array([[2, 1, 2, 0],
+                     [0, 1, 1, 1],
+                     [3, 3, 1, 2],
+                     [1, 2, 2, 0]])  # Caption 3 has no anchor of its own.
+  picks = controls.same_anchor_negatives(counts, seed=0)
+  assert picks[0] == 2
+  assert picks[1] in (2, 3)
+  assert picks[2] == -1  # No other image gives caption 2 one anchor.
+  assert picks[3] == -1
+  # The seed decides among the qualifying images; the rule holds for all.
+  for seed in range(5):
+    p = controls.same_anchor_negatives(counts, seed)
+    assert p[1] in (2, 3) and p[0] == 2 and p[2] == p[3] == -1
+
+
+def test_same_anchor_itm_is_balanced_over_the_captions_scored():
+  counts = np.array([[1, 1, 0], [0, 2, 2], [0, 1, 1]])
+  picks = controls.same_anchor_negatives(counts, seed=0)
+  assert list(picks) == [1, 2, 1]
+  scores = np.full((3, 3), np.log(0.9))  # Everything predicted a match.
+  got = controls.same_anchor_itm(scores, counts, seed=0)
+  assert got == dict(itm_acc_same_anchors=0.5, itm_pairs_same_anchors=3.0)
+  scores[0, 1] = scores[1, 2] = np.log(0.2)  # Two negatives rejected.
+  scores[2, 2] = np.log(0.4)  # One positive missed.
+  got = controls.same_anchor_itm(scores, counts, seed=0)
+  assert got['itm_acc_same_anchors'] == pytest.approx(4 / 6)

@@ -44,6 +44,7 @@ def grid_out(tmp_path_factory, compilation_cache):
   return out
 
 
+@pytest.mark.slow
 def test_every_run_leaves_a_result(grid_out):
   names = sorted(os.listdir(grid_out / 'results'))
   assert names == sorted(
@@ -68,6 +69,7 @@ def test_every_run_leaves_a_result(grid_out):
     assert json.load(f)['init_from'].endswith('runs/pretrain-cmcl-256-s0')
 
 
+@pytest.mark.slow
 def test_each_result_was_committed_as_it_finished(grid_out):
   log = git(grid_out, 'log', '--format=%s').splitlines()
   assert len(log) == 9 and log[-1] == 'data_efficiency: pretrain-cmal-256-s0'
@@ -75,6 +77,7 @@ def test_each_result_was_committed_as_it_finished(grid_out):
       f'results/{f}' for f in os.listdir(grid_out / 'results'))
 
 
+@pytest.mark.slow
 def test_table_and_plot_are_written(grid_out):
   for folder in (grid_out, grid_out / 'docs'):
     text = (folder / 'data_efficiency.md').read_text()
@@ -93,6 +96,7 @@ def test_table_and_plot_are_written(grid_out):
     assert len(json.loads((folder / 'data_efficiency.json').read_text())) == 9
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_with_nothing_to_do(grid_out, capsys):
   tasks = de.main(ARGS + [f'--out={grid_out}'])
   assert '9 runs, 9 done, 0 to go.' in capsys.readouterr().out
@@ -214,6 +218,7 @@ def test_paired_differences_pair_runs_by_seed():
   assert diffs[('ve', 'cmal+mask_only', 'cmal', 100)][2:] == (3, 0)
 
 
+@pytest.mark.slow
 def test_fine_tuning_another_grids_checkpoints(grid_out, tmp_path):
   """--pretrained_from: the same checkpoints under other fine-tuning
   settings, nothing pre-trained again."""

@@ -24,6 +24,9 @@ import orbax.checkpoint as ocp
 from cmal_jax import checkpoint
 from test_reliability import read_lines
 
+# Two local processes per run: pytest -m slow.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 12  # > 10: no run reaches the final evaluation.
 

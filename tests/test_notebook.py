@@ -42,6 +42,7 @@ def test_notebook_is_saved_without_outputs():
   assert 'JAX_PLATFORMS' not in json.dumps(nb)
 
 
+@pytest.mark.slow
 def test_notebook_runs(tmp_path):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   workdir = str(tmp_path / 'runs')

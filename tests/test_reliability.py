@@ -128,6 +128,7 @@ def assert_metrics_once_per_step(workdir):
   assert steps == list(range(1, TOTAL + 1))
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_resumes_bitwise(cli, reference, tmp_path):
   start, run = cli
   workdir = str(tmp_path)
@@ -161,6 +162,7 @@ atomicity.AtomicRenameTemporaryPath.finalize = finalize
 '''
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_save(cli, reference, tmp_path):
   start, run = cli
   workdir = str(tmp_path)
@@ -181,6 +183,7 @@ def test_kill_during_checkpoint_save(cli, reference, tmp_path):
   assert_metrics_once_per_step(workdir)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(cli, reference, tmp_path):
   start, run = cli
   workdir = str(tmp_path)
