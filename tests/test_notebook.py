@@ -11,6 +11,7 @@ import os
 
 import nbclient
 import nbformat
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'launch', 'colab.ipynb')
