@@ -3,6 +3,11 @@ final training metrics, evaluation, data counters, throughput, and loss and
 accuracy curves (PNG, written into the workdir).
 
   python -m cmal_jax.report --workdir=runs/pretrain [--no-plots]
+  python -m cmal_jax.report --table 'fixed=runs/fixed_s*/eval.json' \
+      'paper=runs/paper_s*/eval.json' --metrics=amc_pair_acc,itm_acc
+
+The second form prints a Markdown table of eval.json metrics, one column per
+setting, each cell the mean ± std over the setting's files (its seeds).
 
 Reads config.json, metrics.jsonl, eval.json and best.json as train.py writes
 them; a missing file is reported as missing, a malformed one raises a
@@ -10,6 +15,7 @@ ValueError naming the file (and line).
 """
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -381,16 +387,67 @@ def plot_curves(workdir):
   return written
 
 
+# ------------------------------------------------------------ seed table
+
+def seed_table(columns, metrics):
+  """Markdown table: one row per metric, one column per setting; columns
+  {name: [eval.json paths]} (one per seed). A cell is the mean ± std
+  (population std) over the files, or 'n/a' where no file has the metric;
+  the header says how many files each column has."""
+  runs = {name: [read_json(p) for p in paths] for name, paths in
+          columns.items()}
+  for name, paths in columns.items():
+    if not paths:
+      raise FileNotFoundError(f'--table {name}: no file matches')
+  lines = ['| metric | ' + ' | '.join(
+      f'{name} (n={len(r)})' for name, r in runs.items()) + ' |',
+           '|---' * (len(runs) + 1) + '|']
+  for metric in metrics:
+    cells = []
+    for r in runs.values():
+      values = [e[metric] for e in r if metric in e]
+      if not values:
+        cells.append('n/a')
+        continue
+      mean = sum(values) / len(values)
+      std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+      cells.append(f'{mean:.3f} ± {std:.3f}' if len(values) > 1
+                   else f'{mean:.3f}')
+    lines.append(f'| {metric} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
 # -------------------------------------------------------------------- CLI
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog='python -m cmal_jax.report',
       description='Summarises a run and plots its loss and accuracy curves.')
-  parser.add_argument('--workdir', required=True, help='The run directory.')
+  parser.add_argument('--workdir', help='The run directory.')
   parser.add_argument('--no-plots', action='store_true',
                       help='Only print the summary.')
+  parser.add_argument('--table', nargs='+', metavar='NAME=GLOB',
+                      help='Instead of a run: a table of eval.json files, '
+                      'one column per NAME, mean ± std over GLOB\'s files.')
+  parser.add_argument('--metrics', default='',
+                      help='With --table: comma-separated eval.json keys.')
   args = parser.parse_args(argv)
+  if (args.workdir is None) == (args.table is None):
+    parser.error('give --workdir or --table')
+  if args.table:
+    if not args.metrics:
+      parser.error('--table needs --metrics')
+    try:
+      columns = {}
+      for spec in args.table:
+        name, sep, pattern = spec.partition('=')
+        if not sep:
+          parser.error(f'--table {spec!r}: expected NAME=GLOB')
+        columns[name] = sorted(glob.glob(pattern))
+      print(seed_table(columns, args.metrics.split(',')), end='')
+    except (FileNotFoundError, ValueError) as e:
+      sys.exit(f'report: error: {e}')
+    return
   try:
     print(summarize(args.workdir), end='')
     paths = [] if args.no_plots else plot_curves(args.workdir)

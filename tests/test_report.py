@@ -259,3 +259,21 @@ def test_unterminated_last_line_of_a_killed_run_is_ignored(workdir):
   with open(path, 'a') as f:
     f.write('{"step": 110, "lo')  # No newline: the writer was killed.
   assert report.read_metrics(path) == before
+
+
+def test_seed_table_is_mean_and_std_over_each_settings_files(tmp_path,
+                                                              capsys):
+  for name, values in (('a', (0.5, 0.7)), ('b', (0.25,))):
+    for seed, v in enumerate(values):
+      (tmp_path / f'{name}_s{seed}.json').write_text(
+          json.dumps({'amc_pair_acc': v, 'step': 10}))
+  report.main(['--table', f'a={tmp_path}/a_s*.json',
+               f'b={tmp_path}/b_s*.json', '--metrics=amc_pair_acc,itm_acc'])
+  assert capsys.readouterr().out.splitlines() == [
+      '| metric | a (n=2) | b (n=1) |', '|---|---|---|',
+      '| amc_pair_acc | 0.600 ± 0.100 | 0.250 |',
+      '| itm_acc | n/a | n/a |']
+  with pytest.raises(SystemExit, match='--table c: no file matches'):
+    report.main(['--table', f'c={tmp_path}/none*.json', '--metrics=x'])
+  with pytest.raises(SystemExit):
+    report.main(['--table', f'a={tmp_path}/a_s*.json'])  # No --metrics.
