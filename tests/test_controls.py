@@ -254,3 +254,17 @@ def test_same_anchor_itm_is_balanced_over_the_captions_scored():
   scores[2, 2] = np.log(0.4)  # One positive missed.
   got = controls.same_anchor_itm(scores, counts, seed=0)
   assert got['itm_acc_same_anchors'] == pytest.approx(4 / 6)
+
+
+def test_paper_behaviour_opens_the_four_shortcuts():
+  from configs import pretrain
+  fixed, paper = get_config('tiny'), get_config('tiny,cmal,paper')
+  got = lambda c: {p: c[p.split('.')[0]][p.split('.')[1]]
+                   for p in pretrain.PAPER_BEHAVIOUR}
+  assert got(paper) == pretrain.PAPER_BEHAVIOUR
+  assert got(fixed) == {'model.moved_place': 'none', 'cmap.hide_inputs': True,
+                        'loss.amc_tag_at': 'unswapped',
+                        'loss.itm_inputs': 'label_blind'}
+  configlib.validate(paper)  # A valid config.
+  with pytest.raises(ValueError, match="behaviours are \\['fixed', 'paper'\\]"):
+    get_config('tiny,shortcuts')

@@ -7,7 +7,8 @@ Measures, in one run and side by side:
      over the timed steps), FLOPs per step from XLA's cost analysis, MFU;
   3. the same step in the PyTorch mirror (same weights, batch, objectives,
      optimizer): eager and torch.compile, and JAX / PyTorch;
-  4. the JAX step with CMAP off;
+  4. the JAX step with CMAP off, and (--paper_behaviour) with the
+     shortcuts of docs/controls.md open: what their fixes cost a step;
   5. the input pipeline alone (default workers), and its ratio to what the
      train step consumes;
   6. the train step's compile time;
@@ -72,11 +73,12 @@ def measure_peak(n, steps, warmup):
   return 2 * n ** 3 / t['median'] / 1e9, t
 
 
-def bench_config(size, batch, cmap=True, records=''):
-  """The pre-training config of `size` (CMAL recipe) at `batch`, on
-  `records` (a records directory) or a synthetic world just big enough for
-  the benchmark."""
-  config = config_base.config_module('pretrain').get_config(size)
+def bench_config(size, batch, cmap=True, records='', behaviour='fixed'):
+  """The pre-training config of `size` (CMAL recipe, `behaviour`: configs/
+  pretrain.py's fixed or paper) at `batch`, on `records` (a records
+  directory) or a synthetic world just big enough for the benchmark."""
+  config = config_base.config_module('pretrain').get_config(
+      f'{size},{behaviour}')
   config.data.dir = records
   config.batch_size = batch
   config.cmap.enabled = cmap
@@ -216,6 +218,10 @@ def bench_size(size, batch, args, results, data_root, peak_flops):
     off = JaxStep(bench_config(size, batch, cmap=False,
                                records=args.records), workdir)
     contenders['jax_cmap_off'] = off.stepper(off.compile()[0])
+  if args.paper_behaviour:
+    paper = JaxStep(bench_config(size, batch, records=args.records,
+                                 behaviour='paper'), workdir)
+    contenders['jax_paper_behaviour'] = paper.stepper(paper.compile()[0])
   workers = []
   if args.torch:
     inputs, targets = step.corrupted_inputs()
@@ -253,6 +259,12 @@ def bench_size(size, batch, args, results, data_root, peak_flops):
     add_time('jax_cmap_off', t['jax_cmap_off'])
     results.add('cmap_overhead', size,
                 t['jax']['median'] / t['jax_cmap_off']['median'] - 1,
+                'fraction of the step')
+
+  if args.paper_behaviour:
+    add_time('jax_paper_behaviour', t['jax_paper_behaviour'])
+    results.add('shortcut_fixes_overhead', size,
+                t['jax']['median'] / t['jax_paper_behaviour']['median'] - 1,
                 'fraction of the step')
 
   if size in args.pipeline_sizes:
@@ -424,6 +436,11 @@ def parse_args(argv):
                  default=True, help='also time torch.compile')
   p.add_argument('--cmap_off', action=argparse.BooleanOptionalAction,
                  default=True, help='also time the step with CMAP off')
+  p.add_argument('--paper_behaviour', action=argparse.BooleanOptionalAction,
+                 default=False,
+                 help='also time the step with the shortcuts open '
+                 '(configs/pretrain.py PAPER_BEHAVIOUR: one UMSE and one '
+                 'unified pass fewer)')
   p.add_argument('--pipeline_sizes', default='small')
   p.add_argument('--pipeline_batches', type=int, default=50)
   p.add_argument('--paper_size', default='base',
