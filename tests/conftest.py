@@ -1,8 +1,22 @@
-"""Shared fixtures: one small synthetic world, generated once per session."""
+"""Shared fixtures: one small synthetic world, generated once per session.
+
+Every program the suite compiles, here and in the subprocesses it starts
+(they inherit XLA_FLAGS), is compiled at XLA's lowest CPU optimisation
+level: compiles are most of the suite's time and the tiny programs run fast
+either way; comparisons are between programs compiled alike. Set before
+JAX starts its backend, which is why it is at the top.
+"""
 
 import os
 
-import jax
+FAST_XLA_FLAGS = ('--xla_backend_optimization_level=0',
+                  '--xla_llvm_disable_expensive_passes=true')
+os.environ['XLA_FLAGS'] = ' '.join(
+    [os.environ.get('XLA_FLAGS', '')] + [
+        f for f in FAST_XLA_FLAGS
+        if f not in os.environ.get('XLA_FLAGS', '')]).strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest
 
 from cmal_jax import jobs

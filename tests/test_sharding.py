@@ -4,7 +4,9 @@ reports for each.
 
 Runs in one subprocess (XLA_FLAGS must be set before JAX starts, and the
 parent pytest process has usually started JAX already): the 1-device reference
-on a (1, 1, 1) mesh over jax.devices()[:1], then each 8-device mesh.
+on a (1, 1, 1) mesh over jax.devices()[:1], then each 8-device mesh. The
+model is cmal_testutil.shrink's (one unified layer, no text or vision
+layers): the same code paths and sharding rules, less to compile five times.
 """
 
 import json
@@ -29,6 +31,7 @@ _SCRIPT = textwrap.dedent('''
     from cmal_jax.data import pipeline
     from cmal_jax.model.cmal import CMAL, ModelConfig
     from configs.pretrain import get_config
+    from cmal_testutil import shrink
 
     assert jax.device_count() == 8, jax.devices()
     d = sys.argv[1]
@@ -46,7 +49,7 @@ _SCRIPT = textwrap.dedent('''
         return tree
 
     def run(preset, shape, devices):
-        config = get_config('tiny')
+        config = shrink(get_config('tiny'))
         config.batch_size = len(host_batch['input_ids'])
         config.sharding = preset
         config.mesh.shape = tuple(shape)
