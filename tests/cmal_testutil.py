@@ -3,14 +3,12 @@ sets (pure numpy), small record files of our own, bitwise tree comparison,
 and running a script in a subprocess with 8 fake CPU devices.
 """
 
-import contextlib
 import os
 import subprocess
 import sys
 
 import numpy as np
 
-from cmal_jax import jobs, train, train_step
 from cmal_jax.data import pipeline, records
 from cmal_jax.world import scenes
 
@@ -134,18 +132,14 @@ def random_batch(seed, B, T, R, K, F, num_tags=10, neg_prob=0.5):
     return b
 
 
-def run_with_8_devices(script, *argv, fast_compile=False, timeout=600):
+def run_with_8_devices(script, *argv, timeout=600):
     """Runs `python -c script argv...` with 8 fake CPU devices.
 
-    XLA_FLAGS must be set before JAX initialises, hence a fresh process.
-    fast_compile lowers XLA's CPU optimisation level: compiles take about
-    half as long, and the comparisons are between runs in the same process.
+    XLA_FLAGS must be set before JAX initialises, hence a fresh process
+    (which keeps the suite's flags, conftest.py).
     """
     env = dict(os.environ)
     flags = ['--xla_force_host_platform_device_count=8']
-    if fast_compile:
-        flags += ['--xla_backend_optimization_level=0',
-                  '--xla_llvm_disable_expensive_passes=true']
     env['XLA_FLAGS'] = ' '.join([env.get('XLA_FLAGS', '')] + flags).strip()
     env['JAX_PLATFORMS'] = 'cpu'
     here = os.path.dirname(os.path.abspath(__file__))
@@ -158,13 +152,7 @@ def run_with_8_devices(script, *argv, fast_compile=False, timeout=600):
     return proc
 
 
-# ------------------------------------------- short end-to-end runs (FAST)
-
-# XLA's lowest CPU optimisation level, as tests/test_precision.py: a third of
-# the compile time; exact comparisons are between programs compiled alike.
-FAST = dict(xla_backend_optimization_level=0,
-            xla_llvm_disable_expensive_passes=True)
-
+# ------------------------------------------------- short end-to-end runs
 
 def shrink(config):
     """The tiny model without text and vision layers and with one unified
@@ -172,38 +160,6 @@ def shrink(config):
     config.model.text_layers = config.model.vision_layers = 0
     config.model.unified_layers = 1
     return config
-
-
-class FastStep:
-    """train_step.jit_train_step's jitted step (same program, shardings and
-    donation) compiled at FAST on its first call."""
-
-    def __init__(self, jitted):
-        self.jitted, self.compiled = jitted, None
-
-    def __call__(self, state, batch):
-        if self.compiled is None:
-            self.compiled = self.jitted.lower(state, batch).compile(
-                compiler_options=FAST)
-        return self.compiled(state, batch)
-
-
-@contextlib.contextmanager
-def fast_train_steps():
-    """Within: every run's train step (train_step.jit_train_step) compiles at
-    FAST."""
-    import pytest
-    jit_train_step = train_step.jit_train_step
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, 'jit_train_step',
-                      lambda *args: FastStep(jit_train_step(*args)))
-        yield
-
-
-def train_fast(config, workdir):
-    """train.train_and_evaluate with its train step compiled at FAST."""
-    with fast_train_steps():
-        return jobs.train_and_evaluate(config, workdir)
 
 
 def finetune_tiny(task, recipe, init_from):

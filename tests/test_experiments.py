@@ -19,7 +19,6 @@ from cmal_jax.experiments import grid_plan
 from cmal_jax.experiments import grid_report
 from cmal_jax.experiments import grid_runner
 from cmal_jax.model.pixels import reads_pixels
-from cmal_testutil import fast_train_steps
 
 E2E_RECIPES = ('cmal', 'cmcl', 'mlm_itm')
 ARGS = ['--size=tiny', '--corpus_sizes=256', '--seeds=0', '--tasks=ve',
@@ -39,8 +38,7 @@ def grid_out(tmp_path_factory, compilation_cache):
   git(out, 'config', 'user.email', 'test@example.com')
   git(out, 'config', 'user.name', 'test')
   docs = out / 'docs'
-  with fast_train_steps():  # Its 9 runs compile 9 train steps.
-    de.main(ARGS + [f'--out={out}', f'--docs={docs}', '--commit'])
+  de.main(ARGS + [f'--out={out}', f'--docs={docs}', '--commit'])
   return out
 
 
@@ -228,8 +226,7 @@ def test_fine_tuning_another_grids_checkpoints(grid_out, tmp_path):
   with pytest.raises(SystemExit, match='has not finished 1 pre-training '
                      r'run\(s\) this grid fine-tunes: pretrain-cmal-512-s0'):
     de.main(args + ['--corpus_sizes=512', f'--out={tmp_path}'])
-  with fast_train_steps():
-    tasks = de.main(args + ['--corpus_sizes=256', f'--out={tmp_path}'])
+  tasks = de.main(args + ['--corpus_sizes=256', f'--out={tmp_path}'])
   assert sorted(os.listdir(tmp_path / 'results')) == ['ve-cmal-256-s0.json']
   assert sorted(os.listdir(tmp_path / 'runs')) == ['ve-cmal-256-s0']
   with open(tmp_path / 'runs' / 've-cmal-256-s0' / 'config.json') as f:

@@ -31,7 +31,7 @@ from cmal_jax.data import pipeline, task_pipeline, tasks
 from cmal_jax.world import scenes, task_examples
 from cmal_jax.model.cmal import (CMAL, ENCODER_PARAMS, ModelConfig,
                                  image_feature)
-from cmal_testutil import assert_trees_equal, fast_train_steps
+from cmal_testutil import assert_trees_equal
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 
@@ -67,12 +67,10 @@ def read_jsonl(path):
 
 
 def run_logged(config, workdir):
-  """train_and_evaluate with its train step compiled at FAST (every run
-  here is a few steps: compiling is most of it), returning (results, what
-  it printed)."""
+  """train_and_evaluate, returning (results, what it printed)."""
   out = io.StringIO()
   try:
-    with contextlib.redirect_stdout(out), fast_train_steps():
+    with contextlib.redirect_stdout(out):
       results = jobs.train_and_evaluate(config, workdir)
   except BaseException:
     print(out.getvalue())

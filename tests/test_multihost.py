@@ -48,11 +48,11 @@ def command(workdir, world_dir, stop):
 def environment(devices, cache, **extra):
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', **extra)
-  # Fast compiles (as cmal_testutil.run_with_8_devices): every run here
-  # compiles with the same flags, so they compare like with like.
-  env['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={devices} '
-                      '--xla_backend_optimization_level=0 '
-                      '--xla_llvm_disable_expensive_passes=true')
+  # The suite's flags (conftest.py) and this run's device count: every run
+  # here compiles with the same flags, so they compare like with like.
+  env['XLA_FLAGS'] = ' '.join(
+      [os.environ.get('XLA_FLAGS', ''),
+       f'--xla_force_host_platform_device_count={devices}']).strip()
   return env
 
 

@@ -54,14 +54,9 @@ def test_notebook_runs(tmp_path):
   client = nbclient.NotebookClient(
       nb, timeout=300, kernel_name='python3',
       resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}})
-  # The test pins the kernel to the CPU (the notebook itself never does) and
-  # has XLA optimise less: compiling dominates 20 tiny steps, and this cuts
-  # the CPU time by about a third.
-  xla_flags = ' '.join((os.environ.get('XLA_FLAGS', ''),
-                        '--xla_backend_optimization_level=0',
-                        '--xla_llvm_disable_expensive_passes=true')).strip()
-  client.execute(env=dict(os.environ, JAX_PLATFORMS='cpu',
-                          XLA_FLAGS=xla_flags))
+  # The test pins the kernel to the CPU (the notebook itself never does);
+  # it keeps the suite's XLA flags (conftest.py).
+  client.execute(env=dict(os.environ, JAX_PLATFORMS='cpu'))
 
   with open(os.path.join(workdir, 'pretrain', 'eval.json')) as f:
     pretrain_eval = json.load(f)

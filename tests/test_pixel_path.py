@@ -611,7 +611,7 @@ _SHARD_SCRIPT = textwrap.dedent('''
 
 
 def test_images_are_batch_sharded_on_8_devices():
-  proc = run_with_8_devices(_SHARD_SCRIPT, fast_compile=True)
+  proc = run_with_8_devices(_SHARD_SCRIPT)
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out['ref_shard'] == [16, 64, 64, 3]
   assert out['shard'] == [2, 64, 64, 3]  # 16 rows over data x fsdp = 8.

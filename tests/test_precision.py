@@ -1,9 +1,5 @@
 """Mixed precision (config.model.dtype) and rematerialisation
 (config.model.remat) of the CMAL model, on the tiny config.
-
-Compiled at XLA's lowest CPU optimisation level (as cmal_testutil's
-fast_compile): about a third of the compile time, and every comparison here
-is between programs compiled the same way.
 """
 
 import flax.linen as nn
@@ -20,13 +16,6 @@ from configs.pretrain import get_config
 
 B = 8
 SPECIALS = objectives.SpecialTokens(PAD, CLS, SEP, MASK, VOCAB)
-FAST = dict(xla_backend_optimization_level=0,
-            xla_llvm_disable_expensive_passes=True)
-
-
-def fast_jit(f):
-  return jax.jit(f, compiler_options=FAST)
-
 
 def tiny(dtype='float32', remat='none'):
   c = get_config('tiny')
@@ -42,10 +31,10 @@ def case():
   batch = random_batch(0, B, d.max_text_len, d.max_regions, d.max_anchors,
                        c.model.region_feat_dim)
   del batch['stats']
-  inputs, targets = fast_jit(
+  inputs, targets = jax.jit(
       lambda b: objectives.prepare_inputs(b, jax.random.key(1), c, SPECIALS))(
           batch)
-  params = fast_jit(lambda: nn.unbox(model.init(jax.random.key(0),
+  params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0),
                                                 inputs))['params'])()
   return c, inputs, targets, params
 
@@ -62,7 +51,7 @@ def loss_fn(model, config, inputs, targets):
 
 def loss_and_grads(model, case):
   c, inputs, targets, params = case
-  return fast_jit(jax.value_and_grad(loss_fn(model, c, inputs, targets),
+  return jax.jit(jax.value_and_grad(loss_fn(model, c, inputs, targets),
                                      has_aux=True))(params)
 
 

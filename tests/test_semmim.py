@@ -5,9 +5,8 @@ of patches as regions, the config checks, and one short pre-training run
 fine-tuned from.
 
 The train-step tests run the tiny semmim config shrunk further (D = 16,
-32-pixel images: 2 x 2 patches) so that its one compilation is cheap; like
-every program here it is compiled at XLA's lowest CPU optimisation level
-(cmal_testutil.FAST, with the end-to-end helpers test_semvlp.py uses).
+32-pixel images: 2 x 2 patches) so that its one compilation is cheap; the
+end-to-end runs use shrink, as test_semvlp.py.
 """
 
 import json
@@ -22,8 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cmal_jax import (checkpoint, configlib, objectives, pretraining, sharding,
-                      train_step)
+from cmal_jax import (checkpoint, configlib, jobs, objectives, pretraining,
+                      sharding, train_step)
 from cmal_jax.data import pipeline
 from cmal_jax.recipes import semmim
 from cmal_jax.model.cmal import CMAL, ModelConfig
@@ -31,8 +30,8 @@ from cmal_jax.model.pixels import pixel_config
 from cmal_jax.model.pixels import (PixelBackbone, PixelConfig, grid_boxes,
                                    grid_regions)
 from cmal_jax.model.pixels import reads_pixels
-from cmal_testutil import (CLS, FAST, MASK, PAD, SEP, assert_trees_equal,
-                            finetune_tiny, shrink, train_fast)
+from cmal_testutil import (CLS, MASK, PAD, SEP, assert_trees_equal,
+                            finetune_tiny, shrink)
 from configs import finetune as finetune_config
 from configs import pretrain
 
@@ -132,8 +131,7 @@ def semmim_state():
   state, _ = train_step.create_train_state(
       model, init_inputs, pipeline.stat_keys(c), tx, c, mesh,
       sharding.rules(c), extra_state=loss.extra_state)
-  step = jax.jit(train_step.make_train_step(loss, c, schedule),
-                 compiler_options=FAST)
+  step = jax.jit(train_step.make_train_step(loss, c, schedule))
   return c, model, loss, state, step, mesh
 
 
@@ -200,7 +198,7 @@ def test_momentum_encoder_is_not_differentiated(semmim_state):
   # Placed as the state's arrays, so the step's compilation is reused.
   other = jax.device_put(other, jax.tree.map(lambda x: x.sharding,
                                              state.extra['ema_params']))
-  grad = jax.jit(jax.grad(loss_of_ema), compiler_options=FAST)
+  grad = jax.jit(jax.grad(loss_of_ema))
   with jax.set_mesh(mesh):
     for ema in (state.extra['ema_params'], other):
       for path, g in jax.tree_util.tree_leaves_with_path(grad(ema, batch)):
@@ -478,7 +476,7 @@ def semmim_pretrained(tmp_path_factory):
   c.total_steps, c.log_every, c.checkpoint_every = STEPS, LOG_EVERY, STEPS - 1
   c.world.num_train, c.world.num_eval = 256, 32
   c.eval.batch_size, c.eval.retrieval_images = 32, 8
-  return workdir, c, train_fast(c, workdir)
+  return workdir, c, jobs.train_and_evaluate(c, workdir)
 
 
 def test_semmim_pretraining_learns(semmim_pretrained):
@@ -523,7 +521,7 @@ def test_ve_finetunes_from_the_semmim_checkpoint(semmim_pretrained,
   assert reads_pixels(c) and c.model.visual.boxes == 'given'
   assert c.model.prototypes == 64 and 'semmim' not in c
   capsys.readouterr()
-  results = train_fast(c, str(tmp_path))
+  results = jobs.train_and_evaluate(c, str(tmp_path))
   log = capsys.readouterr().out
   for split in ('val', 'test'):
     assert 0 <= results[split]['accuracy'] <= 1

@@ -5,9 +5,8 @@ run fine-tuned from.
 
 The model-level tests share one tiny pre-training model (D = 16, a 512-word
 vocabulary) whose parameters are initialised once (module fixture); every
-program is compiled once, at XLA's lowest CPU optimisation level (FAST). The
-end-to-end runs use the tiny config with fewer layers (shrink) and compile
-their train step at FAST too (cmal_testutil.train_fast), as test_semmim.py.
+program is compiled once. The end-to-end runs use the tiny config with
+fewer layers (shrink), as test_semmim.py.
 """
 
 import functools
@@ -23,12 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmal_jax import checkpoint, configlib, objectives, pretraining
+from cmal_jax import checkpoint, configlib, jobs, objectives, pretraining
 from cmal_jax.model.cmal import CMAL, ENCODER_PARAMS, ModelConfig
 from cmal_jax.model.unified import two_stream_masks
 from cmal_jax.recipes import semvlp
-from cmal_testutil import (CLS, FAST, MASK, PAD, SEP, finetune_tiny,
-                            random_batch, shrink, train_fast)
+from cmal_testutil import (CLS, MASK, PAD, SEP, finetune_tiny,
+                            random_batch, shrink)
 from configs import pretrain
 
 VOCAB_SIZE = 512  # A small vocabulary: the heads compile fast.
@@ -68,7 +67,7 @@ def host_batch(seed, empty_row=None):
 def _jitted_prepare():
   config = pretrain.get_config('tiny,semvlp')
   return jax.jit(lambda batch, rng: objectives.prepare_inputs(
-      batch, rng, config, SPECIALS), compiler_options=FAST)
+      batch, rng, config, SPECIALS))
 
 
 def make_inputs(seed=0, empty_row=None):
@@ -82,8 +81,7 @@ def semvlp_model():
   """(model with the cross-attention sub-layer, its params, inputs)."""
   model = CMAL(model_config(True))
   inputs, _ = make_inputs()
-  params = jax.jit(lambda rng: nn.unbox(model.init(rng, inputs))['params'],
-                   compiler_options=FAST)(jax.random.key(0))
+  params = jax.jit(lambda rng: nn.unbox(model.init(rng, inputs))['params'])(jax.random.key(0))
   return model, jax.device_get(params), inputs
 
 
@@ -98,8 +96,7 @@ def without_cross(params):
 def _jitted_apply(model, two_stream):
   """One compilation per (model, mode), reused across tests."""
   return jax.jit(lambda p, x: model.apply({'params': p}, x,
-                                          two_stream=two_stream),
-                 compiler_options=FAST)
+                                          two_stream=two_stream))
 
 
 def changed(a, b):
@@ -222,8 +219,7 @@ def test_image_without_regions_has_finite_gradients_in_two_stream_mode(
     out = model.apply({'params': p}, inputs, two_stream=True)
     return objectives.compute_losses(out, targets, config)[0]
 
-  value, grads = jax.jit(jax.value_and_grad(loss),
-                         compiler_options=FAST)(params)
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
   leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
   assert math.isfinite(float(value))
   assert all(np.isfinite(g).all() for g in leaves)
@@ -254,8 +250,7 @@ def test_prepared_batch_carries_the_mode_of_the_step():
   # The state as the train step passes it; only its step is read here.
   prepare = jax.jit(lambda batch, step: loss.prepare(
       batch, jax.random.key(0),
-      types.SimpleNamespace(step=step, extra=None)),
-                    compiler_options=FAST)
+      types.SimpleNamespace(step=step, extra=None)))
   for step in range(4):
     prepared = prepare(batch, jnp.int32(step))
     assert set(prepared) == {'inputs', 'targets', 'two_stream'}
@@ -313,7 +308,7 @@ def semvlp_pretrained(tmp_path_factory):
   c.total_steps, c.log_every, c.checkpoint_every = STEPS, LOG_EVERY, STEPS
   c.world.num_train, c.world.num_eval = 256, 32
   c.eval.batch_size, c.eval.retrieval_images = 32, 8
-  return workdir, train_fast(c, workdir)
+  return workdir, jobs.train_and_evaluate(c, workdir)
 
 
 def test_semvlp_pretraining_learns_and_alternates(semvlp_pretrained):
@@ -344,7 +339,7 @@ def test_rec_finetunes_from_the_semvlp_checkpoint(semvlp_pretrained,
   assert c.model.cross_attention and not c.model.two_stream
   assert 'two_stream_every' not in c
   capsys.readouterr()
-  results = train_fast(c, str(tmp_path))
+  results = jobs.train_and_evaluate(c, str(tmp_path))
   log = capsys.readouterr().out
   for split in ('val', 'test'):
     assert 0 <= results[split]['accuracy'] <= 1
