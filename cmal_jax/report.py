@@ -394,11 +394,11 @@ def seed_table(columns, metrics):
   {name: [eval.json paths]} (one per seed). A cell is the mean ± std
   (population std) over the files, or 'n/a' where no file has the metric;
   the header says how many files each column has."""
-  runs = {name: [read_json(p) for p in paths] for name, paths in
-          columns.items()}
   for name, paths in columns.items():
     if not paths:
       raise FileNotFoundError(f'--table {name}: no file matches')
+  runs = {name: [read_json(p) for p in paths] for name, paths in
+          columns.items()}
   lines = ['| metric | ' + ' | '.join(
       f'{name} (n={len(r)})' for name, r in runs.items()) + ' |',
            '|---' * (len(runs) + 1) + '|']

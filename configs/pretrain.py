@@ -85,7 +85,5 @@ def get_config(arg=None):
   c.eval.best_metric = 'itm_acc'
   recipes.get(c.recipe).configure(c)
   if picked['behaviour'] == 'paper':
-    for path, value in PAPER_BEHAVIOUR.items():
-      section, field = path.split('.')
-      c[section][field] = value
+    c.update_from_flattened_dict(PAPER_BEHAVIOUR)
   return c

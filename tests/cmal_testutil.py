@@ -132,16 +132,21 @@ def random_batch(seed, B, T, R, K, F, num_tags=10, neg_prob=0.5):
     return b
 
 
+def xla_flags_with_devices(n):
+    """The suite's XLA_FLAGS (conftest.py) plus n fake CPU devices, for a
+    subprocess."""
+    return ' '.join([os.environ.get('XLA_FLAGS', ''),
+                     f'--xla_force_host_platform_device_count={n}']).strip()
+
+
 def run_with_8_devices(script, *argv, timeout=600):
     """Runs `python -c script argv...` with 8 fake CPU devices.
 
     XLA_FLAGS must be set before JAX initialises, hence a fresh process
     (which keeps the suite's flags, conftest.py).
     """
-    env = dict(os.environ)
-    flags = ['--xla_force_host_platform_device_count=8']
-    env['XLA_FLAGS'] = ' '.join([env.get('XLA_FLAGS', '')] + flags).strip()
-    env['JAX_PLATFORMS'] = 'cpu'
+    env = dict(os.environ, XLA_FLAGS=xla_flags_with_devices(8),
+               JAX_PLATFORMS='cpu')
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
     env['PYTHONPATH'] = os.pathsep.join([root, here, env.get('PYTHONPATH', '')])

@@ -73,29 +73,23 @@ def compilation_cache(tmp_path_factory):
   at the end.
   """
   from jax.experimental.compilation_cache import compilation_cache as cc
-  settings = {'jax_compilation_cache_dir': None,
-              'jax_persistent_cache_min_compile_time_secs': 0.0}
   root = tmp_path_factory.getbasetemp()
   if os.environ.get('PYTEST_XDIST_WORKER'):
     root = root.parent  # pytest-of-USER/pytest-N/, common to the workers.
   cache = str(root / 'xla_cache')
   os.makedirs(cache, exist_ok=True)
-  settings['jax_compilation_cache_dir'] = cache
+  settings = {'jax_compilation_cache_dir': cache,
+              'jax_persistent_cache_min_compile_time_secs': 0.0}
   old = {n: getattr(jax.config, n) for n in settings}
-  old_env = {n.upper(): os.environ.get(n.upper()) for n in settings}
-  for n, v in settings.items():
-    jax.config.update(n, v)
-    os.environ[n.upper()] = str(v)
-  cc.reset_cache()
-  yield cache
-  for n, v in old.items():
-    jax.config.update(n, v)
-  for n, v in old_env.items():
-    if v is None:
-      os.environ.pop(n, None)
-    else:
-      os.environ[n] = v
-  cc.reset_cache()
+  with pytest.MonkeyPatch.context() as patch:  # Restores the environment.
+    for n, v in settings.items():
+      jax.config.update(n, v)
+      patch.setenv(n.upper(), str(v))
+    cc.reset_cache()
+    yield cache
+    for n, v in old.items():
+      jax.config.update(n, v)
+    cc.reset_cache()
 
 
 @pytest.fixture(scope='session')

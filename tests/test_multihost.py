@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from cmal_jax import checkpoint
+from cmal_testutil import xla_flags_with_devices
 from test_reliability import read_lines
 
 # Two local processes per run: pytest -m slow.
@@ -48,11 +49,9 @@ def command(workdir, world_dir, stop):
 def environment(devices, cache, **extra):
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', **extra)
-  # The suite's flags (conftest.py) and this run's device count: every run
-  # here compiles with the same flags, so they compare like with like.
-  env['XLA_FLAGS'] = ' '.join(
-      [os.environ.get('XLA_FLAGS', ''),
-       f'--xla_force_host_platform_device_count={devices}']).strip()
+  # The suite's flags: every run here compiles with the same flags, so they
+  # compare like with like.
+  env['XLA_FLAGS'] = xla_flags_with_devices(devices)
   return env
 
 
