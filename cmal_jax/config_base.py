@@ -227,6 +227,10 @@ def base_config(size, recipe):
   # Compile the train step for the configured mesh, print per-device memory
   # and FLOPs per step (also workdir/compile.json), and exit without training.
   c.compile_only = False
+  # XLA options for compiling the train step (jax.jit's compiler_options:
+  # flag names without the '--', e.g. xla_gpu_enable_latency_hiding_scheduler
+  # =True), applied over the process's XLA_FLAGS to that program only.
+  c.compiler_options = ml_collections.ConfigDict()
 
   c.log_every = 10 if size == 'tiny' else 50
   c.checkpoint_every = 100 if size == 'tiny' else 500

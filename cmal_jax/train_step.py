@@ -201,12 +201,15 @@ def make_train_step(loss, config, schedule):
 def jit_train_step(loss, config, schedule, state_shardings, mesh):
   """The jitted train step (state, batch) -> (state, metrics) with the
   state donated (updated in place) and the batch split over data x fsdp.
-  Call it under jax.set_mesh(mesh) and the config's axis rules."""
+  Call it under jax.set_mesh(mesh) and the config's axis rules.
+  config.compiler_options (XLA options, over the process's XLA_FLAGS) apply
+  to this program only."""
   return jax.jit(
       make_train_step(loss, config, schedule),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
+      donate_argnums=0,
+      compiler_options=config.compiler_options.to_dict() or None)
 
 
 # -------------------------------------------------------------------- jobs

@@ -159,6 +159,15 @@ def run_with_8_devices(script, *argv, timeout=600):
 
 # ------------------------------------------------- short end-to-end runs
 
+def compile_step_fully(config):
+    """Compiles the run's train step at XLA's default CPU level, over the
+    suite's lowest one (conftest.py), for runs of 100 steps or more: their
+    time is in the steps, not the compile (docs/design.md)."""
+    config.compiler_options.update(xla_backend_optimization_level=3,
+                                   xla_llvm_disable_expensive_passes=False)
+    return config
+
+
 def shrink(config):
     """The tiny model without text and vision layers and with one unified
     layer: the same code paths, a third less to compile."""

@@ -21,7 +21,7 @@ import pytest
 from cmal_jax import checkpoint, jobs, objectives, pretraining, train_step
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
-from cmal_testutil import assert_trees_equal
+from cmal_testutil import assert_trees_equal, compile_step_fully
 from configs import pretrain
 
 AMC_KEYS = ('loss_amc_pair', 'loss_amc_label')
@@ -60,7 +60,8 @@ def tiny_config(world_dir, arg='tiny', **overrides):
 def learn_run(tmp_path_factory, world_dir):
   """tiny + cmal, its default 200 steps, logged every 10."""
   workdir = str(tmp_path_factory.mktemp('learn'))
-  config = tiny_config(world_dir, total_steps=200, log_every=10)
+  config = compile_step_fully(
+      tiny_config(world_dir, total_steps=200, log_every=10))
   results = jobs.train_and_evaluate(config, workdir)
   return workdir, config, results
 
@@ -250,7 +251,8 @@ def test_resume_is_bitwise_identical(resume_runs, world_dir):
 # ------------------------------------------------------------------ CMCL
 
 def test_cmcl_recipe_trains(tmp_path, world_dir):
-  config = tiny_config(world_dir, 'tiny,cmcl', total_steps=100, log_every=10)
+  config = compile_step_fully(
+      tiny_config(world_dir, 'tiny,cmcl', total_steps=100, log_every=10))
   config.eval.retrieval_images = 16
   assert not config.cmap.enabled and config.loss.amc == 0
   results = jobs.train_and_evaluate(config, str(tmp_path))
