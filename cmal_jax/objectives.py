@@ -84,12 +84,22 @@ def pretraining_loss(model, config, specials, two_stream=None,
   itm_pass = (config.cmap.enabled and config.loss.itm > 0
               and itm_actions(config) == 'none')
 
+  # ITM's curriculum: for the first loss.itm_corrupted_warmup of the steps
+  # it reads the CMAP pass (whose anchor cues get it off ln 2), then its own
+  # label-blind pass. Both passes run throughout; the flag picks the logits.
+  warmup_steps = round(config.loss.get('itm_corrupted_warmup', 0.0)
+                       * config.total_steps) if itm_pass else 0
+
   def prepare(batch, rng, state=None):
     inputs, targets = prepare_inputs(batch, rng, config, specials)
     out = dict(inputs=inputs, targets=targets)
     if itm_pass:
       out['itm_inputs'] = prepare_inputs(batch, rng, config, specials,
                                          actions='none', corrupt=False)[0]
+      step = 0 if state is None else state.step  # None: evaluation.
+      # [B], not a scalar, so that micro-batches split it like the rest.
+      out['itm_reads_corrupted'] = jnp.full(
+          batch['itm_label'].shape, step < warmup_steps)
     return out
 
   def loss(params, batch, rng, denominators):
@@ -99,7 +109,11 @@ def pretraining_loss(model, config, specials, two_stream=None,
     if itm_pass:
       rng, itm_rng = jax.random.split(rng)
       itm_logits = apply(batch['itm_inputs'], itm_rng)['itm_logits']
-      outputs = dict(apply(batch['inputs'], rng), itm_logits=itm_logits)
+      outputs = apply(batch['inputs'], rng)
+      if warmup_steps:
+        itm_logits = jnp.where(batch['itm_reads_corrupted'][:, None],
+                               outputs['itm_logits'], itm_logits)
+      outputs = dict(outputs, itm_logits=itm_logits)
     else:
       outputs = apply(batch['inputs'], rng)
     total, metrics = compute_losses(outputs, batch['targets'], config,

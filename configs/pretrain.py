@@ -68,6 +68,10 @@ def get_config(arg=None):
       # CMAP off; 'corrupted' (the ablation), the CMAP pass, whose swaps
       # tell the label (a mismatched pair has fewer anchors).
       itm_inputs='label_blind',
+      # Label-blind ITM's warm-up: the fraction of total_steps in which it
+      # reads the CMAP pass instead (the anchor cues start it; evaluation
+      # and the rest of training read the label-blind pass). 0: none.
+      itm_corrupted_warmup=0.0,
       # Masked region classification: predict a masked region's tag
       # (SemVLP's masked object prediction).
       mrc=0.0,

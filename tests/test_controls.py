@@ -2,6 +2,8 @@
 (cmal_jax/controls.py) do what they say. Each shortcut test also runs the
 ablation that reopens it, so it fails if the fix stops working."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,6 +204,29 @@ def test_itm_reads_inputs_that_do_not_depend_on_the_anchors(batch, params,
   assert (itm[0] == itm[1]) == (itm_inputs == 'label_blind')
 
 
+def test_itm_warmup_reads_the_cmap_pass_then_the_label_blind_one(batch,
+                                                                 params):
+  """loss.itm_corrupted_warmup=0.5 of 10 steps: ITM's loss depends on the
+  detected anchors at steps 0-4 (it reads the CMAP pass), not from step 5."""
+  c = config_with()
+  c.loss.amc = 1.0
+  c.cmap.enabled = True
+  c.total_steps, c.loss.itm_corrupted_warmup = 10, 0.5
+  loss = objectives.pretraining_loss(model_of(c), c, SPECIALS)
+  fewer = dict(batch, anchor_valid=batch['anchor_valid'].at[:, 1:].set(False))
+  step_loss = jax.jit(loss.loss)
+  for step, reads_cmap in ((0, True), (4, True), (5, False), (9, False)):
+    state = types.SimpleNamespace(step=jnp.int32(step))
+    itm = []
+    for b in (batch, fewer):
+      prepared = loss.prepare(b, jax.random.key(0), state)
+      assert np.all(np.asarray(prepared['itm_reads_corrupted']) == reads_cmap)
+      _, metrics = step_loss(params, prepared, jax.random.key(1),
+                             loss.denominators(prepared))
+      itm.append(float(metrics['loss_itm']))
+    assert (itm[0] != itm[1]) == reads_cmap, (step, itm)
+
+
 @pytest.mark.parametrize('tag_at', ['unswapped', 'all'])
 def test_the_tag_is_not_scored_where_the_word_took_the_slot(batch, tag_at):
   c = config_with(select_prob=1.0)
@@ -218,12 +243,13 @@ def test_the_tag_is_not_scored_where_the_word_took_the_slot(batch, tag_at):
 
 @pytest.mark.parametrize('field,value', [('model.moved_place', 'both'),
                                          ('loss.amc_tag_at', 'word'),
-                                         ('loss.itm_inputs', 'clean')])
+                                         ('loss.itm_inputs', 'clean'),
+                                         ('loss.itm_corrupted_warmup', 1.5)])
 def test_a_bad_setting_names_its_field(field, value):
   c = get_config('tiny')
   section, name = field.split('.')
   c[section][name] = value
-  with pytest.raises(ValueError, match=rf"config\.{field}='{value}'"):
+  with pytest.raises(ValueError, match=rf"config\.{field}={value!r}"):
     configlib.validate(c)
 
 
