@@ -19,6 +19,7 @@ from cmal_jax.experiments import grid_plan
 from cmal_jax.experiments import grid_report
 from cmal_jax.experiments import grid_runner
 from cmal_jax.model.pixels import reads_pixels
+from configs import pretrain
 
 E2E_RECIPES = ('cmal', 'cmcl', 'mlm_itm')
 ARGS = ['--size=tiny', '--corpus_sizes=256', '--seeds=0', '--tasks=ve',
@@ -119,8 +120,13 @@ def test_model_ablations_hold_in_fine_tuning_and_cmap_ones_do_not():
           grid_plan.Run(kind, 0, 'cmal', 2000, 'pretrain' if kind == 'pretrain'
                         else 've', ablation), args, 'x')
       for kind in ('pretrain', 'finetune')
-      for ablation in ('', 'no_hypersphere', 'mask_only')}
+      for ablation in ('', 'no_hypersphere', 'mask_only', 'paper')}
   assert configs['pretrain', ''].model.hypersphere
+  # 'paper': the four shortcut fixes off (configs/pretrain.py).
+  for field, value in pretrain.PAPER_BEHAVIOUR.items():
+    section, name = field.split('.')
+    assert configs['pretrain', 'paper'][section][name] == value
+    assert configs['pretrain', ''][section][name] != value
   assert not configs['pretrain', 'no_hypersphere'].model.hypersphere
   assert not configs['finetune', 'no_hypersphere'].model.hypersphere
   assert configs['finetune', 'no_hypersphere'].init_from == os.path.join(
@@ -316,7 +322,7 @@ def test_new_recipes_join_a_finished_grid(tmp_path, monkeypatch, capsys):
     test = {'cmal': 0.6, 'cmcl': 0.5, 'semvlp': 0.45, 'semmim': 0.4,
             'random': 0.3}[run.recipe]
     # No AMC metrics but for CMAL's (summarise keeps what there is).
-    results = ({'itm_acc': 0.7, 'mlm_acc': 0.2,
+    results = ({'itm_acc': 0.7, 'itm_acc_label_blind': 0.55, 'mlm_acc': 0.2,
                 **({'amc_pair_acc': 0.9} if run.recipe == 'cmal' else {})}
                if run.kind == 'pretrain' else
                {'val': {'accuracy': test}, 'test': {'accuracy': test},
@@ -350,9 +356,10 @@ def test_new_recipes_join_a_finished_grid(tmp_path, monkeypatch, capsys):
   assert 'CMAL vs CMCL vs SemMIM vs SemVLP (tiny)' in text
   assert ('5 of 5 runs finished (and 4 finished run(s) of cmal, cmcl '
           'already in this folder)') in text
-  assert '| cmal | 256 | 0.600 | 0.900 | 0.700 | - |' in text
-  assert '| semvlp | 256 | 0.450 | - | 0.700 | - |' in text
-  assert '| semmim | 256 | 0.400 | - | 0.700 | - |' in text
+  # AMC pairing, place-only control, its chance, ITM, label-blind, R@1.
+  assert '| cmal | 256 | 0.600 | 0.900 | - | - | 0.700 | 0.550 | - |' in text
+  assert '| semvlp | 256 | 0.450 | - | - | - | 0.700 | 0.550 | - |' in text
+  assert '| semmim | 256 | 0.400 | - | - | - | 0.700 | 0.550 | - |' in text
   for other, diff in (('cmcl', 0.1), ('semvlp', 0.15), ('semmim', 0.2)):
     assert f'| cmal - {other} | 256 | +{diff:.3f} ± 0.000 (1/1) |' in text
   assert '5 runs, 1 done, 4 to go.' in capsys.readouterr().out

@@ -16,6 +16,16 @@ from cmal_jax.experiments.grid_plan import (
     TASK_METRIC, data_folder, pretrain_out, result_path)
 from cmal_jax.world import task_baselines
 
+# The pre-training metrics of the table, each beside its control
+# (docs/controls.md): key in the pre-training result, column header.
+PRETRAIN_COLUMNS = (
+    ('amc_pair_acc', 'AMC pairing'),
+    ('amc_pair_acc_place_only', 'pairing, place only (control)'),
+    ('amc_pair_chance_place_only', 'its chance'),
+    ('itm_acc', 'ITM'),
+    ('itm_acc_label_blind', 'ITM label-blind (control)'),
+    ('retrieval_t2i_r1', 'zero-shot R@1 t2i'))
+
 
 def load_results(out, runs):
   results = {}
@@ -122,22 +132,22 @@ def write_report(out, runs, results, args, *, title, status):
            'over seeds.', '',
            '| recipe | corpus | ' + ' | '.join(
                f'{t} ({TASK_METRIC[t]})' for t in args.tasks)
-           + ' | AMC pairing | ITM | zero-shot R@1 t2i |',
-           '|---|---|' + '---|' * (len(args.tasks) + 3)]
+           + ' | ' + ' | '.join(h for _, h in PRETRAIN_COLUMNS) + ' |',
+           '|---|---|' + '---|' * (len(args.tasks) + len(PRETRAIN_COLUMNS))]
+  no_pretrain = ' | -' * len(PRETRAIN_COLUMNS) + ' |'
   blind = blind_baselines(out, args)
   lines.append('| blind baseline | - | ' + ' | '.join(
-      fmt(blind.get(t)) for t in args.tasks) + ' | - | - | - |')
+      fmt(blind.get(t)) for t in args.tasks) + no_pretrain)
   if args.random_init:
     lines.append('| random init | - | ' + ' | '.join(
-        fmt(tasks.get((t, 'random', 0))) for t in args.tasks) + ' | - | - | - |')
+        fmt(tasks.get((t, 'random', 0))) for t in args.tasks) + no_pretrain)
   rows = [(r, c) for r in args.recipes for c in args.corpus_sizes]
   rows += [(f'cmal+{a}', min(args.corpus_sizes)) for a in args.ablations]
   for recipe, corpus in rows:  # A recipe (or ablation) and corpus size.
     p = pre.get((recipe, corpus), {})
     lines.append(f'| {recipe} | {corpus} | ' + ' | '.join(
         fmt(tasks.get((t, recipe, corpus))) for t in args.tasks) + ' | '
-        + ' | '.join(fmt(p.get(m)) for m in (
-            'amc_pair_acc', 'itm_acc', 'retrieval_t2i_r1')) + ' |')
+        + ' | '.join(fmt(p.get(m)) for m, _ in PRETRAIN_COLUMNS) + ' |')
   diffs = paired_differences(results, args)
   if diffs:
     lines += ['', 'Paired by seed: test metric of the first init minus the '
