@@ -253,6 +253,11 @@ def test_resume_is_bitwise_identical(resume_runs, world_dir):
 
 # ------------------------------------------------------------------ CMCL
 
+# Slow (100 steps, its own compile): the CMCL recipe's config and ITC pass
+# stay in the default run through test_itc_embeddings_match_the_full_pass
+# below ('tiny,cmcl'), ITC training and ITC retrieval through
+# test_semmim.py::test_semmim_pretraining_learns (semmim trains ITC).
+@pytest.mark.slow
 def test_cmcl_recipe_trains(tmp_path, world_dir):
   config = compile_step_fully(
       tiny_config(world_dir, 'tiny,cmcl', total_steps=100, log_every=10))
