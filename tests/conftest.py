@@ -30,12 +30,12 @@ NUM_TRAIN, NUM_VAL = 1024, 128
 # the short ones fill in at the end; files not listed follow in their
 # collection order.
 LONGEST_FIRST = (
-    'test_reliability.py', 'test_train.py', 'test_pixel_path.py',
-    'test_export.py', 'test_task_model.py', 'test_finetune.py',
-    'test_sharding.py', 'test_scale.py', 'test_semmim.py',
-    'test_benchmarks.py', 'test_precision.py', 'test_semvlp.py',
-    'test_controls.py', 'test_convert.py', 'test_bad_input.py',
-    'test_tfds_source.py', 'test_objectives.py', 'test_remote_workdir.py',
+    'test_train.py', 'test_pixel_path.py', 'test_finetune.py',
+    'test_reliability.py', 'test_sharding.py', 'test_export.py',
+    'test_task_model.py', 'test_scale.py', 'test_benchmarks.py',
+    'test_semmim.py', 'test_precision.py', 'test_semvlp.py',
+    'test_controls.py', 'test_tfds_source.py', 'test_convert.py',
+    'test_bad_input.py', 'test_remote_workdir.py', 'test_objectives.py',
     'test_pixels.py', 'test_world_task_examples.py', 'test_recipes.py')
 
 
@@ -97,11 +97,13 @@ def pretrained_tiny(world_dir, tmp_path_factory, compilation_cache):
   """A tiny pre-training workdir (on world_dir) saved at step 2 of 30, for
   init_from. Step 2, not 1: the first update has lr 0 (warmup), so a step-1
   checkpoint holds the init parameters, which a fresh seed-0 model has too.
-  30 total steps and 8 retrieval images as test_reliability's and
-  test_train's runs, so the compiled step is shared through the cache."""
+  30 total steps, 8 retrieval images and cmal_testutil.fast_step as
+  test_reliability's and test_train's runs, so the compiled step is shared
+  through the cache."""
+  from cmal_testutil import fast_step
   from configs import pretrain
   workdir = str(tmp_path_factory.mktemp('pretrained_tiny'))
-  c = pretrain.get_config('tiny')
+  c = fast_step(pretrain.get_config('tiny'))
   c.data.dir = world_dir
   c.total_steps, c.stop_at_step = 30, 2
   c.eval.retrieval_images = 8

@@ -512,7 +512,7 @@ def test_end_to_end_tsv_to_pretraining(tmp_path):
   c.data.dir = str(data)
   c.model.region_feat_dim = E2E_F  # = meta.json feature_dim.
   # model.num_tags stays 0: the tag vocabulary is read from meta.json.
-  c.total_steps, c.log_every = 20, 10
+  c.total_steps, c.log_every = 4, 2  # Plumbing: trains, logs, evaluates.
   c.eval.batch_size, c.eval.retrieval_images = 16, 8
   # Caption words match vocabulary classes: every example has anchors (read
   # without ITM negatives, which pair an image with another's caption).
@@ -523,7 +523,7 @@ def test_end_to_end_tsv_to_pretraining(tmp_path):
   results = jobs.train_and_evaluate(c, str(tmp_path / 'run'))
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
     lines = [m for m in map(json.loads, f) if 'loss' in m]  # Train lines.
-  assert [m['step'] for m in lines] == [10, 20]
+  assert [m['step'] for m in lines] == [2, 4]
   for m in lines:
     for key in ('loss_amc_pair', 'loss_amc_label', 'loss_mlm', 'loss_itm'):
       assert np.isfinite(m[key]), (key, m)

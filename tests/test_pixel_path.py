@@ -34,7 +34,7 @@ from cmal_jax.convert.formats import FormatError, image_boxes, read_refcoco
 from cmal_jax.convert.formats import (read_nlvr2, read_snli_ve, read_vqa_v2,
                                    write_task_split)
 from cmal_jax.export import export
-from cmal_testutil import random_batch, run_with_8_devices
+from cmal_testutil import fast_step, random_batch, run_with_8_devices, shrink
 # The hand-written samples of the official formats.
 from test_formats import (_annotation, _jsonl, _nlvr2_line, _question,
                           _ve_line, _vqa_files)
@@ -56,7 +56,7 @@ def pixel_pretrain_config(directory, boxes):
   c.checkpoint_every = STEPS
   c.eval.batch_size = 32
   c.eval.retrieval_images = 8
-  return c
+  return fast_step(c)  # Both runs' steps: one compile, through the cache.
 
 
 @pytest.fixture(scope='module')
@@ -121,6 +121,12 @@ def test_rec_finetunes_from_the_pixel_checkpoint(pixel_pretrained, tmp_path):
   c.model.visual.grid_size = GRID
   c.data.max_regions = GRID * GRID
   c.init_from = workdir
+  # Plumbing only: 4 steps on a 32/16/16 world, evaluated at the end (as
+  # cmal_testutil.finetune_tiny; the model is not shrunk: it loads the
+  # pixel checkpoint's layers).
+  c.total_steps, c.log_every, c.checkpoint_every = 4, 2, 4
+  c.eval.every_steps = 0
+  c.world.num_train, c.world.num_eval, c.world.num_test = 32, 16, 16
   results = jobs.train_and_evaluate(c, str(tmp_path / 'rec'))
   for split in ('val', 'test'):
     assert 0 <= results[split]['accuracy'] <= 1
@@ -252,10 +258,11 @@ def _regions_model_outputs(c):
 
 def test_regions_model_ignores_the_pixel_fields():
   """With input='regions' the backbone's fields change nothing: the same
-  parameters (names, shapes, values), no 'pixels' subtree, the same loss."""
-  base = pretrain.get_config('tiny')
+  parameters (names, shapes, values), no 'pixels' subtree, the same loss.
+  The model shrunk (cmal_testutil.shrink): the same paths, less to compile."""
+  base = shrink(pretrain.get_config('tiny'))
   assert base.model.visual.input == 'regions'
-  other = pretrain.get_config('tiny')
+  other = shrink(pretrain.get_config('tiny'))
   other.model.visual.update(kind='cnn', width=32, depth=3, patch_size=16,
                             roi_size=2, grid_size=1, image_size=32)
   params, loss, rec_params = _regions_model_outputs(base)
@@ -571,7 +578,7 @@ _SHARD_SCRIPT = textwrap.dedent('''
     from cmal_jax.data import pipeline
     from cmal_jax.model.cmal import CMAL, ModelConfig
     from configs.pretrain import get_config
-    from cmal_testutil import random_batch
+    from cmal_testutil import random_batch, shrink
 
     specials = objectives.SpecialTokens(0, 101, 102, 103, 30522)
     B, S = 16, 64
@@ -582,7 +589,7 @@ _SHARD_SCRIPT = textwrap.dedent('''
     host['stats']['skipped_image'] = np.zeros(B, np.int32)
 
     def run(preset, shape, devices):
-        config = get_config('tiny')
+        config = shrink(get_config('tiny'))  # The pixel path, less to compile.
         config.model.visual.input = 'pixels'
         config.batch_size, config.sharding = B, preset
         config.mesh.shape = shape

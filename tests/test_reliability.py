@@ -25,14 +25,15 @@ from cmal_jax import (checkpoint, guards, jobs, logs, metrics, objectives,
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.model.cmal import CMAL, ModelConfig
-from cmal_testutil import (assert_trees_equal, good_pair, random_batch,
-                           write_dataset)
+from cmal_testutil import (assert_trees_equal, fast_step, good_pair,
+                           random_batch, write_dataset)
 from configs import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Steps of every run here, and of test_train's resume runs: the lr schedule
-# bakes total_steps into the train step, so equal totals share one compile
-# through the session's XLA cache.
+# bakes total_steps into the train step, so equal totals (and equal compiler
+# options: cmal_testutil.fast_step) share one compile through the session's
+# XLA cache.
 TOTAL = 30
 
 
@@ -210,7 +211,7 @@ def test_sigterm_saves_and_exits_cleanly(cli, reference, tmp_path):
 # ----------------------------------------------------- resume compatibility
 
 def tiny(world_dir, **overrides):
-  c = pretrain.get_config('tiny')
+  c = fast_step(pretrain.get_config('tiny'))
   c.data.dir = world_dir
   c.eval.retrieval_images = 8
   for k, v in overrides.items():
@@ -313,19 +314,28 @@ def test_nonfinite_batch_skips_the_update(step_setup):
   assert int(good_state.nonfinite_skips) == 0
 
 
-def test_isolated_nonfinite_steps_are_skipped_and_counted(
-    world_dir, tmp_path, compilation_cache):
+@pytest.fixture(scope='module')
+def nan_and_eval_run(world_dir, tmp_path_factory, compilation_cache):
+  """(workdir, results) of one 30-step run for the next two tests (each
+  checks its own part of it): NaN batches at steps 3 and 7, logged every
+  step, checkpointed every 6, evaluated every 10 steps."""
+  workdir = str(tmp_path_factory.mktemp('nan_and_eval'))
   config = tiny(world_dir, total_steps=TOTAL, log_every=1, checkpoint_every=6,
                 debug_nan_steps=(3, 7))
-  results = jobs.train_and_evaluate(config, str(tmp_path))
+  config.eval.every_steps = 10
+  return workdir, jobs.train_and_evaluate(config, workdir)
+
+
+def test_isolated_nonfinite_steps_are_skipped_and_counted(nan_and_eval_run):
+  workdir, results = nan_and_eval_run
   assert results['nonfinite_skips'] == 2
-  lines = [m for m in read_lines(str(tmp_path)) if 'loss' in m]
+  lines = [m for m in read_lines(workdir) if 'loss' in m]
   assert [m['update_skipped'] for m in lines] == [
       float(s in (3, 7)) for s in range(1, TOTAL + 1)]
   assert [m['nonfinite_skips'] for m in lines[:8]] == [0, 0, 1, 1, 1, 1, 2, 2]
   assert lines[-1]['nonfinite_skips'] == 2
   assert all(np.isfinite(m['loss']) for m in lines if not m['update_skipped'])
-  state = final_state(str(tmp_path), TOTAL)
+  state = final_state(workdir, TOTAL)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
 
 
@@ -351,12 +361,8 @@ def test_consecutive_nonfinite_steps_stop_the_run(world_dir, tmp_path,
 
 # --------------------------------------------------- periodic eval and best
 
-def test_periodic_eval_keeps_the_best_checkpoint(world_dir, tmp_path,
-                                                 compilation_cache):
-  workdir = str(tmp_path)
-  config = tiny(world_dir, total_steps=TOTAL, log_every=10)
-  config.eval.every_steps = 10
-  results = jobs.train_and_evaluate(config, workdir)
+def test_periodic_eval_keeps_the_best_checkpoint(nan_and_eval_run):
+  workdir, results = nan_and_eval_run  # Evaluated every 10 steps.
   evals = [m for m in read_lines(workdir) if 'eval/amc_pair_acc' in m]
   assert [m['step'] for m in evals] == [10, 20, 30]
   # Periodic evaluations skip retrieval; the final one has it.

@@ -31,6 +31,7 @@ from cmal_jax.model.pixels import (PixelBackbone, PixelConfig, grid_boxes,
                                    grid_regions)
 from cmal_jax.model.pixels import reads_pixels
 from cmal_testutil import (CLS, MASK, PAD, SEP, assert_trees_equal,
+                            fast_step,
                             finetune_tiny, shrink)
 from configs import finetune as finetune_config
 from configs import pretrain
@@ -472,7 +473,7 @@ def semmim_pretrained(tmp_path_factory):
   """(workdir, config, results) of 20 steps of tiny,semmim (shrunk as
   test_semvlp's run) on a 256-pair world, checkpointed at steps 19 and 20."""
   workdir = str(tmp_path_factory.mktemp('semmim'))
-  c = shrink(pretrain.get_config('tiny,semmim'))
+  c = fast_step(shrink(pretrain.get_config('tiny,semmim')))
   c.total_steps, c.log_every, c.checkpoint_every = STEPS, LOG_EVERY, STEPS - 1
   c.world.num_train, c.world.num_eval = 256, 32
   c.eval.batch_size, c.eval.retrieval_images = 32, 8

@@ -26,7 +26,7 @@ from cmal_jax import checkpoint, configlib, jobs, objectives, pretraining
 from cmal_jax.model.cmal import CMAL, ENCODER_PARAMS, ModelConfig
 from cmal_jax.model.unified import two_stream_masks
 from cmal_jax.recipes import semvlp
-from cmal_testutil import (CLS, MASK, PAD, SEP, finetune_tiny,
+from cmal_testutil import (CLS, MASK, PAD, SEP, fast_step, finetune_tiny,
                             random_batch, shrink)
 from configs import pretrain
 
@@ -304,7 +304,7 @@ def semvlp_pretrained(tmp_path_factory):
   """(workdir, results) of 20 steps of tiny,semvlp (shrunk) on a 256-pair
   world of its own."""
   workdir = str(tmp_path_factory.mktemp('semvlp'))
-  c = shrink(pretrain.get_config('tiny,semvlp'))
+  c = fast_step(shrink(pretrain.get_config('tiny,semvlp')))
   c.total_steps, c.log_every, c.checkpoint_every = STEPS, LOG_EVERY, STEPS
   c.world.num_train, c.world.num_eval = 256, 32
   c.eval.batch_size, c.eval.retrieval_images = 32, 8

@@ -21,7 +21,7 @@ import pytest
 from cmal_jax import checkpoint, jobs, objectives, pretraining, train_step
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
-from cmal_testutil import assert_trees_equal, compile_step_fully
+from cmal_testutil import assert_trees_equal, compile_step_fully, fast_step
 from configs import pretrain
 
 AMC_KEYS = ('loss_amc_pair', 'loss_amc_label')
@@ -58,10 +58,13 @@ def tiny_config(world_dir, arg='tiny', **overrides):
 
 @pytest.fixture(scope='module')
 def learn_run(tmp_path_factory, world_dir):
-  """tiny + cmal, its default 200 steps, logged every 10."""
+  """tiny + cmal, its default 200 steps, logged every 10; retrieval scored
+  on 16 images (256 pairs, not the default 32's 1024: no test here reads
+  more than their ranges and order)."""
   workdir = str(tmp_path_factory.mktemp('learn'))
   config = compile_step_fully(
       tiny_config(world_dir, total_steps=200, log_every=10))
+  config.eval.retrieval_images = 16
   results = jobs.train_and_evaluate(config, workdir)
   return workdir, config, results
 
@@ -176,10 +179,10 @@ N = 20  # Run A stops here, then resumes to N + 10.
 
 
 def resume_config(world_dir, stop_at_step):
-  # 30 steps and 8 retrieval images, as test_reliability's runs: the same
-  # programs, compiled once through the session's XLA cache.
-  c = tiny_config(world_dir, total_steps=N + 10, log_every=1,
-                  checkpoint_every=1000, stop_at_step=stop_at_step)
+  # 30 steps, 8 retrieval images and fast_step, as test_reliability's runs:
+  # the same programs, compiled once through the session's XLA cache.
+  c = fast_step(tiny_config(world_dir, total_steps=N + 10, log_every=1,
+                            checkpoint_every=1000, stop_at_step=stop_at_step))
   c.eval.retrieval_images = 8
   return c
 
@@ -250,6 +253,11 @@ def test_resume_is_bitwise_identical(resume_runs, world_dir):
 
 # ------------------------------------------------------------------ CMCL
 
+# Slow (100 steps, its own compile): the CMCL recipe's config and ITC pass
+# stay in the default run through test_itc_embeddings_match_the_full_pass
+# below ('tiny,cmcl'), ITC training and ITC retrieval through
+# test_semmim.py::test_semmim_pretraining_learns (semmim trains ITC).
+@pytest.mark.slow
 def test_cmcl_recipe_trains(tmp_path, world_dir):
   config = compile_step_fully(
       tiny_config(world_dir, 'tiny,cmcl', total_steps=100, log_every=10))
