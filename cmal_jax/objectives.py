@@ -96,10 +96,12 @@ def pretraining_loss(model, config, specials, two_stream=None,
     if itm_pass:
       out['itm_inputs'] = prepare_inputs(batch, rng, config, specials,
                                          actions='none', corrupt=False)[0]
-      step = 0 if state is None else state.step  # None: evaluation.
-      # [B], not a scalar, so that micro-batches split it like the rest.
+      # No state (outside a train step): the label-blind pass, as
+      # evaluation reads. [B], not a scalar, so that micro-batches split
+      # it like the rest.
       out['itm_reads_corrupted'] = jnp.full(
-          batch['itm_label'].shape, step < warmup_steps)
+          batch['itm_label'].shape,
+          state is not None and state.step < warmup_steps)
     return out
 
   def loss(params, batch, rng, denominators):

@@ -69,9 +69,10 @@ def get_config(arg=None):
       # tell the label (a mismatched pair has fewer anchors).
       itm_inputs='label_blind',
       # Label-blind ITM's warm-up: the fraction of total_steps in which it
-      # reads the CMAP pass instead (the anchor cues start it; evaluation
-      # and the rest of training read the label-blind pass). 0: none.
-      itm_corrupted_warmup=0.0,
+      # reads the CMAP pass instead (the anchor cues get it off its ln 2
+      # plateau; evaluation and the rest of training read the label-blind
+      # pass). 0: none (docs/controls.md, "ITM's warm-up").
+      itm_corrupted_warmup=0.5,
       # Masked region classification: predict a masked region's tag
       # (SemVLP's masked object prediction).
       mrc=0.0,
