@@ -170,10 +170,10 @@ def compile_step_fully(config):
 
 def fast_step(config):
     """Compiles the run's train step at XLA's CPU level 1, over the suite's
-    level 0 (conftest.py), for runs of 10 to ~100 steps: a tiny step takes
-    ~0.26 s there against ~0.7 s at level 0, for ~5 s more compile (2-core
-    CPU, measured). Runs that share a compiled step through the session's
-    cache must all set it (the options are part of the program's key)."""
+    level 0 (conftest.py), for runs of 10 to ~100 steps (docs/design.md,
+    the test habits, has the trade measured). Runs that share a compiled
+    step through the session's cache must all set it (the options are part
+    of the program's key)."""
     config.compiler_options.update(xla_backend_optimization_level=1,
                                    xla_llvm_disable_expensive_passes=True)
     return config
