@@ -164,7 +164,8 @@ def compile_step_fully(config):
     suite's lowest one (conftest.py), for runs of 100 steps or more: their
     time is in the steps, not the compile (docs/design.md)."""
     config.compiler_options.update(xla_backend_optimization_level=3,
-                                   xla_llvm_disable_expensive_passes=False)
+                                   xla_llvm_disable_expensive_passes=False,
+                                   xla_cpu_use_fusion_emitters=True)
     return config
 
 
@@ -175,7 +176,8 @@ def fast_step(config):
     step through the session's cache must all set it (the options are part
     of the program's key)."""
     config.compiler_options.update(xla_backend_optimization_level=1,
-                                   xla_llvm_disable_expensive_passes=True)
+                                   xla_llvm_disable_expensive_passes=True,
+                                   xla_cpu_use_fusion_emitters=True)
     return config
 
 

@@ -2,7 +2,9 @@
 
 Every program the suite compiles, here and in the subprocesses it starts
 (they inherit XLA_FLAGS), is compiled at XLA's lowest CPU optimisation
-level: compiles are most of the suite's time and the tiny programs run fast
+level, with XLA's older loop emitters (the fusion emitters take twice as
+long to compile the suite's thousands of small programs: docs/design.md):
+compiles are most of the suite's time and the tiny programs run fast
 either way; comparisons are between programs compiled alike. Set before
 JAX starts its backend, which is why it is at the top.
 """
@@ -10,7 +12,8 @@ JAX starts its backend, which is why it is at the top.
 import os
 
 FAST_XLA_FLAGS = ('--xla_backend_optimization_level=0',
-                  '--xla_llvm_disable_expensive_passes=true')
+                  '--xla_llvm_disable_expensive_passes=true',
+                  '--xla_cpu_use_fusion_emitters=false')
 os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', '')] + [
         f for f in FAST_XLA_FLAGS
