@@ -142,16 +142,19 @@ def test_remat_gives_the_same_loss_and_gradients(case, reference, remat):
   (ref_loss, (ref_metrics, _)), ref_grads = reference
   # Dropout masks are the same: the rngs are lifted into the remat.
   assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
-  # Measured: at this O0 compile loss, metrics and gradients are bitwise
-  # equal for every policy; at XLA's default level 'full' is too, 'dots'
-  # fuses differently: gradients within 7e-8 (float32 rounding).
+  # Remat recomputes the forward pass inside the backward one, so XLA may
+  # fuse and order the sums differently: float32 rounding. Measured with
+  # the suite's compile (conftest.py): loss and metrics within 1e-6,
+  # gradients within 1e-5 (largest: the vision feature bias, a sum over
+  # every region of the batch, 9e-6 on values of ~3). A wrong remat (e.g.
+  # other dropout masks) moves them by orders of magnitude more.
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   for k in ref_metrics:
     np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-6,
                                atol=1e-7, err_msg=k)
   for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads),
                           jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-7,
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=3e-5,
                                err_msg=jax.tree_util.keystr(path))
 
 
