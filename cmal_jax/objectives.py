@@ -86,7 +86,7 @@ def pretraining_loss(model, config, specials, two_stream=None,
 
   # ITM's curriculum: for the first loss.itm_corrupted_warmup of the steps
   # it reads the CMAP pass (whose anchor cues get it off ln 2), then its own
-  # label-blind pass. Both passes run throughout; the flag picks the logits.
+  # label-blind pass, which runs (forward and backward) only from then on.
   warmup_steps = round(config.loss.get('itm_corrupted_warmup', 0.0)
                        * config.total_steps) if itm_pass else 0
 
@@ -110,11 +110,15 @@ def pretraining_loss(model, config, specials, two_stream=None,
         rngs={'dropout': rng}, two_stream=two_stream)
     if itm_pass:
       rng, itm_rng = jax.random.split(rng)
-      itm_logits = apply(batch['itm_inputs'], itm_rng)['itm_logits']
       outputs = apply(batch['inputs'], rng)
+      label_blind = lambda: apply(batch['itm_inputs'], itm_rng)['itm_logits']
       if warmup_steps:
-        itm_logits = jnp.where(batch['itm_reads_corrupted'][:, None],
-                               outputs['itm_logits'], itm_logits)
+        # lax.cond, not a select: only the taken branch runs, in the
+        # backward pass too. The flag is the same for every example.
+        itm_logits = jax.lax.cond(batch['itm_reads_corrupted'][0],
+                                  lambda: outputs['itm_logits'], label_blind)
+      else:
+        itm_logits = label_blind()
       outputs = dict(outputs, itm_logits=itm_logits)
     else:
       outputs = apply(batch['inputs'], rng)

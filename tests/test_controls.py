@@ -226,6 +226,16 @@ def test_itm_warmup_reads_the_cmap_pass_then_the_label_blind_one(batch,
       itm.append(float(metrics['loss_itm']))
     assert (itm[0] != itm[1]) == reads_cmap, (step, itm)
 
+  # The label-blind pass is a lax.cond branch (not computed and selected
+  # away): during the warm-up a step does not run it, nor its backward pass.
+  jaxpr = jax.make_jaxpr(loss.loss)(params, prepared, jax.random.key(1),
+                                    loss.denominators(prepared)).jaxpr
+  conds = [e for e in jaxpr.eqns if e.primitive.name == 'cond']
+  assert len(conds) == 1
+  dots = sorted(sum(e.primitive.name == 'dot_general' for e in b.jaxpr.eqns)
+                for b in conds[0].params['branches'])
+  assert dots[0] == 0 and dots[1] > 10, dots
+
 
 @pytest.mark.parametrize('tag_at', ['unswapped', 'all'])
 def test_the_tag_is_not_scored_where_the_word_took_the_slot(batch, tag_at):
