@@ -491,6 +491,9 @@ def _check_inspected(store, data):
   assert pairs['anchors']['per_caption_mean'] >= 1
 
 
+# Slow (conversion, then a whole run): the converter's output is checked
+# record by record above in the default run.
+@pytest.mark.slow
 def test_end_to_end_tsv_to_pretraining(tmp_path):
   from cmal_testutil import read_all
   from configs import pretrain

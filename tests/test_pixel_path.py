@@ -617,6 +617,9 @@ _SHARD_SCRIPT = textwrap.dedent('''
 ''')
 
 
+# Slow (8 devices in a subprocess, its own compile): test_sharding.py
+# covers the sharding presets, the tests above the pixel path.
+@pytest.mark.slow
 def test_images_are_batch_sharded_on_8_devices():
   proc = run_with_8_devices(_SHARD_SCRIPT)
   out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -252,6 +252,10 @@ def test_finetune_task_data_of_a_remote_workdir(monkeypatch, tmp_path):
 
 # ------------------------------------------------------- a whole tiny run
 
+# Slow (a whole run): the tests above cover the project's own remote writes
+# (atomic text, metrics, moving aside) in the default run; Orbax's gs://
+# checkpoint writes are exercised only here.
+@pytest.mark.slow
 def test_tiny_run_with_a_gs_workdir(fake_gcs, monkeypatch, tmp_path):
   import tensorboardX
   monkeypatch.setattr(tensorboardX, 'SummaryWriter', StubSummaryWriter)

@@ -480,6 +480,10 @@ def semmim_pretrained(tmp_path_factory):
   return workdir, c, jobs.train_and_evaluate(c, workdir)
 
 
+# Slow (a whole SemMIM run and a fine-tune from it): the default run covers
+# its train step, momentum encoder and masks above, and the recipe hooks
+# through test_recipes.py.
+@pytest.mark.slow
 def test_semmim_pretraining_learns(semmim_pretrained):
   workdir, c, results = semmim_pretrained
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -514,6 +518,7 @@ def test_semmim_pretraining_learns(semmim_pretrained):
              for p, e in ema20.items()) > 1e-4
 
 
+@pytest.mark.slow
 def test_ve_finetunes_from_the_semmim_checkpoint(semmim_pretrained,
                                                  tmp_path, capsys):
   workdir, _, _ = semmim_pretrained

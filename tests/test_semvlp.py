@@ -311,6 +311,9 @@ def semvlp_pretrained(tmp_path_factory):
   return workdir, jobs.train_and_evaluate(c, workdir)
 
 
+# Slow (a whole SemVLP run and a fine-tune from it): the default run covers
+# both stream modes, their masks and the step's alternation above.
+@pytest.mark.slow
 def test_semvlp_pretraining_learns_and_alternates(semvlp_pretrained):
   workdir, results = semvlp_pretrained
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -332,6 +335,7 @@ def test_semvlp_pretraining_learns_and_alternates(semvlp_pretrained):
   assert 'cross_attention' in params['unified']['layer_0']
 
 
+@pytest.mark.slow
 def test_rec_finetunes_from_the_semvlp_checkpoint(semvlp_pretrained,
                                                   tmp_path, capsys):
   workdir, _ = semvlp_pretrained

@@ -270,6 +270,9 @@ def test_source_syntax():
 
 # ------------------------------------------------------------- pre-training
 
+# Slow (a whole run from CLI flags): the tests above cover the TFDS reader in
+# the default run; the training loop is the same as for our records.
+@pytest.mark.slow
 def test_five_pretraining_steps_from_flags(tfds_dir, tmp_path):
   mapping = [f'--config.data.tfds_features.{k}={v}'
              for k, v in OTHER_FEATURES.items()]
