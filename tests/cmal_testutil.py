@@ -3,6 +3,7 @@ sets (pure numpy), small record files of our own, bitwise tree comparison,
 and running a script in a subprocess with 8 fake CPU devices.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from cmal_jax.data import pipeline, records
 from cmal_jax.world import scenes
 
 PAD, CLS, SEP, MASK, VOCAB = 0, 101, 102, 103, 30522
+# The losses the default (CMAL) recipe logs.
+CMAL_LOSSES = ('loss_amc_pair', 'loss_amc_label', 'loss_mlm', 'loss_itm')
 F = 64  # The tiny config's region_feat_dim.
 WORLD_PARAMS = scenes.WorldParams(feature_dim=F)
 
@@ -158,6 +161,23 @@ def run_with_8_devices(script, *argv, timeout=600):
 
 
 # ------------------------------------------------- short end-to-end runs
+
+def read_jsonl(workdir, name='metrics.jsonl'):
+    """A run's JSON-lines file (metrics.jsonl), one dict per line."""
+    with open(os.path.join(workdir, name)) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_json(workdir, name):
+    with open(os.path.join(workdir, name)) as f:
+        return json.load(f)
+
+
+def train_lines(lines):
+    """metrics.jsonl's per-interval training lines (not the final eval/*
+    line)."""
+    return [m for m in lines if 'loss' in m]
+
 
 def compile_step_fully(config):
     """Compiles the run's train step at XLA's default CPU level, over the

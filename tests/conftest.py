@@ -33,8 +33,8 @@ NUM_TRAIN, NUM_VAL = 1024, 128
 # the short ones fill in at the end; files not listed follow in their
 # collection order.
 LONGEST_FIRST = (
-    'test_train.py', 'test_pixel_path.py', 'test_reliability.py',
-    'test_finetune.py', 'test_sharding.py', 'test_scale.py',
+    'test_pixel_path.py', 'test_reliability.py', 'test_train.py',
+    'test_resume.py', 'test_finetune.py', 'test_sharding.py', 'test_scale.py',
     'test_benchmarks.py', 'test_export.py', 'test_precision.py',
     'test_recipes.py', 'test_world_task_examples.py', 'test_controls.py',
     'test_remote_workdir.py', 'test_bad_input.py', 'test_semmim.py',

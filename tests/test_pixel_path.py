@@ -98,6 +98,9 @@ def test_pretraining_from_pixels_with_boxes(pixel_pretrained):
   assert results['retrieval_images'] == 8
 
 
+# Slow (a second whole pixel run): grid regions are covered in the default
+# run by test_semmim.py's grid test, the NaN hook by test_reliability.py.
+@pytest.mark.slow
 def test_pretraining_from_pixels_on_the_grid(pixel_world, tmp_path,
                                              compilation_cache):
   c = pixel_pretrain_config(pixel_world, 'grid')

@@ -26,7 +26,8 @@ from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.model.cmal import CMAL, ModelConfig
 from cmal_testutil import (assert_trees_equal, fast_step, good_pair,
-                           random_batch, write_dataset)
+                           random_batch, read_json, read_jsonl,
+                           write_dataset)
 from configs import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,16 +36,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # options: cmal_testutil.fast_step) share one compile through the session's
 # XLA cache.
 TOTAL = 30
-
-
-def read_lines(workdir, name='metrics.jsonl'):
-  with open(os.path.join(workdir, name)) as f:
-    return [json.loads(line) for line in f]
-
-
-def read_json(workdir, name):
-  with open(os.path.join(workdir, name)) as f:
-    return json.load(f)
 
 
 def final_state(workdir, step=TOTAL):
@@ -125,7 +116,7 @@ def reference(cli, tmp_path_factory):
 def assert_metrics_once_per_step(workdir):
   """After a resume, metrics.jsonl holds each step once (the interrupted
   run's lines after its last checkpoint were dropped and written again)."""
-  steps = [m['step'] for m in read_lines(workdir) if 'loss' in m]
+  steps = [m['step'] for m in read_jsonl(workdir) if 'loss' in m]
   assert steps == list(range(1, TOTAL + 1))
 
 
@@ -252,13 +243,18 @@ def test_resume_refuses_a_different_model(world_dir, tmp_path,
   assert 'dropout' not in message
   assert '--config.resume=fresh' in message
 
-  # The same model with another dropout resumes.
+  # Another dropout is not part of the signature, so that run would resume
+  # (without a compile of its own here; resuming: test_resume.py). The same
+  # run goes on.
+  other_dropout = tiny(world_dir, total_steps=TOTAL)
+  other_dropout.model.dropout = 0.0
+  assert guards.signature_mismatches(guards.signature(config),
+                                     guards.signature(other_dropout)) == []
   same = tiny(world_dir, total_steps=TOTAL, stop_at_step=3)
-  same.model.dropout = 0.0
   assert jobs.train_and_evaluate(same, workdir) is None
 
   # resume=fresh moves the old checkpoints aside and starts over (the same
-  # model here: it takes no new compile).
+  # program: no new compile).
   fresh = tiny(world_dir, total_steps=TOTAL, stop_at_step=1, resume='fresh')
   assert jobs.train_and_evaluate(fresh, workdir) is None
   assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ['1']
@@ -329,7 +325,7 @@ def nan_and_eval_run(world_dir, tmp_path_factory, compilation_cache):
 def test_isolated_nonfinite_steps_are_skipped_and_counted(nan_and_eval_run):
   workdir, results = nan_and_eval_run
   assert results['nonfinite_skips'] == 2
-  lines = [m for m in read_lines(workdir) if 'loss' in m]
+  lines = [m for m in read_jsonl(workdir) if 'loss' in m]
   assert [m['update_skipped'] for m in lines] == [
       float(s in (3, 7)) for s in range(1, TOTAL + 1)]
   assert [m['nonfinite_skips'] for m in lines[:8]] == [0, 0, 1, 1, 1, 1, 2, 2]
@@ -363,7 +359,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(world_dir, tmp_path,
 
 def test_periodic_eval_keeps_the_best_checkpoint(nan_and_eval_run):
   workdir, results = nan_and_eval_run  # Evaluated every 10 steps.
-  evals = [m for m in read_lines(workdir) if 'eval/amc_pair_acc' in m]
+  evals = [m for m in read_jsonl(workdir) if 'eval/amc_pair_acc' in m]
   assert [m['step'] for m in evals] == [10, 20, 30]
   # Periodic evaluations skip retrieval; the final one has it.
   assert ['eval/retrieval_t2i_r1' in m for m in evals] == [False, False, True]
@@ -478,7 +474,7 @@ def test_skipped_records_are_counted_and_limited(tmp_path, compilation_cache,
   assert 4 * 8 <= stats['skipped_region_feats'] <= 6 * 8
   assert sum(v for k, v in stats.items() if k.startswith('skipped_')) == (
       stats['skipped_region_feats'])
-  lines = [m for m in read_lines(str(tmp_path / 'ok')) if 'loss' in m]
+  lines = [m for m in read_jsonl(str(tmp_path / 'ok')) if 'loss' in m]
   assert lines[-1]['data/skipped_region_feats'] == stats['skipped_region_feats']
 
   # The check runs at every log line once enough examples were seen (lowered

@@ -1,6 +1,6 @@
-"""End-to-end pre-training on the tiny config: it learns, it resumes
-bitwise, the CMCL recipe runs through the same code, and the run writes what
-it promises.
+"""End-to-end pre-training on the tiny config: it learns, the CMCL recipe
+runs through the same code, and the run writes what it promises (resuming:
+test_resume.py).
 
 The runs are the slow part of the suite (each train_and_evaluate call
 compiles a train step); runs are shared through module-scoped fixtures and
@@ -15,32 +15,14 @@ import struct
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from cmal_jax import checkpoint, jobs, objectives, pretraining, train_step
+from cmal_jax import jobs, objectives, pretraining, train_step
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
-from cmal_testutil import assert_trees_equal, compile_step_fully, fast_step
+from cmal_testutil import (CMAL_LOSSES, compile_step_fully, read_json,
+                           read_jsonl, train_lines)
 from configs import pretrain
-
-AMC_KEYS = ('loss_amc_pair', 'loss_amc_label')
-CMAL_LOSSES = AMC_KEYS + ('loss_mlm', 'loss_itm')
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
-def train_lines(lines):
-  """The per-interval training lines (not the final eval/* line)."""
-  return [m for m in lines if 'loss' in m]
-
-
-def read_json(workdir, name):
-  with open(os.path.join(workdir, name)) as f:
-    return json.load(f)
 
 
 def first_and_last3(lines, key):
@@ -76,7 +58,7 @@ def learn_run(tmp_path_factory, world_dir):
 
 def test_cmal_learns(learn_run):
   workdir, _, results = learn_run
-  lines = read_metrics(workdir)
+  lines = read_jsonl(workdir)
   # Measured (seed 0, 1024-pair world, 120 steps), first -> mean of last 3:
   #   loss_amc_pair 2.208 -> 0.392, loss_amc_label 6.269 -> 3.457,
   #   loss_mlm 10.167 -> 4.095, loss_itm 0.690 -> 0.693.
@@ -136,7 +118,7 @@ def test_run_writes_what_it_promises(learn_run, world_dir):
     assert {'state', 'data'} <= set(os.listdir(os.path.join(ckpt, str(step))))
 
   # metrics.jsonl: one line per log interval, then the final evaluation.
-  lines = read_metrics(workdir)
+  lines = read_jsonl(workdir)
   steps = [m['step'] for m in train_lines(lines)]
   assert steps == list(range(10, LEARN_STEPS + 1, 10))
   for m in train_lines(lines):
@@ -177,84 +159,6 @@ def test_run_writes_what_it_promises(learn_run, world_dir):
   assert {k: v for k, v in ev.items()} == json.loads(json.dumps(results))
 
 
-# ---------------------------------------------------------------- resume
-
-N = 20  # Run A stops here, then resumes to N + 10.
-
-
-def resume_config(world_dir, stop_at_step):
-  # 30 steps, 8 retrieval images and fast_step, as test_reliability's runs:
-  # the same programs, compiled once through the session's XLA cache.
-  c = fast_step(tiny_config(world_dir, total_steps=N + 10, log_every=1,
-                            checkpoint_every=1000, stop_at_step=stop_at_step))
-  c.eval.retrieval_images = 8
-  return c
-
-
-def restore_params(workdir, config, step):
-  manager = checkpoint.make_manager(workdir, config)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
-  finally:
-    manager.close()
-  return restored['state']
-
-
-@pytest.fixture(scope='module')
-def resume_runs(tmp_path_factory, world_dir, compilation_cache):
-  a = str(tmp_path_factory.mktemp('resume_a'))
-  b = str(tmp_path_factory.mktemp('resume_b'))
-  first = jobs.train_and_evaluate(resume_config(world_dir, N), a)
-  a_after_stop = dict(
-      returned=first, lines=read_metrics(a),
-      checkpoints=sorted(os.listdir(os.path.join(a, 'checkpoints'))),
-      has_eval=os.path.exists(os.path.join(a, 'eval.json')))
-  results_a = jobs.train_and_evaluate(resume_config(world_dir, 0), a)
-  results_b = jobs.train_and_evaluate(resume_config(world_dir, 0), b)
-  return a, b, a_after_stop, results_a, results_b
-
-
-def test_stop_at_step_saves_and_stops(resume_runs):
-  _, _, stopped, _, _ = resume_runs
-  assert stopped['returned'] is None
-  assert not stopped['has_eval']
-  assert [int(s) for s in stopped['checkpoints'] if s.isdigit()] == [N]
-  assert [m['step'] for m in stopped['lines']] == list(range(1, N + 1))
-
-
-def test_resume_is_bitwise_identical(resume_runs, world_dir):
-  a, b, _, results_a, results_b = resume_runs
-  lines_a, lines_b = train_lines(read_metrics(a)), train_lines(read_metrics(b))
-  # A's file holds both invocations: steps 1..N, then N+1..N+10.
-  assert [m['step'] for m in lines_a] == list(range(1, N + 11))
-  assert [m['step'] for m in lines_b] == list(range(1, N + 11))
-  compared = [k for k in lines_b[0]
-              if k.startswith(('loss', 'acc_')) or k in ('grad_norm', 'lr')]
-  assert set(CMAL_LOSSES) <= set(compared)
-  for la, lb in zip(lines_a, lines_b):
-    for k in compared:
-      assert la[k] == lb[k], (la['step'], k, la[k], lb[k])  # Bitwise.
-  # (Sanity: the compared values do change from step to step.)
-  assert len({m['loss_mlm'] for m in lines_b[N:]}) == 10
-
-  # Final parameters and optimizer state, bitwise.
-  config = resume_config(world_dir, 0)
-  state_a = restore_params(a, config, N + 10)
-  state_b = restore_params(b, config, N + 10)
-  assert int(state_a['step']) == int(state_b['step']) == N + 10
-  assert_trees_equal(state_a, state_b, min_leaves=20)
-
-  # The same final evaluation, data counters included: they are in the
-  # checkpoint, so the resumed run counts the first invocation's batches.
-  assert results_a == results_b
-  assert read_json(a, 'eval.json') == read_json(b, 'eval.json')
-  assert results_a['data_stats']['examples'] == (N + 10) * 32
-  assert 0 < results_a['data_stats']['itm_negatives'] < (N + 10) * 32
-  assert [m['data/examples'] for m in lines_a] == [
-      32 * s for s in range(1, N + 11)]
-
-
 # ------------------------------------------------------------------ CMCL
 
 # Slow (100 steps, its own compile): the CMCL recipe's config and ITC pass
@@ -268,7 +172,7 @@ def test_cmcl_recipe_trains(tmp_path, world_dir):
   config.eval.retrieval_images = 16
   assert not config.cmap.enabled and config.loss.amc == 0
   results = jobs.train_and_evaluate(config, str(tmp_path))
-  lines = train_lines(read_metrics(str(tmp_path)))
+  lines = train_lines(read_jsonl(str(tmp_path)))
   assert [m['step'] for m in lines] == list(range(10, 101, 10))
   for m in lines:
     assert not [k for k in m if 'amc' in k], m
