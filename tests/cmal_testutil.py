@@ -179,25 +179,20 @@ def train_lines(lines):
     return [m for m in lines if 'loss' in m]
 
 
-def compile_step_fully(config):
-    """Compiles the run's train step at XLA's default CPU level, over the
-    suite's lowest one (conftest.py), for runs of 100 steps or more: their
-    time is in the steps, not the compile (docs/design.md)."""
-    config.compiler_options.update(xla_backend_optimization_level=3,
-                                   xla_llvm_disable_expensive_passes=False,
-                                   xla_cpu_use_fusion_emitters=True)
-    return config
-
-
-def fast_step(config):
-    """Compiles the run's train step at XLA's CPU level 1, over the suite's
-    level 0 (conftest.py), for runs of 10 to ~100 steps (docs/design.md,
-    the test habits, has the trade measured). Runs that share a compiled
-    step through the session's cache must all set it (the options are part
-    of the program's key)."""
-    config.compiler_options.update(xla_backend_optimization_level=1,
-                                   xla_llvm_disable_expensive_passes=True,
-                                   xla_cpu_use_fusion_emitters=True)
+def fast_step(config, level=1):
+    """Compiles the run's train step at XLA's CPU optimisation `level`, over
+    the suite's level 0 (conftest.py), and with XLA's fusion emitters, which
+    compile a train step faster than the loop emitters above level 0
+    (docs/results/speed/suite_xla_emitters.md). Level 1 for runs of 10 to
+    ~100 steps, 3 (XLA's default) for longer ones: their time is in the
+    steps, not the compile (docs/design.md, the test habits, has the trade
+    measured). Runs that share a compiled step through the session's cache
+    must all set the same level (the options are part of the program's
+    key)."""
+    config.compiler_options.update(
+        xla_backend_optimization_level=level,
+        xla_llvm_disable_expensive_passes=level < 3,
+        xla_cpu_use_fusion_emitters=True)
     return config
 
 

@@ -22,8 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from cmal_jax import checkpoint
-from cmal_testutil import xla_flags_with_devices
-from test_reliability import read_lines
+from cmal_testutil import read_jsonl, xla_flags_with_devices
 
 # Two local processes per run: pytest -m slow.
 pytestmark = pytest.mark.slow
@@ -78,7 +77,7 @@ def runs(world_dir, compilation_cache, tmp_path_factory):
                    'gloo', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
                    JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)))
       for i in (0, 1)])
-  b_lines = read_lines(b)  # Before C appends to it.
+  b_lines = read_jsonl(b)  # Before C appends to it.
   resumed = run_processes([(command(b, world_dir, 10), one)])[0]
   return dict(a=a, b=b, b_lines=b_lines, b_outputs=outputs, resumed=resumed)
 
@@ -104,27 +103,27 @@ def test_two_processes_give_the_one_process_losses(runs):
   # Only process 0 logs.
   assert 'step 5/12' in runs['b_outputs'][0]
   assert 'step 5/12' not in runs['b_outputs'][1]
-  want, got = losses(read_lines(runs['a'])), losses(runs['b_lines'])
+  want, got = losses(read_jsonl(runs['a'])), losses(runs['b_lines'])
   assert sorted(got) == [1, 2, 3, 4, 5]
   np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got],
                              rtol=1e-5)
   # The same examples: the data counters agree exactly.
-  a_stats = {l['step']: l['data/itm_negatives'] for l in read_lines(runs['a'])}
+  a_stats = {l['step']: l['data/itm_negatives'] for l in read_jsonl(runs['a'])}
   assert [l['data/itm_negatives'] for l in runs['b_lines']] == [
       a_stats[s] for s in range(1, 6)]
 
 
 def test_two_process_checkpoint_continues_in_one_process(runs):
   assert 'Resumed from' in runs['resumed'] and 'at step 5' in runs['resumed']
-  lines = read_lines(runs['b'])
-  got, want = losses(lines), losses(read_lines(runs['a']))
+  lines = read_jsonl(runs['b'])
+  got, want = losses(lines), losses(read_jsonl(runs['a']))
   assert sorted(got) == list(range(1, 11))
   # Steps 6-10 in one process from the 2-process checkpoint: the same
   # parameters, optimizer state and data position as the 1-process run.
   np.testing.assert_allclose([got[s] for s in range(6, 11)],
                              [want[s] for s in range(6, 11)], rtol=1e-5)
   assert [l['data/examples'] for l in lines][5:] == [
-      l['data/examples'] for l in read_lines(runs['a'])][5:]
+      l['data/examples'] for l in read_jsonl(runs['a'])][5:]
   a_state, b_state = saved_state(runs['a'], 10), saved_state(runs['b'], 10)
   assert int(b_state['step']) == 10
   a_leaves, b_leaves = jax.tree.leaves(a_state), jax.tree.leaves(b_state)

@@ -20,8 +20,8 @@ import pytest
 from cmal_jax import jobs, objectives, pretraining, train_step
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
-from cmal_testutil import (CMAL_LOSSES, compile_step_fully, read_json,
-                           read_jsonl, train_lines)
+from cmal_testutil import (CMAL_LOSSES, fast_step, read_json, read_jsonl,
+                           train_lines)
 from configs import pretrain
 
 
@@ -47,8 +47,8 @@ def learn_run(tmp_path_factory, world_dir):
   retrieval scored on 16 images (256 pairs, not the default 32's 1024: no
   test here reads more than their ranges and order)."""
   workdir = str(tmp_path_factory.mktemp('learn'))
-  config = compile_step_fully(
-      tiny_config(world_dir, total_steps=LEARN_STEPS, log_every=10))
+  config = fast_step(
+      tiny_config(world_dir, total_steps=LEARN_STEPS, log_every=10), level=3)
   config.eval.retrieval_images = 16
   results = jobs.train_and_evaluate(config, workdir)
   return workdir, config, results
@@ -167,8 +167,9 @@ def test_run_writes_what_it_promises(learn_run, world_dir):
 # test_semmim.py::test_semmim_pretraining_learns (semmim trains ITC).
 @pytest.mark.slow
 def test_cmcl_recipe_trains(tmp_path, world_dir):
-  config = compile_step_fully(
-      tiny_config(world_dir, 'tiny,cmcl', total_steps=100, log_every=10))
+  config = fast_step(
+      tiny_config(world_dir, 'tiny,cmcl', total_steps=100, log_every=10),
+      level=3)
   config.eval.retrieval_images = 16
   assert not config.cmap.enabled and config.loss.amc == 0
   results = jobs.train_and_evaluate(config, str(tmp_path))
