@@ -196,6 +196,26 @@ def fast_step(config, level=1):
     return config
 
 
+SHARED_STEPS = 30  # total_steps of the suite's shared tiny runs.
+
+
+def shared_tiny(world_dir, **overrides):
+    """configs/pretrain.py:tiny on world_dir as the suite's shared runs
+    make it: SHARED_STEPS total steps (the lr schedule bakes total_steps
+    into the train step), fast_step and 8 retrieval images. Runs made from
+    it, whatever their stop_at_step, logging or checkpointing (`overrides`:
+    top-level config fields), share one compiled train step through the
+    session's XLA cache (conftest.compilation_cache)."""
+    from configs import pretrain
+    c = fast_step(pretrain.get_config('tiny'))
+    c.data.dir = world_dir
+    c.total_steps = SHARED_STEPS
+    c.eval.retrieval_images = 8
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
 def shrink(config):
     """The tiny model without text and vision layers and with one unified
     layer: the same code paths, a third less to compile."""

@@ -100,15 +100,10 @@ def pretrained_tiny(world_dir, tmp_path_factory, compilation_cache):
   """A tiny pre-training workdir (on world_dir) saved at step 2 of 30, for
   init_from. Step 2, not 1: the first update has lr 0 (warmup), so a step-1
   checkpoint holds the init parameters, which a fresh seed-0 model has too.
-  30 total steps, 8 retrieval images and cmal_testutil.fast_step as
-  test_reliability's and test_train's runs, so the compiled step is shared
+  cmal_testutil.shared_tiny's config, so the compiled step is shared
   through the cache."""
-  from cmal_testutil import fast_step
-  from configs import pretrain
+  from cmal_testutil import shared_tiny
   workdir = str(tmp_path_factory.mktemp('pretrained_tiny'))
-  c = fast_step(pretrain.get_config('tiny'))
-  c.data.dir = world_dir
-  c.total_steps, c.stop_at_step = 30, 2
-  c.eval.retrieval_images = 8
+  c = shared_tiny(world_dir, stop_at_step=2)
   assert jobs.train_and_evaluate(c, workdir) is None
   return workdir

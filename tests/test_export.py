@@ -27,7 +27,7 @@ from cmal_jax.export import export, torch_model
 from cmal_jax.model import bert_init, torch_names
 from cmal_jax.model import cmap
 from configs import pretrain as pretrain_config
-from cmal_testutil import fast_step
+from cmal_testutil import SHARED_STEPS, fast_step
 
 TASKS = ('pretrain', 'vqa', 've', 'nlvr2', 'rec', 'retrieval')
 # Two sizes; the second has an unusual head count (5 heads of 12), an MLP
@@ -416,8 +416,8 @@ def test_pretraining_starts_from_init_bert(world_dir, compilation_cache,
   export.write_export(str(tmp_path / 'export'), source, config)
   c.data.dir = world_dir
   c.init.bert = str(tmp_path / 'export' / export.BERT_DIR)
-  # As conftest's pretrained_tiny, so the compiled step is shared.
-  c.total_steps, c.stop_at_step, c.eval.retrieval_images = 30, 1, 8
+  # cmal_testutil.shared_tiny's settings: the compiled step is shared.
+  c.total_steps, c.stop_at_step, c.eval.retrieval_images = SHARED_STEPS, 1, 8
   fast_step(c)
   assert jobs.train_and_evaluate(c, str(tmp_path / 'run')) is None
   params, _ = checkpoint.load_pretrained_params(str(tmp_path / 'run'))

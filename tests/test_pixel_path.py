@@ -99,7 +99,8 @@ def test_pretraining_from_pixels_with_boxes(pixel_pretrained):
 
 
 # Slow (a second whole pixel run): grid regions are covered in the default
-# run by test_semmim.py's grid test, the NaN hook by test_reliability.py.
+# run by test_semmim.py's grid test, the NaN hook on region batches by
+# test_reliability.py; on pixel batches it runs only here.
 @pytest.mark.slow
 def test_pretraining_from_pixels_on_the_grid(pixel_world, tmp_path,
                                              compilation_cache):

@@ -25,17 +25,15 @@ from cmal_jax import (checkpoint, guards, jobs, logs, metrics, objectives,
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.model.cmal import CMAL, ModelConfig
-from cmal_testutil import (assert_trees_equal, fast_step, good_pair,
-                           random_batch, read_json, read_jsonl,
-                           write_dataset)
+from cmal_testutil import (SHARED_STEPS, assert_trees_equal, good_pair,
+                           random_batch, read_json, read_jsonl, shared_tiny,
+                           train_lines, write_dataset)
 from configs import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Steps of every run here, and of test_train's resume runs: the lr schedule
-# bakes total_steps into the train step, so equal totals (and equal compiler
-# options: cmal_testutil.fast_step) share one compile through the session's
-# XLA cache.
-TOTAL = 30
+# Steps of every run here: cmal_testutil.shared_tiny's (whose runs share one
+# compile through the session's XLA cache), and the CLI runs' flags.
+TOTAL = SHARED_STEPS
 
 
 def final_state(workdir, step=TOTAL):
@@ -116,7 +114,7 @@ def reference(cli, tmp_path_factory):
 def assert_metrics_once_per_step(workdir):
   """After a resume, metrics.jsonl holds each step once (the interrupted
   run's lines after its last checkpoint were dropped and written again)."""
-  steps = [m['step'] for m in read_jsonl(workdir) if 'loss' in m]
+  steps = [m['step'] for m in train_lines(read_jsonl(workdir))]
   assert steps == list(range(1, TOTAL + 1))
 
 
@@ -201,15 +199,6 @@ def test_sigterm_saves_and_exits_cleanly(cli, reference, tmp_path):
 
 # ----------------------------------------------------- resume compatibility
 
-def tiny(world_dir, **overrides):
-  c = fast_step(pretrain.get_config('tiny'))
-  c.data.dir = world_dir
-  c.eval.retrieval_images = 8
-  for k, v in overrides.items():
-    c[k] = v
-  return c
-
-
 def test_a_checkpoint_older_than_a_model_field_takes_its_old_behaviour():
   """A checkpoint written before model.hypersphere existed was made with the
   hypersphere on: it resumes under the default, and not with it off; remat
@@ -228,9 +217,9 @@ def test_a_checkpoint_older_than_a_model_field_takes_its_old_behaviour():
 def test_resume_refuses_a_different_model(world_dir, tmp_path,
                                           compilation_cache):
   workdir = str(tmp_path)
-  config = tiny(world_dir, total_steps=TOTAL, stop_at_step=2)
+  config = shared_tiny(world_dir, stop_at_step=2)
   assert jobs.train_and_evaluate(config, workdir) is None
-  other = tiny(world_dir, total_steps=TOTAL)
+  other = shared_tiny(world_dir)
   other.model.hidden_dim = 32
   other.model.mlp_dim = 128
   other.model.dropout = 0.0  # Free to change: not part of the signature.
@@ -246,16 +235,16 @@ def test_resume_refuses_a_different_model(world_dir, tmp_path,
   # Another dropout is not part of the signature, so that run would resume
   # (without a compile of its own here; resuming: test_resume.py). The same
   # run goes on.
-  other_dropout = tiny(world_dir, total_steps=TOTAL)
+  other_dropout = shared_tiny(world_dir)
   other_dropout.model.dropout = 0.0
   assert guards.signature_mismatches(guards.signature(config),
                                      guards.signature(other_dropout)) == []
-  same = tiny(world_dir, total_steps=TOTAL, stop_at_step=3)
+  same = shared_tiny(world_dir, stop_at_step=3)
   assert jobs.train_and_evaluate(same, workdir) is None
 
   # resume=fresh moves the old checkpoints aside and starts over (the same
   # program: no new compile).
-  fresh = tiny(world_dir, total_steps=TOTAL, stop_at_step=1, resume='fresh')
+  fresh = shared_tiny(world_dir, stop_at_step=1, resume='fresh')
   assert jobs.train_and_evaluate(fresh, workdir) is None
   assert sorted(os.listdir(checkpoint.checkpoint_dir(workdir))) == ['1']
   aside = [n for n in os.listdir(workdir)
@@ -316,8 +305,8 @@ def nan_and_eval_run(world_dir, tmp_path_factory, compilation_cache):
   checks its own part of it): NaN batches at steps 3 and 7, logged every
   step, checkpointed every 6, evaluated every 10 steps."""
   workdir = str(tmp_path_factory.mktemp('nan_and_eval'))
-  config = tiny(world_dir, total_steps=TOTAL, log_every=1, checkpoint_every=6,
-                debug_nan_steps=(3, 7))
+  config = shared_tiny(world_dir, log_every=1, checkpoint_every=6,
+                       debug_nan_steps=(3, 7))
   config.eval.every_steps = 10
   return workdir, jobs.train_and_evaluate(config, workdir)
 
@@ -325,7 +314,7 @@ def nan_and_eval_run(world_dir, tmp_path_factory, compilation_cache):
 def test_isolated_nonfinite_steps_are_skipped_and_counted(nan_and_eval_run):
   workdir, results = nan_and_eval_run
   assert results['nonfinite_skips'] == 2
-  lines = [m for m in read_jsonl(workdir) if 'loss' in m]
+  lines = train_lines(read_jsonl(workdir))
   assert [m['update_skipped'] for m in lines] == [
       float(s in (3, 7)) for s in range(1, TOTAL + 1)]
   assert [m['nonfinite_skips'] for m in lines[:8]] == [0, 0, 1, 1, 1, 1, 2, 2]
@@ -337,8 +326,8 @@ def test_isolated_nonfinite_steps_are_skipped_and_counted(nan_and_eval_run):
 
 def test_consecutive_nonfinite_steps_stop_the_run(world_dir, tmp_path,
                                                   compilation_cache):
-  config = tiny(world_dir, total_steps=TOTAL, log_every=5, checkpoint_every=4,
-                debug_nan_steps=(5, 6, 7, 8), max_nonfinite_steps=3)
+  config = shared_tiny(world_dir, log_every=5, checkpoint_every=4,
+                       debug_nan_steps=(5, 6, 7, 8), max_nonfinite_steps=3)
   with pytest.raises(FloatingPointError) as e:
     jobs.train_and_evaluate(config, str(tmp_path))
   message = str(e.value)
@@ -384,7 +373,7 @@ def test_periodic_eval_keeps_the_best_checkpoint(nan_and_eval_run):
 
 
 def test_unknown_best_metric_fails_at_start(world_dir, tmp_path):
-  config = tiny(world_dir)
+  config = shared_tiny(world_dir)
   config.eval.best_metric = 'retrieval_itc_t2i_r1'  # cmal trains no ITC.
   with pytest.raises(ValueError, match=r"config.eval.best_metric="
                      r"'retrieval_itc_t2i_r1': not a metric this recipe "
@@ -454,8 +443,7 @@ def test_skipped_records_are_counted_and_limited(tmp_path, compilation_cache,
   write_dataset(data, [good_pair(i, 'val') for i in range(64)], split='val')
 
   def config(limit):
-    c = tiny(str(data), total_steps=TOTAL, log_every=6,
-             checkpoint_every=TOTAL)
+    c = shared_tiny(str(data), log_every=6, checkpoint_every=TOTAL)
     c.data.on_error = 'skip'
     c.data.max_skip_fraction = limit
     return c
@@ -474,7 +462,7 @@ def test_skipped_records_are_counted_and_limited(tmp_path, compilation_cache,
   assert 4 * 8 <= stats['skipped_region_feats'] <= 6 * 8
   assert sum(v for k, v in stats.items() if k.startswith('skipped_')) == (
       stats['skipped_region_feats'])
-  lines = [m for m in read_jsonl(str(tmp_path / 'ok')) if 'loss' in m]
+  lines = train_lines(read_jsonl(str(tmp_path / 'ok')))
   assert lines[-1]['data/skipped_region_feats'] == stats['skipped_region_feats']
 
   # The check runs at every log line once enough examples were seen (lowered

@@ -9,22 +9,16 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cmal_jax import checkpoint, jobs
-from cmal_testutil import (CMAL_LOSSES, assert_trees_equal, fast_step,
-                           read_json, read_jsonl, train_lines)
-from configs import pretrain
+from cmal_testutil import (CMAL_LOSSES, SHARED_STEPS, assert_trees_equal,
+                           read_json, read_jsonl, shared_tiny, train_lines)
 
-N = 20  # Run A stops here, then resumes to N + 10.
+N = SHARED_STEPS - 10  # Run A stops here, then resumes to N + 10.
 
 
 def resume_config(world_dir, stop_at_step):
-  # 30 steps, 8 retrieval images and fast_step, as test_reliability's runs:
-  # the same programs, compiled once through the session's XLA cache.
-  c = fast_step(pretrain.get_config('tiny'))
-  c.data.dir = world_dir
-  c.total_steps, c.log_every, c.checkpoint_every = N + 10, 1, 1000
-  c.stop_at_step = stop_at_step
-  c.eval.retrieval_images = 8
-  return c
+  # The suite's shared runs' program, compiled once through its XLA cache.
+  return shared_tiny(world_dir, log_every=1, checkpoint_every=1000,
+                     stop_at_step=stop_at_step)
 
 
 def restore_params(workdir, config, step):

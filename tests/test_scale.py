@@ -16,7 +16,7 @@ from cmal_jax import (configlib, jobs, main, objectives, pretraining, sharding,
                       train_step)
 from cmal_jax.data import pipeline
 from cmal_jax.model.cmal import CMAL, ModelConfig
-from cmal_testutil import fast_step, random_batch
+from cmal_testutil import SHARED_STEPS, random_batch, shared_tiny
 from configs import pretrain
 
 SPECIALS = objectives.SpecialTokens(0, 101, 102, 103, 30522)
@@ -169,10 +169,8 @@ def test_eval_pass_drops_only_the_last_partial_global_batch(world_dir):
 
 def test_compile_only_reports_memory_and_flops(world_dir, tmp_path,
                                                compilation_cache):
-  # fast_step and 30 steps: the program of the suite's shared tiny runs
-  # (conftest.pretrained_tiny), loaded from the session's cache.
-  c = fast_step(config_with(data__dir=world_dir, total_steps=30,
-                            compile_only=True))
+  # The program of the suite's shared tiny runs, loaded from the cache.
+  c = shared_tiny(world_dir, compile_only=True)
   report = jobs.train_and_evaluate(c, str(tmp_path))
   assert report['mesh'] == {'data': 1, 'fsdp': 1, 'tensor': 1}
   assert report['devices'] == 1 and report['sharding'] == 'dp'
@@ -189,8 +187,8 @@ def test_compile_only_reports_memory_and_flops(world_dir, tmp_path,
   assert not os.path.exists(tmp_path / 'checkpoints')  # Nothing trained.
   # Four micro-batches: the same FLOPs per step (XLA's count of the loop
   # body is not taken as the step's), fewer live activations.
-  c = config_with(data__dir=world_dir, total_steps=30, compile_only=True,
-                  grad_accum_steps=4)
+  c = config_with(data__dir=world_dir, total_steps=SHARED_STEPS,
+                  compile_only=True, grad_accum_steps=4)
   micro = jobs.train_and_evaluate(c, str(tmp_path / 'micro'))
   assert micro['state_bytes'] == report['state_bytes']
   assert micro['temp_bytes'] < report['temp_bytes']

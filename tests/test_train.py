@@ -163,8 +163,10 @@ def test_run_writes_what_it_promises(learn_run, world_dir):
 
 # Slow (100 steps, its own compile): the CMCL recipe's config and ITC pass
 # stay in the default run through test_itc_embeddings_match_the_full_pass
-# below ('tiny,cmcl'), ITC training and ITC retrieval through
-# test_semmim.py::test_semmim_pretraining_learns (semmim trains ITC).
+# below ('tiny,cmcl'), ITC's train step through
+# test_semmim.py::test_train_step_moves_the_momentum_encoder (SemMIM trains
+# ITC). ITC retrieval at evaluation runs only in slow tests (this one and
+# test_semmim.py::test_semmim_pretraining_learns).
 @pytest.mark.slow
 def test_cmcl_recipe_trains(tmp_path, world_dir):
   config = fast_step(
