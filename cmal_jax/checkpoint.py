@@ -1,6 +1,7 @@
 """Orbax CheckpointManager saving the train state, the Grain iterator and
-the run's signature together, so a restored run continues exactly where it
-stopped, and only if it is the same kind of run."""
+the run's signature and identity together, so a restored run continues
+exactly where it stopped, and only if it is the same run
+(run_identity.py)."""
 
 import dataclasses
 import json
@@ -14,9 +15,10 @@ import orbax.checkpoint as ocp
 
 from etils import epath
 
-from cmal_jax import guards, storage
+from cmal_jax import run_identity, storage
+from cmal_jax.logs import log
 
-ITEMS = ('state', 'data', 'signature')
+ITEMS = ('state', 'data', 'signature', 'identity')
 
 
 class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
@@ -73,34 +75,60 @@ def make_manager(workdir, config):
 
 
 def save(manager, step, state, data_iter, config):
-  """Saves state, iterator position and signature at `step`; atomic (Orbax
+  """Saves state, iterator position, signature and identity at `step`;
+  atomic (Orbax
   writes a temporary folder and renames it when complete), so a crash never
   leaves a checkpoint that restore would take for complete."""
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=DataSave(data_iter),
-      signature=ocp.args.JsonSave(guards.signature(config))), force=True)
+      signature=ocp.args.JsonSave(run_identity.signature(config)),
+      identity=ocp.args.JsonSave(run_identity.identity(config))), force=True)
   manager.wait_until_finished()
 
 
-def check_signature(manager, step, config):
-  """Raises ValueError if checkpoint `step` was made by a run whose model,
-  size or recipe differ from `config`'s."""
+def check_resume(manager, step, config):
+  """Checks that `config` may resume checkpoint `step`; returns the identity
+  changes it accepted ({field: (checkpoint value, config value)}, empty when
+  none).
+
+  Raises ValueError if the checkpoint was made by a run whose model, size or
+  recipe differ (never resumable), or whose identity differs and
+  config.resume is not 'allow_changes'.
+  """
+  where = f'{manager.directory}/{step}'
   saved = manager.restore(step, args=ocp.args.Composite(
       signature=ocp.args.JsonRestore()))['signature']
-  mismatches = guards.signature_mismatches(saved, guards.signature(config))
+  mismatches = run_identity.signature_mismatches(
+      saved, run_identity.signature(config))
   if mismatches:
     raise ValueError(
-        f'{manager.directory}/{step} holds a checkpoint of a different run '
+        f'{where} holds a checkpoint of a different run '
         f'and will not be resumed: ' + '; '.join(mismatches) + '. Use another '
         "--workdir, or --config.resume=fresh to move the old checkpoints "
         'aside and start over.')
+  if not (epath.Path(manager.directory) / str(step) / 'identity').exists():
+    log(f'{where} predates the run identity: only its model was checked.')
+    return {}
+  saved = manager.restore(step, args=ocp.args.Composite(
+      identity=ocp.args.JsonRestore()))['identity']
+  changes = run_identity.identity_changes(saved,
+                                          run_identity.identity(config))
+  if changes and config.resume != 'allow_changes':
+    raise ValueError(
+        f'{where} was made with another config, so resuming would change how '
+        f'its weights are made: {run_identity.describe_changes(changes)}. '
+        "Run with the checkpoint's values, add --config.resume=allow_changes "
+        'to accept the change (recorded in run_info.json; the old config.json '
+        'is kept), use another --workdir, or --config.resume=fresh to move '
+        'the old checkpoints aside and start over.')
+  return changes
 
 
 def restore(manager, abstract_state, data_iter, step=None):
   """Restores the latest (or given) step into `abstract_state`'s shardings and
   moves `data_iter` to where it was. Returns the state, or None if the
-  workdir holds no checkpoint. Call check_signature first (train.py does,
+  workdir holds no checkpoint. Call check_resume first (train.py does,
   before it builds the state)."""
   step = manager.latest_step() if step is None else step
   if step is None:

@@ -236,7 +236,9 @@ def base_config(size, recipe):
   c.checkpoint_every = 100 if size == 'tiny' else 500
   c.keep_checkpoints = 3
   # 'auto': continue from the workdir's checkpoint (refused if it is of
-  # another model, size or recipe); 'fresh': move old checkpoints aside.
+  # another run: run_identity.py); 'allow_changes': also when config fields
+  # that change the weights differ (recorded in run_info.json); 'fresh':
+  # move old checkpoints aside.
   c.resume = 'auto'
   # Non-finite loss or gradient: the update is skipped and counted; this many
   # in a row stop the run.

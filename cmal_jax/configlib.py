@@ -3,7 +3,7 @@ message that names the field."""
 
 import ml_collections
 
-from cmal_jax import recipes
+from cmal_jax import recipes, run_identity
 from cmal_jax.data import tasks
 from cmal_jax.model import bert_init
 from cmal_jax.model.pixels import pixel_config
@@ -96,8 +96,9 @@ def validate(config: ml_collections.ConfigDict):
       _fail(field, config[field], 'must be a positive integer')
   if not isinstance(config.stop_at_step, int) or config.stop_at_step < 0:
     _fail('stop_at_step', config.stop_at_step, 'must be an integer >= 0')
-  if config.resume not in ('auto', 'fresh'):
-    _fail('resume', config.resume, "must be 'auto' or 'fresh'")
+  if config.resume not in run_identity.RESUME_MODES:
+    _fail('resume', config.resume,
+          f'must be one of {run_identity.RESUME_MODES}')
   if not isinstance(config.max_nonfinite_steps, int) or (
       config.max_nonfinite_steps <= 0):
     _fail('max_nonfinite_steps', config.max_nonfinite_steps,

@@ -1,30 +1,11 @@
-"""What keeps a long run trustworthy: preemption (SIGTERM), non-finite
-updates, and resuming only a compatible checkpoint."""
+"""What keeps a long run trustworthy: preemption (SIGTERM) and non-finite
+updates (resuming only the same run: run_identity.py)."""
 
-import json
 import signal
 
-from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-
-
-# Config fields that define the run's parameters and objectives: a checkpoint
-# made with other values is not resumed. Dropout and the activation dtype do
-# not change the parameters, so they may differ.
-SIGNATURE_FIELDS = ('size', 'recipe', 'model')
-# Model fields a resumed run may change: they leave the function alone
-# (dropout is training noise, dtype and remat trade precision or memory,
-# two_stream picks SemVLP's mode over the same parameters).
-FREE_MODEL_FIELDS = ('dropout', 'dtype', 'remat', 'two_stream')
-# Signature fields added after checkpoints were written: a checkpoint that
-# lacks one was made with this value (the behaviour before the field).
-SIGNATURE_DEFAULTS = {'model.hypersphere': True,
-                      'model.visual.input': 'regions',
-                      'model.cross_attention': False,
-                      'model.prototypes': 0,
-                      'model.moved_place': 'carried'}
 
 
 class Preemption:
@@ -110,33 +91,3 @@ class NonFiniteGuard:
 
 def _finite(x):
   return bool(jnp.isfinite(x))
-
-
-def signature(config):
-  """The config fields that shape the parameters, as plain JSON data."""
-  sig = json.loads(json.dumps({k: config[k] for k in SIGNATURE_FIELDS},
-                              default=lambda o: o.to_dict()))
-  for k in FREE_MODEL_FIELDS:
-    sig['model'].pop(k, None)
-  visual = sig['model'].get('visual', {})
-  if visual.get('input', 'regions') == 'pixels':
-    # The backbone's width is the feature width; region_feat_dim is unused.
-    sig['model'].pop('region_feat_dim', None)
-  else:  # Region features: the backbone fields shape nothing.
-    sig['model']['visual'] = {'input': 'regions'}
-  if config.task != 'pretrain':  # The task head's shape.
-    sig['task'] = config.task
-    if config.task == 'vqa':
-      sig['num_answers'] = config.finetune.num_answers
-  return sig
-
-
-def signature_mismatches(saved, current):
-  """['model.hidden_dim: checkpoint 64, config 256', ...] (sorted)."""
-  saved = {**SIGNATURE_DEFAULTS, **traverse_util.flatten_dict(saved, sep='.')}
-  current = traverse_util.flatten_dict(current, sep='.')
-  for k in FREE_MODEL_FIELDS:  # Older checkpoints kept some of them.
-    saved.pop(f'model.{k}', None)
-  return [f'{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
-          for k in sorted(set(saved) | set(current))
-          if saved.get(k) != current.get(k)]

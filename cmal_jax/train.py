@@ -1,7 +1,7 @@
 """The training loop, top to bottom, for any job (jobs.py hands it one:
 pre-training or a downstream task):
 
-  1. setup: config check, mesh, the job (data generated if missing, model,
+  1. setup: config check, the workdir's lock, mesh, the job (data generated if missing, model,
      loss, evaluation: make_job, pretraining's or finetune's)
   2. optimizer and a sharded train state (fine-tuning: init_from merged in)
   3. resume from the workdir's latest checkpoint
@@ -22,7 +22,8 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from cmal_jax import checkpoint, configlib, guards, logs, sharding, storage
+from cmal_jax import (checkpoint, configlib, guards, logs, run_identity,
+                      sharding, storage, workdir_lock)
 from cmal_jax.checkpoint import BestCheckpoint, best_dir
 from cmal_jax.data import pipeline
 from cmal_jax.logs import log
@@ -47,9 +48,16 @@ def run(config, workdir, make_job):
   Returns the final evaluation dict (also written to workdir/eval.json), or
   None when config.stop_at_step ended the run before total_steps.
   """
-  # 1. Setup.
   configlib.validate(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or gs://.
+  if config.compile_only:  # Writes compile.json only: no lock needed.
+    return _run(config, workdir, make_job)
+  with workdir_lock.hold(workdir):  # One writer per workdir.
+    return _run(config, workdir, make_job)
+
+
+def _run(config, workdir, make_job):
+  # 1. Setup.
   mesh = sharding.mesh_from_config(config)
   axis_rules = sharding.rules(config)
   local_batch = sharding.per_process_batch_size(config.batch_size, mesh)
@@ -63,8 +71,9 @@ def run(config, workdir, make_job):
     return compile_report(job, config, workdir, mesh, axis_rules,
                           next(train_iter))
 
-  # 2. Checkpoints: only a checkpoint of the same kind of run resumes; the
-  # check comes before the (for big models, slow) state initialisation.
+  # 2. Checkpoints: only a checkpoint of the same run resumes (identity
+  # changes only with resume='allow_changes'); the check comes before the
+  # (for big models, slow) state initialisation.
   if config.resume == 'fresh' and jax.process_index() == 0 and epath.Path(
       checkpoint.checkpoint_dir(workdir)).exists():
     for old in (checkpoint.checkpoint_dir(workdir), best_dir(workdir),
@@ -74,8 +83,9 @@ def run(config, workdir, make_job):
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('resume_fresh')
   manager = checkpoint.make_manager(workdir, config)
+  changes = {}
   if manager.latest_step() is not None:
-    checkpoint.check_signature(manager, manager.latest_step(), config)
+    changes = checkpoint.check_resume(manager, manager.latest_step(), config)
 
   # 3. Optimizer and state; restored if the workdir holds a checkpoint, else
   # (fine-tuning with init_from) the pre-trained parameters merged in.
@@ -99,13 +109,7 @@ def run(config, workdir, make_job):
       state = state.replace(extra=job.loss.extra_state(params))
   step = int(state.step)
   if jax.process_index() == 0:
-    storage.write_text_atomic(epath.Path(workdir) / 'config.json',
-                             config.to_json_best_effort(indent=2))
-    # One line per start; read and rewritten, as GCS cannot append.
-    info = epath.Path(workdir) / 'run_info.json'
-    storage.write_text_atomic(info, (info.read_text() if info.exists() else '')
-                             + json.dumps(dict(logs.run_info(mesh),
-                                               start_step=step)) + '\n')
+    record_start(workdir, config, mesh, step, changes)
 
   # 4. The jitted step; the state is donated, so it is updated in place.
   step_fn = jit_train_step(job.loss, config, schedule, state_shardings,
@@ -217,6 +221,30 @@ def run(config, workdir, make_job):
 
 
 # ---------------------------------------------------------------- helpers
+
+def record_start(workdir, config, mesh, step, changes):
+  """Writes config.json and appends this start to run_info.json. A start
+  that changed the run's identity (resume='allow_changes') keeps the
+  previous config.json as config.until_step_<step>.json and lists the
+  changes in its run_info line."""
+  config_path = epath.Path(workdir) / 'config.json'
+  if changes:
+    log(f'config.resume=allow_changes: step {step} resumes with '
+        f'{run_identity.describe_changes(changes)}.')
+    if config_path.exists():
+      storage.write_text_atomic(
+          epath.Path(workdir) / f'config.until_step_{step}.json',
+          config_path.read_text())
+  storage.write_text_atomic(config_path, config.to_json_best_effort(indent=2))
+  line = dict(logs.run_info(mesh), start_step=step)
+  if changes:
+    line['identity_changes'] = {k: dict(checkpoint=old, config=new)
+                                for k, (old, new) in changes.items()}
+  # One line per start; read and rewritten, as GCS cannot append.
+  info = epath.Path(workdir) / 'run_info.json'
+  storage.write_text_atomic(info, (info.read_text() if info.exists() else '')
+                           + json.dumps(line) + '\n')
+
 
 def compile_report(job, config, workdir, mesh, axis_rules, local_batch):
   """config.compile_only: compiles the train step for `mesh` from abstract

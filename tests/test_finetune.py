@@ -25,8 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cmal_jax import (checkpoint, configlib, finetune, guards, jobs, sharding,
-                      task_metrics, train_step)
+from cmal_jax import (checkpoint, configlib, finetune, jobs, run_identity,
+                      sharding, task_metrics, train_step)
 from cmal_jax.data import pipeline, task_pipeline, tasks
 from cmal_jax.world import scenes, task_examples
 from cmal_jax.model.cmal import (CMAL, ENCODER_PARAMS, ModelConfig,
@@ -370,7 +370,7 @@ def narrow_checkpoint(tmp_path_factory):
                                            enable_async_checkpointing=False))
   manager.save(1, args=ocp.args.Composite(
       state=ocp.args.StandardSave({'step': np.int32(1), 'params': params}),
-      signature=ocp.args.JsonSave(guards.signature(c))))
+      signature=ocp.args.JsonSave(run_identity.signature(c))))
   manager.wait_until_finished()
   manager.close()
   return workdir

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmal_jax import (checkpoint, configlib, finetune, guards, jobs,
+from cmal_jax import (checkpoint, configlib, finetune, jobs, run_identity,
                       pretraining, train_step)
 from cmal_jax.data import (image_store, pipeline, records, task_pipeline,
                            tasks)
@@ -157,19 +157,19 @@ def test_pixel_and_region_checkpoints_are_not_mixed(pixel_pretrained,
   # resume: the signature differs in model.visual.input.
   region = pretrain.get_config('tiny')
   pixel = pixel_pretrain_config('', 'given')
-  mismatches = guards.signature_mismatches(guards.signature(pixel),
-                                           guards.signature(region))
+  mismatches = run_identity.signature_mismatches(run_identity.signature(pixel),
+                                           run_identity.signature(region))
   assert "model.visual.input: checkpoint 'pixels', config 'regions'" in (
       mismatches)
   # A checkpoint from before model.visual existed is a region one.
-  old = guards.signature(region)
+  old = run_identity.signature(region)
   del old['model']['visual']
-  assert guards.signature_mismatches(old, guards.signature(region)) == []
+  assert run_identity.signature_mismatches(old, run_identity.signature(region)) == []
   # Pixel runs may change the (unused) region_feat_dim and resume.
   other = pixel_pretrain_config('', 'given')
   other.model.region_feat_dim = 2048
-  assert guards.signature_mismatches(guards.signature(pixel),
-                                     guards.signature(other)) == []
+  assert run_identity.signature_mismatches(run_identity.signature(pixel),
+                                     run_identity.signature(other)) == []
 
 
 def test_export_refuses_a_pixel_model(pixel_pretrained, tmp_path):

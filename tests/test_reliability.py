@@ -10,6 +10,7 @@ subprocesses share a persistent XLA cache so only the first one compiles.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,14 +21,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cmal_jax import (checkpoint, guards, jobs, logs, metrics, objectives,
-                      pretraining, sharding, train, train_step)
+from cmal_jax import (checkpoint, jobs, logs, metrics, objectives,
+                      pretraining, run_identity, sharding, train, train_step,
+                      workdir_lock)
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.model.cmal import CMAL, ModelConfig
 from cmal_testutil import (SHARED_STEPS, assert_trees_equal, good_pair,
                            random_batch, read_json, read_jsonl, shared_tiny,
                            train_lines, write_dataset)
+from configs import finetune as finetune_config
 from configs import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,6 +141,28 @@ def test_kill_9_mid_run_resumes_bitwise(cli, reference, tmp_path):
   assert read_json(workdir, 'eval.json') == read_json(reference, 'eval.json')
 
 
+@pytest.mark.slow
+def test_a_second_start_on_a_running_workdir_fails_and_changes_nothing(
+    cli, reference, tmp_path):
+  """Two starts on one workdir (a re-submitted job): the second fails at
+  once naming the first; the first ends exactly as a lone run."""
+  start, run = cli
+  workdir = str(tmp_path)
+  first = start(workdir)
+  wait_for_step(first, workdir, 2)
+  code, out, err = run(workdir)
+  assert code != 0
+  assert 'is in use by another run' in err and f'pid {first.pid}' in err, (
+      err[-3000:])
+  out, err = first.communicate(timeout=600)
+  assert first.returncode == 0, err[-3000:]
+  assert_same_state(final_state(workdir), final_state(reference))
+  assert_metrics_once_per_step(workdir)
+  assert read_json(workdir, 'eval.json') == read_json(reference, 'eval.json')
+  assert len(read_jsonl(workdir, 'run_info.json')) == 1
+  assert not os.path.exists(os.path.join(workdir, 'lock.json'))
+
+
 # Runs inside the child: SIGKILL itself when Orbax is about to rename the
 # finished temporary folder of step 12 into place (all files written).
 KILL_IN_SAVE = '''
@@ -204,14 +229,82 @@ def test_a_checkpoint_older_than_a_model_field_takes_its_old_behaviour():
   hypersphere on: it resumes under the default, and not with it off; remat
   may change on resume."""
   config = pretrain.get_config('tiny')
-  old = guards.signature(config)
+  old = run_identity.signature(config)
   del old['model']['hypersphere']
   old['model']['remat'] = 'none'  # Signed before remat was free.
-  assert guards.signature_mismatches(old, guards.signature(config)) == []
+  assert run_identity.signature_mismatches(old, run_identity.signature(config)) == []
   config.model.hypersphere = False
   config.model.remat = 'full'
-  assert guards.signature_mismatches(old, guards.signature(config)) == [
+  assert run_identity.signature_mismatches(old, run_identity.signature(config)) == [
       'model.hypersphere: checkpoint True, config False']
+
+
+# One config per identity field group, each with the field it changes
+# (test_resume_refuses_a_changed_identity).
+IDENTITY_CHANGES = {
+    'schedule': ('total_steps', 60),
+    'optimizer': ('optim.lr', 3e-3),
+    'batch': ('batch_size', 16),
+    'seed': ('seed', 7),
+    'data': ('data.dir', '/elsewhere'),
+    'cmap': ('cmap.select_prob', 0.25),
+    'loss': ('loss.mlm_prob', 0.3),
+    'model noise': ('model.dropout', 0.0),
+    'init': ('init.bert', '/some/bert'),
+}
+
+
+def save_records(directory, config, step=1):
+  """A checkpoint folder holding only `config`'s signature and identity: all
+  check_resume reads."""
+  manager = checkpoint.make_manager(directory, config)
+  manager.save(step, args=ocp.args.Composite(
+      signature=ocp.args.JsonSave(run_identity.signature(config)),
+      identity=ocp.args.JsonSave(run_identity.identity(config))))
+  manager.wait_until_finished()
+  return manager
+
+
+@pytest.mark.parametrize('group', sorted(IDENTITY_CHANGES))
+def test_resume_refuses_a_changed_identity(group, tmp_path):
+  config = pretrain.get_config('tiny')
+  manager = save_records(str(tmp_path), config)
+  field, value = IDENTITY_CHANGES[group]
+  changed = pretrain.get_config('tiny')
+  changed.update_from_flattened_dict({field: value})
+  old = run_identity.identity(config)[field]
+  with pytest.raises(ValueError) as e:
+    checkpoint.check_resume(manager, 1, changed)
+  message = str(e.value)
+  assert f'{field}: checkpoint {old!r}, config {value!r}' in message
+  assert message.count(': checkpoint ') == 1  # Only that field.
+  assert '--config.resume=allow_changes' in message
+  # Accepted and returned when asked for.
+  changed.resume = 'allow_changes'
+  assert checkpoint.check_resume(manager, 1, changed) == {field: (old, value)}
+
+
+def test_resume_free_fields_are_not_the_identity(tmp_path):
+  """Logging, evaluation, saving and the device layout may change."""
+  config = pretrain.get_config('tiny')
+  manager = save_records(str(tmp_path), config)
+  free = pretrain.get_config('tiny')
+  free.update_from_flattened_dict({
+      'log_every': 3, 'checkpoint_every': 7, 'keep_checkpoints': 1,
+      'stop_at_step': 5, 'eval.every_steps': 4, 'eval.retrieval_images': 8,
+      'mesh.shape': (1, 1, 1), 'grad_accum_steps': 2, 'model.remat': 'full',
+      'data.num_threads': 1, 'max_nonfinite_steps': 3})
+  assert checkpoint.check_resume(manager, 1, free) == {}
+
+
+def test_every_resume_free_field_names_a_config_field():
+  """A misspelt entry would free nothing and go unnoticed."""
+  names = set()
+  for c in (pretrain.get_config('tiny'), finetune_config.get_config('vqa')):
+    flat = c.to_dict()
+    names |= set(flat) | {f'{k}.{j}' for k, v in flat.items()
+                          if isinstance(v, dict) for j in v}
+  assert set(run_identity.RESUME_FREE_FIELDS) - names == set()
 
 
 def test_resume_refuses_a_different_model(world_dir, tmp_path,
@@ -222,24 +315,41 @@ def test_resume_refuses_a_different_model(world_dir, tmp_path,
   other = shared_tiny(world_dir)
   other.model.hidden_dim = 32
   other.model.mlp_dim = 128
-  other.model.dropout = 0.0  # Free to change: not part of the signature.
   with pytest.raises(ValueError) as e:
     jobs.train_and_evaluate(other, workdir)
   message = str(e.value)
   assert 'checkpoints/2 holds a checkpoint of a different run' in message
   assert 'model.hidden_dim: checkpoint 64, config 32' in message
   assert 'model.mlp_dim: checkpoint 256, config 128' in message
-  assert 'dropout' not in message
   assert '--config.resume=fresh' in message
+  # The model is never resumable, even when changes are allowed.
+  other.resume = 'allow_changes'
+  with pytest.raises(ValueError, match='holds a checkpoint of a different'):
+    jobs.train_and_evaluate(other, workdir)
 
-  # Another dropout is not part of the signature, so that run would resume
-  # (without a compile of its own here; resuming: test_resume.py). The same
-  # run goes on.
-  other_dropout = shared_tiny(world_dir)
-  other_dropout.model.dropout = 0.0
-  assert guards.signature_mismatches(guards.signature(config),
-                                     guards.signature(other_dropout)) == []
-  same = shared_tiny(world_dir, stop_at_step=3)
+  # Another seed and steps are another run: refused, naming both, before
+  # anything is written.
+  before = os.listdir(workdir), read_json(workdir, 'config.json')
+  changed = shared_tiny(world_dir, stop_at_step=3, seed=5, total_steps=40)
+  with pytest.raises(ValueError) as e:
+    jobs.train_and_evaluate(changed, workdir)
+  assert ('seed: checkpoint 0, config 5; total_steps: checkpoint 30, '
+          'config 40') in str(e.value)
+  assert (os.listdir(workdir), read_json(workdir, 'config.json')) == before
+  # Allowed, the seed change (the same program: no compile of its own) is
+  # recorded with its step; the previous config.json is kept.
+  allowed = shared_tiny(world_dir, stop_at_step=3, seed=5,
+                        resume='allow_changes')
+  assert jobs.train_and_evaluate(allowed, workdir) is None
+  starts = read_jsonl(workdir, 'run_info.json')
+  assert [s['start_step'] for s in starts] == [0, 2]
+  assert 'identity_changes' not in starts[0]
+  assert starts[1]['identity_changes'] == {
+      'seed': {'checkpoint': 0, 'config': 5}}
+  assert read_json(workdir, 'config.until_step_2.json')['seed'] == 0
+  assert read_json(workdir, 'config.json')['seed'] == 5
+  # The checkpoint it saved carries the new identity: the same run goes on.
+  same = shared_tiny(world_dir, stop_at_step=4, seed=5)
   assert jobs.train_and_evaluate(same, workdir) is None
 
   # resume=fresh moves the old checkpoints aside and starts over (the same
@@ -250,7 +360,93 @@ def test_resume_refuses_a_different_model(world_dir, tmp_path,
   aside = [n for n in os.listdir(workdir)
            if n.startswith('checkpoints.replaced-')]
   assert len(aside) == 1
-  assert sorted(os.listdir(os.path.join(workdir, aside[0]))) == ['2', '3']
+  assert sorted(os.listdir(os.path.join(workdir, aside[0]))) == [
+      '2', '3', '4']
+
+
+# ---------------------------------------------------- one writer per workdir
+
+def plant_lock(workdir, **holder):
+  now = time.time()
+  content = dict(dict(host=socket.gethostname(), pid=os.getpid(),
+                      started=now, heartbeat=now, token='planted'), **holder)
+  with open(os.path.join(workdir, 'lock.json'), 'w') as f:
+    json.dump(content, f)
+
+
+def workdir_bytes(workdir):
+  """Every file of the workdir, path -> bytes."""
+  files = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        files[os.path.relpath(path, workdir)] = f.read()
+  return files
+
+
+def test_a_held_workdir_refuses_a_start_and_a_dead_holder_is_taken_over(
+    world_dir, tmp_path, compilation_cache, capsys):
+  workdir = str(tmp_path)
+  assert jobs.train_and_evaluate(
+      shared_tiny(world_dir, stop_at_step=2), workdir) is None
+  assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # Released.
+  holder = subprocess.Popen([sys.executable, '-c',
+                             'import time; time.sleep(600)'])
+  try:
+    plant_lock(workdir, pid=holder.pid, started=1.7e9)
+    before = workdir_bytes(workdir)
+    with pytest.raises(workdir_lock.WorkdirInUse) as e:
+      jobs.train_and_evaluate(shared_tiny(world_dir, stop_at_step=3), workdir)
+    message = str(e.value)
+    assert f'host {socket.gethostname()}, pid {holder.pid}, started ' in message
+    assert time.strftime('%Y-%m-%d %H:%M:%S',
+                         time.localtime(1.7e9)) in message
+    assert workdir_bytes(workdir) == before  # Nothing written, nothing moved.
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder is gone (same host): its lock is taken over and the run goes
+  # on; its own lock is released at the end.
+  capsys.readouterr()
+  assert jobs.train_and_evaluate(
+      shared_tiny(world_dir, stop_at_step=3), workdir) is None
+  assert f'taking over the lock of host {socket.gethostname()}, pid ' \
+      f'{holder.pid}: its process {holder.pid} on this host is gone' in (
+          capsys.readouterr().out)
+  assert not os.path.exists(os.path.join(workdir, 'lock.json'))
+  assert [s['start_step'] for s in read_jsonl(workdir, 'run_info.json')] == [
+      0, 2]
+
+
+def test_a_lock_of_another_host_is_stale_only_without_heartbeat():
+  now = time.time()
+  elsewhere = dict(host='other-host', pid=os.getpid(), started=now - 7200)
+  assert workdir_lock.stale_reason(dict(elsewhere, heartbeat=now - 30)) == ''
+  old = now - workdir_lock.STALE_AFTER_SECONDS - 1
+  assert workdir_lock.stale_reason(dict(elsewhere, heartbeat=old)) == (
+      f'its heartbeat is {workdir_lock.STALE_AFTER_SECONDS + 1} s old '
+      f'(stale after {workdir_lock.STALE_AFTER_SECONDS} s)')
+  # This host, a live process: live.
+  here = dict(host=socket.gethostname(), pid=os.getpid(), started=now)
+  assert workdir_lock.stale_reason(dict(here, heartbeat=now)) == ''
+
+
+def test_the_lock_heartbeat_is_refreshed_and_release_removes_it(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lock, 'HEARTBEAT_SECONDS', 0.05)
+  with workdir_lock.hold(str(tmp_path)) as lock:
+    path = tmp_path / 'lock.json'
+    first = json.loads(path.read_text())
+    assert first['pid'] == os.getpid() and first['token'] == lock.content[
+        'token']
+    deadline = time.time() + 10
+    while json.loads(path.read_text())['heartbeat'] == first['heartbeat']:
+      assert time.time() < deadline, 'no heartbeat'
+      time.sleep(0.02)
+    with pytest.raises(workdir_lock.WorkdirInUse, match='in use by another'):
+      workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+  assert not path.exists()
 
 
 # --------------------------------------------------------- non-finite values
