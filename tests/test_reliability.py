@@ -65,11 +65,12 @@ def cli(world_dir, compilation_cache):
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
 
-  def start(workdir, *extra, prelude=''):
-    args = ['--config=configs/pretrain.py:tiny', f'--workdir={workdir}',
-            f'--config.data.dir={world_dir}', f'--config.total_steps={TOTAL}',
-            '--config.log_every=1', '--config.checkpoint_every=4',
-            '--config.eval.retrieval_images=8', *extra]
+  def start(workdir, *extra, prelude='', job=None):
+    args = [*(job or [
+        '--config=configs/pretrain.py:tiny', f'--config.data.dir={world_dir}',
+        f'--config.total_steps={TOTAL}', '--config.checkpoint_every=4',
+        '--config.eval.retrieval_images=8']),
+            f'--workdir={workdir}', '--config.log_every=1', *extra]
     if prelude:  # Code run before main, e.g. to plant a crash.
       code = (f'{prelude}\nimport sys\nfrom absl import app\n'
               'from cmal_jax import main\n'
@@ -164,17 +165,18 @@ def test_a_second_start_on_a_running_workdir_fails_and_changes_nothing(
 
 
 # Runs inside the child: SIGKILL itself when Orbax is about to rename the
-# finished temporary folder of step 12 into place (all files written).
-KILL_IN_SAVE = '''
+# finished temporary folder of step {step} into place (all files written).
+KILL_IN_SAVE_AT = '''
 import os, signal
 from orbax.checkpoint._src.path import atomicity
 _finalize = atomicity.AtomicRenameTemporaryPath.finalize
 async def finalize(self, *args, **kwargs):
-  if os.path.basename(str(self.get_final())) == '12':
+  if os.path.basename(str(self.get_final())) == '{step}':
     os.kill(os.getpid(), signal.SIGKILL)
   return await _finalize(self, *args, **kwargs)
 atomicity.AtomicRenameTemporaryPath.finalize = finalize
 '''
+KILL_IN_SAVE = KILL_IN_SAVE_AT.format(step=12)
 
 
 @pytest.mark.slow
@@ -196,6 +198,86 @@ def test_kill_during_checkpoint_save(cli, reference, tmp_path):
   assert 'Resumed from' in out and 'at step 8' in out
   assert_same_state(final_state(workdir), final_state(reference))
   assert_metrics_once_per_step(workdir)
+
+
+# Runs inside the child: SIGKILL itself right after step {step}'s metrics
+# line is written.
+KILL_AFTER_STEP = '''
+import os, signal
+from cmal_jax import metrics
+_write = metrics.MetricWriter.write
+def write(self, step, *args, **kwargs):
+  _write(self, step, *args, **kwargs)
+  if step == {step}:
+    os.kill(os.getpid(), signal.SIGKILL)
+metrics.MetricWriter.write = write
+'''
+
+
+def kill_at_five_moments(cli, workdir, job, total, saves, seed):
+  """Kills a run with SIGKILL at five moments drawn with `seed`, resuming
+  after each, then runs it to the end: three right after a random step,
+  two in the middle of a checkpoint save (of a step in `saves`), all at
+  different steps, in increasing order. Returns the moments."""
+  _, run = cli
+  rng = np.random.default_rng(seed)
+  save_steps = rng.choice(saves, 2, replace=False).tolist()
+  free = [s for s in range(1, total) if s not in saves]
+  kill_steps = rng.choice(free, 3, replace=False).tolist()
+  moments = sorted([('step', s) for s in kill_steps]
+                   + [('save', s) for s in save_steps], key=lambda m: m[1])
+  for kind, step in moments:
+    prelude = (KILL_IN_SAVE_AT if kind == 'save' else KILL_AFTER_STEP).format(
+        step=step)
+    code, out, err = run(workdir, prelude=prelude, job=job)
+    assert code == -signal.SIGKILL, (moments, kind, step, err[-3000:])
+  code, out, err = run(workdir, job=job)
+  assert code == 0, (moments, err[-3000:])
+  return moments
+
+
+@pytest.mark.slow
+def test_five_kills_pretraining_ends_bitwise_as_uninterrupted(
+    cli, reference, tmp_path):
+  workdir = str(tmp_path)
+  moments = kill_at_five_moments(cli, workdir, None, TOTAL,
+                                 saves=list(range(4, TOTAL, 4)), seed=0)
+  assert len(moments) == 5
+  assert_same_state(final_state(workdir), final_state(reference))
+  assert_metrics_once_per_step(workdir)
+  assert read_json(workdir, 'eval.json') == read_json(reference, 'eval.json')
+
+
+FT_TOTAL = 16
+
+
+def finetune_job(data_dir):
+  """Tiny VE from random init: checkpoints every 2 steps, evaluated (and
+  the best checkpoint saved) every 4."""
+  return ['--config=configs/finetune.py:ve,tiny',
+          f'--config.total_steps={FT_TOTAL}', '--config.checkpoint_every=2',
+          '--config.eval.every_steps=4', '--config.world.num_train=32',
+          '--config.world.num_eval=16', '--config.world.num_test=16'] + (
+              [f'--config.data.dir={data_dir}'] if data_dir else [])
+
+
+@pytest.mark.slow
+def test_five_kills_finetuning_ends_bitwise_as_uninterrupted(cli, tmp_path):
+  _, run = cli
+  reference = str(tmp_path / 'reference')
+  code, out, err = run(reference, job=finetune_job(''))
+  assert code == 0, err[-3000:]
+  workdir = str(tmp_path / 'killed')
+  data = os.path.join(reference, 'data')
+  moments = kill_at_five_moments(cli, workdir, finetune_job(data), FT_TOTAL,
+                                 saves=list(range(2, FT_TOTAL, 2)), seed=1)
+  assert len(moments) == 5
+  assert_trees_equal(final_state(workdir, FT_TOTAL),
+                     final_state(reference, FT_TOTAL), min_leaves=20)
+  want = read_json(reference, 'eval.json')
+  got = read_json(workdir, 'eval.json')
+  assert {k: got[k] for k in ('val', 'test', 'best_step')} == {
+      k: want[k] for k in ('val', 'test', 'best_step')}
 
 
 @pytest.mark.slow
