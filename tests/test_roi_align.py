@@ -1,7 +1,30 @@
-"""RoIAlign against a loop-by-loop numpy transcription of torchvision's CPU
-kernel. (No test against torchvision itself: the only torchvision wheel that
-pairs with the pinned torch 2.13 CPU build is a CUDA build whose import
-fails here, and a test that skips when it is missing would never run.)"""
+"""RoIAlign against torchvision and against a loop-by-loop numpy
+transcription of torchvision's CPU kernel.
+
+Against torchvision: torchvision cannot be imported beside the pinned torch
+2.13.0 CPU build (PyPI's torchvision fails with "operator torchvision::nms
+does not exist"), so its outputs were computed once, in a throwaway venv
+with torch 2.14.1 and torchvision 0.29.1 (the C++ CPU kernel), by
+tests/reference/make_roi_align_reference.py (its docstring has the exact
+commands) and committed as tests/reference/roi_align_torchvision.npz:
+4 feature maps [2, H, W, 3] (7x7, 12x12, 5x9, 10x7), on each image
+EDGE_BOXES (reversed and zero-size ones included) plus 6 random boxes; on
+the 7x7 map every output size in (2, 2), (4, 4), (3, 5), sampling ratio in
+1, 2, 3 and aligned in True, False, on the others each (output size,
+aligned) pair once with the ratio rotating: 36 cases.
+test_matches_torchvision checks roi_align equals torchvision's output, and
+roi_pool_mean its mean over the bins, to 1e-5 in every case (the largest
+difference seen was 3.2e-6, 1.2e-7 with jit off: compiled, XLA:CPU fuses
+multiply-adds such as a box's x * W - 0.5 into FMAs, which moves sample
+positions by an ulp or two). NaN boxes are not among
+them: torchvision 0.29.1 reads out of bounds on them (it crashed) where
+roi_align gives zeros.
+
+The numpy transcription (roi_align_reference below) runs on any input, so
+the other tests use it for what the stored cases do not cover (other
+shapes, jit, vmap, bfloat16, gradients)."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -42,31 +65,43 @@ def bilinear_reference(fm, y, x):
 
 
 def roi_align_reference(fm, boxes, output_size, sampling_ratio, aligned):
-  """fm [B, H, W, C], normalised boxes [B, R, 4] -> [B, R, P_h, P_w, C]."""
+  """fm [B, H, W, C], normalised boxes [B, R, 4] -> [B, R, P_h, P_w, C].
+
+  Sample positions are computed in float32, as the kernel computes them
+  for float32 inputs (T = float): a sample that lands exactly on -1 or H
+  in float32 is kept (it reads the border) where float64 can put it just
+  outside (0). EDGE_BOXES[8] does so on some maps (e.g. 5x9, output 3x5,
+  sampling_ratio 2, aligned=False: x = -1.0 in float32, -1.00000005 in
+  float64), and test_numpy_transcription_matches_torchvision caught it.
+  The interpolation and the sums are float64."""
+  f32 = np.float32
   fm = np.asarray(fm, np.float64)
   B, H, W, C = fm.shape
   P_h, P_w = output_size
   R = boxes.shape[1]
   out = np.zeros((B, R, P_h, P_w, C))
-  offset = 0.5 if aligned else 0.0
+  offset = f32(0.5 if aligned else 0.0)
   for b in range(B):
     for r in range(R):
-      x1, y1, x2, y2 = np.asarray(boxes[b, r], np.float64) * [W, H, W, H]
+      x1, y1, x2, y2 = (np.asarray(boxes[b, r], f32)
+                        * np.array([W, H, W, H], f32))
       start_w, start_h = x1 - offset, y1 - offset
       roi_w, roi_h = (x2 - offset) - start_w, (y2 - offset) - start_h
       if not aligned:
-        roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-      bin_h, bin_w = roi_h / P_h, roi_w / P_w
+        roi_w, roi_h = max(roi_w, f32(1.0)), max(roi_h, f32(1.0))
+      bin_h, bin_w = roi_h / f32(P_h), roi_w / f32(P_w)
       grid_h = grid_w = sampling_ratio
       count = max(grid_h * grid_w, 1)
       for ph in range(P_h):
         for pw in range(P_w):
           total = np.zeros(C)
           for iy in range(grid_h):
-            y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+            y = (start_h + f32(ph) * bin_h
+                 + f32(iy + 0.5) * bin_h / f32(grid_h))
             for ix in range(grid_w):
-              x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-              total += bilinear_reference(fm[b], y, x)
+              x = (start_w + f32(pw) * bin_w
+                   + f32(ix + 0.5) * bin_w / f32(grid_w))
+              total += bilinear_reference(fm[b], float(y), float(x))
           out[b, r, ph, pw] = total / count
   return out
 
@@ -126,7 +161,80 @@ def check_both(fm, boxes, output_size, sampling_ratio, aligned):
 
 
 # ---------------------------------------------------------------------------
+# torchvision's outputs, stored by tests/reference/make_roi_align_reference.py
+# (see the module docstring). Loaded at import, so a missing or unreadable
+# file fails collection rather than skipping anything.
+
+TORCHVISION_NPZ = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                               'reference', 'roi_align_torchvision.npz')
+
+with np.load(TORCHVISION_NPZ) as _data:  # allow_pickle=False: arrays only
+  TORCHVISION = {key: _data[key] for key in _data.files}
+TORCHVISION_CASES = [str(name) for name in TORCHVISION['case_names']]
+
+
+def torchvision_case(k):
+  """Case k: (feature map, boxes, output_size, sampling_ratio, aligned,
+  torchvision's [B, R, P_h, P_w, C] output)."""
+  m, p_h, p_w, sampling_ratio, aligned = (
+      int(v) for v in TORCHVISION['case_params'][k])
+  return (TORCHVISION[f'fm{m}'], TORCHVISION[f'boxes{m}'], (p_h, p_w),
+          sampling_ratio, bool(aligned), TORCHVISION[f'out{k}'])
+
+
+# ---------------------------------------------------------------------------
 # Tests.
+
+
+@pytest.mark.parametrize('k', range(len(TORCHVISION_CASES)),
+                         ids=TORCHVISION_CASES)
+def test_matches_torchvision(k):
+  """roi_align equals torchvision.ops.roi_align, and roi_pool_mean the mean
+  of its bins, to ATOL."""
+  fm, boxes, output_size, sampling_ratio, aligned, expected = (
+      torchvision_case(k))
+  name = TORCHVISION_CASES[k]
+  got = roi_align(jnp.asarray(fm), jnp.asarray(boxes), output_size,
+                  sampling_ratio, aligned)
+  np.testing.assert_allclose(np.asarray(got), expected, atol=ATOL, rtol=0,
+                             err_msg=f'roi_align vs torchvision, {name}')
+  pooled = roi_pool_mean(jnp.asarray(fm), jnp.asarray(boxes), output_size,
+                         sampling_ratio, aligned)
+  np.testing.assert_allclose(
+      np.asarray(pooled), expected.astype(np.float64).mean(axis=(2, 3)),
+      atol=ATOL, rtol=0, err_msg=f'roi_pool_mean vs torchvision bin mean, '
+      f'{name}')
+
+
+@pytest.mark.parametrize('k', range(len(TORCHVISION_CASES)),
+                         ids=TORCHVISION_CASES)
+def test_numpy_transcription_matches_torchvision(k):
+  """The loop-by-loop reference the other tests use is torchvision's."""
+  fm, boxes, output_size, sampling_ratio, aligned, expected = (
+      torchvision_case(k))
+  np.testing.assert_allclose(
+      roi_align_reference(fm, boxes, output_size, sampling_ratio, aligned),
+      expected, atol=ATOL, rtol=0,
+      err_msg=f'roi_align_reference vs torchvision, {TORCHVISION_CASES[k]}')
+
+
+def test_torchvision_reference_covers_the_edge_cases():
+  """The stored cases are the ones the module docstring describes: made by
+  torchvision 0.29.1, every map's images start with EDGE_BOXES (the
+  generator's copy has not drifted from this file's), and both aligned
+  modes, several sampling ratios and a non-square output are there."""
+  assert any(v.startswith('torchvision=0.29.1')
+             for v in TORCHVISION['versions'].tolist())
+  params = TORCHVISION['case_params']
+  assert len(TORCHVISION_CASES) == len(params) == 36
+  for m in np.unique(params[:, 0]):
+    boxes = TORCHVISION[f'boxes{m}']
+    assert boxes.dtype == TORCHVISION[f'fm{m}'].dtype == np.float32
+    np.testing.assert_array_equal(
+        boxes[:, :len(EDGE_BOXES)], edge_boxes(boxes.shape[0]))
+  assert set(params[:, 4]) == {0, 1}
+  assert set(params[:, 3]) == {1, 2, 3}
+  assert any(p_h != p_w for p_h, p_w in params[:, 1:3])
 
 
 @pytest.mark.parametrize('aligned', [True, False])
