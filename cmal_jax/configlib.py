@@ -206,6 +206,14 @@ def _validate_pretrain(config):
     value = config.loss.get(field, allowed[0])
     if value not in allowed:
       _fail(f'loss.{field}', value, f'must be one of {allowed}')
+  # ITM's warm-up reads the CMAP pass before label-blind ITM's own
+  # (objectives.pretraining_loss); corrupted ITM reads that pass throughout.
+  warmup = config.loss.get('itm_corrupted_warmup', 0.0)
+  if warmup > 0 and config.loss.get('itm_inputs') == 'corrupted':
+    _fail('loss.itm_corrupted_warmup', warmup,
+          "the warm-up only applies to label-blind ITM; with "
+          "loss.itm_inputs='corrupted' ITM reads the CMAP pass throughout: "
+          'set loss.itm_corrupted_warmup=0')
   if config.loss.get('mask_anchors', False) and config.cmap.enabled:
     _fail('loss.mask_anchors', True, 'MLM and MRC cannot mask the anchors '
           'CMAP swaps: set cmap.enabled=False or loss.mask_anchors=False')
@@ -216,7 +224,28 @@ def _validate_pretrain(config):
   recipes.get(config.recipe).check(config)
 
 
+# data fields only pre-training reads (tfds_source.py feeds pre-training
+# pairs), with their defaults; tfds_features' default maps each field to its
+# own name. Fine-tuning reads task files from data.dir.
+PRETRAIN_ONLY_DATA = {'source': '', 'tfds_data_dir': ''}
+
+
+def _validate_finetune_data(config):
+  """Refuses pre-training's data options in a fine-tuning config, where
+  nothing reads them."""
+  d = config.data
+  why = (f'only pre-training reads it; fine-tuning reads its task files '
+         f'({config.task}_<split>.array_record) from data.dir')
+  for field, default in PRETRAIN_ONLY_DATA.items():
+    if d.get(field, default) != default:
+      _fail(f'data.{field}', d[field], why)
+  for field, path in (d.get('tfds_features') or {}).items():
+    if path != field:
+      _fail(f'data.tfds_features.{field}', path, why)
+
+
 def _validate_finetune(config):
+  _validate_finetune_data(config)
   f = config.finetune
   if not 0 <= config.data.itm_neg_prob <= 1:
     _fail('data.itm_neg_prob', config.data.itm_neg_prob,
@@ -234,3 +263,7 @@ def _validate_finetune(config):
           "must be a tuple of split names, e.g. ('test',)")
   if not isinstance(config.init_step, int) or config.init_step < 0:
     _fail('init_step', config.init_step, 'must be an integer >= 0 (0: latest)')
+  if config.init_step and not config.init_from:
+    _fail('init_step', config.init_step,
+          "picks a checkpoint of init_from, which is '': set init_from or "
+          'init_step=0')

@@ -15,6 +15,12 @@ sharding); this module supplies the task's data, model, loss and evaluation
   retrieval  ITM cross-entropy with in-batch negatives (+ ITC when
              finetune.itc > 0); recall@1/5/10 both ways over the whole
              split, ITC top-k re-ranked by ITM (or ITM over every pair).
+
+data.on_error='skip' (task_pipeline.TaskDecoder): training feeds the next
+good example in a bad one's place and counts it in the train state's
+data_stats, which train.py reports and limits as for pre-training;
+evaluation leaves bad examples out of the metric and reports them per split
+(eval_skips).
 """
 
 import json
@@ -31,7 +37,7 @@ import optax
 
 from cmal_jax import (checkpoint, objectives, sharding, storage, task_metrics,
                       train_step)
-from cmal_jax.data import task_pipeline, tasks
+from cmal_jax.data import pipeline, task_pipeline, tasks
 from cmal_jax.data.shapes import zero_inputs
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.model import xent
@@ -186,25 +192,36 @@ def make_predict_step(model, config):
 
 def predict_split(predict, params, config, directory, split, mesh):
   """Runs `predict` over a whole split: {key: [N] array in record order},
-  and the dataset info."""
+  and the dataset info, with `evaluated` ([N] bool: the examples predicted;
+  with data.on_error='skip' the bad ones are not) and `skipped` ({reason:
+  examples skipped}, over every process)."""
   local_batch = sharding.per_process_batch_size(config.eval.batch_size, mesh)
   ds, info = task_pipeline.make_task_dataset(
       config, directory, config.task, split, batch_size=local_batch,
       train=False, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
   n = info['num_examples']
-  out = {}
+  out, skipped = {}, {}
+  evaluated = np.zeros(n, bool)
   for local in ds:
-    local.pop('stats')
+    stats = local.pop('stats')
     got = jax.device_get(predict(params, sharding.global_batch(local, mesh)))
     # Predictions are replicated; their rows follow the global batch, whose
     # example indices every process gathers the same way.
     index, valid = (np.asarray(multihost_gather(local[k], mesh))
                     for k in ('example_index', 'valid'))
+    # The examples skipped (data.on_error='skip'), on every process.
+    reasons = [k[len('skipped_'):] for k in stats if k.startswith('skipped_')]
+    counts = np.asarray(multihost_gather(np.stack(
+        [stats[f'skipped_{r}'] for r in reasons], -1), mesh)).sum(0)
+    for r, c in zip(reasons, counts):
+      skipped[r] = skipped.get(r, 0) + int(c)
+    evaluated[index[valid]] = True
     for k, v in got.items():
       if k not in out:
         out[k] = np.zeros((n,) + v.shape[1:], v.dtype)
       out[k][index[valid]] = v[valid]
+  info.update(evaluated=evaluated, skipped=skipped)
   return out, info
 
 
@@ -217,10 +234,17 @@ def multihost_gather(local, mesh):
 
 def classification_results(config, directory, split, pred, info, out_dir):
   """Metrics (and the predictions file, when out_dir) of vqa, ve, nlvr2 and
-  rec from predict_split's output."""
+  rec from predict_split's output, over the examples it evaluated (with
+  data.on_error='skip', the good ones: eval_skips)."""
   task = config.task
-  examples = task_pipeline.read_task_examples(directory, task, split)
-  results = {'num_examples': len(examples)}
+  examples = task_pipeline.read_task_examples(directory, task, split,
+                                              config.data.on_error)
+  kept = np.flatnonzero(info['evaluated'])
+  skips = eval_skips(config, directory, split, len(kept), info['skipped'])
+  examples = [examples[i] for i in kept]
+  assert all(ex is not None for ex in examples)  # Checked alike by both.
+  pred = {k: v[kept] for k, v in pred.items()}
+  results = {'num_examples': len(examples), **skips}
   rows = []
   if task == 'vqa':
     vocab = info['answer_vocab']
@@ -261,6 +285,23 @@ def classification_results(config, directory, split, pred, info, out_dir):
   return results
 
 
+def eval_skips(config, directory, split, num_evaluated, skipped):
+  """What an evaluation skipped (data.on_error='skip'): {num_skipped,
+  skipped: {reason: count}} for the split's results (eval.json). Skipped
+  examples are left out of the metric, so its denominator is the
+  num_evaluated good ones; more than data.max_skip_fraction of them
+  (pipeline.check_skip_limit, as for training) raises, naming the split
+  file."""
+  skipped = {r: c for r, c in skipped.items() if c}
+  if skipped:
+    path = tasks.task_path(directory, config.task, split)
+    stats = dict(examples=num_evaluated,
+                 **{f'skipped_{r}': c for r, c in skipped.items()})
+    log(f'{path}: {pipeline.skip_report(stats)} Left out of the metrics.')
+    pipeline.check_skip_limit(stats, config, where=path)
+  return dict(num_skipped=sum(skipped.values()), skipped=skipped)
+
+
 def write_jsonl(path, rows):
   storage.write_text_atomic(path, ''.join(json.dumps(row) + '\n'
                                          for row in rows))
@@ -270,27 +311,28 @@ def write_jsonl(path, rows):
 
 def retrieval_inputs(config, directory, split):
   """The split's images and captions, encoded once: (captions, images,
-  caption_image [Nc], image_ids [Ni]). captions: input_ids, text_mask
-  [Nc, T]; images: region_feats [Ni, R, F] (pixels: images [Ni, S, S, 3]),
-  region_boxes, region_mask."""
-  examples = task_pipeline.read_task_examples(directory, 'retrieval', split)
+  caption_image [Nc], image_ids [Ni], skipped {reason: count}). captions:
+  input_ids, text_mask [Nc, T]; images: region_feats [Ni, R, F] (pixels:
+  images [Ni, S, S, 3]), region_boxes, region_mask. With
+  data.on_error='skip' a bad example (and its captions) is left out and
+  counted in `skipped` (task_pipeline.load_split)."""
+  items, skipped = task_pipeline.load_split(config, directory, 'retrieval',
+                                            split)
   shapes = task_pipeline.task_shapes(config)
-  store = task_pipeline.open_store(directory, shapes)
   tokenizer = load_tokenizer(config.data.vocab_path or None)
   text, caption_image, images = [], [], []
-  for i, ex in enumerate(examples):
-    for caption in ex['captions']:
+  for i, item in enumerate(items):
+    for caption in item['example']['captions']:
       ids, mask, _ = task_pipeline.encode_text(caption, tokenizer,
                                                shapes.max_text_len)
       text.append((ids, mask))
       caption_image.append(i)
-    images.append(task_pipeline.encode_regions(store[ex['image_id']],
-                                               shapes)[0])
+    images.append(task_pipeline.encode_regions(item['images'][0], shapes)[0])
   captions = dict(input_ids=np.stack([t[0] for t in text]),
                   text_mask=np.stack([t[1] for t in text]))
   image_arrays = {k: np.stack([im[k] for im in images]) for k in images[0]}
   return (captions, image_arrays, np.asarray(caption_image),
-          [ex['image_id'] for ex in examples])
+          [item['example']['image_id'] for item in items], skipped)
 
 
 def _replicated(x, mesh):
@@ -366,8 +408,9 @@ def retrieval_results(model, params, config, directory, split, mesh,
   """Recall@1/5/10 both ways, their mean, and (when out_dir) the top-10
   of every query in predictions/retrieval_{split}.json."""
   t0 = time.time()
-  captions, images, caption_image, image_ids = retrieval_inputs(
+  captions, images, caption_image, image_ids, skipped = retrieval_inputs(
       config, directory, split)
+  skips = eval_skips(config, directory, split, len(image_ids), skipped)
   t2i, i2t, num_pairs = retrieval_scores(model, params, config, captions,
                                          images, mesh)
   image_captions = [np.flatnonzero(caption_image == i)
@@ -378,7 +421,7 @@ def retrieval_results(model, params, config, directory, split, mesh,
       i2t, image_captions).items()})
   results['mean_recall'] = float(np.mean(list(results.values())))
   results.update(num_images=len(image_ids), num_captions=len(caption_image),
-                 pairs_scored=num_pairs, seconds=time.time() - t0)
+                 **skips, pairs_scored=num_pairs, seconds=time.time() - t0)
   if out_dir:
     top = lambda s: np.argsort(-s, axis=1, kind='stable')[:, :10]
     storage.write_text_atomic(
@@ -490,7 +533,7 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
 
   return train_step.Job(
       model=model, train_ds=train_ds, epoch_size=info['num_examples'],
-      stat_keys=task_pipeline.TASK_STAT_KEYS[config.task],
+      stat_keys=task_pipeline.stat_keys(config.task, config),
       init_inputs=lambda rng: init_inputs(config),
       loss=make_loss(model, config), evaluate=evaluate, finish=finish,
       initial_params=initial_params, directory=directory)

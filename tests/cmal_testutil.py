@@ -35,6 +35,23 @@ def write_dataset(directory, pairs, split='pretrain'):
     return path
 
 
+def break_region_record(directory, image_id):
+    """NaN in one image's region features, in a task folder's region store
+    (written raw: write_region_store refuses it; same order, so the index
+    still holds)."""
+    from cmal_jax.data import region_store
+    path = region_store.store_path(str(directory))
+    source = records.open_source(path)
+    raws = [source[i] for i in range(len(source))]
+    with open(region_store.index_path(path)) as f:
+        i = json.load(f)[image_id]
+    record = records.decode_record(raws[i])
+    feats = np.array(record['region_feats'])
+    feats[0, 0] = np.nan
+    raws[i] = records.encode_record(dict(record, region_feats=feats))
+    records.write_records(path, raws)
+
+
 def tiny_with_data(**data):
     """The tiny pretrain config with the given config.data fields."""
     from configs import pretrain

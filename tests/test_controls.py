@@ -292,6 +292,21 @@ def test_same_anchor_itm_is_balanced_over_the_captions_scored():
   assert got['itm_acc_same_anchors'] == pytest.approx(4 / 6)
 
 
+def test_an_itm_warmup_with_corrupted_itm_is_refused():
+  """The warm-up reads the CMAP pass before label-blind ITM's own; ITM on
+  the corrupted pass reads it throughout, so a warm-up means nothing."""
+  c = get_config('tiny')
+  c.loss.itm_inputs = 'corrupted'
+  with pytest.raises(ValueError) as e:
+    configlib.validate(c)
+  assert str(e.value) == (
+      "config.loss.itm_corrupted_warmup=0.5: the warm-up only applies to "
+      "label-blind ITM; with loss.itm_inputs='corrupted' ITM reads the CMAP "
+      'pass throughout: set loss.itm_corrupted_warmup=0')
+  c.loss.itm_corrupted_warmup = 0.0
+  configlib.validate(c)
+
+
 def test_paper_behaviour_opens_the_four_shortcuts():
   from configs import pretrain
   fixed, paper = get_config('tiny'), get_config('tiny,cmal,paper')
@@ -300,7 +315,8 @@ def test_paper_behaviour_opens_the_four_shortcuts():
   assert got(paper) == pretrain.PAPER_BEHAVIOUR
   assert got(fixed) == {'model.moved_place': 'none', 'cmap.hide_inputs': True,
                         'loss.amc_tag_at': 'unswapped',
-                        'loss.itm_inputs': 'label_blind'}
+                        'loss.itm_inputs': 'label_blind',
+                        'loss.itm_corrupted_warmup': 0.5}
   configlib.validate(paper)  # A valid config.
   with pytest.raises(ValueError, match="behaviours are \\['fixed', 'paper'\\]"):
     get_config('tiny,shortcuts')

@@ -2,7 +2,8 @@
 path) on the tiny config: the task losses against numpy, retrieval scoring
 against the model run directly, one end-to-end run per task whose
 eval.json agrees with its own predictions files, init_from a pre-training
-checkpoint, bitwise resume, and the config checks.
+checkpoint, bitwise resume, the config checks, and bad task records
+(data.on_error: named, or skipped, counted and limited).
 
 The train_and_evaluate runs are the slow part (each task compiles its own
 train step, ~15 s with dropout, ~8 s without): every run is made once per
@@ -26,12 +27,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cmal_jax import (checkpoint, configlib, finetune, jobs, run_identity,
-                      sharding, task_metrics, train_step)
-from cmal_jax.data import pipeline, task_pipeline, tasks
+                      sharding, task_metrics, train, train_step)
+from cmal_jax.data import pipeline, records, task_pipeline, tasks
 from cmal_jax.world import scenes, task_examples
 from cmal_jax.model.cmal import (CMAL, ENCODER_PARAMS, ModelConfig,
                                  image_feature)
-from cmal_testutil import assert_trees_equal
+from cmal_testutil import assert_trees_equal, break_region_record
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 
@@ -248,8 +249,9 @@ def retrieval_setup(tmp_path_factory, compilation_cache):
     emb = np.array(params['text_encoder'][table]['embedding'])  # A copy.
     emb[row] = 0.0
     params['text_encoder'][table]['embedding'] = emb
-  captions, images, caption_image, image_ids = finetune.retrieval_inputs(
-      config, d, 'val')
+  captions, images, caption_image, image_ids, skipped = (
+      finetune.retrieval_inputs(config, d, 'val'))
+  assert skipped == {}
   assert captions['input_ids'].shape == (5 * NUM_IMAGES,
                                          config.data.max_text_len)
   assert images['region_feats'].shape == (NUM_IMAGES, config.data.max_regions,
@@ -761,3 +763,202 @@ def test_finetune_config_rejects_a_non_positive_pretrained_lr_mult():
   with pytest.raises(ValueError, match=r'^config\.finetune\.pretrained_lr_mult'
                      r'=0\.0: must be > 0'):
     configlib.validate(c)
+
+
+@pytest.mark.parametrize('field,value,why', [
+    ('data.source', 'tfds:coco_captions/train', 'only pre-training reads it; '
+     'fine-tuning reads its task files (ve_<split>.array_record) from '
+     'data.dir'),
+    ('data.tfds_data_dir', '/data/tfds', 'only pre-training reads it'),
+    ('data.tfds_features.caption', 'captions/text',
+     'only pre-training reads it'),
+    ('init_step', 3, "picks a checkpoint of init_from, which is '': set "
+     'init_from or init_step=0'),
+])
+def test_finetune_config_refuses_options_nothing_reads(field, value, why):
+  c = finetune_config.get_config('ve,tiny')
+  *sections, name = field.split('.')
+  node = c
+  for s in sections:
+    node = node[s]
+  node[name] = value
+  with pytest.raises(ValueError) as e:
+    configlib.validate(c)
+  assert str(e.value).startswith(f'config.{field}={value!r}: {why}')
+  if field == 'init_step':  # With a checkpoint to pick from, it means one.
+    c.init_from = '/runs/pretrain'
+    configlib.validate(c)
+  else:  # Pre-training reads them.
+    p = pretrain_config.get_config('tiny')
+    node = p
+    for s in sections:
+      node = node[s]
+    node[name] = value
+    configlib.validate(p)
+
+
+# ------------------------------------------------------- 7. bad task data
+
+GARBAGE = b'\xc1\xc1 not msgpack'  # 0xc1 is never used by msgpack.
+# rec train record -> what is wrong with it; none is next to another, so
+# each bad slot is fed the record after it. 6 steps of 16 are 3 epochs of
+# the 32 records: each bad one is skipped exactly 3 times.
+BAD_REC_TRAIN = {3: 'expression', 7: 'target_box', 12: 'image_id',
+                 20: 'record', 26: 'region_feats'}
+BAD_REC_EVAL = {'val': {5: 'target_box'}, 'test': {2: 'image_id'}}
+
+
+def write_rec_data(directory, bad):
+  """tiny_config('rec')'s synthetic splits in `directory`, with the records
+  bad[split] names broken as it says (break_rec_records)."""
+  config = tiny_config('rec')
+  task_examples.generate(
+      directory, ['rec'], {'train': NUM_TRAIN, 'val': NUM_EVAL,
+                           'test': NUM_TEST},
+      scenes.WorldParams.from_config(config), seed=config.seed)
+  return break_rec_records(directory, bad)
+
+
+def break_rec_records(directory, bad):
+  """Rewrites the rec splits of `directory` with bad[split][index] broken:
+  'expression' (missing), 'target_box' (train: past the image; eval: not
+  finite), 'image_id' (not in the store), 'record' (not msgpack) or
+  'region_feats' (NaN in its image's region record)."""
+  for split, broken in bad.items():
+    path = tasks.task_path(directory, 'rec', split)
+    source = records.open_source(path)
+    raws = []
+    for i in range(len(source)):
+      ex = records.decode_record(source[i])
+      how = broken.get(i)
+      if how == 'expression':
+        del ex['expression']
+      elif how == 'target_box':  # Past the image; or not finite.
+        ex['target_box'] = ([0.2, 0.2, 1.5, 0.9] if split == 'train'
+                            else [0.1, float('nan'), 0.5, 0.5])
+      elif how == 'image_id':
+        ex['image_id'] = 'no-such-image'
+      elif how == 'region_feats':
+        break_region_record(directory, ex['image_id'])
+      raws.append(GARBAGE if how == 'record' else records.encode_record(ex))
+    records.write_records(path, raws)
+  return directory
+
+
+@pytest.fixture(scope='module')
+def bad_rec_data(tmp_path_factory):
+  return write_rec_data(str(tmp_path_factory.mktemp('bad_rec')),
+                        {'train': BAD_REC_TRAIN, **BAD_REC_EVAL})
+
+
+def bad_rec_config(data, on_error, max_skip_fraction=0.01):
+  """runs('rec')'s config (so its compiled programs) on `data`."""
+  c = tiny_config('rec')
+  c.model.dropout = 0.0
+  c.data.dir = data
+  c.data.on_error = on_error
+  c.data.max_skip_fraction = max_skip_fraction
+  return c
+
+
+def test_bad_task_record_stops_a_raise_run_naming_file_record_field(
+    tmp_path, compilation_cache):
+  data = write_rec_data(str(tmp_path / 'data'), {})
+  config = bad_rec_config(data, 'raise')
+  # A record of the first batch, so the run stops before its first step.
+  first, _ = task_pipeline.make_task_dataset(
+      config, data, 'rec', 'train', batch_size=config.batch_size, train=True,
+      seed=config.seed)
+  bad = int(first[0]['example_index'][5])
+  break_rec_records(data, {'train': {bad: 'image_id'}})
+  path = tasks.task_path(data, 'rec', 'train')
+  with pytest.raises(records.RecordError) as e:
+    run_logged(config, str(tmp_path / 'run'))
+  assert (e.value.path, e.value.index, e.value.field) == (path, bad,
+                                                          'image_id')
+  assert str(e.value).startswith(
+      f"{path}: record {bad}: field 'image_id': {data}/regions.array_record: "
+      "no regions for image id 'no-such-image' (")
+
+
+def test_skip_run_counts_reports_and_evaluates_the_good_examples(
+    bad_rec_data, tmp_path, compilation_cache):
+  """data.on_error=skip: training feeds the next good example in a bad
+  one's place and counts it by field (data_stats, metrics.jsonl, the log's
+  report); evaluation leaves bad examples out of the metric and its
+  predictions, and eval.json counts them per split."""
+  workdir = str(tmp_path / 'run')
+  # 15 of 96 examples fed were skipped (15.6 %), 1 of 16 per eval split.
+  results, log = run_logged(bad_rec_config(bad_rec_data, 'skip', 0.2),
+                            workdir)
+  ev = read_json(workdir, 'eval.json')
+  assert ev == json.loads(json.dumps(results))
+  stats = ev['data_stats']
+  assert stats['examples'] == TOTAL_STEPS * 16
+  assert {k: v for k, v in stats.items() if k.startswith('skipped_') and v} == {
+      'skipped_expression': 3, 'skipped_target_box': 3,
+      'skipped_image_id': 3, 'skipped_record': 3, 'skipped_region_feats': 3}
+  assert set(stats) == set(task_pipeline.stat_keys(
+      'rec', bad_rec_config(bad_rec_data, 'skip')))
+  assert ('Data: skipped 15 bad records for 96 examples (15.62%); by field: '
+          'record 3, image_id 3, region_feats 3, expression 3, target_box 3.'
+          in log)
+  lines = [json.loads(line) for line in open(os.path.join(workdir,
+                                                          'metrics.jsonl'))]
+  train_line = [l for l in lines if 'data/examples' in l][-1]
+  assert train_line['data/skipped_target_box'] == 3
+  assert [l['eval/num_skipped'] for l in lines if 'eval/accuracy' in l] == [
+      1, 1]  # Step 3 and the final one, on val.
+
+  for split, (reason, bad_index) in (('val', ('target_box', 5)),
+                                     ('test', ('image_id', 2))):
+    got = ev[split]
+    assert got['num_examples'] == NUM_EVAL - 1
+    assert got['num_skipped'] == 1 and got['skipped'] == {reason: 1}
+    path = tasks.task_path(bad_rec_data, 'rec', split)
+    assert (f'{path}: Data: skipped 1 bad records for 15 examples (6.67%); '
+            f'by field: {reason} 1. Left out of the metrics.') in log
+    rows = read_jsonl(os.path.join(workdir, 'predictions',
+                                   f'rec_{split}.jsonl'))
+    examples = task_pipeline.read_task_examples(bad_rec_data, 'rec', split,
+                                                on_error='skip')
+    good = [ex for i, ex in enumerate(examples) if i != bad_index]
+    assert [(r['ref_id'], r['sent_id']) for r in rows] == [
+        (ex['ref_id'], ex['sent_id']) for ex in good]
+    assert got['accuracy'] == pytest.approx(
+        np.mean([r['correct'] for r in rows]), abs=1e-12)
+
+
+def test_too_many_skips_stop_the_run_during_training(
+    bad_rec_data, tmp_path, monkeypatch, compilation_cache):
+  # The check runs at every log line once enough examples were read
+  # (lowered here from 1000): the run stops at its first, step 1, whose 16
+  # examples took 3 skips.
+  monkeypatch.setattr(train, 'MIN_EXAMPLES_FOR_SKIP_CHECK', 0)
+  config = bad_rec_config(bad_rec_data, 'skip', 0.1)
+  config.log_every = 1
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(ValueError) as e:
+    run_logged(config, workdir)
+  assert str(e.value) == (
+      'Skipped 3 bad records for 16 examples (18.75%), more than '
+      'config.data.max_skip_fraction=0.1 allows; by field: record 1, '
+      'region_feats 1, target_box 1. Fix the records (data.on_error=raise '
+      'names the first one) or raise data.max_skip_fraction.')
+  assert not os.listdir(checkpoint.checkpoint_dir(workdir))
+
+
+def test_too_many_skips_in_an_eval_split_stop_the_run():
+  config = tiny_config('rec')
+  config.data.max_skip_fraction = 0.05
+  assert finetune.eval_skips(config, '/d', 'val', 16, {'target_box': 0}) == (
+      dict(num_skipped=0, skipped={}))
+  with pytest.raises(ValueError) as e:
+    finetune.eval_skips(config, '/d', 'val', 15, {'target_box': 1})
+  assert str(e.value).startswith(
+      '/d/rec_val.array_record: Skipped 1 bad records for 15 examples '
+      '(6.67%), more than config.data.max_skip_fraction=0.05 allows; by '
+      'field: target_box 1.')
+  config.data.max_skip_fraction = 0.1
+  assert finetune.eval_skips(config, '/d', 'val', 15, {'target_box': 1}) == (
+      dict(num_skipped=1, skipped={'target_box': 1}))

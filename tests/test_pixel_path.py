@@ -450,6 +450,35 @@ def test_refcoco_on_an_image_folder_feeds_pixel_batches(tmp_path):
                                 image_store.resize_image(original, S))
 
 
+def test_a_task_example_whose_image_is_corrupt_is_named_or_skipped(tmp_path):
+  """Fine-tuning on pixels: data.on_error='raise' names the image file and
+  id; 'skip' leaves the example out of evaluation, counted as 'image'."""
+  instances, images = _coco_folder(tmp_path)
+  out = tmp_path / 'refcoco+'
+  image_boxes.convert_coco_instances(instances, images, out)
+  refs = _refs(tmp_path / 'refs(unc).p', [
+      {'ref_id': 0, 'ann_id': 1, 'image_id': 9, 'split': 'val',
+       'sentences': [{'sent': 'the car on the left', 'sent_id': 5}]},
+      {'ref_id': 1, 'ann_id': 3, 'image_id': 25, 'split': 'val',
+       'sentences': [{'sent': 'small car', 'sent_id': 6}]}])
+  examples, _ = read_refcoco(refs, str(instances), split='val')
+  write_task_split(str(out), 'rec', 'val', examples)
+  path = images / 'COCO_train2014_000000000009.png'
+  path.write_bytes(path.read_bytes()[:200])  # Truncated.
+  c = finetune_config.get_config('rec,tiny')
+  c.model.visual.input = 'pixels'
+  read = lambda: task_pipeline.make_task_dataset(
+      c, str(out), 'rec', 'val', batch_size=2, train=False, seed=0)[0][0]
+  with pytest.raises(image_store.ImageError, match=re.escape(
+      f"{path}: image '9': cannot decode the image")):
+    read()
+  c.data.on_error = 'skip'
+  batch = read()
+  np.testing.assert_array_equal(batch['valid'], [False, True])
+  assert {k: int(v.sum()) for k, v in batch['stats'].items()
+          if k.startswith('skipped_') and v.any()} == {'skipped_image': 1}
+
+
 def test_captions_join_an_image_store_into_pixel_pairs(tmp_path):
   from cmal_jax.convert.formats import captions
   instances, images = _coco_folder(tmp_path)

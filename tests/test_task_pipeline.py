@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from cmal_jax import task_metrics
+from cmal_jax.data import image_store
+from cmal_jax.data import pipeline
 from cmal_jax.data import records
 from cmal_jax.data import region_store
 from cmal_jax.data import task_pipeline as tp
@@ -22,6 +24,7 @@ from cmal_jax.world import scenes
 from cmal_jax.world import task_examples as wt
 from cmal_jax.data.tokenizer import load_tokenizer
 from configs import finetune
+from cmal_testutil import break_region_record
 
 SPLITS = {'train': 48, 'val': 16, 'test': 16}
 B = 8
@@ -123,9 +126,12 @@ def test_shapes_dtypes_text_and_regions(task, config, data_dir, store):
   for k, (shape, dtype) in expected.items():
     assert b[k].shape == (B,) + shape and b[k].dtype == dtype, k
   assert b['example_index'].tolist() == list(range(B))
-  assert set(b['stats']) == set(tp.TASK_STAT_KEYS[task])
+  assert tuple(b['stats']) == tp.stat_keys(task, config)
+  assert set(tp.TASK_STAT_KEYS[task]) < set(b['stats'])
   assert all(v.shape == (B,) and v.dtype == np.int32
              for v in b['stats'].values())
+  assert not any(v.any() for k, v in b['stats'].items()
+                 if k.startswith('skipped_'))  # 'raise': always 0.
 
   # Text and regions of every example against the tokenizer and the store.
   examples = _examples(data_dir, task, 'val')
@@ -482,11 +488,14 @@ def test_image_not_in_store(config, data_dir, tmp_path):
   _write_task(d, 'nlvr2', 'val', examples)
   ds, _ = tp.make_task_dataset(config, d, 'nlvr2', 'val', batch_size=B,
                                train=False, seed=0)
-  with pytest.raises(KeyError) as e:
+  with pytest.raises(records.RecordError) as e:
     ds[0]
   message = str(e.value)
-  for part in (tasks.task_path(d, 'nlvr2', 'val') + ': record 2',
-               region_store.store_path(d), "'no-such-image'"):
+  path = tasks.task_path(d, 'nlvr2', 'val')
+  assert message.startswith(f"{path}: record 2: field 'image_ids': ")
+  assert (e.value.path, e.value.index, e.value.field) == (path, 2,
+                                                          'image_ids')
+  for part in (region_store.store_path(d), "'no-such-image'"):
     assert part in message
 
 
@@ -504,3 +513,145 @@ def test_text_truncation_counted(config, data_dir, task):
   assert _stat(batches, 'captions_truncated') == long
   ids = _rows(batches, 'input_ids')
   assert ids.shape[-1] == 8 and (ids[..., -1] == tok.sep_id).sum() > 0
+
+
+# ------------------------------------------------- data.on_error='skip'
+
+GARBAGE = b'\xc1\xc1 not msgpack'  # 0xc1 is never used by msgpack.
+
+
+def _skip(config, on_error='skip'):
+  c = config.copy_and_resolve_references()
+  c.data.on_error = on_error
+  return c
+
+
+def _bad_ve(directory, split, bad):
+  """Writes ve `split` with examples bad as bad[index] says; returns the
+  split's path."""
+  examples = _examples(directory, 've', split)
+  raws = []
+  for i, ex in enumerate(examples):
+    how = bad.get(i)
+    if how == 'garbage':
+      raws.append(GARBAGE)
+      continue
+    if how == 'hypothesis':
+      del ex['hypothesis']
+    elif how == 'label':
+      ex['label'] = 'maybe'
+    elif how == 'image_id':
+      ex['image_id'] = 'no-such-image'
+    elif how == 'region_feats':
+      break_region_record(directory, ex['image_id'])
+    raws.append(records.encode_record(ex))
+  _write_task(directory, 've', split, raws)
+  return tasks.task_path(directory, 've', split)
+
+
+# Train record -> what is wrong with it; none is next to another.
+BAD_TRAIN = {3: 'hypothesis', 10: 'label', 17: 'image_id', 25: 'garbage',
+             40: 'region_feats'}
+
+
+def _skipped(batches):
+  return {k[len('skipped_'):]: _stat(batches, k)
+          for k in batches[0]['stats'] if k.startswith('skipped_')
+          and _stat(batches, k)}
+
+
+def test_skip_in_training_feeds_the_next_good_example_and_counts(
+    config, data_dir, tmp_path):
+  d = _copy(data_dir, tmp_path / 'd')
+  _bad_ve(d, 'train', BAD_TRAIN)
+  ds, info = tp.make_task_dataset(_skip(config), d, 've', 'train',
+                                  batch_size=B, train=True, seed=0)
+  epoch = [ds[i] for i in range(SPLITS['train'] // B)]
+  # One epoch: every slot fed, a bad record's slot by the record after it.
+  fed = _rows(epoch, 'example_index')
+  assert not set(fed) & set(BAD_TRAIN)
+  assert collections.Counter(fed.tolist()) == collections.Counter(
+      [i + 1 if i in BAD_TRAIN else i for i in range(SPLITS['train'])])
+  assert _rows(epoch, 'valid').all()
+  assert _stat(epoch, 'examples') == SPLITS['train']
+  # Counted once each, by the field at fault (the region store's for a bad
+  # region record; 'record' for bytes that do not decode).
+  assert _skipped(epoch) == {'hypothesis': 1, 'label': 1, 'image_id': 1,
+                             'record': 1, 'region_feats': 1}
+  assert tuple(epoch[0]['stats']) == tp.stat_keys('ve', config)
+  assert pipeline.skip_report(
+      {k: _stat(epoch, k) for k in epoch[0]['stats']}) == (
+          'Data: skipped 5 bad records for 48 examples (10.42%); by field: '
+          'record 1, image_id 1, region_feats 1, hypothesis 1, label 1.')
+
+
+def test_skip_in_evaluation_leaves_out_and_counts_each_once(config, data_dir,
+                                                            tmp_path):
+  """Bad eval examples are not replaced (that would count one twice in the
+  metric): their rows are invalid, and each is counted once, even two in
+  a row; the good ones are all there, with their own index."""
+  d = _copy(data_dir, tmp_path / 'd')
+  bad = {4: 'image_id', 5: 'hypothesis', 15: 'region_feats'}
+  _bad_ve(d, 'val', bad)
+  batches, info = _eval_batches(_skip(config), d, 've')
+  index, valid = _rows(batches, 'example_index'), _rows(batches, 'valid')
+  assert index.tolist() == list(range(SPLITS['val']))
+  assert valid.tolist() == [i not in bad for i in range(SPLITS['val'])]
+  assert _skipped(batches) == {'image_id': 1, 'hypothesis': 1,
+                               'region_feats': 1}
+  assert _stat(batches, 'examples') == SPLITS['val'] - len(bad)
+  # Padding (batch 6: 18 rows) past a bad last record counts nothing more.
+  ds, _ = tp.make_task_dataset(_skip(config), d, 've', 'val', batch_size=6,
+                               train=False, seed=0)
+  padded = [ds[i] for i in range(len(ds))]
+  assert _rows(padded, 'valid').sum() == SPLITS['val'] - len(bad)
+  assert _skipped(padded) == _skipped(batches)
+  # The examples evaluation reads beside the batches: None where bad.
+  examples = tp.read_task_examples(d, 've', 'val', on_error='skip')
+  assert [i for i, ex in enumerate(examples) if ex is None] == [5]
+  with pytest.raises(records.RecordError, match="record 5: field "
+                     "'hypothesis'"):
+    tp.read_task_examples(d, 've', 'val')
+  items, skipped = tp.load_split(_skip(config), d, 've', 'val')
+  assert [it['index'] for it in items] == [i for i in range(SPLITS['val'])
+                                           if i not in bad]
+  assert skipped == {'image_id': 1, 'hypothesis': 1, 'region_feats': 1}
+
+
+def test_rec_target_box_outside_the_image_is_bad(config, data_dir, tmp_path):
+  d = _copy(data_dir, tmp_path / 'd')
+  examples = _examples(d, 'rec', 'val')
+  examples[1]['target_box'] = [0.2, 0.1, 1.5, 0.4]
+  examples[6]['target_box'] = [0.6, 0.1, 0.2, 0.4]
+  _write_task(d, 'rec', 'val', examples)
+  path = tasks.task_path(d, 'rec', 'val')
+  ds, _ = tp.make_task_dataset(config, d, 'rec', 'val', batch_size=B,
+                               train=False, seed=0)
+  with pytest.raises(records.RecordError) as e:
+    ds[0]
+  assert str(e.value) == (f"{path}: record 1: field 'target_box': "
+                          'coordinates outside [0, 1]')
+  batches, _ = _eval_batches(_skip(config), d, 'rec')
+  assert _skipped(batches) == {'target_box': 2}
+  with pytest.raises(records.RecordError, match="record 6: field "
+                     "'target_box': needs x1 <= x2 and y1 <= y2"):
+    tp.validate_task_example(examples[6], 'rec', path=path, index=6)
+
+
+def test_skip_reasons():
+  assert tp.skip_reasons('vqa') == (
+      'record', 'question_id', 'image_id', 'question', 'answers',
+      'question_type', 'answer_type', 'region_feats', 'region_boxes',
+      'region_tags', 'region_conf')
+  assert tp.skip_reasons('nlvr2', pixels=True)[:4] == (
+      'record', 'identifier', 'image_ids', 'sentence')
+  assert tp.skip_reasons('nlvr2', pixels=True)[-1] == 'image'
+  reasons = tp.skip_reasons('ve', pixels=True)
+  assert tp.skip_reason(image_store.ImageError('a.png: image 1: ...'),
+                        reasons) == 'image'
+  assert tp.skip_reason(records.RecordError('f', 0, '*', 'x'),
+                        reasons) == 'record'
+  assert tp.skip_reason(records.RecordError('f', 0, 'extra', 'x'),
+                        reasons) == 'record'
+  assert tp.skip_reason(records.RecordError('f', 0, 'label', 'x'),
+                        reasons) == 'label'

@@ -82,7 +82,7 @@ def scan_task(scan: FileScan, task: str, top: int) -> dict:
 
 
 def _check_images_in_store(scan, store, task, image_ids, index):
-  field = 'image_ids' if task == 'nlvr2' else 'image_id'
+  field = task_pipeline.image_id_field(task)
   for image_id in image_ids:
     if image_id not in store:
       raise records.RecordError(scan.path, index, field,

@@ -95,14 +95,43 @@ def skip_reason(error):
   return error.field if error.field in PIXEL_SKIP_REASONS[1:] else 'record'
 
 
+def first_good(decode, index, num_records, reason_of,
+               errors=(records.RecordError,)):
+  """decode(index), or (when that raises one of `errors`) decode of the
+  first of index + 1, index + 2, ... (wrapping around) that succeeds: a
+  pure function of index, so a data order that is a function of (seed,
+  index) stays one. data.on_error='skip' of both input pipelines.
+
+  Returns (example, its index, skipped {reason_of(error): records skipped},
+  the first error or None). After MAX_CONSECUTIVE_BAD bad records in a row,
+  the first one's error is raised.
+  """
+  skipped, first = {}, None
+  for k in range(min(num_records, MAX_CONSECUTIVE_BAD)):
+    i = (index + k) % num_records
+    try:
+      example = decode(i)
+    except errors as e:
+      if first is None:
+        first = e
+      reason = reason_of(e)
+      skipped[reason] = skipped.get(reason, 0) + 1
+      continue
+    return example, i, skipped, first
+  gave_up = (f"data.on_error='skip' gave up: the {k + 1} records from here "
+             'on (wrapping around) are all bad')
+  if isinstance(first, records.RecordError):
+    raise records.RecordError(first.path, first.index, first.field,
+                              f'{first.problem}; {gave_up}') from first
+  raise type(first)(f'{first}; {gave_up}') from first
+
+
 class RecordDecoder:
   """Map step: record index -> decoded example (see decode_pair).
 
   on_error='raise': a bad record raises its RecordError. 'skip': record i is
-  replaced by the first good one of i+1, i+2, ... (wrapping around), a pure
-  function of i, so the data order stays a function of (seed, index); the
-  example then carries `skipped`, {reason: records skipped}. After
-  MAX_CONSECUTIVE_BAD bad records in a row, record i's error is raised.
+  replaced by the first good one of i+1, i+2, ... (first_good), and the
+  example then carries `skipped`, {reason: records skipped}.
   """
 
   def __init__(self, source, *, path, shapes, vocab, on_error='raise'):
@@ -121,25 +150,11 @@ class RecordDecoder:
     index = int(index)
     if self.on_error == 'raise':
       return self.decode(index)
-    n = len(self.source)
-    skipped = {}
-    first = None
-    for k in range(min(n, MAX_CONSECUTIVE_BAD)):
-      try:
-        example = self.decode((index + k) % n)
-      except records.RecordError as e:
-        if first is None:
-          first = e
-        reason = skip_reason(e)
-        skipped[reason] = skipped.get(reason, 0) + 1
-        continue
-      if skipped:
-        example['skipped'] = skipped
-      return example
-    raise records.RecordError(
-        first.path, first.index, first.field,
-        f"{first.problem}; data.on_error='skip' gave up: the {k + 1} "
-        'records from here on (wrapping around) are all bad') from first
+    example, _, skipped, _ = first_good(self.decode, index, len(self.source),
+                                        skip_reason)
+    if skipped:
+      example['skipped'] = skipped
+    return example
 
 
 def keep_regions(num_regions, conf, max_regions):
@@ -377,7 +392,13 @@ def process_rows(ds, batch_size, process_index, process_count):
 
 
 def _skip_counts(stats):
-  return {r: int(stats.get(f'skipped_{r}', 0)) for r in PIXEL_SKIP_REASONS}
+  """{reason: count} of every skipped_<reason> counter in `stats` (a job's
+  own reasons too: fine-tuning's task fields), pre-training's reasons first
+  in PIXEL_SKIP_REASONS' order, then the others alphabetically."""
+  reasons = [k[len('skipped_'):] for k in stats if k.startswith('skipped_')]
+  rank = {r: i for i, r in enumerate(PIXEL_SKIP_REASONS)}
+  reasons.sort(key=lambda r: (rank.get(r, len(rank)), r))
+  return {r: int(stats[f'skipped_{r}']) for r in reasons}
 
 
 def skip_report(stats):
@@ -391,12 +412,15 @@ def skip_report(stats):
           f'({total / max(examples, 1):.2%}); by field: {per_reason}.')
 
 
-def check_skip_limit(stats, config):
+def check_skip_limit(stats, config, where=''):
   """Raises ValueError if too many bad records were skipped.
 
   Args:
-    stats: cumulative counters {key in STAT_KEYS: int}.
+    stats: cumulative counters {key: int}: `examples` and skipped_<reason>
+      (a job's batch['stats'] keys, e.g. STAT_KEYS).
     config: the run config (data.max_skip_fraction).
+    where: what the counts are of, to start the message (fine-tuning's
+      evaluation: the split file); '' for the training stream.
   Returns:
     The number of records skipped so far.
   """
@@ -406,7 +430,8 @@ def check_skip_limit(stats, config):
   if share > limit:
     per_reason = ', '.join(f'{r} {c}' for r, c in counts.items() if c)
     raise ValueError(
-        f'Skipped {total} bad records for {examples} examples ({share:.2%}), '
+        (f'{where}: ' if where else '')
+        + f'Skipped {total} bad records for {examples} examples ({share:.2%}), '
         f'more than config.data.max_skip_fraction={limit} allows; by field: '
         f'{per_reason}. Fix the records (data.on_error=raise names the first '
         'one) or raise data.max_skip_fraction.')

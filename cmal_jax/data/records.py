@@ -198,12 +198,18 @@ def _check_boxes_and_conf(boxes, conf, n, err):
   """boxes [n, 4] normalised with x1 <= x2, y1 <= y2; conf [n]."""
   if boxes.shape != (n, 4):
     raise err('region_boxes', f'expected shape ({n}, 4), got {boxes.shape}')
-  if np.any((boxes < 0) | (boxes > 1)):
-    raise err('region_boxes', 'coordinates outside [0, 1]')
-  if np.any(boxes[:, 0] > boxes[:, 2]) or np.any(boxes[:, 1] > boxes[:, 3]):
-    raise err('region_boxes', 'needs x1 <= x2 and y1 <= y2')
+  check_normalised_boxes(boxes, 'region_boxes', err)
   if conf.shape != (n,):
     raise err('region_conf', f'expected shape ({n},), got {conf.shape}')
+
+
+def check_normalised_boxes(boxes, field, err):
+  """boxes [n, 4] (x1, y1, x2, y2) within [0, 1], x1 <= x2 and y1 <= y2;
+  err(field, problem) makes the exception raised."""
+  if np.any((boxes < 0) | (boxes > 1)):
+    raise err(field, 'coordinates outside [0, 1]')
+  if np.any(boxes[:, 0] > boxes[:, 2]) or np.any(boxes[:, 1] > boxes[:, 3]):
+    raise err(field, 'needs x1 <= x2 and y1 <= y2')
 
 
 def _region_tags(example, n, err):

@@ -1,15 +1,23 @@
 """Grain input pipeline for fine-tuning on the downstream tasks.
 
   {task}_{split}.array_record (tasks.py schema) -> decode + check fields,
-     fetch the image(s) from the region store (errors name file and record)
+     fetch the image(s) from the region store (errors name file, record
+     and field; data.on_error='skip': see TaskDecoder)
   -> seeded shuffle, reshuffled every epoch (train) -> this process's slice
   -> batch of raw examples -> random_map: tokenise, keep the R most
      confident regions, pad, task targets, stack.
 
 CMAP is off in fine-tuning, so no anchors. Every batch holds, besides the
 task's arrays, `example_index` [B] int32 (the record index in the split
-file, to map predictions back to examples) and `stats` {key: [B] int32}
-(TASK_STAT_KEYS[task]), per example like pre-training's batch['stats'].
+file, to map predictions back to examples), `valid` [B] bool and `stats`
+{key: [B] int32} (stat_keys(task, config)), per example like
+pre-training's batch['stats'], skipped_<reason> counters included.
+
+data.on_error='skip' (pipeline.first_good, as pre-training): in training a
+bad example is replaced by the next good one of the file and counted per
+reason (skip_reasons) in the train state's data_stats, which train.py
+reports and checks against data.max_skip_fraction; in evaluation it is left
+out of the metric (valid False) and counted once, under its own reason.
 
 Per example (T text, R regions, F region features, V answers):
   all but nlvr2: input_ids, text_mask [T] int32; region_feats [R, F] f32,
@@ -71,6 +79,40 @@ TASK_STAT_KEYS = {
     'rec': COMMON_STAT_KEYS + ('rec_target_missed',),
     'retrieval': COMMON_STAT_KEYS + ('itm_negatives',),
 }
+
+
+def skip_reasons(task, pixels=False):
+  """Why an example of `task` is skipped (data.on_error='skip'): 'record'
+  (cannot be read or decoded, or a field of neither record below), a field
+  of the task record (tasks.TASK_FIELDS; image_id / image_ids also for an
+  id the store lacks), a field of its image's region record, and for a
+  model that reads pixels 'image' (an image that cannot be read or
+  decoded)."""
+  reasons = dict.fromkeys(('record',) + tasks.TASK_FIELDS[task]
+                          + region_store.REGION_RECORD_FIELDS)
+  return tuple(reasons) + ((records.IMAGE_FIELD,) if pixels else ())
+
+
+def stat_keys(task, config):
+  """The batch['stats'] keys of `task`'s batches under `config`:
+  TASK_STAT_KEYS[task], then a skipped_<reason> counter per skip_reasons
+  (always there, 0 with data.on_error='raise', as pre-training's)."""
+  return TASK_STAT_KEYS[task] + tuple(
+      f'skipped_{r}' for r in skip_reasons(task, task_shapes(config).pixels))
+
+
+def skip_reason(error, reasons):
+  """The entry of `reasons` (skip_reasons) a skipped example counts under."""
+  field = (records.IMAGE_FIELD if isinstance(error, image_store.ImageError)
+           else getattr(error, 'field', '*'))
+  return field if field in reasons[1:] else 'record'
+
+
+# What 'skip' skips: a bad task or region record (records.RecordError) or
+# an image that cannot be read (image_store.ImageError). Anything else (a
+# missing file, a config mismatch) stops the run.
+SKIPPABLE = (records.RecordError, image_store.ImageError)
+
 # REC's hit criterion (task_metrics.rec_accuracy's default).
 REC_IOU_THRESHOLD = 0.5
 
@@ -172,6 +214,8 @@ def validate_task_example(example, task, *, path, index):
     if box.shape != (4,) or not np.all(np.isfinite(box)):
       raise err('target_box', f'expected 4 finite numbers, got '
                 f'{ex["target_box"]!r}')
+    # Normalised like region_boxes (the readers clip to the image).
+    records.check_normalised_boxes(box[None], 'target_box', err)
     ex['target_box'] = box
   elif task == 'retrieval':
     if not _is_str_list(ex['captions']) or not ex['captions']:
@@ -191,41 +235,121 @@ def image_ids_of(example, task):
       example['image_id']]
 
 
+def image_id_field(task):
+  """The task record's field that names its images."""
+  return 'image_ids' if task == 'nlvr2' else 'image_id'
+
+
+def load_example(source, store, task, *, path, index):
+  """Record `index` of a task file, validated, with its images from the
+  store: {'example', 'images': [region record], 'index'}.
+
+  Raises records.RecordError naming the task file, record and field (an
+  image id the store lacks: image_id, or nlvr2's image_ids); the store's
+  own RecordError for a bad region record (its file, record and field);
+  image_store.ImageError (pixels) for an image that cannot be read.
+  """
+  # source[index] itself raises a RecordError for an unreadable record.
+  example = decode_task_record(source[index], task, path=path, index=index)
+  images = []
+  for image_id in image_ids_of(example, task):
+    try:
+      images.append(store[image_id])
+    except KeyError as e:
+      raise records.RecordError(path, index, image_id_field(task),
+                                e.args[0]) from None
+  return dict(example=example, images=images, index=index)
+
+
 class TaskDecoder:
   """Map step: position -> {'example', 'images': [region record], 'index',
-  'valid'}. Positions past the split's end (evaluation pads to whole
-  batches) repeat the last record with valid=False. A missing image id
-  raises the store's KeyError with the task file and record index
-  prepended."""
+  'valid', 'skipped'}. Positions past the split's end (evaluation pads to
+  whole batches) repeat the last record with valid=False.
 
-  def __init__(self, source, store, *, task, path):
+  on_error='raise': a bad example raises (load_example). 'skip'
+  (pipeline.first_good): in training (train=True) the next good example of
+  the file takes its place, with `skipped` {reason: records skipped to
+  reach it}, as in pre-training; in evaluation the position is left out
+  (valid=False, the next good example standing in, masked) and `skipped`
+  counts it once, under its own reason, so the metric is over the good
+  examples and every bad one is counted exactly once.
+  """
+
+  def __init__(self, source, store, *, task, path, on_error='raise',
+               train=False, pixels=False):
+    if on_error not in ('raise', 'skip'):
+      raise ValueError(f"on_error={on_error!r}: must be 'raise' or 'skip'")
     self.source, self.store, self.task, self.path = source, store, task, path
+    self.on_error, self.train = on_error, train
+    self.reasons = skip_reasons(task, pixels)
+
+  def load(self, index):
+    return load_example(self.source, self.store, self.task, path=self.path,
+                        index=index)
+
+  def reason(self, error):
+    return skip_reason(error, self.reasons)
 
   def __call__(self, position):
-    index = min(int(position), len(self.source) - 1)
-    # source[index] itself raises a RecordError for an unreadable record.
-    example = decode_task_record(self.source[index], self.task,
-                                 path=self.path, index=index)
+    n = len(self.source)
+    index = min(int(position), n - 1)
+    real = int(position) < n
+    if self.on_error == 'raise':
+      return dict(self.load(index), valid=real, skipped={})
+    item, _, skipped, first = pipeline.first_good(
+        self.load, index, n, self.reason, errors=SKIPPABLE)
+    if self.train:
+      return dict(item, valid=True, skipped=skipped)
+    bad = first is not None
+    return dict(item, index=index, valid=real and not bad,
+                skipped={self.reason(first): 1} if real and bad else {})
+
+
+def load_split(config, directory, task, split):
+  """Every example of a split with its images, in record order, read as
+  TaskDecoder reads them in evaluation, without batching (retrieval's
+  evaluation): ([load_example items], skipped {reason: count}). With
+  data.on_error='skip' a bad example is left out and counted once under
+  its reason; with 'raise' its error is raised."""
+  path = task_file(directory, task, split)
+  shapes = task_shapes(config)
+  store = open_store(directory, shapes)
+  source = records.open_source(path)
+  reasons = skip_reasons(task, shapes.pixels)
+  skip = _get(config.data, 'on_error', 'raise') == 'skip'
+  items, skipped = [], {}
+  for index in range(len(source)):
     try:
-      images = [self.store[i] for i in image_ids_of(example, self.task)]
-    except KeyError as e:
-      raise KeyError(f'{self.path}: record {index}: {e.args[0]}') from None
-    return dict(example=example, images=images, index=index,
-                valid=int(position) < len(self.source))
+      items.append(load_example(source, store, task, path=path, index=index))
+    except SKIPPABLE as e:
+      if not skip:
+        raise
+      reason = skip_reason(e, reasons)
+      skipped[reason] = skipped.get(reason, 0) + 1
+  return items, skipped
 
 
 # ------------------------------------------------------- answer vocabulary
 
-def read_task_examples(directory, task, split):
+def read_task_examples(directory, task, split, on_error='raise'):
   """Every validated example of a task split (small fields only: no
-  regions are read)."""
+  regions are read), one per record. on_error='skip': None in place of a
+  bad record (the pipeline that feeds or evaluates it counts it)."""
   path = task_file(directory, task, split)
   source = records.open_source(path)
-  return [decode_task_record(source[i], task, path=path, index=i)
-          for i in range(len(source))]
+  examples = []
+  for i in range(len(source)):
+    try:
+      examples.append(decode_task_record(source[i], task, path=path,
+                                         index=i))
+    except records.RecordError:
+      if on_error != 'skip':
+        raise
+      examples.append(None)
+  return examples
 
 
-def load_or_build_answer_vocab(directory, num_answers):
+def load_or_build_answer_vocab(directory, num_answers, on_error='raise'):
   """The VQA answer vocabulary of a dataset folder: [V <= num_answers] str.
 
   Built from vqa_train's answers (task_metrics.build_answer_vocab, top
@@ -233,6 +357,8 @@ def load_or_build_answer_vocab(directory, num_answers):
   when present, so val and test (and later runs) use the train vocabulary.
   A file built with another num_answers, or from a vqa_train with another
   number of questions (regenerated data), is rebuilt from vqa_train.
+  on_error='skip': bad vqa_train records are left out of the count of
+  answers (the training stream counts them).
   """
   path = os.path.join(directory, ANSWER_VOCAB_FILE)
   if os.path.exists(path):
@@ -243,9 +369,9 @@ def load_or_build_answer_vocab(directory, num_answers):
         len(records.open_source(train_path)) != saved.get('num_questions'))
     if saved.get('num_answers') == num_answers and not stale:
       return list(saved['answers'])
-  train = read_task_examples(directory, 'vqa', 'train')
+  train = read_task_examples(directory, 'vqa', 'train', on_error)
   answers = task_metrics.build_answer_vocab(
-      [ex['answers'] for ex in train], num_answers)
+      [ex['answers'] for ex in train if ex is not None], num_answers)
   # Per-process temp name: every process of a run may build it at once;
   # each writes the same content and the rename is atomic.
   tmp = f'{path}.{os.getpid()}.tmp'
@@ -318,6 +444,7 @@ class TaskBatchEncoder:
     self.vocab_path = _get(config.data, 'vocab_path', '') or None
     self.neg_prob = _get(config.data, 'itm_neg_prob', DEFAULT_ITM_NEG_PROB)
     self.answer_vocab = answer_vocab
+    self.reasons = skip_reasons(task, self.shapes.pixels)
     self.answer_index = (task_metrics.vocab_index(answer_vocab)
                          if answer_vocab is not None else None)
     if task == 'vqa' and answer_vocab is None:
@@ -336,10 +463,14 @@ class TaskBatchEncoder:
     valid = np.asarray([it.get('valid', True) for it in items], bool)
     batch['valid'] = valid
     # Per example (not per batch), so they shard with the batch and sum to
-    # global totals on any mesh and number of processes; padding rows count
-    # nothing.
+    # global totals on any mesh and number of processes; padding rows and
+    # the stand-ins of skipped evaluation examples count nothing but their
+    # skips.
     batch['stats'] = {k: np.asarray([s[k] for _, s in rows], np.int32) * valid
                       for k in TASK_STAT_KEYS[self.task]}
+    for r in self.reasons:
+      batch['stats'][f'skipped_{r}'] = np.asarray(
+          [it.get('skipped', {}).get(r, 0) for it in items], np.int32)
     return batch
 
   def _row(self, item, tokenizer):
@@ -445,6 +576,9 @@ def make_task_dataset(config, directory, task, split, *, batch_size, train,
   example, padded to whole global batches (batch_size * process_count) by
   repeating the last record with batch['valid'] False, so every process
   runs the same number of batches and no example goes unevaluated.
+  data.on_error='skip' skips bad examples (TaskDecoder: replaced in
+  training, left out with valid False in evaluation; both counted in
+  batch['stats']).
 
   Returns (dataset, info): info has task, split, path, num_examples (in the
   split file), num_local (this process's slice; train: one epoch's; eval:
@@ -459,9 +593,10 @@ def make_task_dataset(config, directory, task, split, *, batch_size, train,
   store = open_store(directory, shapes)
   info = dict(task=task, split=split, path=path)
   answer_vocab = None
+  on_error = _get(config.data, 'on_error', 'raise')
   if task == 'vqa':
-    answer_vocab = load_or_build_answer_vocab(directory,
-                                              num_answers_of(config))
+    answer_vocab = load_or_build_answer_vocab(
+        directory, num_answers_of(config), on_error)
     info['answer_vocab'] = answer_vocab
   source = records.open_source(path)
   n = len(source)
@@ -472,7 +607,8 @@ def make_task_dataset(config, directory, task, split, *, batch_size, train,
   positions = n if train else -(-n // global_batch) * global_batch
   info['num_padded'] = positions - n
   ds = grain.MapDataset.range(positions).map(
-      TaskDecoder(source, store, task=task, path=path))
+      TaskDecoder(source, store, task=task, path=path, on_error=on_error,
+                  train=train, pixels=shapes.pixels))
   if train:
     ds = ds.shuffle(seed=seed).repeat(None)
     info['num_local'] = len(range(process_index, n, process_count))
