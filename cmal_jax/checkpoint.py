@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 
 from etils import epath
 
-from cmal_jax import run_identity, storage
+from cmal_jax import run_identity, storage, train_step
 from cmal_jax.logs import log
 
 ITEMS = ('state', 'data', 'signature', 'identity')
@@ -125,18 +125,69 @@ def check_resume(manager, step, config):
   return changes
 
 
-def restore(manager, abstract_state, data_iter, step=None):
-  """Restores the latest (or given) step into `abstract_state`'s shardings and
-  moves `data_iter` to where it was. Returns the state, or None if the
+def restore(manager, state, data_iter, step=None):
+  """Restores the latest (or given) step into `state`'s layout and shardings
+  and moves `data_iter` to where it was. Returns the state, or None if the
   workdir holds no checkpoint. Call check_resume first (train.py does,
   before it builds the state)."""
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
+  where = f'{manager.directory}/{step}'
+  saved = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(manager.directory) / str(step) / 'state')
+  target, finish = _saved_layout(state, saved, where)
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=DataRestore(data_iter)))
-  return restored['state']
+      state=ocp.args.StandardRestore(target),
+      data=DataRestore(data_iter)))['state']
+  return finish(restored)
+
+
+def _saved_layout(state, saved, where):
+  """-> (target, finish): the restore target in the layout of the checkpoint
+  whose state metadata is `saved`, and the function that brings the
+  restored state back to `state`'s layout (which the compiled step needs).
+
+  The layouts differ where the checkpoint predates a data counter (the
+  counter starts at 0: it counted nothing then) or keeps one this job does
+  not count (dropped), and where the dtype changed on resume: only float16
+  carries a loss scale (train_step.ScaledTrainState), which is then dropped
+  or started afresh.
+  """
+  replicated = state.nonfinite_skips.sharding
+  abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                            sharding=replicated)
+  saved_stats = set(saved['data_stats'])
+  new_stats = sorted(set(state.data_stats) - saved_stats)
+  old_stats = sorted(saved_stats - set(state.data_stats))
+  target = state.replace(data_stats={
+      **{k: v for k, v in state.data_stats.items() if k in saved_stats},
+      **{k: abstract(state.nonfinite_skips) for k in old_stats}})
+  if new_stats or old_stats:
+    log(f'{where}: data counters {new_stats} start at 0 (the checkpoint '
+        f'predates them); {old_stats} are not counted by this job: dropped.')
+  saved_scale = 'loss_scale' in saved
+  scale = getattr(state, 'loss_scale', None)
+  if saved_scale and scale is None:
+    log(f'{where} carries a float16 loss scale; this run is not float16: '
+        'dropped.')
+    target = train_step.with_loss_scale(target, jax.tree.map(
+        abstract, train_step.initial_loss_scale()))
+  elif scale is not None and not saved_scale:
+    log(f'{where} carries no loss scale (not float16): this float16 run '
+        'starts a fresh one.')
+    target = train_step.without_loss_scale(target)
+
+  def finish(restored):
+    restored = restored.replace(data_stats={
+        k: restored.data_stats.get(k, v) for k, v in state.data_stats.items()})
+    if saved_scale and scale is None:
+      return train_step.without_loss_scale(restored)
+    if scale is not None and not saved_scale:
+      return train_step.with_loss_scale(restored, scale)
+    return restored
+
+  return target, finish
 
 
 # ------------------------------------------------- fine-tuning: init_from

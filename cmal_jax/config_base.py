@@ -95,7 +95,8 @@ def base_config(size, recipe):
       max_position=512,  # BERT's table size, so BERT checkpoints map 1:1.
       num_tags=0,  # 0: read from the data's tag vocabulary (meta.json).
       # Computation dtype; parameters and optimizer state stay float32, and
-      # softmaxes and losses run in float32. 'bfloat16' on accelerators.
+      # softmaxes and losses run in float32. 'bfloat16' on accelerators;
+      # 'float16' adds a dynamic loss scale (docs/scaling.md).
       dtype='float32',
       # Rematerialise each encoder layer in the backward pass: 'none', or a
       # policy saying what to keep: 'full' (keep nothing), 'dots' (matmul

@@ -49,7 +49,12 @@ class NonFiniteGuard:
   """Counts consecutive skipped updates on the host; raises after `limit`.
 
   Reads each step's `update_skipped` flag one step late (after the next step
-  is dispatched), so checking does not stall the device queue.
+  is dispatched), so checking does not stall the device queue. A float16
+  step skipped because its scaled gradients overflowed
+  (`float16_overflow_skipped`: the loss scale halves, train_step.LossScale)
+  is expected and neither counts nor breaks a streak. The scale stops
+  halving at 1, so at most log2(scale) of them come in a row (15 from the
+  initial 2**15); from then on every overflow counts.
   """
 
   def __init__(self, limit):
@@ -71,6 +76,8 @@ class NonFiniteGuard:
 
   def _check(self, step, metrics):
     host = jax.device_get(metrics)
+    if host.get('float16_overflow_skipped', False):
+      return
     if not host['update_skipped']:
       self.streak, self.first_step = 0, None
       return
@@ -81,6 +88,9 @@ class NonFiniteGuard:
              if k.startswith('loss_') and not _finite(v)]
       what = ('objective(s) ' + ', '.join(bad) if bad else
               'the gradient norm (every loss was finite)')
+      if not bad and 'float16_overflow_skipped' in host:
+        what += (' at float16 loss scale 1 (no scaling left to take back; '
+                 "if float16's range is too small, bfloat16 has float32's)")
       raise FloatingPointError(
           f'{self.streak} consecutive non-finite updates, steps '
           f'{self.first_step}..{step}: {what} went non-finite '

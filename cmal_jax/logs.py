@@ -25,6 +25,10 @@ def format_log_line(step, total_steps, mean):
   eta = (total_steps - step) / mean['steps_per_sec']
   skipped = (f' skipped={mean["nonfinite_skips"]}'
              if mean['nonfinite_skips'] else '')
+  if 'float16_loss_scale' in mean:  # float16 (train_step.LossScale).
+    skipped += f' loss_scale={mean["float16_loss_scale"]:g}' + (
+        f' overflows={mean["float16_overflow_skips"]}'
+        if mean.get('float16_overflow_skips') else '')
   return (f'step {step}/{total_steps} epoch {mean["epoch"]:.2f} '
           f'loss={mean["loss"]:.3f} [{losses}] [{accs}] lr={mean["lr"]:.2e} '
           f'grad_norm={mean["grad_norm"]:.2f}{skipped} '

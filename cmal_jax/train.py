@@ -152,14 +152,18 @@ def _run(config, workdir, make_job):
     if step % config.log_every == 0 or step == last_step:
       guard.flush()
       # One sync per log interval.
-      host, stats, skips = jax.device_get(
-          (pending, state.data_stats, state.nonfinite_skips))
+      host, stats, skips, loss_scale = jax.device_get(
+          (pending, state.data_stats, state.nonfinite_skips,
+           getattr(state, 'loss_scale', None)))
       mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
       elapsed = time.time() - window_start
       mean['steps_per_sec'] = window_steps / elapsed
       mean['examples_per_sec'] = window_steps * config.batch_size / elapsed
       mean['epoch'] = int(stats['examples']) / max(epoch_size, 1)
       mean['nonfinite_skips'] = int(skips)
+      if loss_scale is not None:  # float16: the scale the next step uses.
+        mean['float16_loss_scale'] = float(loss_scale.dynamic.scale)
+        mean['float16_overflow_skips'] = int(loss_scale.overflow_skips)
       mean.update({f'data/{k}': int(v) for k, v in stats.items()})
       writer.write(step, mean)
       if mean['data/examples'] >= MIN_EXAMPLES_FOR_SKIP_CHECK:
@@ -189,6 +193,11 @@ def _run(config, workdir, make_job):
   stats = {k: int(v) for k, v in jax.device_get(state.data_stats).items()}
   log(f'Data: {stats}; non-finite updates skipped: '
       f'{int(jax.device_get(state.nonfinite_skips))}.')
+  if getattr(state, 'loss_scale', None) is not None:
+    loss_scale = jax.device_get(state.loss_scale)
+    log(f'float16 loss scale {float(loss_scale.dynamic.scale):g}; updates '
+        f'skipped as the scaled gradients overflowed: '
+        f'{int(loss_scale.overflow_skips)}.')
   log(pipeline.skip_report(stats))
   pipeline.check_skip_limit(stats, config)
   if stopped_early or step < config.total_steps:

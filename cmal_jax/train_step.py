@@ -9,7 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from flax.training import train_state
+from flax.training.dynamic_scale import DynamicScale
 
 from cmal_jax import objectives, sharding
 from cmal_jax.logs import log
@@ -27,6 +29,99 @@ class TrainState(train_state.TrainState):
   data_stats: dict
   nonfinite_skips: jax.Array
   extra: Any = None
+
+
+# ----------------------------------------------- float16: loss scaling
+
+# float16's smallest normal number is 6.1e-5 (subnormals end at 6e-8), so
+# small gradients flush to zero in its backward pass. A float16 run
+# multiplies the loss by a dynamic scale before differentiating and divides
+# the float32 gradients by it after (Flax's DynamicScale, the scheme of
+# PyTorch's GradScaler): the scale starts at INITIAL_LOSS_SCALE, halves on
+# every step whose scaled gradients overflow (the update is skipped), and
+# doubles after LOSS_SCALE_GROWTH_INTERVAL finite steps in a row. It never
+# goes below 1 (no scaling): an overflow there is float16's range, not the
+# scale's, and counts as a non-finite step. float32 and bfloat16 (float32's
+# range) carry no scale: their state and programs are unchanged.
+INITIAL_LOSS_SCALE = 2.0 ** 15
+LOSS_SCALE_GROWTH_INTERVAL = 2000
+MIN_LOSS_SCALE = 1.0
+
+
+class LossScale(struct.PyTreeNode):
+  """A float16 run's loss scale (Flax's DynamicScale: `scale`, and
+  `fin_steps`, the finite steps since it last changed) and
+  `overflow_skips`, the updates skipped because the scaled gradients
+  overflowed."""
+  dynamic: DynamicScale
+  overflow_skips: jax.Array
+
+
+class ScaledTrainState(TrainState):
+  """A float16 run's TrainState: the same fields plus its LossScale,
+  checkpointed with it."""
+  loss_scale: LossScale | None = None
+
+
+def uses_loss_scale(config):
+  return config.model.dtype == 'float16'
+
+
+def initial_loss_scale(scale=INITIAL_LOSS_SCALE,
+                       growth_interval=LOSS_SCALE_GROWTH_INTERVAL):
+  return LossScale(
+      dynamic=DynamicScale(
+          growth_interval=growth_interval, minimum_scale=MIN_LOSS_SCALE,
+          fin_steps=jnp.zeros((), jnp.int32),
+          scale=jnp.asarray(scale, jnp.float32)),
+      overflow_skips=jnp.zeros((), jnp.int32))
+
+
+def with_loss_scale(state, loss_scale):
+  """A TrainState as a ScaledTrainState carrying `loss_scale`."""
+  fields = {f.name: getattr(state, f.name)
+            for f in dataclasses.fields(TrainState)}
+  return ScaledTrainState(**fields, loss_scale=loss_scale)
+
+
+def without_loss_scale(state):
+  """A ScaledTrainState as a TrainState (the scale dropped)."""
+  return TrainState(**{f.name: getattr(state, f.name)
+                       for f in dataclasses.fields(TrainState)})
+
+
+def next_dynamic_scale(dynamic, finite):
+  """DynamicScale after a step whose scaled gradients were `finite` (or
+  not): Flax's rule, as DynamicScale.value_and_grad applies it (tested
+  against it), taken apart from the differentiation so that micro-batches
+  share one scale and the summed gradients are checked once."""
+  grow = dynamic.fin_steps == dynamic.growth_interval
+  grown = jnp.minimum(dynamic.scale * dynamic.growth_factor,
+                      jnp.finfo(jnp.float32).max)
+  backed_off = dynamic.scale * dynamic.backoff_factor
+  if dynamic.minimum_scale is not None:
+    backed_off = jnp.maximum(backed_off, dynamic.minimum_scale)
+  scale = jnp.where(finite, jnp.where(grow, grown, dynamic.scale), backed_off)
+  fin_steps = jnp.where(grow | ~finite, 0, dynamic.fin_steps + 1)
+  return dynamic.replace(fin_steps=fin_steps, scale=scale)
+
+
+def update_loss_scale(loss_scale, loss_finite, grads_finite):
+  """-> (LossScale after the step, overflow).
+
+  overflow: the loss was finite but its scaled gradients were not, at a
+  scale that can still halve: an expected float16 event (the update is
+  skipped and counted in LossScale.overflow_skips), not a non-finite step.
+  A non-finite loss is not the scale's doing (the forward pass does not
+  see it), so it leaves the scale as it was."""
+  dynamic = loss_scale.dynamic
+  overflow = loss_finite & ~grads_finite & (
+      dynamic.scale > dynamic.minimum_scale)
+  adjusted = next_dynamic_scale(dynamic, grads_finite)
+  dynamic = jax.tree.map(lambda new, old: jnp.where(loss_finite, new, old),
+                         adjusted, dynamic)
+  skips = loss_scale.overflow_skips + overflow.astype(jnp.int32)
+  return LossScale(dynamic, skips), overflow
 
 
 def decay_mask(params):
@@ -102,6 +197,8 @@ def create_train_state(model, init_inputs, stat_keys, tx, config, mesh,
         data_stats={k: jnp.zeros((), jnp.int32) for k in stat_keys},
         nonfinite_skips=jnp.zeros((), jnp.int32),
         extra=extra_state(params))
+    if uses_loss_scale(config):
+      state = with_loss_scale(state, initial_loss_scale())
     # create() starts from a weak-typed step; a restored one is int32, and
     # the jitted step must see one type to reuse its compilation.
     return state.replace(step=jnp.zeros((), jnp.int32))
@@ -131,7 +228,8 @@ def split_micro_batches(batch, num):
   return jax.tree.map(split, batch)
 
 
-def loss_and_grads(loss, params, batch, rng, num_micro=1, state=None):
+def loss_and_grads(loss, params, batch, rng, num_micro=1, state=None,
+                   loss_scale=None):
   """Gradients and metrics of a Loss on `batch` -> (grads, metrics).
 
   num_micro > 1 sums the gradients of that many micro-batches (lax.scan,
@@ -139,15 +237,26 @@ def loss_and_grads(loss, params, batch, rng, num_micro=1, state=None):
   to float rounding (the corruption is drawn once for the whole batch and
   the means divide by whole-batch counts), ITC's in-batch negatives and
   dropout's draws aside. state: what Loss.prepare reads (the TrainState).
+  loss_scale (float16): every micro-batch's loss is multiplied by it before
+  differentiating and the summed gradients divided by it once (a power of
+  2: exact); the metrics are the unscaled ones.
   """
   prep_rng, dropout_rng = jax.random.split(rng)
   batch = loss.prepare(batch, prep_rng, state)
   denominators = loss.denominators(batch)
-  value_and_grad = jax.value_and_grad(loss.loss, has_aux=True)
+  objective = loss.loss
+  if loss_scale is not None:
+    def scaled(*args):
+      total, metrics = loss.loss(*args)
+      return total * loss_scale, metrics
+    objective = scaled
+  value_and_grad = jax.value_and_grad(objective, has_aux=True)
+  unscale = lambda grads: grads if loss_scale is None else jax.tree.map(
+      lambda g: g / loss_scale, grads)
   if num_micro == 1:
     (_, metrics), grads = value_and_grad(params, batch, dropout_rng,
                                          denominators)
-    return grads, metrics
+    return unscale(grads), metrics
 
   def accumulate(carry, micro):
     i, micro_batch = micro
@@ -163,13 +272,15 @@ def loss_and_grads(loss, params, batch, rng, num_micro=1, state=None):
                        (grad_shapes, metric_shapes))
   (grads, metrics), _ = jax.lax.scan(
       accumulate, zeros, (jnp.arange(num_micro), micro_batches))
-  return grads, metrics
+  return unscale(grads), metrics
 
 
 def make_train_step(loss, config, schedule):
   """The train step (state, batch) -> (state, metrics) of a Loss, with
-  config.grad_accum_steps micro-batches (loss_and_grads)."""
+  config.grad_accum_steps micro-batches (loss_and_grads); float16 with its
+  loss scale (ScaledTrainState)."""
   base_rng = jax.random.key(config.seed)
+  scaled = uses_loss_scale(config)
 
   def train_step(state, batch):
     batch = dict(batch)
@@ -178,22 +289,36 @@ def make_train_step(loss, config, schedule):
     del batch['stats']
     # All randomness: the config seed folded with the step.
     rng = jax.random.fold_in(base_rng, state.step)
-    grads, metrics = loss_and_grads(loss, state.params, batch, rng,
-                                    config.grad_accum_steps, state)
+    grads, metrics = loss_and_grads(
+        loss, state.params, batch, rng, config.grad_accum_steps, state,
+        loss_scale=state.loss_scale.dynamic.scale if scaled else None)
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['lr'] = schedule(state.step)
     # A non-finite loss or gradient skips the update: parameters and
     # optimizer state stay as they were; the step and data still advance.
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
     metrics['update_skipped'] = ~finite
-    skips = state.nonfinite_skips + (~finite).astype(jnp.int32)
+    counted = ~finite
+    if scaled:
+      # float16: an overflow of the scaled gradients halves the scale and
+      # is counted apart (LossScale.overflow_skips), not as a non-finite
+      # step (nonfinite_skips, NonFiniteGuard).
+      loss_scale, overflow = update_loss_scale(
+          state.loss_scale, jnp.isfinite(metrics['loss']),
+          jnp.isfinite(metrics['grad_norm']))
+      metrics['float16_overflow_skipped'] = overflow
+      counted = counted & ~overflow
+    skips = state.nonfinite_skips + counted.astype(jnp.int32)
     # lax.cond, not a select: only the taken branch runs, so a finite step
     # does not read the old and new state (3 x params) once more to choose
     # (6 % of a base step on CPU).
     state = jax.lax.cond(
         finite, lambda s: loss.after_update(s.apply_gradients(grads=grads)),
         lambda s: s.replace(step=s.step + 1), state)
-    return state.replace(data_stats=data_stats, nonfinite_skips=skips), metrics
+    state = state.replace(data_stats=data_stats, nonfinite_skips=skips)
+    if scaled:
+      state = state.replace(loss_scale=loss_scale)
+    return state, metrics
 
   return train_step
 

@@ -10,6 +10,9 @@ import sys
 
 import numpy as np
 
+import orbax.checkpoint as ocp
+
+from cmal_jax import checkpoint
 from cmal_jax.data import pipeline, records
 from cmal_jax.world import scenes
 
@@ -251,3 +254,15 @@ def finetune_tiny(task, recipe, init_from):
     c.eval.every_steps = 0
     c.world.num_train, c.world.num_eval, c.world.num_test = 32, 16, 16
     return c
+
+
+def saved_state(workdir, step):
+    """The train state a run saved at `step`, as nested dicts of host
+    arrays (read without a config)."""
+    manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir),
+                                    item_names=checkpoint.ITEMS)
+    try:
+        return manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))['state']
+    finally:
+        manager.close()

@@ -725,6 +725,25 @@ def test_a_restored_state_has_the_types_of_a_fresh_one(runs, tmp_path):
                          jax.tree_util.tree_leaves_with_path(state)]
   assert types(restored) == types(fresh)
 
+  # A checkpoint that predates a data counter (as fine-tuning checkpoints
+  # predate the skipped_* ones) restores with it at 0; a counter this job
+  # does not keep is dropped.
+  saved_stats = jax.device_get(restored.data_stats)
+  stats = dict(fresh.data_stats)
+  dropped = stats.pop('examples')
+  other = fresh.replace(data_stats={**stats, 'counter_added_later': dropped})
+  manager = checkpoint.make_manager(whole['workdir'], config)
+  try:
+    restored = checkpoint.restore(
+        manager, other, pipeline.to_iterator(job.train_ds, config), step=3)
+  finally:
+    manager.close()
+  assert types(restored) == types(other)
+  assert jax.device_get(restored.data_stats) == {
+      **{k: v for k, v in saved_stats.items() if k != 'examples'},
+      'counter_added_later': 0}
+  assert saved_stats['examples'] > 0
+
 
 # --------------------------------------------------------------- 6. config
 

@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from cmal_jax import (checkpoint, configlib, jobs, objectives, pretraining,
@@ -31,8 +30,7 @@ from cmal_jax.model.pixels import (PixelBackbone, PixelConfig, grid_boxes,
                                    grid_regions)
 from cmal_jax.model.pixels import reads_pixels
 from cmal_testutil import (CLS, MASK, PAD, SEP, assert_trees_equal,
-                            fast_step,
-                            finetune_tiny, shrink)
+                           fast_step, finetune_tiny, saved_state, shrink)
 from configs import finetune as finetune_config
 from configs import pretrain
 
@@ -457,17 +455,6 @@ STEPS = 20
 LOG_EVERY = 5
 
 
-def restore_state(workdir, step):
-  """The raw saved train state (nested dicts of arrays) at `step`."""
-  manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir),
-                                  item_names=checkpoint.ITEMS)
-  try:
-    return manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))['state']
-  finally:
-    manager.close()
-
-
 @pytest.fixture(scope='module')
 def semmim_pretrained(tmp_path_factory):
   """(workdir, config, results) of 20 steps of tiny,semmim (shrunk as
@@ -502,7 +489,7 @@ def test_semmim_pretraining_learns(semmim_pretrained):
 
   # The checkpoints hold the momentum encoder, and between the last two it
   # moved by the rule: ema_20 = m ema_19 + (1 - m) params_20.
-  s19, s20 = restore_state(workdir, STEPS - 1), restore_state(workdir, STEPS)
+  s19, s20 = saved_state(workdir, STEPS - 1), saved_state(workdir, STEPS)
   assert 'ema_params' in s20['extra']
   m = c.semmim.ema_momentum
   flat = lambda tree: dict(jax.tree_util.tree_leaves_with_path(tree))
