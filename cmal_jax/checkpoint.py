@@ -97,22 +97,23 @@ def check_resume(manager, step, config):
   config.resume is not 'allow_changes'.
   """
   where = f'{manager.directory}/{step}'
+  has_identity = (epath.Path(manager.directory) / str(step) /
+                  'identity').exists()
   saved = manager.restore(step, args=ocp.args.Composite(
-      signature=ocp.args.JsonRestore()))['signature']
+      signature=ocp.args.JsonRestore(),
+      **({'identity': ocp.args.JsonRestore()} if has_identity else {})))
   mismatches = run_identity.signature_mismatches(
-      saved, run_identity.signature(config))
+      saved['signature'], run_identity.signature(config))
   if mismatches:
     raise ValueError(
         f'{where} holds a checkpoint of a different run '
         f'and will not be resumed: ' + '; '.join(mismatches) + '. Use another '
         "--workdir, or --config.resume=fresh to move the old checkpoints "
         'aside and start over.')
-  if not (epath.Path(manager.directory) / str(step) / 'identity').exists():
+  if not has_identity:
     log(f'{where} predates the run identity: only its model was checked.')
     return {}
-  saved = manager.restore(step, args=ocp.args.Composite(
-      identity=ocp.args.JsonRestore()))['identity']
-  changes = run_identity.identity_changes(saved,
+  changes = run_identity.identity_changes(saved['identity'],
                                           run_identity.identity(config))
   if changes and config.resume != 'allow_changes':
     raise ValueError(
