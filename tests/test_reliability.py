@@ -9,6 +9,7 @@ subprocesses share a persistent XLA cache so only the first one compiles.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -366,6 +367,22 @@ def test_resume_free_fields_are_not_the_identity(tmp_path):
       'mesh.shape': (1, 1, 1), 'grad_accum_steps': 2, 'model.remat': 'full',
       'data.num_threads': 1, 'max_nonfinite_steps': 3})
   assert checkpoint.check_resume(manager, 1, free) == {}
+
+
+def test_a_checkpoint_older_than_the_identity_is_checked_for_its_model(
+    tmp_path, capsys):
+  config = pretrain.get_config('tiny')
+  manager = save_records(str(tmp_path), config)
+  shutil.rmtree(tmp_path / 'checkpoints' / '1' / 'identity')
+  changed = pretrain.get_config('tiny')
+  changed.seed = 3  # Not checkable without the identity.
+  assert checkpoint.check_resume(manager, 1, changed) == {}
+  assert 'checkpoints/1 predates the run identity: only its model was ' \
+      'checked.' in capsys.readouterr().out
+  changed.model.hidden_dim = 32
+  with pytest.raises(ValueError, match='model.hidden_dim: checkpoint 64, '
+                     'config 32'):
+    checkpoint.check_resume(manager, 1, changed)
 
 
 def test_every_resume_free_field_names_a_config_field():
