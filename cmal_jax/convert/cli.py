@@ -8,6 +8,14 @@ r"""Converts real-world region features and captions into our records.
       --images=DIR --out=DIR [--synonyms=FILE] [--skip_bad]
   python -m cmal_jax.convert vg_objects --objects=FILE \
       [--image_data=FILE] --images=DIR --out=DIR [--vocab=FILE] [--skip_bad]
+  python -m cmal_jax.convert vqa_v2 --questions=FILE [--annotations=FILE] \
+      --split=train --regions=DIR [--skip_bad]
+  python -m cmal_jax.convert snli_ve|nlvr2 --input=FILE --split=train \
+      --regions=DIR [--skip_bad]
+  python -m cmal_jax.convert refcoco --refs=FILE --instances=FILE \
+      --split=train --regions=DIR [--skip_bad]
+  python -m cmal_jax.convert karpathy --input=FILE --split=train \
+      [--without_restval] --regions=DIR [--skip_bad]
 
 `bottom_up` turns bottom-up-attention TSV region features (+ the detector's
 class vocabulary) into a region store (formats/bottom_up.py); `captions`
@@ -26,26 +34,23 @@ the store's:
 or, from images, with --config.model.visual.input=pixels instead.
 
 (pre-training reads the splits `pretrain` and `val`; convert one caption
-file into each.) Each subcommand prints what it wrote and, per reason, the
+file into each.)
+
+`vqa_v2`, `snli_ve`, `nlvr2`, `refcoco` and `karpathy` turn an official
+downstream release (VQA v2, SNLI-VE, NLVR2, RefCOCO/+/g, Karpathy-split COCO
+or Flickr30K) into a fine-tuning task split `{task}_{split}.array_record`,
+written into the region store's or image folder's own folder (--regions),
+where fine-tuning reads both (tasks_cli.py); then
+`--config.data.dir=DIR` fine-tunes on it. The VQA answer vocabulary is
+built by fine-tuning from vqa_train. Each subcommand prints what it wrote and, per reason, the
 records it skipped (--skip_bad); bad input otherwise stops it with an error
 naming the file, line or record, and field.
 """
 
 import argparse
 
-from cmal_jax.convert.formats import bottom_up, captions, image_boxes
-
-
-def summary(what: str, n: int, skipped: dict[str, int]) -> str:
-  """'Wrote 3 images to DIR; skipped 2 bad lines: box_outside_image 1, ...'."""
-  text = f'Wrote {n} {what}'
-  if skipped:
-    counts = ', '.join(f'{reason} {count}'
-                       for reason, count in sorted(skipped.items()))
-    text += f'; skipped {sum(skipped.values())}: {counts}'
-  else:
-    text += '; skipped none'
-  return text
+from cmal_jax.convert import tasks_cli
+from cmal_jax.convert.formats import bottom_up, captions, image_boxes, summary
 
 
 def _bottom_up(a):
@@ -144,6 +149,8 @@ def main(argv=None):
   v.add_argument('--skip_bad', action='store_true',
                  help='Skip and count bad images instead of stopping.')
   v.set_defaults(run=_vg_objects)
+
+  tasks_cli.add_task_commands(sub)
 
   a = ap.parse_args(argv)
   return a.run(a)

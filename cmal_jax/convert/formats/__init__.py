@@ -193,6 +193,21 @@ class Collector:
     return self.examples, dict(self.skipped)
 
 
+def summary(what: str, n: int, skipped: dict[str, int]) -> str:
+  """'Wrote 3 images to DIR; skipped 2: box_outside_image 1, ...'.
+
+  The line every convert sub-command prints: `n` written and, per reason,
+  the records skipped (a Collector's `skipped`)."""
+  text = f'Wrote {n} {what}'
+  if skipped:
+    counts = ', '.join(f'{reason} {count}'
+                       for reason, count in sorted(skipped.items()))
+    text += f'; skipped {sum(skipped.values())}: {counts}'
+  else:
+    text += '; skipped none'
+  return text
+
+
 # ---------------------------------------------------------------- files
 
 def check_exists(path: str, what: str):
