@@ -3,6 +3,8 @@ sets (pure numpy), small record files of our own, bitwise tree comparison,
 and running a script in a subprocess with 8 fake CPU devices.
 """
 
+import base64
+import csv
 import json
 import os
 import subprocess
@@ -36,6 +38,40 @@ def write_dataset(directory, pairs, split='pretrain'):
         'tags': list(scenes.WORLD_TAGS), 'synonyms': dict(scenes.WORLD_SYNONYMS),
         'feature_dim': F, 'splits': {split: len(pairs)}})
     return path
+
+
+# Bottom-up-attention TSVs, written the way its generate_tsv.py writes them
+# (csv, tab-separated, each array base64 of its `.tobytes()`), independently
+# of the converter's own code.
+TSV_IMAGE_SIZE = (640, 480)  # tsv_row's default image (width, height).
+
+
+def b64(array) -> str:
+    return base64.b64encode(np.asarray(array).tobytes()).decode('ascii')
+
+
+def tsv_row(image_id, boxes, feats, objects=None, conf=None, attrs=True,
+            attrs_conf=False, width=TSV_IMAGE_SIZE[0],
+            height=TSV_IMAGE_SIZE[1], ids_dtype=np.int64):
+    """The columns of one TSV line, as generate_tsv.py writes them."""
+    boxes = np.asarray(boxes, np.float32)
+    row = [str(image_id), str(width), str(height), str(len(boxes)),
+           b64(boxes), b64(feats)]
+    if objects is not None:
+        row += [b64(np.asarray(objects, ids_dtype)),
+                b64(np.asarray(conf, np.float32))]
+        if attrs:
+            row.append(b64(np.zeros(len(boxes), ids_dtype)))
+        if attrs_conf:
+            row.append(b64(np.zeros(len(boxes), np.float32)))
+    return row
+
+
+def write_tsv(path, rows):
+    """Writes TSV rows (tsv_row) to path; returns it as a str."""
+    with open(path, 'w', newline='') as f:
+        csv.writer(f, delimiter='\t').writerows(rows)
+    return str(path)
 
 
 def break_region_record(directory, image_id):

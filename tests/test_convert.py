@@ -1,17 +1,15 @@
 """Real-world formats -> our records (convert/cli.py, formats/bottom_up.py,
 formats/captions.py).
 
-The TSVs are written here the way bottom-up-attention's generate_tsv.py
-writes them (csv, tab-separated, '\\r\\n' line ends, each array base64 of
-its `.tobytes()`), independently of the converter's own code; the caption
-files are hand-written samples of each official format. The last test runs
-the whole chain, TSV -> region store -> JSONL captions -> pair records
+The TSVs are written the way bottom-up-attention's generate_tsv.py writes
+them (cmal_testutil.tsv_row / write_tsv: csv, tab-separated, '\\r\\n' line
+ends, each array base64 of its `.tobytes()`), independently of the
+converter's own code; the caption files are hand-written samples of each
+official format. The last test runs the whole chain, TSV -> region store -> JSONL captions -> pair records
 (both inspected by python -m cmal_jax.convert.inspect) -> 20 tiny
 pre-training steps.
 """
 
-import base64
-import csv
 import json
 import os
 import re
@@ -25,42 +23,17 @@ from cmal_jax import jobs
 from cmal_jax.convert import cli as convert
 from cmal_jax.data import records, region_store
 from cmal_jax.convert.formats import FormatError, bottom_up, captions
+from cmal_testutil import TSV_IMAGE_SIZE, b64, tsv_row, write_tsv
 
 # A Visual Genome-style vocabulary: canonical name first, synonyms after.
 VOCAB = 'man,men,guy\ndog,puppy\ntree\ntraffic light,stoplight\nhorse\n\n'
 TAGS = ['man', 'dog', 'tree', 'traffic light', 'horse']
-W, H, F = 640, 480, 12
-
-
-def _b64(array) -> str:
-  return base64.b64encode(np.asarray(array).tobytes()).decode('ascii')
+(W, H), F = TSV_IMAGE_SIZE, 12
 
 
 def _features(seed, n, width=F):
   return np.random.default_rng(seed).normal(size=(n, width)).astype(
       np.float32)
-
-
-def _row(image_id, boxes, feats, objects=None, conf=None, attrs=True,
-         attrs_conf=False, width=W, height=H, ids_dtype=np.int64):
-  """The columns of one TSV line, as generate_tsv.py writes them."""
-  boxes = np.asarray(boxes, np.float32)
-  row = [str(image_id), str(width), str(height), str(len(boxes)),
-         _b64(boxes), _b64(feats)]
-  if objects is not None:
-    row += [_b64(np.asarray(objects, ids_dtype)),
-            _b64(np.asarray(conf, np.float32))]
-    if attrs:
-      row.append(_b64(np.zeros(len(boxes), ids_dtype)))
-    if attrs_conf:
-      row.append(_b64(np.zeros(len(boxes), np.float32)))
-  return row
-
-
-def _write_tsv(path, rows):
-  with open(path, 'w', newline='') as f:
-    csv.writer(f, delimiter='\t').writerows(rows)
-  return str(path)
 
 
 def _write(path, text):
@@ -79,8 +52,8 @@ BOXES_2 = [[-0.5, 100, 640.8, 480.9], [5, 5, 6, 6], [600, 0, 640, 10]]
 
 
 def _good_rows():
-  return [_row(42, BOXES_1, _features(0, 2), [1, 3], [0.9, 0.4]),
-          _row(7, BOXES_2, _features(1, 3), [0, 0, 4], [0.8, 0.7, 0.2])]
+  return [tsv_row(42, BOXES_1, _features(0, 2), [1, 3], [0.9, 0.4]),
+          tsv_row(7, BOXES_2, _features(1, 3), [0, 0, 4], [0.8, 0.7, 0.2])]
 
 
 def _normalised(boxes):
@@ -117,7 +90,7 @@ def test_vocab_blank_line_inside_is_an_error(tmp_path):
 # ---------------------------------------------------------------- bottom-up
 
 def test_bottom_up_numbers_round_trip(tmp_path):
-  tsv = _write_tsv(tmp_path / 'feats.tsv', _good_rows())
+  tsv = write_tsv(tmp_path / 'feats.tsv', _good_rows())
   out = tmp_path / 'store'
   n, skipped = bottom_up.convert_bottom_up([tsv], _vocab(tmp_path), str(out))
   assert (n, skipped) == (2, {})
@@ -140,7 +113,7 @@ def test_bottom_up_numbers_round_trip(tmp_path):
 
 def test_module_entry_point_converts_and_reports(tmp_path):
   # python -m cmal_jax.convert (convert/__main__.py) runs cli.main.
-  tsv = _write_tsv(tmp_path / 'feats.tsv', _good_rows())
+  tsv = write_tsv(tmp_path / 'feats.tsv', _good_rows())
   out = tmp_path / 'store'
   done = subprocess.run(
       [sys.executable, '-m', 'cmal_jax.convert', 'bottom_up', f'--tsv={tsv}',
@@ -152,11 +125,11 @@ def test_module_entry_point_converts_and_reports(tmp_path):
 
 @pytest.mark.parametrize('ids_dtype', [np.int64, np.float32, np.int32])
 def test_object_ids_of_any_width_and_ten_columns(tmp_path, ids_dtype):
-  rows = [_row(1, BOXES_1, _features(0, 2), [4, 2], [0.5, 0.6],
+  rows = [tsv_row(1, BOXES_1, _features(0, 2), [4, 2], [0.5, 0.6],
                attrs_conf=True, ids_dtype=ids_dtype)]
   assert len(rows[0]) == 10
   out = tmp_path / 'store'
-  bottom_up.convert_bottom_up([_write_tsv(tmp_path / 'f.tsv', rows)],
+  bottom_up.convert_bottom_up([write_tsv(tmp_path / 'f.tsv', rows)],
                               _vocab(tmp_path), str(out))
   assert _store(out)['1']['region_tags'] == ['horse', 'tree']
 
@@ -164,11 +137,11 @@ def test_object_ids_of_any_width_and_ten_columns(tmp_path, ids_dtype):
 def test_lxmert_layout_is_detected(tmp_path):
   # img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf,
   # num_boxes, boxes, features.
-  r = _row('COCO_val2014_000000000042', BOXES_1, _features(0, 2), [1, 3],
+  r = tsv_row('COCO_val2014_000000000042', BOXES_1, _features(0, 2), [1, 3],
            [0.9, 0.4], attrs_conf=True)
   lxmert = [r[0], r[2], r[1], r[6], r[7], r[8], r[9], r[3], r[4], r[5]]
   out = tmp_path / 'store'
-  bottom_up.convert_bottom_up([_write_tsv(tmp_path / 'f.tsv', [lxmert])],
+  bottom_up.convert_bottom_up([write_tsv(tmp_path / 'f.tsv', [lxmert])],
                               _vocab(tmp_path), str(out), numeric_ids=True)
   regions = _store(out)['42']
   np.testing.assert_array_equal(regions['region_boxes'], _normalised(BOXES_1))
@@ -176,9 +149,9 @@ def test_lxmert_layout_is_detected(tmp_path):
 
 
 def test_six_columns_have_no_tags_and_full_confidence(tmp_path):
-  rows = [_row(3, BOXES_1, _features(0, 2)), _row(4, [], np.zeros((0, F)))]
+  rows = [tsv_row(3, BOXES_1, _features(0, 2)), tsv_row(4, [], np.zeros((0, F)))]
   out = tmp_path / 'store'
-  n, _ = bottom_up.convert_bottom_up([_write_tsv(tmp_path / 'f.tsv', rows)],
+  n, _ = bottom_up.convert_bottom_up([write_tsv(tmp_path / 'f.tsv', rows)],
                                      _vocab(tmp_path), str(out))
   assert n == 2
   store = _store(out)
@@ -188,7 +161,7 @@ def test_six_columns_have_no_tags_and_full_confidence(tmp_path):
 
 
 def test_float16_round_trip(tmp_path):
-  tsv = _write_tsv(tmp_path / 'feats.tsv', _good_rows())
+  tsv = write_tsv(tmp_path / 'feats.tsv', _good_rows())
   out = tmp_path / 'store'
   bottom_up.convert_bottom_up([tsv], _vocab(tmp_path), str(out),
                               float16=True)
@@ -202,8 +175,8 @@ def test_float16_round_trip(tmp_path):
 
 
 def test_several_files_make_one_store(tmp_path):
-  a = _write_tsv(tmp_path / 'a.tsv', _good_rows()[:1])
-  b = _write_tsv(tmp_path / 'b.tsv', _good_rows()[1:])
+  a = write_tsv(tmp_path / 'a.tsv', _good_rows()[:1])
+  b = write_tsv(tmp_path / 'b.tsv', _good_rows()[1:])
   out = tmp_path / 'store'
   convert.main(['bottom_up', f'--tsv={a},{b}', f'--vocab={_vocab(tmp_path)}',
                 f'--out={out}'])
@@ -218,10 +191,10 @@ def _replace(index, value):
 _BAD_LINES = {
     'malformed_base64': (_replace(5, 'not*base64!'), 'features'),
     'num_boxes_mismatch': (_replace(3, '3'), 'boxes'),
-    'feature_width': (_replace(5, _b64(_features(2, 2, F + 1))), 'features'),
-    'box_outside_image': (_replace(4, _b64(np.float32(
+    'feature_width': (_replace(5, b64(_features(2, 2, F + 1))), 'features'),
+    'box_outside_image': (_replace(4, b64(np.float32(
         [[0, 0, 10, 10], [0, 0, 642, 480]]))), 'boxes'),
-    'unknown_object': (_replace(6, _b64(np.int64([1, 5]))), 'objects_id'),
+    'unknown_object': (_replace(6, b64(np.int64([1, 5]))), 'objects_id'),
     'column_count': (lambda row: row[:5], 'features'),
     'bad_image_size': (_replace(1, '640.5'), 'image_w'),
     'duplicate_image_id': (_replace(0, '42'), 'image_id'),
@@ -231,11 +204,11 @@ _BAD_LINES = {
 def _bad_file(tmp_path, reasons):
   """Line 1 good (image 42), then one bad line per reason (from image 99's
   good line), then a good one (image 8)."""
-  good = _row(99, BOXES_1, _features(3, 2), [1, 3], [0.9, 0.4])
+  good = tsv_row(99, BOXES_1, _features(3, 2), [1, 3], [0.9, 0.4])
   rows = [_good_rows()[0]]
   rows += [_BAD_LINES[r][0](good) for r in reasons]
-  rows.append(_row(8, BOXES_1, _features(4, 2), [0, 0], [0.5, 0.5]))
-  return _write_tsv(tmp_path / 'bad.tsv', rows)
+  rows.append(tsv_row(8, BOXES_1, _features(4, 2), [0, 0], [0.5, 0.5]))
+  return write_tsv(tmp_path / 'bad.tsv', rows)
 
 
 @pytest.mark.parametrize('reason', sorted(_BAD_LINES))
@@ -282,21 +255,21 @@ def test_skip_bad_counts_each_reason(tmp_path, capsys):
 
 def test_a_skipped_line_fixes_neither_width_nor_id(tmp_path):
   outside = [[0, 0, 10, 10], [0, 0, 700, 10]]
-  rows = [_row(42, outside, _features(0, 2, F + 1), [1, 3], [0.9, 0.4])]
+  rows = [tsv_row(42, outside, _features(0, 2, F + 1), [1, 3], [0.9, 0.4])]
   rows += _good_rows()  # Image 42 again, width F.
   out = tmp_path / 'store'
   n, skipped = bottom_up.convert_bottom_up(
-      [_write_tsv(tmp_path / 'f.tsv', rows)], _vocab(tmp_path), str(out),
+      [write_tsv(tmp_path / 'f.tsv', rows)], _vocab(tmp_path), str(out),
       skip_bad=True)
   assert (n, skipped) == (2, {'box_outside_image': 1})
   assert records.read_meta(str(out))['feature_dim'] == F
 
 
 def test_interrupted_conversion_leaves_no_store(tmp_path):
-  rows = [_row(i, BOXES_1, _features(i, 2), [1, 3], [0.9, 0.4])
+  rows = [tsv_row(i, BOXES_1, _features(i, 2), [1, 3], [0.9, 0.4])
           for i in range(32)]
   rows[30] = _replace(5, 'not*base64!')(rows[30])  # Near the end.
-  tsv = _write_tsv(tmp_path / 'f.tsv', rows)
+  tsv = write_tsv(tmp_path / 'f.tsv', rows)
   out = tmp_path / 'store'
   with pytest.raises(FormatError, match=re.escape(f"{tsv}: line 31: field "
                                                   "'features'")):
@@ -309,7 +282,7 @@ def test_interrupted_conversion_leaves_no_store(tmp_path):
 
 
 def test_refuses_to_overwrite_a_store(tmp_path):
-  tsv = _write_tsv(tmp_path / 'f.tsv', _good_rows())
+  tsv = write_tsv(tmp_path / 'f.tsv', _good_rows())
   out = str(tmp_path / 'store')
   bottom_up.convert_bottom_up([tsv], _vocab(tmp_path), out)
   with pytest.raises(FileExistsError, match='fresh directory'):
@@ -323,7 +296,7 @@ def store_dir(tmp_path):
   """Images '42' (dog, traffic light) and '7' (man, man, horse)."""
   out = str(tmp_path / 'store')
   bottom_up.convert_bottom_up(
-      [_write_tsv(tmp_path / 'f.tsv', _good_rows())], _vocab(tmp_path), out)
+      [write_tsv(tmp_path / 'f.tsv', _good_rows())], _vocab(tmp_path), out)
   return out
 
 
@@ -450,9 +423,9 @@ def _e2e_tsv(path):
     boxes = np.stack([x1, y1, x1 + rng.uniform(10, 300, n),
                       y1 + rng.uniform(10, 250, n)], 1)
     feats = (directions[classes] + 0.1 * rng.normal(size=(n, E2E_F)))
-    rows.append(_row(1000 + i, boxes, feats.astype(np.float32), classes,
+    rows.append(tsv_row(1000 + i, boxes, feats.astype(np.float32), classes,
                      rng.uniform(0.3, 1.0, n)))
-  return _write_tsv(path, rows)
+  return write_tsv(path, rows)
 
 
 def _e2e_captions(path, templates):
