@@ -5,9 +5,9 @@ The TSVs are written the way bottom-up-attention's generate_tsv.py writes
 them (cmal_testutil.tsv_row / write_tsv: csv, tab-separated, '\\r\\n' line
 ends, each array base64 of its `.tobytes()`), independently of the
 converter's own code; the caption files are hand-written samples of each
-official format. The last test runs the whole chain, TSV -> region store -> JSONL captions -> pair records
-(both inspected by python -m cmal_jax.convert.inspect) -> 20 tiny
-pre-training steps.
+official format. The last test runs the whole chain, TSV -> region store
+-> JSONL captions -> pair records (both inspected by python -m
+cmal_jax.convert.inspect) -> 20 tiny pre-training steps.
 """
 
 import json
