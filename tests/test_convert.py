@@ -53,7 +53,8 @@ BOXES_2 = [[-0.5, 100, 640.8, 480.9], [5, 5, 6, 6], [600, 0, 640, 10]]
 
 def _good_rows():
   return [tsv_row(42, BOXES_1, _features(0, 2), [1, 3], [0.9, 0.4]),
-          tsv_row(7, BOXES_2, _features(1, 3), [0, 0, 4], [0.8, 0.7, 0.2])]
+          tsv_row(7, BOXES_2, _features(1, 3), [0, 0, 4],
+                  [0.8, 0.7, 0.2])]
 
 
 def _normalised(boxes):
@@ -126,7 +127,7 @@ def test_module_entry_point_converts_and_reports(tmp_path):
 @pytest.mark.parametrize('ids_dtype', [np.int64, np.float32, np.int32])
 def test_object_ids_of_any_width_and_ten_columns(tmp_path, ids_dtype):
   rows = [tsv_row(1, BOXES_1, _features(0, 2), [4, 2], [0.5, 0.6],
-               attrs_conf=True, ids_dtype=ids_dtype)]
+                  attrs_conf=True, ids_dtype=ids_dtype)]
   assert len(rows[0]) == 10
   out = tmp_path / 'store'
   bottom_up.convert_bottom_up([write_tsv(tmp_path / 'f.tsv', rows)],
@@ -137,8 +138,8 @@ def test_object_ids_of_any_width_and_ten_columns(tmp_path, ids_dtype):
 def test_lxmert_layout_is_detected(tmp_path):
   # img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf,
   # num_boxes, boxes, features.
-  r = tsv_row('COCO_val2014_000000000042', BOXES_1, _features(0, 2), [1, 3],
-           [0.9, 0.4], attrs_conf=True)
+  r = tsv_row('COCO_val2014_000000000042', BOXES_1, _features(0, 2),
+              [1, 3], [0.9, 0.4], attrs_conf=True)
   lxmert = [r[0], r[2], r[1], r[6], r[7], r[8], r[9], r[3], r[4], r[5]]
   out = tmp_path / 'store'
   bottom_up.convert_bottom_up([write_tsv(tmp_path / 'f.tsv', [lxmert])],
@@ -149,7 +150,8 @@ def test_lxmert_layout_is_detected(tmp_path):
 
 
 def test_six_columns_have_no_tags_and_full_confidence(tmp_path):
-  rows = [tsv_row(3, BOXES_1, _features(0, 2)), tsv_row(4, [], np.zeros((0, F)))]
+  rows = [tsv_row(3, BOXES_1, _features(0, 2)),
+          tsv_row(4, [], np.zeros((0, F)))]
   out = tmp_path / 'store'
   n, _ = bottom_up.convert_bottom_up([write_tsv(tmp_path / 'f.tsv', rows)],
                                      _vocab(tmp_path), str(out))
@@ -424,7 +426,7 @@ def _e2e_tsv(path):
                       y1 + rng.uniform(10, 250, n)], 1)
     feats = (directions[classes] + 0.1 * rng.normal(size=(n, E2E_F)))
     rows.append(tsv_row(1000 + i, boxes, feats.astype(np.float32), classes,
-                     rng.uniform(0.3, 1.0, n)))
+                        rng.uniform(0.3, 1.0, n)))
   return write_tsv(path, rows)
 
 

@@ -40,11 +40,13 @@ file into each.)
 downstream release (VQA v2, SNLI-VE, NLVR2, RefCOCO/+/g, Karpathy-split COCO
 or Flickr30K) into a fine-tuning task split `{task}_{split}.array_record`,
 written into the region store's or image folder's own folder (--regions),
-where fine-tuning reads both (tasks_cli.py); then
-`--config.data.dir=DIR` fine-tunes on it. The VQA answer vocabulary is
-built by fine-tuning from vqa_train. Each subcommand prints what it wrote and, per reason, the
-records it skipped (--skip_bad); bad input otherwise stops it with an error
-naming the file, line or record, and field.
+where fine-tuning reads both (tasks_cli.py); then `--config.data.dir=DIR`
+fine-tunes on it. The VQA answer vocabulary is built by fine-tuning from
+vqa_train.
+
+Each subcommand prints what it wrote and, per reason, the records it
+skipped (--skip_bad); bad input otherwise stops it with an error naming the
+file, line or record, and field.
 """
 
 import argparse
