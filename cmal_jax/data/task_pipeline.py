@@ -122,7 +122,9 @@ PAIR_KEYS = ('input_ids', 'text_mask', 'region_feats', 'images',
              'region_boxes', 'region_mask')
 
 _HOW_TO_CREATE = ('create task data with: python -m cmal_jax.world.task_examples '
-                  '--out=DIR, or the readers in cmal_jax/convert/formats/')
+                  '--out=DIR, or from an official release with python -m '
+                  'cmal_jax.convert vqa_v2|snli_ve|nlvr2|refcoco|karpathy '
+                  '--regions=DIR')
 
 
 # ------------------------------------------------------------------ config

@@ -17,9 +17,13 @@ error's `reason`; nothing is dropped without being counted. A problem with a
 whole file (missing, not JSON, no top-level list) always raises: no example
 could be kept from it.
 
+`python -m cmal_jax.convert vqa_v2|snli_ve|nlvr2|refcoco|karpathy` runs
+them (convert/tasks_cli.py).
+
 This module also holds the bookkeeping the readers share (locations, field
-checks, JSON/JSONL loading, the skip policy) and `write_task_split` /
-`read_task_split`, which store task examples as ArrayRecord files.
+checks, JSON/JSONL loading, the skip policy, `summary`: the line every
+convert sub-command prints) and `write_task_split` / `read_task_split`,
+which store task examples as ArrayRecord files.
 """
 
 import json
@@ -313,8 +317,8 @@ def read_task_split(directory: str, task: str, split: str) -> list[dict]:
   path = task_path(directory, task, split)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no such task file; convert the '
-                            f'official {task} annotations with '
-                            f'cmal_jax.convert.formats and write_task_split')
+                            f'official {task} annotations with python -m '
+                            f'cmal_jax.convert (tasks_cli.py)')
   source = records.open_source(path)
   examples = []
   for index in range(len(source)):
