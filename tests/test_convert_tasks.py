@@ -5,7 +5,7 @@ Each format's input is a hand-written sample of its official layout (VQA v2
 questions + annotations JSON, SNLI-VE JSONL, NLVR2 JSON lines, a RefCOCO
 refs pickle + COCO instances, Karpathy's dataset_coco.json); the region
 store is converted from a bottom-up TSV by the `bottom_up` sub-command, as a
-user would. The last tests read a converted folder with
+user would (and, once, an image folder by `coco_instances`). The last tests read a converted folder with
 python -m cmal_jax.convert.inspect and with the fine-tuning pipeline.
 """
 
@@ -17,6 +17,7 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cmal_jax.convert import cli as convert
 from cmal_jax.convert import inspect as inspect_lib
@@ -91,11 +92,16 @@ def _nlvr2_files(tmp_path, lines):
   return path, [f'--input={path}']
 
 
+# COCO instances: RefCOCO's boxes and image sizes, and (with the image files)
+# the input of the coco_instances sub-command.
 REFCOCO_INSTANCES = {
-    'images': [{'id': 9, 'width': 640, 'height': 480},
-               {'id': 25, 'width': 500, 'height': 400}],
-    'annotations': [{'id': 7, 'image_id': 9, 'bbox': [64, 48, 320, 240]},
-                    {'id': 8, 'image_id': 25, 'bbox': [0, 0, 250, 100]}],
+    'images': [{'id': 9, 'width': 640, 'height': 480, 'file_name': '9.png'},
+               {'id': 25, 'width': 500, 'height': 400,
+                'file_name': '25.png'}],
+    'annotations': [{'id': 7, 'image_id': 9, 'bbox': [64, 48, 320, 240],
+                     'category_id': 1},
+                    {'id': 8, 'image_id': 25, 'bbox': [0, 0, 250, 100],
+                     'category_id': 1}],
     'categories': [{'id': 1, 'name': 'dog'}]}
 
 
@@ -358,6 +364,30 @@ def test_no_examples_writes_nothing(tmp_path, store_dir):
     convert.main(['refcoco', *flags, '--split=testA',
                   f'--regions={store_dir}'])
   assert not os.path.exists(tasks.task_path(store_dir, 'rec', 'testA'))
+
+
+def test_image_folder_as_the_visual_side(tmp_path):
+  """RefCOCO on raw images: coco_instances turns the same instances.json
+  and the image files into an image folder; refcoco writes beside it."""
+  images = tmp_path / 'train2014'
+  images.mkdir()
+  for image in REFCOCO_INSTANCES['images']:
+    Image.new('RGB', (image['width'], image['height'])).save(
+        images / image['file_name'])
+  case = CASES['refcoco']
+  _, flags = case.write(tmp_path, case.records + [case.missing])
+  folder = str(tmp_path / 'coco')
+  convert.main(['coco_instances', f'--instances={tmp_path}/instances.json',
+                f'--images={images}', f'--out={folder}'])
+  with pytest.raises(FormatError, match="field 'image_id': image '999' "):
+    convert.main(['refcoco', *flags, '--split=train', f'--regions={folder}'])
+  n, skipped = convert.main(['refcoco', *flags, '--split=train',
+                             f'--regions={folder}', '--skip_bad'])
+  assert (n, skipped) == (3, {'unknown_image': 1})
+  report = inspect_lib.inspect_path(folder)
+  assert report['num_errors'] == 0
+  assert [f['task'] for f in report['files'] if f['kind'] == 'task'] == [
+      'rec']
 
 
 # ------------------------------------------------------------ reading back
