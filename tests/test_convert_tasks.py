@@ -5,8 +5,9 @@ Each format's input is a hand-written sample of its official layout (VQA v2
 questions + annotations JSON, SNLI-VE JSONL, NLVR2 JSON lines, a RefCOCO
 refs pickle + COCO instances, Karpathy's dataset_coco.json); the region
 store is converted from a bottom-up TSV by the `bottom_up` sub-command, as a
-user would (and, once, an image folder by `coco_instances`). The last tests read a converted folder with
-python -m cmal_jax.convert.inspect and with the fine-tuning pipeline.
+user would (and, once, an image folder by `coco_instances`). The last tests
+read a converted folder with python -m cmal_jax.convert.inspect and with the
+fine-tuning pipeline.
 """
 
 import dataclasses
