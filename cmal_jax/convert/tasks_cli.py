@@ -71,12 +71,14 @@ def convert_task(args, task: str, read, *paths, **options
   examples, skipped = read(
       *paths, image_ids=set(store.image_ids()),
       on_error='skip' if args.skip_bad else 'raise', **options)
-  what = f'{task} {args.split} examples to {directory}'
   if not examples:
-    raise ValueError(f'{summary(what, 0, skipped)}: no examples, so nothing '
-                     f'was written (is --split={args.split} in the file?)')
+    raise ValueError(f'no {task} {args.split} examples in the input (skipped: '
+                     f'{skipped or "none"}), so nothing was written to '
+                     f'{directory}; is --split={args.split} a split of the '
+                     f'file?')
   write_task_split(directory, task, args.split, examples)
-  print(summary(what, len(examples), skipped))
+  print(summary(f'{task} {args.split} examples to {directory}',
+                len(examples), skipped))
   return examples, skipped
 
 
