@@ -45,12 +45,14 @@ fine-tunes on it. The VQA answer vocabulary is built by fine-tuning from
 vqa_train.
 
 Each subcommand prints what it wrote and, per reason, the records it
-skipped (--skip_bad); bad input otherwise stops it with an error naming the
-file, line or record, and field.
+skipped (--skip_bad); bad input otherwise stops it with one line,
+`convert: error: ...`, naming the file, line or record, and field, and exit
+status 1 (--verbose: the traceback instead; cli_errors.py).
 """
 
 import argparse
 
+from cmal_jax import cli_errors
 from cmal_jax.convert import tasks_cli
 from cmal_jax.convert.formats import bottom_up, captions, image_boxes, summary
 
@@ -153,10 +155,12 @@ def main(argv=None):
   v.set_defaults(run=_vg_objects)
 
   tasks_cli.add_task_commands(sub)
+  for command in sub.choices.values():
+    cli_errors.add_verbose_flag(command)
 
   a = ap.parse_args(argv)
   return a.run(a)
 
 
 if __name__ == '__main__':
-  main()
+  cli_errors.run_tool('convert', main)
