@@ -33,7 +33,8 @@ and its images.json).
 What a file holds is told from its records' fields (the file name only
 breaks ties). Options: --limit=N (first N records only), --json (the report
 as one JSON object), --top=K, --max_errors=N (errors printed; all counted).
-Exits 1 if any error was found, 2 if PATH does not exist.
+Exits 1 if any error was found, 2 if PATH does not exist (one line,
+`inspect: error: ...`; --verbose: the traceback).
 
 Every record is validated with the pipeline's own checks
 (records.validate_pair and, with meta.json, the tag vocabulary check of
@@ -68,7 +69,9 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
+from cmal_jax import cli_errors
 from cmal_jax.convert.inspect_format import format_report
 from cmal_jax.convert.inspect_images import inspect_image_store
 from cmal_jax.convert.inspect_pairs import scan_pairs
@@ -139,9 +142,12 @@ def inspect_path(path: str, limit: int | None = None, top: int = 10,
 
 # -------------------------------------------------------------------- main
 
+TOOL = 'inspect'
+
+
 def main(argv=None) -> int:
   """Prints the report; returns the exit code (1: errors found, 2: no
-  such path)."""
+  such path, `inspect: error: ...` on one line)."""
   ap = argparse.ArgumentParser(
       prog='python -m cmal_jax.convert.inspect',
       description=__doc__.split('\n')[0])
@@ -154,13 +160,16 @@ def main(argv=None) -> int:
                   help='how many tags / anchors to list')
   ap.add_argument('--max_errors', type=int, default=20,
                   help='errors to print per file (all are counted)')
+  cli_errors.add_verbose_flag(ap)
   args = ap.parse_args(argv)
   if args.limit is not None and args.limit < 0:
     ap.error('--limit must be >= 0')
   try:
     report = inspect_path(args.path, args.limit, args.top, args.max_errors)
   except FileNotFoundError as e:
-    print(f'error: {e}', file=sys.stderr)
+    if args.verbose:  # The traceback, and still exit status 2.
+      traceback.print_exc()
+    print(cli_errors.error_line(TOOL, e), file=sys.stderr)
     return 2
   if args.json:
     print(json.dumps(report, indent=1))
@@ -170,4 +179,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli_errors.run_tool(TOOL, main))

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 import flax.linen as nn
 import jax
@@ -37,7 +36,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from cmal_jax import checkpoint
+from cmal_jax import checkpoint, cli_errors
 from cmal_jax.data import task_pipeline, tokenizer
 from cmal_jax.data.shapes import Shapes, zero_inputs
 from cmal_jax.export import bert
@@ -298,16 +297,13 @@ def main(argv=None):
   parser.add_argument('--out', required=True, help='The export folder.')
   parser.add_argument('--overwrite', action='store_true',
                       help='Replace an existing, non-empty --out.')
+  cli_errors.add_verbose_flag(parser)
   args = parser.parse_args(argv)
   step = args.step
   if step not in (None, 'best'):
     if not step.isdigit():
       parser.error(f"--step={step}: a checkpoint step or 'best'")
     step = int(step)
-  try:
-    config = export(args.workdir, args.out, step, args.overwrite)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    sys.exit(f'export: error: {e}'.replace('export: error: export: ',
-                                            'export: error: '))
+  config = export(args.workdir, args.out, step, args.overwrite)
   print(f"Exported {config['task']} model ({config['source']['checkpoint']})"
         f' to {args.out}: {WEIGHTS_FILE}, {CONFIG_FILE}, {BERT_DIR}/.')
