@@ -20,12 +20,11 @@ import json
 import math
 import os
 import re
-import sys
 import textwrap
 
 from flax import traverse_util
 
-from cmal_jax import config_base
+from cmal_jax import cli_errors, config_base
 
 CONFIG, METRICS, EVAL, BEST = ('config.json', 'metrics.jsonl', 'eval.json',
                                'best.json')
@@ -431,28 +430,23 @@ def main(argv=None):
                       'one column per NAME, mean ± std over GLOB\'s files.')
   parser.add_argument('--metrics', default='',
                       help='With --table: comma-separated eval.json keys.')
+  cli_errors.add_verbose_flag(parser)
   args = parser.parse_args(argv)
   if (args.workdir is None) == (args.table is None):
     parser.error('give --workdir or --table')
   if args.table:
     if not args.metrics:
       parser.error('--table needs --metrics')
-    try:
-      columns = {}
-      for spec in args.table:
-        name, sep, pattern = spec.partition('=')
-        if not sep:
-          parser.error(f'--table {spec!r}: expected NAME=GLOB')
-        columns[name] = sorted(glob.glob(pattern))
-      print(seed_table(columns, args.metrics.split(',')), end='')
-    except (FileNotFoundError, ValueError) as e:
-      sys.exit(f'report: error: {e}')
+    columns = {}
+    for spec in args.table:
+      name, sep, pattern = spec.partition('=')
+      if not sep:
+        parser.error(f'--table {spec!r}: expected NAME=GLOB')
+      columns[name] = sorted(glob.glob(pattern))
+    print(seed_table(columns, args.metrics.split(',')), end='')
     return
-  try:
-    print(summarize(args.workdir), end='')
-    paths = [] if args.no_plots else plot_curves(args.workdir)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f'report: error: {e}')
+  print(summarize(args.workdir), end='')
+  paths = [] if args.no_plots else plot_curves(args.workdir)
   if paths:
     print('\nCurves: ' + ', '.join(paths))
   elif not args.no_plots:
@@ -460,4 +454,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  cli_errors.run_tool('report', main)

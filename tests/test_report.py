@@ -273,7 +273,7 @@ def test_seed_table_is_mean_and_std_over_each_settings_files(tmp_path,
       '| metric | a (n=2) | b (n=1) |', '|---|---|---|',
       '| amc_pair_acc | 0.600 ± 0.100 | 0.250 |',
       '| itm_acc | n/a | n/a |']
-  with pytest.raises(SystemExit, match='--table c: no file matches'):
+  with pytest.raises(FileNotFoundError, match='--table c: no file matches'):
     report.main(['--table', f'c={tmp_path}/none*.json', '--metrics=x'])
   with pytest.raises(SystemExit):
     report.main(['--table', f'a={tmp_path}/a_s*.json'])  # No --metrics.

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmal_jax import (config_base, objectives, pretraining, sharding,
-                      train_step)
+from cmal_jax import (cli_errors, config_base, objectives, pretraining,
+                      sharding, train_step)
 from cmal_jax.data import pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.export import export
@@ -452,6 +452,7 @@ def parse_args(argv):
                  help='a records directory (python -m cmal_jax.world.scenes) '
                  'to read instead of generating a world per size')
   p.add_argument('--out_dir', default='.')
+  cli_errors.add_verbose_flag(p)
   args = p.parse_args(argv)
   args.sizes = [s for s in args.sizes.split(',') if s]
   args.pipeline_sizes = [s for s in args.pipeline_sizes.split(',') if s]

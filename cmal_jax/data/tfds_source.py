@@ -46,6 +46,7 @@ import os
 
 import numpy as np
 
+from cmal_jax import cli_errors
 from cmal_jax.data import records
 from cmal_jax.data.shapes import Shapes, check_feature_dim
 
@@ -432,6 +433,7 @@ def main(argv=None):
                   help='As config.data.tfds_data_dir.')
   ap.add_argument('--features', default='',
                   help='As config.data.tfds_features: field=path,...')
+  cli_errors.add_verbose_flag(ap)
   a = ap.parse_args(argv)
   spec = parse_source(a.source)
   splits = [s for s in a.splits.split(',') if s] or [spec.split]
@@ -450,4 +452,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  cli_errors.run_tool('tfds_source', main)

@@ -21,13 +21,12 @@ Reports, as JSON (printed, and written to --out if given):
 
 import argparse
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmal_jax import checkpoint, evaluate, objectives
+from cmal_jax import checkpoint, cli_errors, evaluate, objectives
 from cmal_jax.data import pipeline
 from cmal_jax.world import synthetic
 from cmal_jax.data.tokenizer import load_tokenizer
@@ -174,6 +173,7 @@ def main(argv=None):
   ap.add_argument('--split', default='', help='Default: the training split.')
   ap.add_argument('--max_pairs', type=int, default=1024)
   ap.add_argument('--out', default='', help='Also write the JSON here.')
+  cli_errors.add_verbose_flag(ap)
   args = ap.parse_args(argv)
   report = diagnose(args.workdir, args.split, args.max_pairs, args.step)
   text = json.dumps(report, indent=1)
@@ -185,4 +185,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli_errors.run_tool('anchor_diagnostics', main)

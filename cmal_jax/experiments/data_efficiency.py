@@ -35,7 +35,7 @@ import os
 import sys
 import traceback
 
-from cmal_jax import recipes
+from cmal_jax import cli_errors, recipes
 from cmal_jax.experiments import grid_report
 from cmal_jax.experiments import grid_runner
 from cmal_jax.experiments.grid_plan import (
@@ -178,6 +178,7 @@ def parse_args(argv=None):
                   help='git-commit each result JSON as its run finishes.')
   ap.add_argument('--docs', default='', help='Also write the table and plot '
                   'here (e.g. docs/).')
+  cli_errors.add_verbose_flag(ap)
   args = ap.parse_args(argv)
   for recipe in args.recipes:
     if recipe not in RECIPES:
@@ -202,4 +203,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  cli_errors.run_tool('data_efficiency', main)

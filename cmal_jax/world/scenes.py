@@ -22,6 +22,7 @@ import zlib
 
 import numpy as np
 
+from cmal_jax import cli_errors
 from cmal_jax.model.pixels import reads_pixels
 from cmal_jax.data import image_store, records
 
@@ -564,6 +565,7 @@ def main(argv=None):
   ap.add_argument('--images', action='store_true',
                   help='Also store each scene as PNG bytes (a model that '
                   'reads pixels needs them).')
+  cli_errors.add_verbose_flag(ap)
   a = ap.parse_args(argv)
   params = WorldParams(image_size=a.image_size, feature_dim=a.feature_dim,
                        images=a.images)
@@ -577,4 +579,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  cli_errors.run_tool('scenes', main)

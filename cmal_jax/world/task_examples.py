@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 
+from cmal_jax import cli_errors
 from cmal_jax.data import image_store
 from cmal_jax.data import records
 from cmal_jax.data import region_store
@@ -154,6 +155,7 @@ def main(argv=None):
   ap.add_argument('--images', action='store_true',
                   help='Also store each scene as PNG bytes in the region '
                   'store (a model that reads pixels needs them).')
+  cli_errors.add_verbose_flag(ap)
   a = ap.parse_args(argv)
   task_names = [t.strip() for t in a.tasks.split(',') if t.strip()]
   for t in task_names:
@@ -170,4 +172,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  cli_errors.run_tool('task_examples', main)
