@@ -3,6 +3,11 @@
 Starts jax.distributed when the environment says the job is multi-process,
 then runs the job config.task names (jobs.py): 'pretrain'
 (configs/pretrain.py) or a downstream task (configs/finetune.py:TASK).
+
+An error that is the user's (an invalid config value, missing or bad data,
+a workdir in use, a refused resume, a run gone non-finite: USER_ERRORS)
+ends it with one line, `main: error: MESSAGE`, and exit status 1, on every
+process that raises it; --verbose shows the traceback instead.
 """
 
 import os
@@ -14,7 +19,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from cmal_jax import jobs
+from cmal_jax import cli_errors, jobs, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Python config file, e.g. configs/pretrain.py:small,cmal',
@@ -22,6 +27,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics '
                                'and evaluation results go.')
 flags.mark_flags_as_required(['config', 'workdir'])
+_VERBOSE = flags.DEFINE_bool('verbose', False, cli_errors.VERBOSE_HELP)
+
+# Besides bad input and files: another run's lock, and NonFiniteGuard's
+# stop, whose message names the steps and the config limit.
+USER_ERRORS = cli_errors.USER_ERRORS + (workdir_lock.WorkdirInUse,
+                                        FloatingPointError)
 
 
 _COORDINATOR = flags.DEFINE_string(
@@ -119,9 +130,9 @@ def parse_flags(argv):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO.
-  maybe_initialize_distributed()
-  config = _CONFIG.value
-  jobs.train_and_evaluate(config, _WORKDIR.value)
+  with cli_errors.errors_as_one_line('main', _VERBOSE.value, USER_ERRORS):
+    maybe_initialize_distributed()
+    jobs.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
