@@ -150,24 +150,27 @@ def abstract_params(config):
 
 # ---------------------------------------------------------------- reading
 
-def read_run_config(workdir):
+def read_run_config(workdir, what='export'):
+  """A training workdir's config.json. `what` starts the error message (the
+  command that reads it)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f'export: {workdir} has no config.json: not a training workdir (the '
+        f'{what}: {workdir} has no config.json: not a training workdir (the '
         '--workdir of python -m cmal_jax.main).')
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_params(workdir, step=None):
+def load_params(workdir, step=None, what='export'):
   """(params, where) of checkpoint `step` (None: the latest; 'best': the
-  best evaluated parameters in workdir/best)."""
+  best evaluated parameters in workdir/best). `what` starts the error
+  messages."""
   if step != 'best':
-    return checkpoint.load_pretrained_params(workdir, step, what='export')
+    return checkpoint.load_pretrained_params(workdir, step, what=what)
   best_json = os.path.join(workdir, 'best.json')
   if not os.path.isfile(best_json):
-    raise FileNotFoundError(f'export --step=best: {best_json} not found (the '
+    raise FileNotFoundError(f'{what} --step=best: {best_json} not found (the '
                             'run kept no best parameters).')
   with open(best_json) as f:
     best_step = json.load(f)['step']
