@@ -57,19 +57,6 @@ QUERY_PLACEHOLDERS = {
 }
 
 
-def parse_step(step):
-  """'best', 'latest' (None: the latest checkpoint), or a step number
-  (int or digits) -> what export.load_params takes."""
-  if step in ('best', None):
-    return step
-  if step == 'latest':
-    return None
-  if isinstance(step, int) or str(step).isdigit():
-    return int(step)
-  raise ValueError(f"{PROG}: step={step!r}: a checkpoint step, 'best' or "
-                   "'latest'")
-
-
 def read_answer_vocab(config, workdir):
   """The VQA head's answers, from the run's data folder (answer_vocab.json,
   which the run built from its vqa_train split)."""
@@ -155,7 +142,8 @@ class Predictor:
           f'{PROG}: {workdir} is a pre-training workdir; the task methods '
           'need a fine-tuned one (python -m cmal_jax.main '
           '--config=configs/finetune.py:TASK --config.init_from=...).')
-    params, where = export.load_params(workdir, parse_step(step), what=PROG)
+    params, where = export.load_params(workdir, export.parse_step(step),
+                                       what=PROG)
     vocab = (read_answer_vocab(config, workdir) if config.task == 'vqa'
              else None)
     return cls(config, params, workdir=workdir, where=where,
@@ -276,11 +264,8 @@ def parse_args(argv):
       prog='python -m cmal_jax.predict',
       description='Predictions of a fine-tuned model (a training workdir) '
       'for one image: give the query flag of its task.')
-  parser.add_argument('--workdir', required=True,
-                      help='A fine-tuning workdir (python -m cmal_jax.main).')
-  parser.add_argument('--step', default='best',
-                      help="'best' (default: workdir/best), 'latest' or a "
-                      'checkpoint step N (workdir/checkpoints/N).')
+  export.add_checkpoint_flags(parser, 'A fine-tuning workdir (python -m '
+                              'cmal_jax.main).', default_step='best')
   parser.add_argument('--image', help='An image id of the workdir\'s data.')
   parser.add_argument('--image2', help='nlvr2: the right image id.')
   parser.add_argument('--images', help='retrieval: image ids, comma-'

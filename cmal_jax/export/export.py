@@ -194,6 +194,28 @@ def answer_vocab(run_config, workdir):
     return json.load(f)['answers']
 
 
+def parse_step(step):
+  """A --step value -> what load_params takes: 'best', None for 'latest'
+  (or None), or the step number (int or digits)."""
+  if step in ('best', None):
+    return step
+  if step == 'latest':
+    return None
+  if isinstance(step, int) or str(step).isdigit():
+    return int(step)
+  raise ValueError(f"--step={step}: a checkpoint step, 'best' or 'latest'")
+
+
+def add_checkpoint_flags(parser, workdir_help, default_step):
+  """--workdir and --step (parse_step) of a command that reads a training
+  workdir's checkpoint."""
+  parser.add_argument('--workdir', required=True, help=workdir_help)
+  parser.add_argument(
+      '--step', default=default_step,
+      help="A checkpoint step N (workdir/checkpoints/N), 'latest' or 'best' "
+      f'(workdir/best); default: {default_step}.')
+
+
 # ---------------------------------------------------------------- writing
 
 def trees_equal(a, b):
@@ -293,20 +315,16 @@ def main(argv=None):
       prog='python -m cmal_jax.export',
       description='Exports a trained model to PyTorch (safetensors + '
       'config.json) and its unified encoder to a Hugging Face BERT folder.')
-  parser.add_argument('--workdir', required=True,
-                      help='A training workdir (python -m cmal_jax.main).')
-  parser.add_argument('--step', default=None,
-                      help="A checkpoint step, or 'best' (workdir/best); "
-                      'default: the latest checkpoint.')
+  add_checkpoint_flags(parser, 'A training workdir (python -m '
+                       'cmal_jax.main).', default_step='latest')
   parser.add_argument('--out', required=True, help='The export folder.')
   parser.add_argument('--overwrite', action='store_true',
                       help='Replace an existing, non-empty --out.')
   args = parser.parse_args(argv)
-  step = args.step
-  if step not in (None, 'best'):
-    if not step.isdigit():
-      parser.error(f"--step={step}: a checkpoint step or 'best'")
-    step = int(step)
+  try:
+    step = parse_step(args.step)
+  except ValueError as e:
+    parser.error(str(e))
   try:
     config = export(args.workdir, args.out, step, args.overwrite)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
