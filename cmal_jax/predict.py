@@ -69,6 +69,16 @@ def read_answer_vocab(config, workdir):
   return vocab
 
 
+def check_fine_tuned(config, workdir):
+  """Raises ValueError for a pre-training workdir: the task methods need a
+  fine-tuned model."""
+  if config.task == 'pretrain':
+    raise ValueError(
+        f'{PROG}: {workdir} is a pre-training workdir; the task methods need '
+        'a fine-tuned one (python -m cmal_jax.main '
+        '--config=configs/finetune.py:TASK --config.init_from=...).')
+
+
 def query_example(task, text, image_ids):
   """A task example (tasks.py schema) of a query: its text and image ids,
   the other fields placeholders (QUERY_PLACEHOLDERS), validated as a record
@@ -107,11 +117,7 @@ class Predictor:
   def __init__(self, config, params, *, workdir, where, answer_vocab=None):
     self.config, self.task = config, config.task
     self.workdir, self.where = workdir, where
-    if self.task == 'pretrain':
-      raise ValueError(
-          f'{PROG}: {workdir} is a pre-training workdir ({where}); the '
-          'task methods need a fine-tuned one (python -m cmal_jax.main '
-          '--config=configs/finetune.py:TASK --config.init_from=...).')
+    check_fine_tuned(config, workdir)
     head = TASK_HEADS[self.task]
     if head not in params:
       raise ValueError(
@@ -137,11 +143,7 @@ class Predictor:
     (workdir/best), 'latest' or N (workdir/checkpoints/N). Only the
     parameters are read, not the optimizer state."""
     config = export.read_run_config(workdir, what=PROG)
-    if config.task == 'pretrain':
-      raise ValueError(
-          f'{PROG}: {workdir} is a pre-training workdir; the task methods '
-          'need a fine-tuned one (python -m cmal_jax.main '
-          '--config=configs/finetune.py:TASK --config.init_from=...).')
+    check_fine_tuned(config, workdir)  # Before the checkpoint is read.
     params, where = export.load_params(workdir, export.parse_step(step),
                                        what=PROG)
     vocab = (read_answer_vocab(config, workdir) if config.task == 'vqa'
@@ -155,10 +157,16 @@ class Predictor:
     self.compiles[len(inputs['input_ids'])] += 1  # Runs at trace time only.
     return self.model.apply({'params': params}, inputs)['logits']
 
-  def _require(self, task, method):
+  def _require(self, task, method, *queries):
+    """Checks that `method` fits this workdir's task and that its lists
+    (`queries`) are non-empty and of one length."""
     if self.task != task:
       raise ValueError(f'{self.workdir} is a {self.task} workdir; '
                        f'{method}() needs a {task} one.')
+    lengths = {len(q) for q in queries}
+    if len(lengths) != 1 or 0 in lengths:
+      raise ValueError(f'{method}(): expected non-empty lists of one length, '
+                       f'got lengths {[len(q) for q in queries]}.')
 
   def _image(self, image_id):
     """The region record of an image id (KeyError naming the id and the
@@ -192,7 +200,7 @@ class Predictor:
     """VQA: the top_k answers of each question about its image, by the
     head's sigmoid score (it was trained with a binary cross-entropy per
     answer): [[{'answer', 'score'}] * top_k] per question, best first."""
-    self._require('vqa', 'answer')
+    self._require('vqa', 'answer', images, questions)
     logits, _ = self._example_logits(questions, [[i] for i in images])
     scores = sigmoid(logits)  # [N, V]
     top = np.argsort(-scores, axis=1, kind='stable')[:, :top_k]
@@ -202,7 +210,7 @@ class Predictor:
   def entail(self, images, hypotheses):
     """VE: {label: probability} of each hypothesis about its image, over
     tasks.VE_LABELS (softmax: they sum to 1)."""
-    self._require('ve', 'entail')
+    self._require('ve', 'entail', images, hypotheses)
     logits, _ = self._example_logits(hypotheses, [[i] for i in images])
     return [dict(zip(tasks.VE_LABELS, map(float, p)))
             for p in softmax(logits)]
@@ -211,7 +219,7 @@ class Predictor:
     """REC: the region each expression refers to: {'box': [x1, y1, x2, y2]
     (normalised, as region_boxes), 'score': its softmax probability over
     the image's regions, 'region': its slot among the R regions kept}."""
-    self._require('rec', 'ground')
+    self._require('rec', 'ground', images, expressions)
     logits, batches = self._example_logits(expressions,
                                            [[i] for i in images])
     boxes = np.concatenate([b['region_boxes'] for b in batches])  # [N, R, 4]
@@ -224,7 +232,8 @@ class Predictor:
   def compare(self, images_left, images_right, statements):
     """NLVR2: the probability that each statement is true of its pair of
     images: [p_true] (floats)."""
-    self._require('nlvr2', 'compare')
+    self._require('nlvr2', 'compare', images_left, images_right,
+                  statements)
     logits, _ = self._example_logits(
         statements, [[a, b] for a, b in zip(images_left, images_right)])
     return [float(p) for p in softmax(logits)[:, 1]]
@@ -233,7 +242,7 @@ class Predictor:
     """Retrieval: the images ranked by the ITM probability that the caption
     describes them (every pair scored by ITM, as evaluation does without
     ITC): [{'image', 'score'}], best first (top_k of them when given)."""
-    self._require('retrieval', 'rank')
+    self._require('retrieval', 'rank', images)
     logits = []
     for part in chunks(list(images), self.batch_size):
       rows = [task_pipeline.encode_example(caption, self._image(i),

@@ -184,6 +184,13 @@ def test_wrong_task(rec, runs, capsys):
                   '--verbose'])
 
 
+def test_lists_of_other_lengths_or_empty(rec):
+  with pytest.raises(ValueError, match='got lengths \\[2, 1\\]'):
+    rec.ground(['a', 'b'], ['the cube'])
+  with pytest.raises(ValueError, match='got lengths \\[0, 0\\]'):
+    rec.ground([], [])
+
+
 def test_missing_image(rec, runs, capsys):
   with pytest.raises(KeyError, match="no regions for image id 'no-such'"):
     rec.ground(['no-such'], ['the cube'])
