@@ -41,10 +41,11 @@ from cmal_jax.world import synthetic
 
 PROG = 'predict'
 
-# The parameters only a fine-tuned model of each task has (a pre-training
-# checkpoint has the encoders and, like retrieval, the ITM head).
+# The head of each task's model; a pre-training checkpoint has the AMC
+# pairing head instead (and, as retrieval's, the ITM head).
 TASK_HEADS = {'vqa': 'vqa_head', 've': 've_head', 'nlvr2': 'nlvr2_head',
               'rec': 'rec_head', 'retrieval': 'itm_head'}
+PRETRAINING_HEAD = 'pairing_head'
 
 # The task fields of an example built from a query that the batch encoder
 # turns into training targets: placeholders, as the model never reads them.
@@ -119,10 +120,11 @@ class Predictor:
     self.workdir, self.where = workdir, where
     check_fine_tuned(config, workdir)
     head = TASK_HEADS[self.task]
-    if head not in params:
+    if head not in params or PRETRAINING_HEAD in params:
+      why = f'no {head}' if head not in params else f'a {PRETRAINING_HEAD}'
       raise ValueError(
-          f'{PROG}: {where} holds a pre-training checkpoint (no {head}), '
-          f'not a fine-tuned {self.task} model.')
+          f'{PROG}: {where} holds a pre-training checkpoint ({why}), not a '
+          f'fine-tuned {self.task} model.')
     self.answer_vocab = answer_vocab
     self.model = finetune.task_model(config, len(answer_vocab or ()))
     self.params = jax.device_put(params)

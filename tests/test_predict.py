@@ -234,3 +234,8 @@ def test_pretraining_workdir_and_checkpoint_are_refused(rec, runs,
                      'pre-training checkpoint \\(no rec_head\\)'):
     predict.Predictor(config, encoders, workdir=runs['rec'],
                       where='runs/x/checkpoints/2')
+  pretrained = dict(rec.params, pairing_head={})
+  with pytest.raises(ValueError, match='holds a pre-training checkpoint '
+                     '\\(a pairing_head\\)'):
+    predict.Predictor(config, pretrained, workdir=runs['rec'],
+                      where='runs/x/checkpoints/2')
