@@ -88,6 +88,13 @@ def model_inputs(batch, task):
   return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
+def task_model(config, num_outputs=0):
+  """The CMAL model of a fine-tuning config (num_outputs: vqa's answer
+  vocabulary size). No tag head: fine-tuning predicts no tags."""
+  return CMAL(ModelConfig.from_config(config.model, num_tags=1),
+              task=config.task, num_outputs=num_outputs)
+
+
 def init_inputs(config):
   """Zero model inputs with the task's shapes, for init (NLVR2: one
   example's two images)."""
@@ -481,9 +488,7 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
       config, directory, config.task, config.data.train_split,
       batch_size=local_batch, train=True, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  num_outputs = len(info.get('answer_vocab', ()))
-  model = CMAL(ModelConfig.from_config(config.model, num_tags=1),
-               task=config.task, num_outputs=num_outputs)
+  model = task_model(config, len(info.get('answer_vocab', ())))
   _, val_split, test_splits = splits_of(config)
   for split in (val_split,) + test_splits:  # Fail now, not after training.
     task_pipeline.task_file(directory, config.task, split)

@@ -149,24 +149,27 @@ def abstract_params(config):
 
 # ---------------------------------------------------------------- reading
 
-def read_run_config(workdir):
+def read_run_config(workdir, what='export'):
+  """A training workdir's config.json. `what` starts the error message (the
+  command that reads it)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f'export: {workdir} has no config.json: not a training workdir (the '
+        f'{what}: {workdir} has no config.json: not a training workdir (the '
         '--workdir of python -m cmal_jax.main).')
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_params(workdir, step=None):
+def load_params(workdir, step=None, what='export'):
   """(params, where) of checkpoint `step` (None: the latest; 'best': the
-  best evaluated parameters in workdir/best)."""
+  best evaluated parameters in workdir/best). `what` starts the error
+  messages."""
   if step != 'best':
-    return checkpoint.load_pretrained_params(workdir, step, what='export')
+    return checkpoint.load_pretrained_params(workdir, step, what=what)
   best_json = os.path.join(workdir, 'best.json')
   if not os.path.isfile(best_json):
-    raise FileNotFoundError(f'export --step=best: {best_json} not found (the '
+    raise FileNotFoundError(f'{what} --step=best: {best_json} not found (the '
                             'run kept no best parameters).')
   with open(best_json) as f:
     best_step = json.load(f)['step']
@@ -188,6 +191,28 @@ def answer_vocab(run_config, workdir):
     return None
   with open(path) as f:
     return json.load(f)['answers']
+
+
+def parse_step(step):
+  """A --step value -> what load_params takes: 'best', None for 'latest'
+  (or None), or the step number (int or digits)."""
+  if step in ('best', None):
+    return step
+  if step == 'latest':
+    return None
+  if isinstance(step, int) or str(step).isdigit():
+    return int(step)
+  raise ValueError(f"--step={step}: a checkpoint step, 'best' or 'latest'")
+
+
+def add_checkpoint_flags(parser, workdir_help, default_step):
+  """--workdir and --step (parse_step) of a command that reads a training
+  workdir's checkpoint."""
+  parser.add_argument('--workdir', required=True, help=workdir_help)
+  parser.add_argument(
+      '--step', default=default_step,
+      help="A checkpoint step N (workdir/checkpoints/N), 'latest' or 'best' "
+      f'(workdir/best); default: {default_step}.')
 
 
 # ---------------------------------------------------------------- writing
@@ -289,21 +314,17 @@ def main(argv=None):
       prog='python -m cmal_jax.export',
       description='Exports a trained model to PyTorch (safetensors + '
       'config.json) and its unified encoder to a Hugging Face BERT folder.')
-  parser.add_argument('--workdir', required=True,
-                      help='A training workdir (python -m cmal_jax.main).')
-  parser.add_argument('--step', default=None,
-                      help="A checkpoint step, or 'best' (workdir/best); "
-                      'default: the latest checkpoint.')
+  add_checkpoint_flags(parser, 'A training workdir (python -m '
+                       'cmal_jax.main).', default_step='latest')
   parser.add_argument('--out', required=True, help='The export folder.')
   parser.add_argument('--overwrite', action='store_true',
                       help='Replace an existing, non-empty --out.')
   cli_errors.add_verbose_flag(parser)
   args = parser.parse_args(argv)
-  step = args.step
-  if step not in (None, 'best'):
-    if not step.isdigit():
-      parser.error(f"--step={step}: a checkpoint step or 'best'")
-    step = int(step)
+  try:
+    step = parse_step(args.step)
+  except ValueError as e:
+    parser.error(str(e))
   config = export(args.workdir, args.out, step, args.overwrite)
   print(f"Exported {config['task']} model ({config['source']['checkpoint']})"
         f' to {args.out}: {WEIGHTS_FILE}, {CONFIG_FILE}, {BERT_DIR}/.')
