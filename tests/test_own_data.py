@@ -7,7 +7,10 @@ coco_instances -> an image folder, convert vqa_v2 -> its vqa splits,
 inspect finds nothing wrong, a tiny pixel VQA fine-tune runs a few steps
 and evaluates, and predict (CLI and API) answers a question as that
 evaluation did. The unlabelled test-dev split gets the evaluation server's
-results file, every question in it, and no accuracy.
+results file, every question in it, and no accuracy; as the eval split it
+is refused before training (it cannot pick the best checkpoint).
+
+One tiny run (shrunk, 4 steps, batch 4): ~20 s on 2 cores.
 """
 
 import json
@@ -17,10 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmal_jax import jobs, predict
+from cmal_jax import finetune, jobs, predict
 from cmal_jax.convert import cli as convert_cli
 from cmal_jax.convert import inspect as convert_inspect
-from cmal_jax.finetune import PREDICTIONS_DIR
 from cmal_testutil import fast_step, finetune_tiny
 
 # COCO image id -> (width, height) of the downloaded images.
@@ -132,17 +134,22 @@ def pixel_vqa_config(data):
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory, compilation_cache):
-  """(workdir, final results) of the fine-tune on converted downloads."""
-  root = tmp_path_factory.mktemp('own_data')
-  data = convert(root)
+def data(tmp_path_factory):
+  """The downloads, converted; inspect finds nothing wrong."""
+  data = convert(tmp_path_factory.mktemp('own_data'))
   assert convert_inspect.main([data]) == 0
-  workdir = str(root / 'vqa')
+  return data
+
+
+@pytest.fixture(scope='module')
+def run(data, tmp_path_factory, compilation_cache):
+  """(workdir, final results) of the fine-tune on converted downloads."""
+  workdir = str(tmp_path_factory.mktemp('own_run') / 'vqa')
   return workdir, jobs.train_and_evaluate(pixel_vqa_config(data), workdir)
 
 
 def results_file(workdir, split):
-  with open(os.path.join(workdir, PREDICTIONS_DIR,
+  with open(os.path.join(workdir, finetune.PREDICTIONS_DIR,
                          f'vqa_{split}_results.json')) as f:
     return json.load(f)
 
@@ -162,6 +169,29 @@ def test_evaluation_of_labelled_and_unlabelled_splits(run):
     assert [r['question_id'] for r in rows] == [q for q, _, _ in
                                                 QUESTIONS[split]]
     assert all(isinstance(r['answer'], str) and r['answer'] for r in rows)
+
+
+def test_an_unlabelled_eval_split_is_refused_before_training(data,
+                                                              tmp_path):
+  c = pixel_vqa_config(data)
+  c.data.eval_split = 'test-dev'
+  with pytest.raises(ValueError, match='vqa_test-dev.array_record has no '
+                     'answers .*finetune.test_splits'):
+    jobs.train_and_evaluate(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_results_file_answers_every_question(tmp_path):
+  """A question evaluation skipped (bad image) gets the most frequent
+  training answer; an undecodable record (None) has no id to answer."""
+  examples = [{'question_id': 1}, None, {'question_id': 3},
+              {'question_id': 4}]
+  path = tmp_path / 'vqa_test-dev_results.json'
+  finetune.write_vqa_results(path, examples, [True, False, False, True],
+                             ['no', 'red', 'red', 'two'], ['yes', 'no'])
+  assert json.loads(path.read_text()) == [
+      {'question_id': 1, 'answer': 'no'}, {'question_id': 3, 'answer': 'yes'},
+      {'question_id': 4, 'answer': 'two'}]
 
 
 def test_predict_answers_as_the_evaluation_did(run, capsys):
