@@ -244,34 +244,23 @@ def classification_results(config, directory, split, pred, info, out_dir):
   rec from predict_split's output, over the examples it evaluated (with
   data.on_error='skip', the good ones: eval_skips)."""
   task = config.task
-  examples = task_pipeline.read_task_examples(directory, task, split,
-                                              config.data.on_error)
+  every = task_pipeline.read_task_examples(directory, task, split,
+                                           config.data.on_error)
   kept = np.flatnonzero(info['evaluated'])
   skips = eval_skips(config, directory, split, len(kept), info['skipped'])
-  examples = [examples[i] for i in kept]
+  examples = [every[i] for i in kept]
   assert all(ex is not None for ex in examples)  # Checked alike by both.
-  pred = {k: v[kept] for k, v in pred.items()}
   results = {'num_examples': len(examples), **skips}
-  rows = []
   if task == 'vqa':
-    vocab = info['answer_vocab']
-    answers = [vocab[i] for i in pred['prediction']]
-    labelled = [i for i, ex in enumerate(examples) if ex['answers']]
-    results['num_labelled'] = len(labelled)
-    if labelled:  # A test split may come without answers (VQA test-dev).
-      acc = task_metrics.vqa_accuracies(
-          [answers[i] for i in labelled],
-          [examples[i]['answers'] for i in labelled])
-      results['vqa_accuracy'] = float(np.mean(acc))
-      for field in ('question_type', 'answer_type'):
-        results[f'vqa_accuracy_by_{field}'] = task_metrics.accuracy_by_type(
-            acc, [examples[i][field] for i in labelled])
+    answers = [info['answer_vocab'][i] for i in pred['prediction']]
+    results.update(vqa_metrics(examples, [answers[i] for i in kept]))
     if out_dir:  # task_metrics.write_vqa_results' JSON, local or gs://.
-      storage.write_text_atomic(
-          epath.Path(out_dir) / f'vqa_{split}_results.json',
-          json.dumps(task_metrics.vqa_results_json(
-              [ex['question_id'] for ex in examples], answers)))
+      write_vqa_results(epath.Path(out_dir) / f'vqa_{split}_results.json',
+                        every, info['evaluated'], answers,
+                        info['answer_vocab'])
     return results
+  pred = {k: v[kept] for k, v in pred.items()}
+  rows = []
   if task in ('ve', 'nlvr2'):
     names = tasks.VE_LABELS if task == 've' else (False, True)
     gold = [names.index(ex['label']) for ex in examples]
@@ -290,6 +279,40 @@ def classification_results(config, directory, split, pred, info, out_dir):
   if out_dir:
     write_jsonl(epath.Path(out_dir) / f'{task}_{split}.jsonl', rows)
   return results
+
+
+def vqa_metrics(examples, answers):
+  """VQA accuracy (overall, by question and answer type) of the answers to
+  the labelled examples, and num_labelled. A split without annotations
+  (VQA test-dev) has no accuracy: the keys are absent, not 0."""
+  labelled = [i for i, ex in enumerate(examples) if ex['answers']]
+  results = {'num_labelled': len(labelled)}
+  if labelled:
+    acc = task_metrics.vqa_accuracies(
+        [answers[i] for i in labelled],
+        [examples[i]['answers'] for i in labelled])
+    results['vqa_accuracy'] = float(np.mean(acc))
+    for field in ('question_type', 'answer_type'):
+      results[f'vqa_accuracy_by_{field}'] = task_metrics.accuracy_by_type(
+          acc, [examples[i][field] for i in labelled])
+  return results
+
+
+def write_vqa_results(path, examples, evaluated, answers, vocab):
+  """The evaluation server's results file of a split: every question of it
+  (the server refuses a file that lacks one). A question evaluation skipped
+  (data.on_error='skip': its image is bad) gets the most frequent training
+  answer, vocab[0], and is logged; an undecodable record has no question
+  id to answer."""
+  filled = [i for i, ex in enumerate(examples)
+            if ex is not None and not evaluated[i]]
+  answers = [a if evaluated[i] else vocab[0] for i, a in enumerate(answers)]
+  if filled:
+    log(f'{path}: {len(filled)} skipped questions answered '
+        f'{vocab[0]!r} (the most frequent training answer).')
+  ids = [i for i, ex in enumerate(examples) if ex is not None]
+  storage.write_text_atomic(path, json.dumps(task_metrics.vqa_results_json(
+      [examples[i]['question_id'] for i in ids], [answers[i] for i in ids])))
 
 
 def eval_skips(config, directory, split, num_evaluated, skipped):
@@ -478,6 +501,21 @@ def check_visual_input(pretrained, config, where):
         'checkpoint.')
 
 
+def check_vqa_eval_split_labelled(config, directory, split):
+  """The eval split picks the best checkpoint by its VQA accuracy, which a
+  split without annotations (converted without --annotations: VQA
+  test-dev) has not: ValueError before training. Such a split is a test
+  split, which gets its results file and no accuracy."""
+  examples = task_pipeline.read_task_examples(directory, 'vqa', split,
+                                              config.data.on_error)
+  if not any(ex is not None and ex['answers'] for ex in examples):
+    raise ValueError(
+        f'{tasks.task_path(directory, "vqa", split)} has no answers (no '
+        f'--annotations), so data.eval_split={split!r} cannot pick the best '
+        'checkpoint: evaluate on a labelled split and list this one in '
+        f'--config.finetune.test_splits.')
+
+
 def make_job(config, workdir, mesh, axis_rules, local_batch):
   """The train_step.Job of a fine-tuning config."""
   directory = synthetic.data_dir(config, workdir)
@@ -492,6 +530,8 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
   _, val_split, test_splits = splits_of(config)
   for split in (val_split,) + test_splits:  # Fail now, not after training.
     task_pipeline.task_file(directory, config.task, split)
+  if config.task == 'vqa':
+    check_vqa_eval_split_labelled(config, directory, val_split)
   predict = None
   if config.task != 'retrieval':
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):

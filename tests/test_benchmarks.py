@@ -108,6 +108,7 @@ def test_benchmark_smoke_run_writes_the_table(world_dir, tmp_path,
             # compile keeps the suite inside its time budget.
             '--no-torch_compile', '--no-cmap_off', '--pipeline_sizes=tiny',
             '--pipeline_batches=2', '--paper_size=tiny',
+            '--predict_sizes=tiny',
             f'--records={world_dir}', f'--data_dir={tmp_path / "data"}',
             f'--out_dir={out}'])
   result = json.loads((out / 'BENCHMARKS.json').read_text())
@@ -125,6 +126,14 @@ def test_benchmark_smoke_run_writes_the_table(world_dir, tmp_path,
   # Timed at the CPU batch, estimated at the config batch (32 both, tiny).
   assert rows['jax_step_time', 'tiny']['batch'] == 32
   assert rows['paper_flops_per_step', 'tiny']['batch'] == 32
+  # predict: latency at batch 1, questions/s at 1 and at eval.batch_size.
+  got = {(r['name'], r['batch']): r['value'] for r in result['measurements']
+         if r['name'].startswith('predict_')}
+  assert set(got) == {('predict_first_call_time', 1), ('predict_latency', 1),
+                      ('predict_questions_per_sec', 1),
+                      ('predict_questions_per_sec', 16),
+                      ('predict_batch_over_batch_1', 16)}
+  assert all(v > 0 for v in got.values())
   assert result['machine']['cores'] == os.cpu_count()
   table = (out / 'BENCHMARKS.md').read_text()
   assert '| jax_over_torch_eager | tiny |' in table

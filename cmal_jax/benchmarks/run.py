@@ -13,7 +13,11 @@ Measures, in one run and side by side:
      train step consumes;
   6. the train step's compile time;
   7. on paper, for --paper_size at its config batch: FLOPs and bytes per
-     step and the step time and MFU they imply on an H100 and a TPU v5e.
+     step and the step time and MFU they imply on an H100 and a TPU v5e;
+  8. predict, per --predict_sizes: a VQA model's answer to one question
+     (cmal_jax.predict.Predictor, random weights on the synthetic world):
+     the first call (compiles) and the compiled call's latency, and the
+     API's questions/s at batch 1 and at eval.batch_size, interleaved.
 Writes BENCHMARKS.md (table + machine) and BENCHMARKS.json (one object per
 measurement: name, size, value, unit) to --out_dir.
 """
@@ -34,9 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmal_jax import (cli_errors, config_base, objectives, pretraining,
-                      sharding, train_step)
-from cmal_jax.data import pipeline
+from cmal_jax import (cli_errors, config_base, finetune, objectives,
+                      predict, pretraining, sharding, train_step)
+from cmal_jax.data import pipeline, task_pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.export import export
 
@@ -354,6 +358,58 @@ def paper_figures(size, args, results, data_root):
                 flops / (0.5 * peak), 's', batch=batch)
 
 
+def random_vqa_predictor(size, workdir):
+  """A Predictor of configs/finetune.py:vqa,SIZE with random weights (its
+  latency does not depend on them), over a synthetic vqa world of one eval
+  batch per split generated into workdir/data."""
+  config = config_base.config_module('finetune').get_config(f'vqa,{size}')
+  B = config.eval.batch_size
+  config.world.num_train = config.world.num_eval = config.world.num_test = B
+  directory = os.path.join(workdir, 'data')
+  finetune.ensure_task_data(config, directory)
+  vocab = task_pipeline.load_or_build_answer_vocab(
+      directory, config.finetune.num_answers)
+  model = finetune.task_model(config, len(vocab))
+  params = jax.device_get(nn.unbox(jax.jit(lambda r: model.init(
+      r, finetune.init_inputs(config)))(jax.random.key(0))['params']))
+  return predict.Predictor(config, params, workdir=workdir, where='random',
+                           answer_vocab=vocab)
+
+
+def bench_predict(size, args, results, data_root):
+  """Item 8 for one size: one question's latency (first call: compiles;
+  then compiled), and questions/s at batch 1 and at eval.batch_size."""
+  print(f'predict, vqa {size}:', flush=True)
+  predictor = random_vqa_predictor(size, os.path.join(data_root,
+                                                      f'predict_{size}'))
+  examples = task_pipeline.read_task_examples(predictor.directory, 'vqa',
+                                              'test')
+  images = [ex['image_id'] for ex in examples]
+  questions = [ex['question'] for ex in examples]
+  B = predictor.batch_size
+
+  def asker(n):
+    """-> ask(): answers the first n questions, returns its seconds."""
+    def ask():
+      t = time.perf_counter()
+      predictor.answer(images[:n], questions[:n])
+      return time.perf_counter() - t
+    return ask
+  one, batch = asker(1), asker(B)
+  results.add('predict_first_call_time', size, one(), 's', batch=1)
+  batch()  # Compiles batch B's program outside the timed rounds.
+  t = interleaved({'one': one, 'batch': batch}, args.steps, args.warmup)
+  results.add('predict_latency', size, t['one']['median'], 's', batch=1,
+              min=t['one']['min'], max=t['one']['max'])
+  at_1 = results.add('predict_questions_per_sec', size,
+                     1 / t['one']['median'], 'questions/s', batch=1)
+  at_b = results.add('predict_questions_per_sec', size,
+                     B / t['batch']['median'], 'questions/s', batch=B,
+                     min=B / t['batch']['max'], max=B / t['batch']['min'])
+  results.add('predict_batch_over_batch_1', size, at_b / at_1, 'ratio',
+              batch=B)
+
+
 # ----------------------------------------------------------------- output
 
 def machine():
@@ -445,6 +501,8 @@ def parse_args(argv):
   p.add_argument('--pipeline_batches', type=int, default=50)
   p.add_argument('--paper_size', default='base',
                  help="the size of item 7 ('' skips it)")
+  p.add_argument('--predict_sizes', default='small',
+                 help="sizes of item 8, predict's latency ('' skips it)")
   p.add_argument('--data_dir', default='',
                  help='where the synthetic data goes (default a temp dir); '
                  'reused when it exists')
@@ -456,6 +514,7 @@ def parse_args(argv):
   args = p.parse_args(argv)
   args.sizes = [s for s in args.sizes.split(',') if s]
   args.pipeline_sizes = [s for s in args.pipeline_sizes.split(',') if s]
+  args.predict_sizes = [s for s in args.predict_sizes.split(',') if s]
   overrides = dict(kv.split('=') for kv in args.batch.split(',') if kv)
   args.batches = {s: int(overrides.get(s, CPU_BATCH.get(s, 16)))
                   for s in args.sizes}
@@ -480,5 +539,7 @@ def main(argv=None):
                  peak * 1e9)
     if args.paper_size:
       paper_figures(args.paper_size, args, results, data_root)
+    for size in args.predict_sizes:
+      bench_predict(size, args, results, data_root)
   write_outputs(args.out_dir, results, info, args)
   print(f'Wrote {args.out_dir}/BENCHMARKS.md and BENCHMARKS.json.')

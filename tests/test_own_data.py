@@ -1,0 +1,210 @@
+"""Your own data, from download to answer (README, "Your own data").
+
+Files in the official layouts (PNG images, their COCO instances JSON, VQA
+v2 questions and annotations: train and val labelled, test-dev questions
+only) go through the command-line entry points, in-process: convert
+coco_instances -> an image folder, convert vqa_v2 -> its vqa splits,
+inspect finds nothing wrong, a tiny pixel VQA fine-tune runs a few steps
+and evaluates, and predict (CLI and API) answers a question as that
+evaluation did. The unlabelled test-dev split gets the evaluation server's
+results file, every question in it, and no accuracy; as the eval split it
+is refused before training (it cannot pick the best checkpoint).
+
+One tiny run (shrunk, 4 steps, batch 4): ~20 s on 2 cores.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmal_jax import finetune, jobs, predict
+from cmal_jax.convert import cli as convert_cli
+from cmal_jax.convert import inspect as convert_inspect
+from cmal_testutil import fast_step, finetune_tiny
+
+# COCO image id -> (width, height) of the downloaded images.
+IMAGE_SIZES = {9: (80, 60), 25: (40, 50), 30: (64, 64), 42: (50, 70)}
+# The questions of each split: (question_id, image_id, question).
+QUESTIONS = {
+    'train': [(9000, 9, 'What color is the car?'),
+              (9001, 9, 'How many cars are there?'),
+              (25000, 25, 'Is there a car?'),
+              (30000, 30, 'Is it sunny?'),
+              (42000, 42, 'What is on the road?'),
+              (42001, 42, 'Is the light red?')],
+    'val': [(9002, 9, 'Is the car red?'),
+            (30001, 30, 'What color is the sky?'),
+            (42002, 42, 'How many lights?')],
+    'test-dev': [(25001, 25, 'What is this?'),
+                 (30002, 30, 'Is it night?'),
+                 (42003, 42, 'Where is the car?')],
+}
+# Ten answers per labelled question, as the annotators gave them.
+ANSWERS = ['red', 'yes', 'no', '2', 'car', 'blue']
+SPLIT_FILES = {'train': 'train2014', 'val': 'val2014',
+               'test-dev': 'test-dev2015'}
+
+
+def write_json(path, obj):
+  path.write_text(json.dumps(obj))
+  return str(path)
+
+
+def download_images(root):
+  """PNGs named as COCO names them, and instances_train2014.json."""
+  folder = root / 'train2014'
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i, (w, h) in IMAGE_SIZES.items():
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(
+        folder / f'COCO_train2014_{i:012d}.png')
+  instances = {
+      'images': [{'id': i, 'file_name': f'COCO_train2014_{i:012d}.png',
+                  'width': w, 'height': h}
+                 for i, (w, h) in IMAGE_SIZES.items()],
+      'annotations': [
+          {'id': 1, 'image_id': 9, 'bbox': [8, 6, 40, 30], 'category_id': 3},
+          {'id': 2, 'image_id': 42, 'bbox': [5, 5, 20, 30],
+           'category_id': 10},
+          {'id': 3, 'image_id': 25, 'bbox': [0, 0, 20, 25], 'category_id': 3},
+      ],
+      'categories': [{'id': 3, 'name': 'car'},
+                     {'id': 10, 'name': 'traffic light'}],
+  }
+  return write_json(root / 'instances_train2014.json', instances), folder
+
+
+def download_vqa(root, split):
+  """The VQA v2 questions file of a split and, for a labelled one, its
+  annotations file (None for test-dev)."""
+  subtype = SPLIT_FILES[split]
+  questions = [{'question_id': q, 'image_id': i, 'question': text}
+               for q, i, text in QUESTIONS[split]]
+  q = write_json(root / f'v2_OpenEnded_mscoco_{subtype}_questions.json',
+                 {'info': {}, 'task_type': 'Open-Ended',
+                  'data_type': 'mscoco', 'data_subtype': subtype,
+                  'questions': questions})
+  if split == 'test-dev':
+    return q, None
+  annotations = []
+  for n, (qid, image_id, _) in enumerate(QUESTIONS[split]):
+    given = [ANSWERS[(n + k // 4) % len(ANSWERS)] for k in range(10)]
+    annotations.append({
+        'question_id': qid, 'image_id': image_id,
+        'answers': [{'answer': a, 'answer_confidence': 'yes',
+                     'answer_id': k + 1} for k, a in enumerate(given)],
+        'multiple_choice_answer': given[0], 'question_type': 'what',
+        'answer_type': 'other'})
+  a = write_json(root / f'v2_mscoco_{subtype}_annotations.json',
+                 {'info': {}, 'data_type': 'mscoco', 'data_subtype': subtype,
+                  'annotations': annotations})
+  return q, a
+
+
+def convert(root):
+  """The download converted as README says: the image folder, with
+  vqa_train, vqa_val and vqa_test-dev written into it."""
+  instances, images = download_images(root)
+  data = str(root / 'coco')
+  convert_cli.main(['coco_instances', f'--instances={instances}',
+                    f'--images={images}', f'--out={data}'])
+  for split in QUESTIONS:
+    questions, annotations = download_vqa(root, split)
+    argv = ['vqa_v2', f'--questions={questions}', f'--split={split}',
+            f'--regions={data}']
+    if annotations:
+      argv.append(f'--annotations={annotations}')
+    assert convert_cli.main(argv) == (len(QUESTIONS[split]), {})
+  return data
+
+
+def pixel_vqa_config(data):
+  """The tiny pixel VQA fine-tune on the converted folder: a few steps,
+  evaluated at the end on val, and on test-dev."""
+  c = fast_step(finetune_tiny('vqa', 'cmal', ''))
+  c.model.visual.input = 'pixels'
+  c.model.dropout = 0.0
+  c.data.dir = data
+  c.finetune.test_splits = ('test-dev',)
+  c.batch_size = c.eval.batch_size = 4
+  return c
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  """The downloads, converted; inspect finds nothing wrong."""
+  data = convert(tmp_path_factory.mktemp('own_data'))
+  assert convert_inspect.main([data]) == 0
+  return data
+
+
+@pytest.fixture(scope='module')
+def run(data, tmp_path_factory, compilation_cache):
+  """(workdir, final results) of the fine-tune on converted downloads."""
+  workdir = str(tmp_path_factory.mktemp('own_run') / 'vqa')
+  return workdir, jobs.train_and_evaluate(pixel_vqa_config(data), workdir)
+
+
+def results_file(workdir, split):
+  with open(os.path.join(workdir, finetune.PREDICTIONS_DIR,
+                         f'vqa_{split}_results.json')) as f:
+    return json.load(f)
+
+
+def test_evaluation_of_labelled_and_unlabelled_splits(run):
+  workdir, results = run
+  assert results['val']['num_labelled'] == len(QUESTIONS['val'])
+  assert 0 <= results['val']['vqa_accuracy'] <= 1
+  # test-dev: every question answered, no accuracy to report (absent, not
+  # 0: it has no annotations).
+  dev = results['test-dev']
+  assert dev['num_examples'] == len(QUESTIONS['test-dev'])
+  assert dev['num_labelled'] == 0
+  assert not any(k.startswith('vqa_accuracy') for k in dev)
+  for split in ('val', 'test-dev'):
+    rows = results_file(workdir, split)
+    assert [r['question_id'] for r in rows] == [q for q, _, _ in
+                                                QUESTIONS[split]]
+    assert all(isinstance(r['answer'], str) and r['answer'] for r in rows)
+
+
+def test_an_unlabelled_eval_split_is_refused_before_training(data,
+                                                              tmp_path):
+  c = pixel_vqa_config(data)
+  c.data.eval_split = 'test-dev'
+  with pytest.raises(ValueError, match='vqa_test-dev.array_record has no '
+                     'answers .*finetune.test_splits'):
+    jobs.train_and_evaluate(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_results_file_answers_every_question(tmp_path):
+  """A question evaluation skipped (bad image) gets the most frequent
+  training answer; an undecodable record (None) has no id to answer."""
+  examples = [{'question_id': 1}, None, {'question_id': 3},
+              {'question_id': 4}]
+  path = tmp_path / 'vqa_test-dev_results.json'
+  finetune.write_vqa_results(path, examples, [True, False, False, True],
+                             ['no', 'red', 'red', 'two'], ['yes', 'no'])
+  assert json.loads(path.read_text()) == [
+      {'question_id': 1, 'answer': 'no'}, {'question_id': 3, 'answer': 'yes'},
+      {'question_id': 4, 'answer': 'two'}]
+
+
+def test_predict_answers_as_the_evaluation_did(run, capsys):
+  workdir, _ = run
+  expected = {r['question_id']: r['answer']
+              for r in results_file(workdir, 'test-dev')}
+  qid, image_id, question = QUESTIONS['test-dev'][0]
+  predict.main([f'--workdir={workdir}', f'--image={image_id}',
+                f'--question={question}', '--json'])
+  got = json.loads(capsys.readouterr().out)
+  assert got['prediction'][0]['answer'] == expected[qid]
+  predictor = predict.Predictor.from_workdir(workdir)
+  images = [str(i) for _, i, _ in QUESTIONS['test-dev']]
+  texts = [q for _, _, q in QUESTIONS['test-dev']]
+  top = [a[0]['answer'] for a in predictor.answer(images, texts, top_k=1)]
+  assert top == [expected[q] for q, _, _ in QUESTIONS['test-dev']]
