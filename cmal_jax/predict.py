@@ -8,6 +8,8 @@ training workdir's best (or any) checkpoint for queries you type.
       --statement="..."
   python -m cmal_jax.predict --workdir=runs/retrieval --caption="..." \\
       --images=ID,ID,...
+  python -m cmal_jax.predict --workdir=runs/pretrain --step=latest \\
+      --caption="..." --image=N    # anchors (predict_anchors.py)
 
 --step=best (default: workdir/best, the parameters the run evaluated on its
 test splits), N (checkpoints/N) or latest; --top_k (vqa answers, retrieval
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmal_jax import cli_errors, finetune, predict_draw
+from cmal_jax import cli_errors, finetune, predict_anchors, predict_draw
 from cmal_jax.data import task_pipeline, tasks
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.export import export
@@ -335,7 +337,8 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(
       prog='python -m cmal_jax.predict',
       description='Predictions of a fine-tuned model (a training workdir) '
-      'for one image: give the query flag of its task.')
+      'for one image: give the query flag of its task. A pre-training '
+      'workdir: --caption and --image (a pair index) give its anchors.')
   export.add_checkpoint_flags(parser, 'A fine-tuning workdir (python -m '
                               'cmal_jax.main).', default_step='best')
   parser.add_argument('--image', help='An image id of the workdir\'s data.')
@@ -407,11 +410,49 @@ def predict(predictor, args):
   return got, lines
 
 
+def check_pretraining_flags(args):
+  """A pre-training workdir takes --caption and one --image (a pair index
+  of its evaluation split); UsageError otherwise."""
+  others = [f for f in ('image2', 'images', *FLAG_TASKS)
+            if f != 'caption' and getattr(args, f) is not None]
+  if others:
+    raise UsageError(f'{args.workdir} is a pretrain workdir; --{others[0]} '
+                     'needs a fine-tuned one (a pretrain workdir takes '
+                     '--caption and --image: its anchors)')
+  if args.caption is None or args.image is None:
+    raise UsageError(f'{args.workdir} is a pretrain workdir: give --caption '
+                     'and --image (a pair index of its evaluation split)')
+
+
+def print_anchors(args):
+  """The anchors of --caption with the pair --image of a pre-training
+  workdir, and the region AMC pairs with each (predict_anchors.py)."""
+  check_pretraining_flags(args)
+  finder = predict_anchors.AnchorFinder.from_workdir(args.workdir, args.step)
+  found = finder.anchors([args.image], [args.caption])[0]
+  if args.draw:
+    predict_draw.draw_anchors(finder.pair(args.image), found).save(args.draw)
+  if args.json:
+    print(json.dumps(dict(workdir=args.workdir, checkpoint=finder.where,
+                          task='pretrain', caption=args.caption,
+                          image=args.image, anchors=found)))
+    return
+  print(f'pretrain ({finder.where}): {args.caption}')
+  for a in found:
+    box = ', '.join(f'{x:.2f}' for x in a['box'])
+    print(f'{a["word"]} -> region {a["region"]} (box [{box}], '
+          f'tag {a["tag"] or "none"})')
+  if not found:
+    print('no anchors: no word of the caption names a tag of its regions')
+
+
 def main(argv=None):
   """Prints the prediction of the command line; raises on bad input (the
   `python -m` entry prints it as one line: cli_errors.run_tool)."""
   args = parse_args(argv)
   config = export.read_run_config(args.workdir, what=PROG)
+  if config.task == 'pretrain':
+    return print_anchors(args)
   flag = check_flags(args, config.task)
   predictor = Predictor.from_workdir(args.workdir, args.step)
   result, lines = predict(predictor, args)

@@ -17,6 +17,9 @@ a thin outline, so the boxes are the picture.
          Each region's box is filled in HEAT_COLOUR with alpha proportional
          to its weight (overlapping boxes add up), and the prediction is
          written on top. nlvr2 draws its two images side by side.
+  pretrain
+         the region AMC pairs with each anchor, labelled with its word
+         (predict_anchors.py).
 
   predictor = predict.Predictor.from_workdir('runs/rec')
   got = predictor.ground(['img-1'], ['the red cube'])[0]
@@ -177,3 +180,15 @@ def draw_prediction(predictor, query, image_ids, result):
     image_ids = [result[0]['image']]
     caption = f'{image_ids[0]} ({result[0]["score"]:.3f})'
   return draw_attention(predictor, query, image_ids, caption)
+
+
+def draw_anchors(pair, found):
+  """A pre-training pair (AnchorFinder.pair) with its regions outlined and
+  the region AMC pairs with each anchor (AnchorFinder.anchors' `found`)
+  labelled with the anchor's word."""
+  picture = background(pair)
+  boxes = pair['region_boxes']
+  outline_regions(picture, pair, boxes, np.ones(len(boxes)))
+  for anchor in found:
+    draw_box(picture, anchor['box'], CHOSEN_COLOUR, anchor['word'])
+  return picture

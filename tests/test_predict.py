@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmal_jax import cli_errors, finetune, jobs, predict, predict_draw
-from cmal_jax.data import task_pipeline, tasks
+from cmal_jax import (cli_errors, finetune, jobs, predict, predict_anchors,
+                      predict_draw)
+from cmal_jax.data import anchors, pipeline, task_pipeline, tasks
 from cmal_jax.export import export
 from cmal_testutil import finetune_tiny
 
@@ -227,9 +228,11 @@ def test_pretraining_workdir_and_checkpoint_are_refused(rec, runs,
                                                    task='pretrain')))
   with pytest.raises(ValueError, match=f'{pre} is a pre-training workdir'):
     predict.Predictor.from_workdir(str(pre))
-  err = cli_error(capsys, f'--workdir={pre}', '--caption=a cube',
-                  '--image=x')
-  assert err.startswith(f'predict: error: {pre} is a pretrain workdir')
+  err = cli_error(capsys, f'--workdir={pre}', '--question=a cube?',
+                  '--image=0')
+  assert err == (f'predict: error: {pre} is a pretrain workdir; --question '
+                 'needs a fine-tuned one (a pretrain workdir takes '
+                 '--caption and --image: its anchors)')
   encoders = {k: v for k, v in rec.params.items() if k != 'rec_head'}
   with pytest.raises(ValueError, match='runs/x/checkpoints/2 holds a '
                      'pre-training checkpoint \\(no rec_head\\)'):
@@ -304,3 +307,39 @@ def test_draw_two_images_and_pixels(vqa):
   # A model that reads pixels: the picture is the image, scaled.
   pixels = np.zeros((40, 80, 3), np.uint8)
   assert predict_draw.background({'image': pixels}).size == (size, size // 2)
+
+
+# ------------------------------------------- a pre-training workdir's anchors
+
+def test_anchors_of_a_pretraining_pair(pretrained_tiny, capsys, tmp_path):
+  finder = predict_anchors.AnchorFinder.from_workdir(pretrained_tiny)
+  # The first val pairs whose caption has anchors (the world's mostly do).
+  indices = [i for i in range(8) if len(finder.encode(
+      [i], [finder.pair(i)['caption']])['anchor_valid'][0].nonzero()[0])][:2]
+  pairs = [finder.pair(i) for i in indices]
+  captions = [p['caption'] for p in pairs]
+  got = finder.anchors(indices, captions)
+  tokenizer, shapes = finder.tokenizer, finder.shapes
+  for pair, caption, found in zip(pairs, captions, got):
+    keep = pipeline.keep_regions(len(pair['region_conf']), pair['region_conf'],
+                                 shapes.max_regions)
+    expected = anchors.detect_anchors(
+        caption, tokenizer.encode(caption, shapes.max_text_len).offsets,
+        pair['region_tag_ids'][keep], pair['region_conf'][keep],
+        finder.vocab, shapes.max_anchors)
+    assert [a['word'] for a in found] == expected.words and found
+    assert all(0 <= a['region'] < len(keep) for a in found)
+    assert all(0 < a['score'] <= 1 for a in found)
+  out = tmp_path / 'anchors.png'
+  lines = run_cli(capsys, f'--workdir={pretrained_tiny}', '--step=latest',
+                  f'--image={indices[0]}', f'--caption={captions[0]}',
+                  f'--draw={out}').splitlines()
+  assert lines[0] == f'pretrain ({finder.where}): {captions[0]}'
+  assert [line.split(' -> region ')[0] for line in lines[1:]] == [
+      a['word'] for a in got[0]]
+  assert lines[1].startswith(f'{got[0][0]["word"]} -> region '
+                             f'{got[0][0]["region"]} (box [')
+  size = predict_draw.CANVAS_SIZE
+  assert Image.open(out).size == (size, size)
+  with pytest.raises(ValueError, match='no pair 100000 in'):
+    finder.anchors([100000], ['a cube'])
