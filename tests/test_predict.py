@@ -304,6 +304,11 @@ def test_draw_two_images_and_pixels(vqa):
                                          p)
   size, gap = predict_draw.CANVAS_SIZE, 8
   assert picture.size == (2 * size + gap, size)
+  retrieval = random_predictor('retrieval', vqa)
+  ranked = retrieval.rank('a red cube.', images)
+  picture = predict_draw.draw_prediction(retrieval, 'a red cube.', images,
+                                         ranked)
+  assert picture.size == (size, size)
   # A model that reads pixels: the picture is the image, scaled.
   pixels = np.zeros((40, 80, 3), np.uint8)
   assert predict_draw.background({'image': pixels}).size == (size, size // 2)
