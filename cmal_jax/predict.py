@@ -8,10 +8,13 @@ training workdir's best (or any) checkpoint for queries you type.
       --statement="..."
   python -m cmal_jax.predict --workdir=runs/retrieval --caption="..." \\
       --images=ID,ID,...
+  python -m cmal_jax.predict --workdir=runs/pretrain --step=latest \\
+      --caption="..." --image=N    # anchors (predict_anchors.py)
 
 --step=best (default: workdir/best, the parameters the run evaluated on its
 test splits), N (checkpoints/N) or latest; --top_k (vqa answers, retrieval
-images); --json prints one JSON object. From Python:
+images); --json prints one JSON object; --draw=out.png also saves the image
+with the prediction drawn (predict_draw.py). From Python:
 
   predictor = Predictor.from_workdir('runs/vqa')
   predictor.answer(['img-1'], ['what color is the cube?'], top_k=3)
@@ -30,9 +33,10 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from cmal_jax import cli_errors, finetune
+from cmal_jax import cli_errors, finetune, predict_anchors, predict_draw
 from cmal_jax.data import task_pipeline, tasks
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.export import export
@@ -106,6 +110,22 @@ def sigmoid(logits):
   return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
 
 
+def cls_region_attention(intermediates, inputs, num_layers):
+  """[CLS]'s attention over the region slots in the last unified layer, from
+  the probabilities it sowed ([B, H, L, L], L = T + R): averaged over heads,
+  renormalised over the real regions -> [B, R]. In SemVLP's two-stream mode
+  text reads regions only through the cross-attention sub-layer, so that is
+  the one read when the layer ran it."""
+  layer = intermediates['unified'][f'layer_{num_layers - 1}']
+  module = layer['cross_attention' if 'cross_attention' in layer
+                 else 'attention']
+  probs = module['attention_probs'][0]
+  T = inputs['input_ids'].shape[1]
+  mask = inputs['region_mask'] > 0
+  weights = jnp.where(mask, probs[:, :, 0, T:].astype(jnp.float32).mean(1), 0)
+  return weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-30)
+
+
 class Predictor:
   """A fine-tuned model and what it needs to read a query: the workdir's
   config, data folder (images, answer vocabulary) and tokenizer.
@@ -137,6 +157,7 @@ class Predictor:
     # Compiles per batch size (model rows), counted when jit traces.
     self.compiles = collections.Counter()
     self._logits = jax.jit(self._apply)
+    self._attention = jax.jit(self._apply_attention)
 
   @classmethod
   def from_workdir(cls, workdir, step='best'):
@@ -181,22 +202,67 @@ class Predictor:
     """The model's logits of inputs [B, ...] as a host array."""
     return np.asarray(jax.device_get(self._logits(self.params, inputs)))
 
-  def _example_logits(self, texts, image_ids):
-    """The logits of one query per text with its images (image_ids: a list
-    per text), encoded as evaluation encodes a task example, in batches of
-    at most eval.batch_size: ([N, ...] logits, the encoded batches)."""
+  def _example_batches(self, texts, image_ids):
+    """The task batches of one query per text with its images (image_ids: a
+    list per text), encoded as evaluation encodes a task example, in
+    batches of at most eval.batch_size."""
     examples = [query_example(self.task, t, ids)
                 for t, ids in zip(texts, image_ids)]
-    logits, batches = [], []
+    batches = []
     for part in chunks(examples, self.batch_size):
       items = [dict(example=ex, index=0, images=[
           self._image(i) for i in task_pipeline.image_ids_of(ex, self.task)])
                for ex in part]
       # The rng draws only retrieval's negatives; other tasks ignore it.
-      batch = self.encoder(items, np.random.default_rng(0))
-      logits.append(self._run(finetune.model_inputs(batch, self.task)))
-      batches.append(batch)
+      batches.append(self.encoder(items, np.random.default_rng(0)))
+    return batches
+
+  def _pair_batches(self, pairs):
+    """Model inputs of (text, image id) pairs, as retrieval evaluation
+    encodes them, in batches of at most eval.batch_size."""
+    batches = []
+    for part in chunks(pairs, self.batch_size):
+      rows = [task_pipeline.encode_example(t, self._image(i), self.tokenizer,
+                                           self.shapes)[0] for t, i in part]
+      batches.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    return batches
+
+  def _example_logits(self, texts, image_ids):
+    """The logits of one query per text with its images: ([N, ...] logits,
+    the encoded batches)."""
+    batches = self._example_batches(texts, image_ids)
+    logits = [self._run(finetune.model_inputs(b, self.task)) for b in batches]
     return np.concatenate(logits), batches
+
+  def _apply_attention(self, params, inputs):
+    _, state = self.model.apply({'params': params}, inputs,
+                                mutable=['intermediates'])
+    return cls_region_attention(state['intermediates'], inputs,
+                                self.config.model.unified_layers)
+
+  def region_attention(self, texts, image_ids):
+    """What the model looked at: the attention of [CLS] over the region
+    slots in the last unified layer (model/layers.py sows it; nothing else
+    of the model changes), per image of each query. image_ids: a list per
+    text (nlvr2: [left, right]; other tasks: one id).
+
+    Returns one list per text of (weights [R], boxes [R, 4], mask [R]) per
+    image: weights averaged over heads and renormalised over the real
+    regions (they sum to 1; 0 on padding), boxes normalised x1 y1 x2 y2."""
+    if self.task == 'retrieval':  # Its encoder builds no query examples.
+      batches = self._pair_batches([(t, i) for t, ids in zip(texts, image_ids)
+                                    for i in ids])
+    else:
+      batches = self._example_batches(texts, image_ids)
+    rows = []
+    for batch in batches:
+      inputs = finetune.model_inputs(batch, self.task)
+      weights = np.asarray(jax.device_get(self._attention(self.params,
+                                                          inputs)))
+      rows += zip(weights, inputs['region_boxes'], inputs['region_mask'])
+    per_text = [len(ids) for ids in image_ids]
+    starts = np.cumsum([0] + per_text)
+    return [rows[a:a + n] for a, n in zip(starts, per_text)]
 
   # ------------------------------------------------------- per task
 
@@ -247,13 +313,8 @@ class Predictor:
     describes them (every pair scored by ITM, as evaluation does without
     ITC): [{'image', 'score'}], best first (top_k of them when given)."""
     self._require('retrieval', 'rank', images)
-    logits = []
-    for part in chunks(list(images), self.batch_size):
-      rows = [task_pipeline.encode_example(caption, self._image(i),
-                                           self.tokenizer, self.shapes)[0]
-              for i in part]
-      inputs = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-      logits.append(self._run(inputs))
+    logits = [self._run(inputs) for inputs in
+              self._pair_batches([(caption, i) for i in images])]
     scores = softmax(np.concatenate(logits))[:, 1]
     order = np.argsort(-scores, kind='stable')[:top_k]
     return [{'image': images[i], 'score': float(scores[i])} for i in order]
@@ -276,7 +337,8 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(
       prog='python -m cmal_jax.predict',
       description='Predictions of a fine-tuned model (a training workdir) '
-      'for one image: give the query flag of its task.')
+      'for one image: give the query flag of its task. A pre-training '
+      'workdir: --caption and --image (a pair index) give its anchors.')
   export.add_checkpoint_flags(parser, 'A fine-tuning workdir (python -m '
                               'cmal_jax.main).', default_step='best')
   parser.add_argument('--image', help='An image id of the workdir\'s data.')
@@ -293,6 +355,10 @@ def parse_args(argv):
                       '--images by.')
   parser.add_argument('--top_k', type=int, default=5,
                       help='vqa: answers shown; retrieval: images shown.')
+  parser.add_argument('--draw', metavar='OUT.png',
+                      help='Also save the image with the prediction drawn '
+                      '(rec: the chosen box; other tasks: a heat map of '
+                      'where [CLS] attended; cmal_jax/predict_draw.py).')
   parser.add_argument('--json', action='store_true',
                       help='Print one JSON object (for scripts).')
   cli_errors.add_verbose_flag(parser)
@@ -344,14 +410,57 @@ def predict(predictor, args):
   return got, lines
 
 
+def check_pretraining_flags(args):
+  """A pre-training workdir takes --caption and one --image (a pair index
+  of its evaluation split); UsageError otherwise."""
+  others = [f for f in ('image2', 'images', *FLAG_TASKS)
+            if f != 'caption' and getattr(args, f) is not None]
+  if others:
+    raise UsageError(f'{args.workdir} is a pretrain workdir; --{others[0]} '
+                     'needs a fine-tuned one (a pretrain workdir takes '
+                     '--caption and --image: its anchors)')
+  if args.caption is None or args.image is None:
+    raise UsageError(f'{args.workdir} is a pretrain workdir: give --caption '
+                     'and --image (a pair index of its evaluation split)')
+
+
+def print_anchors(args):
+  """The anchors of --caption with the pair --image of a pre-training
+  workdir, and the region AMC pairs with each (predict_anchors.py)."""
+  check_pretraining_flags(args)
+  finder = predict_anchors.AnchorFinder.from_workdir(args.workdir, args.step)
+  found = finder.anchors([args.image], [args.caption])[0]
+  if args.draw:
+    predict_draw.draw_anchors(finder.pair(args.image), found).save(args.draw)
+  if args.json:
+    print(json.dumps(dict(workdir=args.workdir, checkpoint=finder.where,
+                          task='pretrain', caption=args.caption,
+                          image=args.image, anchors=found)))
+    return
+  print(f'pretrain ({finder.where}): {args.caption}')
+  for a in found:
+    box = ', '.join(f'{x:.2f}' for x in a['box'])
+    print(f'{a["word"]} -> region {a["region"]} (box [{box}], '
+          f'tag {a["tag"] or "none"})')
+  if not found:
+    print('no anchors: no word of the caption names a tag of its regions')
+
+
 def main(argv=None):
   """Prints the prediction of the command line; raises on bad input (the
   `python -m` entry prints it as one line: cli_errors.run_tool)."""
   args = parse_args(argv)
   config = export.read_run_config(args.workdir, what=PROG)
+  if config.task == 'pretrain':
+    return print_anchors(args)
   flag = check_flags(args, config.task)
   predictor = Predictor.from_workdir(args.workdir, args.step)
   result, lines = predict(predictor, args)
+  if args.draw:
+    image_ids = [getattr(args, f) for f in IMAGE_FLAGS.get(predictor.task,
+                                                           ('image',))]
+    predict_draw.draw_prediction(predictor, getattr(args, flag), image_ids,
+                                 result).save(args.draw)
   if args.json:
     query = {k: getattr(args, k) for k in (flag, 'image', 'image2', 'images')
              if getattr(args, k) is not None}

@@ -16,9 +16,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
-from cmal_jax import cli_errors, finetune, jobs, predict
-from cmal_jax.data import task_pipeline, tasks
+from cmal_jax import (cli_errors, finetune, jobs, predict, predict_anchors,
+                      predict_draw)
+from cmal_jax.data import anchors, pipeline, task_pipeline, tasks
 from cmal_jax.export import export
 from cmal_testutil import finetune_tiny
 
@@ -226,9 +228,11 @@ def test_pretraining_workdir_and_checkpoint_are_refused(rec, runs,
                                                    task='pretrain')))
   with pytest.raises(ValueError, match=f'{pre} is a pre-training workdir'):
     predict.Predictor.from_workdir(str(pre))
-  err = cli_error(capsys, f'--workdir={pre}', '--caption=a cube',
-                  '--image=x')
-  assert err.startswith(f'predict: error: {pre} is a pretrain workdir')
+  err = cli_error(capsys, f'--workdir={pre}', '--question=a cube?',
+                  '--image=0')
+  assert err == (f'predict: error: {pre} is a pretrain workdir; --question '
+                 'needs a fine-tuned one (a pretrain workdir takes '
+                 '--caption and --image: its anchors)')
   encoders = {k: v for k, v in rec.params.items() if k != 'rec_head'}
   with pytest.raises(ValueError, match='runs/x/checkpoints/2 holds a '
                      'pre-training checkpoint \\(no rec_head\\)'):
@@ -239,3 +243,108 @@ def test_pretraining_workdir_and_checkpoint_are_refused(rec, runs,
                      '\\(a pairing_head\\)'):
     predict.Predictor(config, pretrained, workdir=runs['rec'],
                       where='runs/x/checkpoints/2')
+
+
+# ------------------------------------------------------------ the drawing
+
+def test_draw_rec_chosen_box(rec, runs, capsys, tmp_path):
+  ex = split_examples(runs['rec'], 'rec')[0]
+  out = tmp_path / 'rec.png'
+  run_cli(capsys, f'--workdir={runs["rec"]}', f'--image={ex["image_id"]}',
+          f'--expression={ex["expression"]}', f'--draw={out}')
+  grounded = rec.ground([ex['image_id']], [ex['expression']])[0]
+  picture = np.asarray(Image.open(out).convert('RGB'))
+  # A region store: no pixels, a grey square.
+  size = predict_draw.CANVAS_SIZE
+  assert picture.shape == (size, size, 3)
+  x1, y1, x2, y2 = predict_draw.pixel_box(grounded['box'], size, size)
+  # The left, right and bottom edges (the label may cover the top one).
+  mid_y = (y1 + y2) // 2
+  for x, y in ((x1, mid_y), (x2, mid_y), ((x1 + x2) // 2, y2)):
+    assert tuple(picture[y, x]) == predict_draw.CHOSEN_COLOUR, (x, y)
+  gold = ex['target_box']
+  drawn = np.asarray(predict_draw.draw_grounding(rec, ex['image_id'],
+                                                 grounded, gold_box=gold))
+  gx1, gy1, gx2, gy2 = predict_draw.pixel_box(gold, size, size)
+  if not np.allclose(gold, grounded['box']):  # Else the chosen one covers it.
+    assert predict_draw.GOLD_COLOUR in {
+        tuple(drawn[(gy1 + gy2) // 2, x]) for x in (gx1, gx2)}
+
+
+def test_attention_heat_map(vqa, runs, capsys, tmp_path):
+  ex = split_examples(runs['vqa'], 'vqa')[0]
+  (attended,) = vqa.region_attention([ex['question']], [[ex['image_id']]])
+  ((weights, boxes, mask),) = attended
+  regions = len(vqa.store[ex['image_id']]['region_conf'])
+  assert int(mask.sum()) == min(regions, vqa.shapes.max_regions)
+  assert weights.sum() == pytest.approx(1.0, abs=1e-5)
+  assert (weights >= 0).all() and (weights[mask == 0] == 0).all()
+  assert boxes.shape == (vqa.shapes.max_regions, 4)
+  out = tmp_path / 'vqa.png'
+  run_cli(capsys, f'--workdir={runs["vqa"]}', f'--image={ex["image_id"]}',
+          f'--question={ex["question"]}', f'--draw={out}')
+  size = predict_draw.CANVAS_SIZE
+  picture = np.asarray(Image.open(out).convert('RGB'))
+  assert picture.shape == (size, size, 3)
+  # The most attended region is tinted towards the heat colour.
+  x1, y1, x2, y2 = predict_draw.pixel_box(boxes[np.argmax(weights)], size,
+                                          size)
+  inside = picture[(y1 + y2) // 2, (x1 + x2) // 2].astype(int)
+  assert inside[0] > predict_draw.GREY[0] > inside[2]
+
+
+def test_draw_two_images_and_pixels(vqa):
+  images = vqa.store.image_ids()[:2]
+  nlvr2 = random_predictor('nlvr2', vqa)
+  (pair,) = nlvr2.region_attention(['both show a cube.'], [images])
+  assert len(pair) == 2
+  assert all(w.sum() == pytest.approx(1.0, abs=1e-5) for w, _, _ in pair)
+  p = nlvr2.compare(images[:1], images[1:], ['both show a cube.'])[0]
+  picture = predict_draw.draw_prediction(nlvr2, 'both show a cube.', images,
+                                         p)
+  size, gap = predict_draw.CANVAS_SIZE, 8
+  assert picture.size == (2 * size + gap, size)
+  retrieval = random_predictor('retrieval', vqa)
+  ranked = retrieval.rank('a red cube.', images)
+  picture = predict_draw.draw_prediction(retrieval, 'a red cube.', images,
+                                         ranked)
+  assert picture.size == (size, size)
+  # A model that reads pixels: the picture is the image, scaled.
+  pixels = np.zeros((40, 80, 3), np.uint8)
+  assert predict_draw.background({'image': pixels}).size == (size, size // 2)
+
+
+# ------------------------------------------- a pre-training workdir's anchors
+
+def test_anchors_of_a_pretraining_pair(pretrained_tiny, capsys, tmp_path):
+  finder = predict_anchors.AnchorFinder.from_workdir(pretrained_tiny)
+  # The first val pairs whose caption has anchors (the world's mostly do).
+  indices = [i for i in range(8) if len(finder.encode(
+      [i], [finder.pair(i)['caption']])['anchor_valid'][0].nonzero()[0])][:2]
+  pairs = [finder.pair(i) for i in indices]
+  captions = [p['caption'] for p in pairs]
+  got = finder.anchors(indices, captions)
+  tokenizer, shapes = finder.tokenizer, finder.shapes
+  for pair, caption, found in zip(pairs, captions, got):
+    keep = pipeline.keep_regions(len(pair['region_conf']), pair['region_conf'],
+                                 shapes.max_regions)
+    expected = anchors.detect_anchors(
+        caption, tokenizer.encode(caption, shapes.max_text_len).offsets,
+        pair['region_tag_ids'][keep], pair['region_conf'][keep],
+        finder.vocab, shapes.max_anchors)
+    assert [a['word'] for a in found] == expected.words and found
+    assert all(0 <= a['region'] < len(keep) for a in found)
+    assert all(0 < a['score'] <= 1 for a in found)
+  out = tmp_path / 'anchors.png'
+  lines = run_cli(capsys, f'--workdir={pretrained_tiny}', '--step=latest',
+                  f'--image={indices[0]}', f'--caption={captions[0]}',
+                  f'--draw={out}').splitlines()
+  assert lines[0] == f'pretrain ({finder.where}): {captions[0]}'
+  assert [line.split(' -> region ')[0] for line in lines[1:]] == [
+      a['word'] for a in got[0]]
+  assert lines[1].startswith(f'{got[0][0]["word"]} -> region '
+                             f'{got[0][0]["region"]} (box [')
+  size = predict_draw.CANVAS_SIZE
+  assert Image.open(out).size == (size, size)
+  with pytest.raises(ValueError, match='no pair 100000 in'):
+    finder.anchors([100000], ['a cube'])
