@@ -35,7 +35,8 @@ NUM_TRAIN, NUM_VAL = 1024, 128
 LONGEST_FIRST = (
     'test_pixel_path.py', 'test_reliability.py', 'test_train.py',
     'test_resume.py', 'test_finetune.py', 'test_sharding.py', 'test_scale.py',
-    'test_precision.py', 'test_benchmarks.py', 'test_export.py',
+    'test_precision.py', 'test_benchmarks.py', 'test_predict.py',
+    'test_export.py', 'test_own_data.py',
     'test_recipes.py', 'test_world_task_examples.py', 'test_controls.py',
     'test_remote_workdir.py', 'test_bad_input.py', 'test_semmim.py',
     'test_task_model.py', 'test_semvlp.py', 'test_tfds_source.py',
