@@ -21,7 +21,21 @@ with the prediction drawn (predict_draw.py). From Python:
   # [[{'answer': 'red', 'score': 0.93}, ...]]
 
 An image is an image id of the workdir's data folder (its region store; for
-a model that reads pixels, its image store). A query is encoded by the task
+a model that reads pixels, its image store). A model that reads pixels also
+takes an image file: a path that is not an id of its store, or
+ImageFile(path, boxes=[[x1, y1, x2, y2], ...] in pixels, tags=[...]) to
+give its boxes (without boxes the model reads the image's grid cells, as it
+does for an image of the store without any):
+
+  python -m cmal_jax.predict --workdir=runs/vqa_pixels --image=photo.jpg \
+      --question="..." [--boxes=boxes.json]
+  predictor.answer(['photo.jpg', ImageFile('photo.jpg', boxes=[[0, 0, 40,
+                    30]])], ['what is it?'] * 2)
+
+--boxes is a JSON list of [x1, y1, x2, y2] boxes in pixels, or an object
+{"boxes": [...], "tags": [...]} (an images.json entry without "file"). The
+file is decoded by the image store's own code (image_store.read_image_file),
+so a file of the data folder gets the prediction its image id gets. A query is encoded by the task
 pipeline's own encoder (task_pipeline.TaskBatchEncoder), so it reaches the
 model exactly as an evaluation example does; the model runs jitted, one
 compile per batch size.
@@ -29,6 +43,7 @@ compile per batch size.
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 
@@ -37,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmal_jax import cli_errors, finetune, predict_anchors, predict_draw
-from cmal_jax.data import task_pipeline, tasks
+from cmal_jax.data import image_store, task_pipeline, tasks
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.export import export
 from cmal_jax.world import synthetic
@@ -81,6 +96,45 @@ def check_fine_tuned(config, workdir):
         f'{PROG}: {workdir} is a pre-training workdir; the task methods need '
         'a fine-tuned one (python -m cmal_jax.main '
         '--config=configs/finetune.py:TASK --config.init_from=...).')
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFile:
+  """An image file for a model that reads pixels, with its boxes (pixels,
+  x1 y1 x2 y2) and their tags; boxes=None: the grid."""
+  path: str
+  boxes: list | None = None
+  tags: list | None = None
+
+  def regions(self):
+    """Its images.json-style entry (image_store.entry_regions)."""
+    return {k: v for k, v in (('boxes', self.boxes), ('tags', self.tags))
+            if v is not None}
+
+
+def image_name(image):
+  """The str an image (an id, a path or an ImageFile) goes by in a query
+  example."""
+  return image.path if isinstance(image, ImageFile) else os.fspath(image)
+
+
+def read_boxes_file(path):
+  """--boxes: a JSON list of [x1, y1, x2, y2] in pixels, or {"boxes": [...],
+  "tags": [...]} -> the entry {"boxes", "tags"?}; ValueError naming the file
+  when it is neither (the boxes themselves are checked against the image:
+  image_store.entry_regions)."""
+  with open(path, encoding='utf-8') as f:
+    try:
+      boxes = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: malformed JSON: {e}') from e
+  if isinstance(boxes, list):
+    return dict(boxes=boxes)
+  if not isinstance(boxes, dict) or 'boxes' not in boxes or (
+      set(boxes) - {'boxes', 'tags'}):
+    raise ValueError(f'{path}: expected a list of [x1, y1, x2, y2] boxes in '
+                     'pixels or {"boxes": [...], "tags": [...]}')
+  return boxes
 
 
 def query_example(task, text, image_ids):
@@ -190,13 +244,37 @@ class Predictor:
       raise ValueError(f'{method}(): expected non-empty lists of one length, '
                        f'got lengths {[len(q) for q in queries]}.')
 
-  def _image(self, image_id):
-    """The region record of an image id; ValueError naming the id and the
-    store when it has none (the user's input, not a lookup bug)."""
+  def image_record(self, image):
+    """The record the model reads of an image: an image id of the store;
+    for a model that reads pixels also an image file (an ImageFile, or a
+    path that is not an id of the store), read as the store reads its own
+    (image_store.read_image_file). ValueError naming the image when it is
+    none of these (the user's input, not a lookup bug)."""
+    if isinstance(image, ImageFile):
+      return self._file_record(image)
     try:
-      return self.store[image_id]
+      return self.store[image]
     except KeyError as e:
-      raise ValueError(e.args[0]) from e
+      if os.path.isfile(image):
+        return self._file_record(ImageFile(os.fspath(image)))
+      raise ValueError(self._unknown_image(image, e.args[0])) from e
+
+  def _file_record(self, image):
+    """The record of an ImageFile; ValueError for a region-store model,
+    which has no pixels to read it with."""
+    if not self.shapes.pixels:
+      raise ValueError(
+          f'{image.path}: the model of {self.workdir} reads region '
+          'features, not pixels: give an image id of its region store '
+          f'{self.store.path}')
+    return image_store.read_image_file(image.path, image.regions())
+
+  def _unknown_image(self, image, not_in_store):
+    """Why an image that is not an id of the store was refused."""
+    if not self.shapes.pixels:
+      return not_in_store
+    return (f'{image}: no such image file, nor an image id of '
+            f'{self.store.path} ({len(self.store)} images)')
 
   def _run(self, inputs):
     """The model's logits of inputs [B, ...] as a host array."""
@@ -206,13 +284,13 @@ class Predictor:
     """The task batches of one query per text with its images (image_ids: a
     list per text), encoded as evaluation encodes a task example, in
     batches of at most eval.batch_size."""
-    examples = [query_example(self.task, t, ids)
-                for t, ids in zip(texts, image_ids)]
+    queries = [(query_example(self.task, t, [image_name(i) for i in ids]),
+                ids) for t, ids in zip(texts, image_ids)]
     batches = []
-    for part in chunks(examples, self.batch_size):
-      items = [dict(example=ex, index=0, images=[
-          self._image(i) for i in task_pipeline.image_ids_of(ex, self.task)])
-               for ex in part]
+    for part in chunks(queries, self.batch_size):
+      items = [dict(example=ex, index=0,
+                    images=[self.image_record(i) for i in ids])
+               for ex, ids in part]
       # The rng draws only retrieval's negatives; other tasks ignore it.
       batches.append(self.encoder(items, np.random.default_rng(0)))
     return batches
@@ -222,8 +300,9 @@ class Predictor:
     encodes them, in batches of at most eval.batch_size."""
     batches = []
     for part in chunks(pairs, self.batch_size):
-      rows = [task_pipeline.encode_example(t, self._image(i), self.tokenizer,
-                                           self.shapes)[0] for t, i in part]
+      rows = [task_pipeline.encode_example(t, self.image_record(i),
+                                           self.tokenizer, self.shapes)[0]
+              for t, i in part]
       batches.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
     return batches
 
@@ -341,7 +420,12 @@ def parse_args(argv):
       'workdir: --caption and --image (a pair index) give its anchors.')
   export.add_checkpoint_flags(parser, 'A fine-tuning workdir (python -m '
                               'cmal_jax.main).', default_step='best')
-  parser.add_argument('--image', help='An image id of the workdir\'s data.')
+  parser.add_argument('--image', help='An image id of the workdir\'s data; '
+                      'for a model that reads pixels also an image file.')
+  parser.add_argument('--boxes', metavar='BOXES.json',
+                      help='With --image an image file (pixels): its boxes, '
+                      'a JSON list of [x1, y1, x2, y2] in pixels or '
+                      '{"boxes": [...], "tags": [...]} (default: the grid).')
   parser.add_argument('--image2', help='nlvr2: the right image id.')
   parser.add_argument('--images', help='retrieval: image ids, comma-'
                       'separated, to rank.')
@@ -383,28 +467,41 @@ def check_flags(args, task):
   for flag in IMAGE_FLAGS.get(task, ('image',)):
     if not getattr(args, flag):
       raise UsageError(f'--{wanted} needs --{flag}')
+  if args.boxes is not None and not args.image:
+    raise UsageError('--boxes goes with --image (an image file)')
   return wanted
 
 
-def predict(predictor, args):
-  """Runs the query of the command line: (JSON-able result, text lines)."""
+def query_images(args, task):
+  """The images of the command line's query: [--image] ([--image,
+  --image2] for nlvr2; --images' for retrieval), --image an ImageFile
+  when --boxes gives its boxes."""
+  if task == 'retrieval':
+    return [i for i in args.images.split(',') if i]
+  image = (ImageFile(args.image, **read_boxes_file(args.boxes))
+           if args.boxes else args.image)
+  return [image, args.image2] if task == 'nlvr2' else [image]
+
+
+def predict(predictor, args, images):
+  """Runs the query of the command line about its images (query_images):
+  (JSON-able result, text lines)."""
   task, top_k = predictor.task, args.top_k
   if task == 'vqa':
-    got = predictor.answer([args.image], [args.question], top_k)[0]
+    got = predictor.answer(images, [args.question], top_k)[0]
     lines = [f'{s["score"]:.4f}  {s["answer"]}' for s in got]
   elif task == 've':
-    got = predictor.entail([args.image], [args.hypothesis])[0]
+    got = predictor.entail(images, [args.hypothesis])[0]
     lines = [f'{p:.4f}  {label}' for label, p in
              sorted(got.items(), key=lambda kv: -kv[1])]
   elif task == 'rec':
-    got = predictor.ground([args.image], [args.expression])[0]
+    got = predictor.ground(images, [args.expression])[0]
     box = ', '.join(f'{x:.4f}' for x in got['box'])
     lines = [f'{got["score"]:.4f}  region {got["region"]}  box [{box}]']
   elif task == 'nlvr2':
-    got = predictor.compare([args.image], [args.image2], [args.statement])[0]
+    got = predictor.compare(images[:1], images[1:], [args.statement])[0]
     lines = [f'{got:.4f}  true', f'{1 - got:.4f}  false']
   else:
-    images = [i for i in args.images.split(',') if i]
     got = predictor.rank(args.caption, images, top_k)
     lines = [f'{s["score"]:.4f}  {s["image"]}' for s in got]
   return got, lines
@@ -413,7 +510,7 @@ def predict(predictor, args):
 def check_pretraining_flags(args):
   """A pre-training workdir takes --caption and one --image (a pair index
   of its evaluation split); UsageError otherwise."""
-  others = [f for f in ('image2', 'images', *FLAG_TASKS)
+  others = [f for f in ('image2', 'images', 'boxes', *FLAG_TASKS)
             if f != 'caption' and getattr(args, f) is not None]
   if others:
     raise UsageError(f'{args.workdir} is a pretrain workdir; --{others[0]} '
@@ -455,14 +552,14 @@ def main(argv=None):
     return print_anchors(args)
   flag = check_flags(args, config.task)
   predictor = Predictor.from_workdir(args.workdir, args.step)
-  result, lines = predict(predictor, args)
+  images = query_images(args, predictor.task)
+  result, lines = predict(predictor, args, images)
   if args.draw:
-    image_ids = [getattr(args, f) for f in IMAGE_FLAGS.get(predictor.task,
-                                                           ('image',))]
-    predict_draw.draw_prediction(predictor, getattr(args, flag), image_ids,
+    predict_draw.draw_prediction(predictor, getattr(args, flag), images,
                                  result).save(args.draw)
   if args.json:
-    query = {k: getattr(args, k) for k in (flag, 'image', 'image2', 'images')
+    query = {k: getattr(args, k) for k in (flag, 'image', 'image2', 'images',
+                                           'boxes')
              if getattr(args, k) is not None}
     print(json.dumps(dict(workdir=args.workdir, checkpoint=predictor.where,
                           task=predictor.task, **query, prediction=result)))

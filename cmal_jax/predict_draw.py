@@ -129,10 +129,11 @@ def side_by_side(pictures, gap=8):
 # ------------------------------------------------------------ per task
 
 def draw_grounding(predictor, image_id, grounded, gold_box=None):
-  """REC: the image with the chosen region (`grounded`, one of
-  Predictor.ground's results) thick in CHOSEN_COLOUR, labelled with its
-  score, and gold_box (normalised x1 y1 x2 y2) in GOLD_COLOUR if given."""
-  record = predictor.store[image_id]
+  """REC: the image (an id, or a file: Predictor.image_record) with the
+  chosen region (`grounded`, one of Predictor.ground's results) thick in
+  CHOSEN_COLOUR, labelled with its score, and gold_box (normalised x1 y1
+  x2 y2) in GOLD_COLOUR if given."""
+  record = predictor.image_record(image_id)
   picture = background(record)
   if record.get('image') is None:
     # The regions the model scored: the encoded (padded, kept) ones.
@@ -153,7 +154,7 @@ def draw_attention(predictor, text, image_ids, caption):
   (attended,) = predictor.region_attention([text], [list(image_ids)])
   pictures = []
   for image_id, (weights, boxes, mask) in zip(image_ids, attended):
-    record = predictor.store[image_id]
+    record = predictor.image_record(image_id)
     picture = background(record)
     outline_regions(picture, record, boxes, mask)
     pictures.append(heat_map(picture, boxes, weights))

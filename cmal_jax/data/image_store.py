@@ -25,7 +25,9 @@ folder holds):
                 `image` field (the synthetic world's, world_tasks --images).
 
 Image files are read when asked for; a missing or undecodable one raises
-ImageError naming the file and the image id.
+ImageError naming the file and the image id. read_image_file reads an image
+file outside any store the same way (python -m cmal_jax.predict --image=
+photo.jpg).
 
   store = open_image_store('/data/refcoco')
   store['139']['image'].shape   # (480, 640, 3)
@@ -135,11 +137,8 @@ class ImageStore:
 
   def __getitem__(self, image_id: str) -> dict:
     """The decoded image uint8 [H, W, 3] and its normalised regions."""
-    data, file = self._read(image_id)
-    try:
-      image = decode_image(data)
-    except ValueError as e:
-      raise ImageError(f'{file}: image {image_id!r}: {e}') from e
+    file, about = self.file_of(image_id), f'image {image_id!r}: '
+    image = decode_file(read_file(file, about), file, about)
     height, width = image.shape[:2]
     return dict(image_id=image_id, image=image,
                 **self._regions(image_id, width, height))
@@ -147,11 +146,9 @@ class ImageStore:
   def encoded(self, image_id: str) -> dict:
     """The image file's bytes as they are (for pair records) and its
     normalised regions; the bytes are checked to decode."""
-    data, file = self._read(image_id)
-    try:
-      height, width = decode_image(data).shape[:2]
-    except ValueError as e:
-      raise ImageError(f'{file}: image {image_id!r}: {e}') from e
+    file, about = self.file_of(image_id), f'image {image_id!r}: '
+    data = read_file(file, about)
+    height, width = decode_file(data, file, about).shape[:2]
     return dict(image_id=image_id, image=data,
                 **self._regions(image_id, width, height))
 
@@ -172,40 +169,72 @@ class ImageStore:
     where = f"field '{field}': " if field else ''
     return ImageError(f'{self.path}: image {image_id!r}: {where}{problem}')
 
-  def _read(self, image_id):
-    """(bytes, path) of the image file; a missing one names it and the id."""
-    file = self.file_of(image_id)
-    try:
-      with open(file, 'rb') as f:
-        return f.read(), file
-    except OSError as e:
-      raise ImageError(f'{file}: image {image_id!r}: cannot read the image '
-                       f'file: {e.strerror or e}') from e
-
   def _regions(self, image_id, width, height):
     """region_boxes (normalised by the image size), tags and conf."""
-    entry = self._entry(image_id)
-    err = lambda field, problem: self._error(image_id, field, problem)
-    boxes = entry.get('boxes', [])
-    try:
-      boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    except (TypeError, ValueError):
-      raise err('boxes', f'expected [[x1, y1, x2, y2], ...] in pixels, got '
-                f'{entry.get("boxes")!r:.80}') from None
-    n = len(boxes)
-    tags = entry.get('tags', [''] * n)
-    if not isinstance(tags, list) or not all(isinstance(t, str)
-                                             for t in tags):
-      raise err('tags', 'expected a list of str')
-    if len(tags) != n:
-      raise err('tags', f'has {len(tags)} tags for {n} boxes')
-    conf = np.asarray(entry.get('conf', [1.0] * n), np.float64)
-    if conf.shape != (n,) or not np.all(np.isfinite(conf)):
-      raise err('conf', f'expected {n} finite numbers')
-    return dict(region_boxes=normalise_boxes(boxes, width, height,
-                                             lambda p: err('boxes', p)),
-                region_tags=list(tags),
-                region_conf=conf.astype(np.float32))
+    return entry_regions(
+        self._entry(image_id), width, height,
+        lambda field, problem: self._error(image_id, field, problem))
+
+
+def read_file(file, about=''):
+  """The bytes of an image file; ImageError naming it (and `about`, e.g.
+  "image '139': ") when it cannot be read."""
+  try:
+    with open(file, 'rb') as f:
+      return f.read()
+  except OSError as e:
+    raise ImageError(f'{file}: {about}cannot read the image file: '
+                     f'{e.strerror or e}') from e
+
+
+def decode_file(data, file, about=''):
+  """decode_image of a file's bytes; ImageError naming the file (and
+  `about`) when they are not an image."""
+  try:
+    return decode_image(data)
+  except ValueError as e:
+    raise ImageError(f'{file}: {about}{e}') from e
+
+
+def entry_regions(entry, width, height, err):
+  """The regions of an images.json entry ("boxes" in pixels, "tags",
+  "conf"; all optional) of a width x height image: region_boxes
+  (normalised), region_tags and region_conf. err(field, problem) makes the
+  exception raised for a bad field."""
+  boxes = entry.get('boxes', [])
+  try:
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  except (TypeError, ValueError):
+    raise err('boxes', f'expected [[x1, y1, x2, y2], ...] in pixels, got '
+              f'{entry.get("boxes")!r:.80}') from None
+  n = len(boxes)
+  tags = entry.get('tags', [''] * n)
+  if not isinstance(tags, list) or not all(isinstance(t, str)
+                                           for t in tags):
+    raise err('tags', 'expected a list of str')
+  if len(tags) != n:
+    raise err('tags', f'has {len(tags)} tags for {n} boxes')
+  conf = np.asarray(entry.get('conf', [1.0] * n), np.float64)
+  if conf.shape != (n,) or not np.all(np.isfinite(conf)):
+    raise err('conf', f'expected {n} finite numbers')
+  return dict(region_boxes=normalise_boxes(boxes, width, height,
+                                           lambda p: err('boxes', p)),
+              region_tags=list(tags),
+              region_conf=conf.astype(np.float32))
+
+
+def read_image_file(path, regions=None) -> dict:
+  """An image file outside any store as a store returns one (its image_id
+  the path): decoded as ImageStore decodes its files, regions (an
+  images.json entry's "boxes" in pixels, "tags", "conf"; None: no boxes,
+  so the pipelines use the grid) normalised by its size. ImageError naming
+  the file when it is missing, does not decode or has a bad box."""
+  path = os.fspath(path)
+  image = decode_file(read_file(path), path)
+  height, width = image.shape[:2]
+  where = lambda field, problem: ImageError(f'{path}: {field}: {problem}')
+  return dict(image_id=path, image=image,
+              **entry_regions(regions or {}, width, height, where))
 
 
 def normalise_boxes(boxes, width, height, error):
