@@ -6,7 +6,7 @@ only) go through the command-line entry points, in-process: convert
 coco_instances -> an image folder, convert vqa_v2 -> its vqa splits,
 inspect finds nothing wrong, a tiny pixel VQA fine-tune runs a few steps
 and evaluates, and predict (CLI and API) answers a question as that
-evaluation did. The unlabelled test-dev split gets the evaluation server's
+evaluation did, and as it does for the image's id when given its file. The unlabelled test-dev split gets the evaluation server's
 results file, every question in it, and no accuracy; as the eval split it
 is refused before training (it cannot pick the best checkpoint).
 
@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmal_jax import finetune, jobs, predict
+from cmal_jax import cli_errors, finetune, jobs, predict
 from cmal_jax.convert import cli as convert_cli
 from cmal_jax.convert import inspect as convert_inspect
+from cmal_jax.data import image_store
 from cmal_testutil import fast_step, finetune_tiny
 
 # COCO image id -> (width, height) of the downloaded images.
@@ -208,3 +209,81 @@ def test_predict_answers_as_the_evaluation_did(run, capsys):
   texts = [q for _, _, q in QUESTIONS['test-dev']]
   top = [a[0]['answer'] for a in predictor.answer(images, texts, top_k=1)]
   assert top == [expected[q] for q, _, _ in QUESTIONS['test-dev']]
+
+
+# ------------------------------------------------- an image file, not an id
+
+def store_entry(data, image_id):
+  """(file, entry) of an image id in the converted folder's images.json."""
+  path = image_store.store_file(data)
+  with open(path) as f:
+    entry = json.load(f)[image_id]
+  return image_store.ImageStore(path).file_of(image_id), entry
+
+
+def test_predict_on_a_file_of_the_data_is_its_ids_prediction(run, data,
+                                                             tmp_path,
+                                                             capsys):
+  """Image 30 has no boxes (the grid, as for a file without --boxes); 42
+  has one, given as ImageFile boxes and as --boxes."""
+  workdir, _ = run
+  predictor = predict.Predictor.from_workdir(workdir)
+  question = 'What is on the road?'
+  grid_file, _ = store_entry(data, '30')
+  assert (predictor.answer([grid_file], [question], top_k=3)
+          == predictor.answer(['30'], [question], top_k=3))
+  boxed_file, entry = store_entry(data, '42')
+  assert entry['boxes']
+  given = predict.ImageFile(boxed_file, boxes=entry['boxes'],
+                            tags=entry['tags'])
+  by_id = predictor.answer(['42'], [question], top_k=3)
+  assert predictor.answer([given], [question], top_k=3) == by_id
+  # Without its boxes the file is read with the grid: another input.
+  assert (predictor.image_record(boxed_file)['region_boxes'].shape
+          == (0, 4))
+  boxes = tmp_path / 'boxes.json'
+  boxes.write_text(json.dumps({'boxes': entry['boxes'],
+                               'tags': entry['tags']}))
+  predict.main([f'--workdir={workdir}', f'--image={boxed_file}',
+                f'--boxes={boxes}', f'--question={question}', '--top_k=3',
+                '--json'])
+  got = json.loads(capsys.readouterr().out)
+  assert got['image'] == boxed_file and got['boxes'] == str(boxes)
+  assert got['prediction'] == by_id[0]
+
+
+def file_error(capsys, workdir, image, *flags):
+  """The one-line error of predict about an image file."""
+  with pytest.raises(SystemExit):
+    cli_errors.run_tool('predict', predict.main, [
+        f'--workdir={workdir}', f'--image={image}', '--question=What?',
+        *flags])
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith('predict: error: ')
+  return err.strip()
+
+
+def test_a_missing_or_undecodable_file_is_a_one_line_error(run, tmp_path,
+                                                           capsys):
+  workdir, _ = run
+  missing = tmp_path / 'missing.png'
+  err = file_error(capsys, workdir, missing)
+  assert err.startswith(f'predict: error: {missing}: no such image file, '
+                        'nor an image id of ')
+  err = file_error(capsys, workdir, missing, f'--boxes={tmp_path}/b.json')
+  assert str(tmp_path / 'b.json') in err  # The boxes file is read first.
+  broken = tmp_path / 'broken.png'
+  broken.write_bytes(b'not a png')
+  err = file_error(capsys, workdir, broken)
+  assert err.startswith(f'predict: error: {broken}: cannot decode the '
+                        'image: ')
+  boxes = tmp_path / 'boxes.json'
+  boxes.write_text(json.dumps([[0, 0, 500, 10]]))  # Outside the image.
+  grid_file = tmp_path / 'ok.png'
+  Image.new('RGB', (40, 30)).save(grid_file)
+  err = file_error(capsys, workdir, grid_file, f'--boxes={boxes}')
+  assert err.startswith(f'predict: error: {grid_file}: boxes: [0.0, 0.0, '
+                        '500.0, 10.0] is not an (x1, y1, x2, y2) box')
+  boxes.write_text(json.dumps({'box': [[0, 0, 5, 5]]}))
+  err = file_error(capsys, workdir, grid_file, f'--boxes={boxes}')
+  assert err.startswith(f'predict: error: {boxes}: expected a list of ')

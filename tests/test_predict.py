@@ -202,6 +202,20 @@ def test_missing_image(rec, runs, capsys):
   assert 'regions.array_record' in err
 
 
+def test_an_image_file_needs_a_pixel_model(rec, runs, tmp_path, capsys):
+  photo = tmp_path / 'photo.png'
+  Image.new('RGB', (32, 24)).save(photo)
+  store = os.path.join(runs['rec'], 'data', 'regions.array_record')
+  err = cli_error(capsys, f'--workdir={runs["rec"]}', f'--image={photo}',
+                  '--expression=the cube')
+  assert err == (f'predict: error: {photo}: the model of {runs["rec"]} reads '
+                 'region features, not pixels: give an image id of its '
+                 f'region store {store}')
+  with pytest.raises(ValueError, match='reads region features'):
+    rec.ground([predict.ImageFile(str(photo), boxes=[[0, 0, 8, 8]])],
+               ['the cube'])
+
+
 def test_checkpoint_steps_and_missing_checkpoints(runs, tmp_path):
   workdir = runs['rec']
   assert predict.Predictor.from_workdir(workdir, 4).where.endswith(
