@@ -3,7 +3,8 @@ size with 20 pre-training and 20 fine-tuning steps (a cell injected after
 the parameters cell overrides them), in a kernel started in launch/ (as
 Jupyter does when the notebook is opened there), so the notebook has to find
 the repo's configs/ itself. The runs must leave real results: eval.json with
-the expected keys, REC predictions, curve images and drawn test examples.
+the expected keys, REC predictions, curve images, drawn test examples and
+the picture of one test example drawn by python -m cmal_jax.predict --draw.
 """
 
 import json
@@ -39,6 +40,8 @@ def test_notebook_is_saved_without_outputs():
   for name in ('REPO_URL', 'SIZE', 'PRETRAIN_STEPS', 'FINETUNE_STEPS',
                'WORKDIR'):
     assert f'{name} = ' in params.source
+  # No made-up repository: the user's clone's URL, or a checkout.
+  assert "REPO_URL = ''" in params.source
   # The notebook must pick up Colab's accelerators: never pins the platform.
   assert 'JAX_PLATFORMS' not in json.dumps(nb)
 
@@ -79,9 +82,12 @@ def test_notebook_runs(tmp_path):
              o.get('text', '') for c in nb.cells if c.cell_type == 'code'
              for o in c.outputs)
 
-  # Loss and accuracy curves of both runs, and one grid of test examples.
+  # Loss and accuracy curves of both runs, one grid of test examples and
+  # one picture drawn by python -m cmal_jax.predict --draw.
   assert len(images(tagged(nb, 'curves'))) == 4
   assert len(images(tagged(nb, 'examples'))) == 1
+  assert len(images(tagged(nb, 'predict'))) == 1
+  assert os.path.getsize(os.path.join(rec, 'predict.png')) > 0
   for run in ('pretrain', 'rec'):
     for name in ('curves_loss.png', 'curves_accuracy.png'):
       assert os.path.getsize(os.path.join(workdir, run, name)) > 0
