@@ -27,7 +27,7 @@ ImageFile(path, boxes=[[x1, y1, x2, y2], ...] in pixels, tags=[...]) to
 give its boxes (without boxes the model reads the image's grid cells, as it
 does for an image of the store without any):
 
-  python -m cmal_jax.predict --workdir=runs/vqa_pixels --image=photo.jpg \
+  python -m cmal_jax.predict --workdir=runs/vqa_pixels --image=photo.jpg \\
       --question="..." [--boxes=boxes.json]
   predictor.answer(['photo.jpg', ImageFile('photo.jpg', boxes=[[0, 0, 40,
                     30]])], ['what is it?'] * 2)
@@ -35,10 +35,11 @@ does for an image of the store without any):
 --boxes is a JSON list of [x1, y1, x2, y2] boxes in pixels, or an object
 {"boxes": [...], "tags": [...]} (an images.json entry without "file"). The
 file is decoded by the image store's own code (image_store.read_image_file),
-so a file of the data folder gets the prediction its image id gets. A query is encoded by the task
-pipeline's own encoder (task_pipeline.TaskBatchEncoder), so it reaches the
-model exactly as an evaluation example does; the model runs jitted, one
-compile per batch size.
+so a file of the data folder gets the prediction its image id gets.
+
+A query is encoded by the task pipeline's own encoder
+(task_pipeline.TaskBatchEncoder), so it reaches the model exactly as an
+evaluation example does; the model runs jitted, one compile per batch size.
 """
 
 import argparse
@@ -255,7 +256,8 @@ class Predictor:
     try:
       return self.store[image]
     except KeyError as e:
-      if os.path.isfile(image):
+      # (Only a path: os.path.isfile takes an int for a file descriptor.)
+      if isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
         return self._file_record(ImageFile(os.fspath(image)))
       raise ValueError(self._unknown_image(image, e.args[0])) from e
 
