@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmal_jax import cli_errors, finetune, jobs, predict
+from cmal_jax import cli_errors, finetune, jobs, predict, predict_draw
 from cmal_jax.convert import cli as convert_cli
 from cmal_jax.convert import inspect as convert_inspect
 from cmal_jax.data import image_store
@@ -195,16 +195,31 @@ def test_results_file_answers_every_question(tmp_path):
       {'question_id': 4, 'answer': 'two'}]
 
 
-def test_predict_answers_as_the_evaluation_did(run, capsys):
+def decoded_size(path):
+  """The (width, height) of a PNG file, after checking it decodes."""
+  with Image.open(path) as picture:
+    assert picture.format == 'PNG'
+    picture.verify()
+  with Image.open(path) as picture:  # verify() leaves it unusable.
+    picture.load()
+    assert picture.width > 0 and picture.height > 0
+    return picture.size
+
+
+def test_predict_answers_as_the_evaluation_did(run, capsys, tmp_path):
   workdir, _ = run
   expected = {r['question_id']: r['answer']
               for r in results_file(workdir, 'test-dev')}
   qid, image_id, question = QUESTIONS['test-dev'][0]
+  drawn = tmp_path / 'vqa.png'
   predict.main([f'--workdir={workdir}', f'--image={image_id}',
-                f'--question={question}', '--json'])
+                f'--question={question}', f'--draw={drawn}', '--json'])
   got = json.loads(capsys.readouterr().out)
   assert got['prediction'][0]['answer'] == expected[qid]
   predictor = predict.Predictor.from_workdir(workdir)
+  picture = predict_draw.draw_prediction(predictor, question, [str(image_id)],
+                                         got['prediction'])
+  assert decoded_size(drawn) == picture.size
   images = [str(i) for _, i, _ in QUESTIONS['test-dev']]
   texts = [q for _, _, q in QUESTIONS['test-dev']]
   top = [a[0]['answer'] for a in predictor.answer(images, texts, top_k=1)]
