@@ -2,19 +2,25 @@
 
 Files in the official layouts (PNG images, their COCO instances JSON, VQA
 v2 questions and annotations: train and val labelled, test-dev questions
-only) go through the command-line entry points, in-process: convert
+only; a RefCOCO refs(unc).p whose boxes are annotations of those
+instances) go through the command-line entry points, in-process: convert
 coco_instances -> an image folder, convert vqa_v2 -> its vqa splits,
-inspect finds nothing wrong, a tiny pixel VQA fine-tune runs a few steps
-and evaluates, and predict (CLI and API) answers a question as that
-evaluation did, and as it does for the image's id when given its file. The unlabelled test-dev split gets the evaluation server's
-results file, every question in it, and no accuracy; as the eval split it
-is refused before training (it cannot pick the best checkpoint).
+convert refcoco -> its rec splits, inspect finds nothing wrong, a tiny
+pixel VQA fine-tune runs a few steps and evaluates, and predict (CLI and
+API) answers a question as that evaluation did, and as it does for the
+image's id when given its file; --draw writes a PNG that decodes. The
+unlabelled test-dev split gets the evaluation server's results file, every
+question in it, and no accuracy; as the eval split it is refused before
+training (it cannot pick the best checkpoint). A tiny pixel REC fine-tune
+on the same folder: predict grounds a test expression in the box that
+run's evaluation chose for it.
 
-One tiny run (shrunk, 4 steps, batch 4): ~20 s on 2 cores.
+Two tiny runs (shrunk, 4 steps, batch 4): ~20 s and ~12 s on 2 cores.
 """
 
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -54,6 +60,9 @@ def write_json(path, obj):
   return str(path)
 
 
+INSTANCES_FILE = 'instances_train2014.json'
+
+
 def download_images(root):
   """PNGs named as COCO names them, and instances_train2014.json."""
   folder = root / 'train2014'
@@ -75,7 +84,7 @@ def download_images(root):
       'categories': [{'id': 3, 'name': 'car'},
                      {'id': 10, 'name': 'traffic light'}],
   }
-  return write_json(root / 'instances_train2014.json', instances), folder
+  return write_json(root / INSTANCES_FILE, instances), folder
 
 
 def download_vqa(root, split):
@@ -107,7 +116,8 @@ def download_vqa(root, split):
 
 def convert(root):
   """The download converted as README says: the image folder, with
-  vqa_train, vqa_val and vqa_test-dev written into it."""
+  vqa_train, vqa_val and vqa_test-dev written into it, and rec_train,
+  rec_val and rec_test."""
   instances, images = download_images(root)
   data = str(root / 'coco')
   convert_cli.main(['coco_instances', f'--instances={instances}',
@@ -119,6 +129,7 @@ def convert(root):
     if annotations:
       argv.append(f'--annotations={annotations}')
     assert convert_cli.main(argv) == (len(QUESTIONS[split]), {})
+  convert_refcoco(root, data)
   return data
 
 
@@ -302,3 +313,94 @@ def test_a_missing_or_undecodable_file_is_a_one_line_error(run, tmp_path,
   boxes.write_text(json.dumps({'box': [[0, 0, 5, 5]]}))
   err = file_error(capsys, workdir, grid_file, f'--boxes={boxes}')
   assert err.startswith(f'predict: error: {boxes}: expected a list of ')
+
+
+# ------------------------------------------------- RefCOCO, on the same images
+
+# The referring expressions of each split: (ref_id, ann_id of the instances
+# file, image_id, sentences).
+REFS = {
+    'train': [(1, 1, 9, ['the car', 'the grey car']),
+              (2, 2, 42, ['the traffic light']),
+              (3, 3, 25, ['the small car'])],
+    'val': [(4, 1, 9, ['the car in the middle']),
+            (5, 2, 42, ['the light'])],
+    'test': [(6, 3, 25, ['the car on the left']),
+             (7, 2, 42, ['the light on the pole', 'a traffic light'])],
+}
+
+
+def download_refcoco(root):
+  """refs(unc).p: the official pickle of every split's refs, whose boxes
+  are annotations of instances_train2014.json."""
+  refs = [{'ref_id': ref_id, 'ann_id': ann_id, 'image_id': image_id,
+           'split': split, 'category_id': 3, 'file_name': '',
+           'sentences': [{'sent': s, 'raw': s, 'tokens': s.split(),
+                          'sent_id': 10 * ref_id + n}
+                         for n, s in enumerate(sentences)]}
+          for split, rows in REFS.items()
+          for ref_id, ann_id, image_id, sentences in rows]
+  path = os.path.join(root, 'refs(unc).p')
+  with open(path, 'wb') as f:
+    pickle.dump(refs, f)
+  return path
+
+
+def convert_refcoco(root, data):
+  """rec_train, rec_val and rec_test written into the converted image
+  folder `data`, from the refs pickle and the instances file the images
+  came with (in `root`)."""
+  refs = download_refcoco(root)
+  instances = os.path.join(root, INSTANCES_FILE)
+  for split, rows in REFS.items():
+    n = sum(len(sentences) for *_, sentences in rows)
+    assert convert_cli.main(['refcoco', f'--refs={refs}',
+                             f'--instances={instances}', f'--split={split}',
+                             f'--regions={data}']) == (n, {})
+
+
+def pixel_rec_config(data):
+  """The tiny pixel REC fine-tune on the converted folder: a few steps,
+  evaluated at the end on val and test (the config's test split)."""
+  c = fast_step(finetune_tiny('rec', 'cmal', ''))
+  c.model.visual.input = 'pixels'
+  c.model.dropout = 0.0
+  c.data.dir = data
+  c.batch_size = c.eval.batch_size = 4
+  return c
+
+
+@pytest.fixture(scope='module')
+def rec_run(data, tmp_path_factory, compilation_cache):
+  """(workdir, final results) of the REC fine-tune on converted downloads."""
+  workdir = str(tmp_path_factory.mktemp('own_rec_run') / 'rec')
+  return workdir, jobs.train_and_evaluate(pixel_rec_config(data), workdir)
+
+
+def rec_predictions(workdir, split):
+  """sent_id -> the box the run's evaluation chose for that sentence."""
+  path = os.path.join(workdir, finetune.PREDICTIONS_DIR, f'rec_{split}.jsonl')
+  with open(path) as f:
+    return {row['sent_id']: row['box'] for row in map(json.loads, f)}
+
+
+def test_rec_predict_grounds_as_the_evaluation_did(rec_run, capsys,
+                                                    tmp_path):
+  workdir, results = rec_run
+  assert set(results) >= {'val', 'test'}
+  expected = rec_predictions(workdir, 'test')
+  assert len(expected) == sum(len(s) for *_, s in REFS['test'])
+  ref_id, _, image_id, sentences = REFS['test'][0]
+  sent_id = 10 * ref_id
+  drawn = tmp_path / 'rec.png'
+  predict.main([f'--workdir={workdir}', f'--image={image_id}',
+                f'--expression={sentences[0]}', f'--draw={drawn}', '--json'])
+  got = json.loads(capsys.readouterr().out)
+  # The predictions file rounds to 5 decimals.
+  np.testing.assert_allclose(got['prediction']['box'], expected[sent_id],
+                             atol=1e-5)
+  predictor = predict.Predictor.from_workdir(workdir)
+  grounded = predictor.ground([str(image_id)], sentences[:1])[0]
+  assert grounded == got['prediction']
+  picture = predict_draw.draw_grounding(predictor, str(image_id), grounded)
+  assert decoded_size(drawn) == picture.size
