@@ -133,16 +133,28 @@ def convert(root):
   return data
 
 
-def pixel_vqa_config(data):
-  """The tiny pixel VQA fine-tune on the converted folder: a few steps,
-  evaluated at the end on val, and on test-dev."""
-  c = fast_step(finetune_tiny('vqa', 'cmal', ''))
+def pixel_config(task, data):
+  """The tiny pixel fine-tune of `task` on the converted folder: a few
+  steps, evaluated at the end on val and on the config's test splits."""
+  c = fast_step(finetune_tiny(task, 'cmal', ''))
   c.model.visual.input = 'pixels'
   c.model.dropout = 0.0
   c.data.dir = data
-  c.finetune.test_splits = ('test-dev',)
   c.batch_size = c.eval.batch_size = 4
   return c
+
+
+def pixel_vqa_config(data):
+  """The tiny pixel VQA fine-tune, tested on test-dev."""
+  c = pixel_config('vqa', data)
+  c.finetune.test_splits = ('test-dev',)
+  return c
+
+
+def fine_tune(config, tmp_path_factory, task):
+  """(workdir, final results) of a fine-tune on converted downloads."""
+  workdir = str(tmp_path_factory.mktemp(f'own_{task}_run') / task)
+  return workdir, jobs.train_and_evaluate(config, workdir)
 
 
 @pytest.fixture(scope='module')
@@ -155,9 +167,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def run(data, tmp_path_factory, compilation_cache):
-  """(workdir, final results) of the fine-tune on converted downloads."""
-  workdir = str(tmp_path_factory.mktemp('own_run') / 'vqa')
-  return workdir, jobs.train_and_evaluate(pixel_vqa_config(data), workdir)
+  """(workdir, final results) of the VQA fine-tune."""
+  return fine_tune(pixel_vqa_config(data), tmp_path_factory, 'vqa')
 
 
 def results_file(workdir, split):
@@ -359,22 +370,10 @@ def convert_refcoco(root, data):
                              f'--regions={data}']) == (n, {})
 
 
-def pixel_rec_config(data):
-  """The tiny pixel REC fine-tune on the converted folder: a few steps,
-  evaluated at the end on val and test (the config's test split)."""
-  c = fast_step(finetune_tiny('rec', 'cmal', ''))
-  c.model.visual.input = 'pixels'
-  c.model.dropout = 0.0
-  c.data.dir = data
-  c.batch_size = c.eval.batch_size = 4
-  return c
-
-
 @pytest.fixture(scope='module')
 def rec_run(data, tmp_path_factory, compilation_cache):
-  """(workdir, final results) of the REC fine-tune on converted downloads."""
-  workdir = str(tmp_path_factory.mktemp('own_rec_run') / 'rec')
-  return workdir, jobs.train_and_evaluate(pixel_rec_config(data), workdir)
+  """(workdir, final results) of the REC fine-tune (tested on test)."""
+  return fine_tune(pixel_config('rec', data), tmp_path_factory, 'rec')
 
 
 def rec_predictions(workdir, split):
