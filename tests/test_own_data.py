@@ -29,6 +29,7 @@ from PIL import Image
 from cmal_jax import cli_errors, finetune, jobs, predict, predict_draw
 from cmal_jax.convert import cli as convert_cli
 from cmal_jax.convert import inspect as convert_inspect
+from cmal_jax.convert.formats import FormatError
 from cmal_jax.data import image_store
 from cmal_testutil import fast_step, finetune_tiny
 
@@ -403,3 +404,44 @@ def test_rec_predict_grounds_as_the_evaluation_did(rec_run, capsys,
   assert grounded == got['prediction']
   picture = predict_draw.draw_grounding(predictor, str(image_id), grounded)
   assert decoded_size(drawn) == picture.size
+
+
+# ------------------------------------ a folder of images, no annotations
+
+def photo_folder(root):
+  """Three PNGs (one in a sub-folder, passed over) and a text file."""
+  folder = root / 'photos'
+  (folder / 'more').mkdir(parents=True)
+  sizes = {'beach': (30, 20), 'cat': (16, 24), 'dog': (50, 40)}
+  for name, size in sizes.items():
+    Image.new('RGB', size, (10, 200, 30)).save(folder / f'{name}.png')
+  Image.new('RGB', (8, 8)).save(folder / 'more' / 'inner.png')
+  (folder / 'notes.txt').write_text('not an image')
+  return folder, sizes
+
+
+def test_image_folder_without_annotations(tmp_path, capsys):
+  folder, sizes = photo_folder(tmp_path)
+  out = tmp_path / 'store'
+  with pytest.raises(FormatError, match=f'{folder / "notes.txt"}: .*image '
+                     'notes: cannot read the size of'):
+    convert_cli.main(['image_folder', f'--images={folder}', f'--out={out}'])
+  assert not out.exists()
+  assert convert_cli.main(['image_folder', f'--images={folder}',
+                           f'--out={out}', '--skip_bad']) == (
+                               3, {'bad_image': 1})
+  assert capsys.readouterr().out.strip() == (
+      f'Wrote 3 images to {out}; skipped 1: bad_image 1')
+  entries = json.loads((out / 'images.json').read_text())
+  assert entries == {
+      name: {'file': os.path.join('..', 'photos', f'{name}.png'),
+             'width': w, 'height': h, 'boxes': [], 'tags': []}
+      for name, (w, h) in sizes.items()}
+  meta = json.loads((out / 'meta.json').read_text())
+  assert meta['tags'] == [] and meta['feature_dim'] is None
+  assert meta['source']['format'] == 'image_folder'
+  # The grid: no region boxes; the pixels as the file has them.
+  record = image_store.ImageStore(image_store.store_file(str(out)))['cat']
+  assert record['region_boxes'].shape == (0, 4)
+  assert record['image'].shape == (24, 16, 3)
+  assert convert_inspect.main([str(out)]) == 0

@@ -8,6 +8,7 @@ r"""Converts real-world region features and captions into our records.
       --images=DIR --out=DIR [--synonyms=FILE] [--skip_bad]
   python -m cmal_jax.convert vg_objects --objects=FILE \
       [--image_data=FILE] --images=DIR --out=DIR [--vocab=FILE] [--skip_bad]
+  python -m cmal_jax.convert image_folder --images=DIR --out=DIR [--skip_bad]
   python -m cmal_jax.convert vqa_v2 --questions=FILE [--annotations=FILE] \
       --split=train --regions=DIR [--skip_bad]
   python -m cmal_jax.convert snli_ve|nlvr2 --input=FILE --split=train \
@@ -24,6 +25,9 @@ joins a caption file with that store into pre-training pair records
 of raw images instead (formats/image_boxes.py): images.json (each image's
 file, its annotated boxes and their class names as tags) and meta.json (the
 class names as the tag vocabulary), for a model that reads pixels;
+`image_folder` does so for a folder of image files without annotations
+(each image's file, width and height, no boxes: the model reads its grid
+cells; an empty tag vocabulary);
 `captions --regions=` that folder then writes pairs that carry the image
 files. Then pre-train on the folder, with the model's feature width set to
 the store's:
@@ -84,6 +88,13 @@ def _vg_objects(a):
   n, skipped = image_boxes.convert_vg_objects(
       a.objects, a.images, a.out, image_data_path=a.image_data,
       vocab_path=a.vocab, max_tags=a.max_tags, skip_bad=a.skip_bad)
+  print(summary(f'images to {a.out}', n, skipped))
+  return n, skipped
+
+
+def _image_folder(a):
+  n, skipped = image_boxes.convert_image_folder(a.images, a.out,
+                                                skip_bad=a.skip_bad)
   print(summary(f'images to {a.out}', n, skipped))
   return n, skipped
 
@@ -153,6 +164,18 @@ def main(argv=None):
   v.add_argument('--skip_bad', action='store_true',
                  help='Skip and count bad images instead of stopping.')
   v.set_defaults(run=_vg_objects)
+
+  f = sub.add_parser('image_folder',
+                     help='A folder of image files, no annotations -> image '
+                     'store (grid cells)')
+  f.add_argument('--images', required=True,
+                 help='The folder of the image files (its files, not '
+                 'sub-folders).')
+  f.add_argument('--out', required=True, help='A fresh output directory.')
+  f.add_argument('--skip_bad', action='store_true',
+                 help='Skip and count files that are not images instead of '
+                 'stopping.')
+  f.set_defaults(run=_image_folder)
 
   tasks_cli.add_task_commands(sub)
   for command in sub.choices.values():

@@ -1,4 +1,5 @@
-"""COCO instances / Visual Genome objects + image files -> an image store.
+"""COCO instances / Visual Genome objects + image files -> an image store;
+a folder of image files alone -> an image store of grid images.
 
   python -m cmal_jax.convert coco_instances \\
       --instances=annotations/instances_train2014.json --images=train2014 \\
@@ -6,6 +7,7 @@
   python -m cmal_jax.convert vg_objects --objects=objects.json \\
       [--image_data=image_data.json] --images=VG --out=DIR \\
       [--vocab=objects_vocab.txt | --max_tags=1600] [--skip_bad]
+  python -m cmal_jax.convert image_folder --images=DIR --out=DIR [--skip_bad]
 
 Each writes, in a fresh `out_dir`, what a model that reads pixels needs
 from raw images alone (image_store.py):
@@ -35,6 +37,15 @@ its first name the vocabulary knows; without, the --max_tags most frequent
 first names are the tags. Objects with no tag keep their box, tagged "".
 VG boxes often overhang the image: they are clipped; an empty or inverted
 box is bad.
+
+Image folder (no annotations): every file directly in --images (sorted by
+name; hidden files and sub-folders passed over) is an image, its id the
+file name without its extension (photo.jpg -> photo; two files with one
+stem are bad input). Each entry also records the image's width and height
+(read from the file's header) and has no boxes, so the pipelines read the
+image's grid cells; meta.json's tag vocabulary is empty (no tags, so no
+anchors; MLM, ITM and the task heads still train). A file that is not an
+image PIL can open is bad input (`bad_image`).
 
 Bad input raises a FormatError naming the file, the image (`id 9`) and the
 field; with skip_bad the image is left out and counted per reason
@@ -221,6 +232,42 @@ def _file_size(loc, file, image_id):
                     f'{file}: {e}', 'bad_image') from e
 
 
+# ------------------------------------------------------------ image folder
+
+def read_image_folder(images_dir: str, *, on_error: str = 'raise'):
+  """A folder of image files -> (entries, meta, skipped), as
+  read_coco_instances; each entry has its width and height and no boxes
+  (the grid), meta an empty tag vocabulary."""
+  collector = Collector(on_error)
+  seen = {}
+  for name in folder_files(images_dir):
+    loc = Location(os.path.join(images_dir, name), 'file')
+    collector.add(_folder_image, loc, name, images_dir, seen)
+  entries, skipped = collector.result()
+  return entries, _vocab_meta([], {}), skipped
+
+
+def folder_files(images_dir: str) -> list[str]:
+  """The names of the files directly in images_dir, sorted, hidden ones
+  left out; a missing folder is a whole-input error."""
+  if not os.path.isdir(images_dir):
+    raise FileNotFoundError(f'{images_dir}: no such folder of images')
+  return sorted(n for n in os.listdir(images_dir) if not n.startswith('.')
+                and os.path.isfile(os.path.join(images_dir, n)))
+
+
+def _folder_image(loc, name, images_dir, seen):
+  image_id = os.path.splitext(name)[0]
+  if image_id in seen:
+    raise loc.error('file', f'image id {image_id!r} is also the id of '
+                    f'{seen[image_id]}', 'repeated_id')
+  file = os.path.abspath(os.path.join(images_dir, name))
+  width, height = _file_size(loc, file, image_id)
+  seen[image_id] = name
+  return {'image_id': image_id, 'file': file, 'width': width,
+          'height': height, 'boxes': [], 'tags': []}
+
+
 # ----------------------------------------------------------------- shared
 
 
@@ -283,12 +330,13 @@ def check_fresh(out_dir: str):
 def write_image_boxes(out_dir: str, entries: list[dict],
                       meta: dict[str, Any], source: dict[str, Any]) -> int:
   """Writes out_dir/images.json from the readers' entries (files made
-  relative to out_dir) and meta.json. Returns the number of images."""
+  relative to out_dir; their other fields as read) and meta.json. Returns
+  the number of images."""
   out_dir = os.fspath(out_dir)
   root = os.path.abspath(out_dir)
-  relative = [(e['image_id'], {'file': os.path.relpath(e['file'], root),
-                               'boxes': e['boxes'], 'tags': e['tags']})
-              for e in entries]
+  relative = [(e['image_id'], dict(
+      {k: e[k] for k in e if k != 'image_id'},
+      file=os.path.relpath(e['file'], root))) for e in entries]
   image_store.write_image_store(out_dir, relative)
   records.write_meta(out_dir, dict(meta, feature_dim=None,
                                    source=dict(source, images=len(relative))))
@@ -323,4 +371,15 @@ def convert_vg_objects(objects_path, images_dir, out_dir, *,
   n = write_image_boxes(out_dir, entries, meta, dict(
       format='vg_objects', objects=os.fspath(objects_path),
       images_dir=os.path.abspath(images_dir), skipped=skipped))
+  return n, skipped
+
+
+def convert_image_folder(images_dir, out_dir, *, skip_bad=False):
+  """read_image_folder + write_image_boxes. Returns (images, skipped)."""
+  check_fresh(out_dir)
+  entries, meta, skipped = read_image_folder(
+      images_dir, on_error='skip' if skip_bad else 'raise')
+  n = write_image_boxes(out_dir, entries, meta, dict(
+      format='image_folder', images_dir=os.path.abspath(images_dir),
+      skipped=skipped))
   return n, skipped
