@@ -13,7 +13,8 @@ unlabelled test-dev split gets the evaluation server's results file, every
 question in it, and no accuracy; as the eval split it is refused before
 training (it cannot pick the best checkpoint). A tiny pixel REC fine-tune
 on the same folder: predict grounds a test expression in the box that
-run's evaluation chose for it.
+run's evaluation chose for it. A folder of image files without
+annotations converts (image_folder) to grid images.
 
 Two tiny runs (shrunk, 4 steps, batch 4): ~20 s and ~12 s on 2 cores.
 """

@@ -27,9 +27,8 @@ file, its annotated boxes and their class names as tags) and meta.json (the
 class names as the tag vocabulary), for a model that reads pixels;
 `image_folder` does so for a folder of image files without annotations
 (each image's file, width and height, no boxes: the model reads its grid
-cells; an empty tag vocabulary);
-`captions --regions=` that folder then writes pairs that carry the image
-files. Then pre-train on the folder, with the model's feature width set to
+cells; an empty tag vocabulary). `captions --regions=` that folder then
+writes pairs that carry the image files. Then pre-train on the folder, with the model's feature width set to
 the store's:
 
   python -m cmal_jax.main --config=configs/pretrain.py --workdir=runs/real \
