@@ -22,7 +22,7 @@ from PIL import Image
 
 from cmal_jax.convert import cli as convert
 from cmal_jax.convert import inspect as inspect_lib
-from cmal_jax.convert.formats import FormatError, read_task_split
+from cmal_jax.convert.formats import FormatError, captions, read_task_split
 from cmal_jax.data import task_pipeline
 from cmal_jax.data import tasks
 from cmal_testutil import F, TSV_IMAGE_SIZE, tsv_row, write_tsv
@@ -275,8 +275,12 @@ def test_converts_and_reports(command, tmp_path, store_dir, capsys):
   counts = ', '.join(f'{r} {c}' for r, c in sorted(skipped.items()))
   said = f'skipped {sum(skipped.values())}: {counts}' if skipped else (
       'skipped none')
-  assert _summary(case, store_dir, n, said) in (
-      capsys.readouterr().out.splitlines())
+  out = capsys.readouterr().out.splitlines()
+  assert _summary(case, store_dir, n, said) in out
+  shown = {i for ex in case.expected
+           for i in task_pipeline.image_ids_of(ex, case.task)}
+  stored = len(captions.open_store(store_dir)[0].image_ids())
+  assert f'Images: {len(shown)} of the {stored} in {store_dir}' in out
 
 
 @pytest.mark.parametrize('command', sorted(CASES))
@@ -326,8 +330,8 @@ def test_vqa_answers_line_and_stale_vocabulary(tmp_path, store_dir, capsys):
   _run(case, tmp_path, store_dir, case.records)
   out = capsys.readouterr().out.splitlines()
   # dog, Dog -> dog; puppy; 2, two -> 2: three after normalisation.
-  assert out[1].startswith('Answers: 3 distinct; ')
-  assert out[2].startswith(f'Removed {stale} ')
+  assert out[2].startswith('Answers: 3 distinct; ')
+  assert out[3].startswith(f'Removed {stale} ')
   assert not os.path.exists(stale)
 
 

@@ -68,8 +68,9 @@ def convert_task(args, task: str, read, *paths, **options
   """
   directory = task_folder(args)
   store, _ = captions.open_store(directory)
+  image_ids = set(store.image_ids())
   examples, skipped = read(
-      *paths, image_ids=set(store.image_ids()),
+      *paths, image_ids=image_ids,
       on_error='skip' if args.skip_bad else 'raise', **options)
   if not examples:
     raise ValueError(f'no {task} {args.split} examples in the input (skipped: '
@@ -79,6 +80,8 @@ def convert_task(args, task: str, read, *paths, **options
   write_task_split(directory, task, args.split, examples)
   print(summary(f'{task} {args.split} examples to {directory}',
                 len(examples), skipped))
+  shown = {i for ex in examples for i in task_pipeline.image_ids_of(ex, task)}
+  print(f'Images: {len(shown)} of the {len(image_ids)} in {directory}')
   return examples, skipped
 
 
