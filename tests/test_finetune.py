@@ -32,7 +32,7 @@ from cmal_jax.data import pipeline, records, task_pipeline, tasks
 from cmal_jax.world import scenes, task_examples
 from cmal_jax.model.cmal import (CMAL, ENCODER_PARAMS, ModelConfig,
                                  image_feature)
-from cmal_testutil import assert_trees_equal, break_region_record
+from cmal_testutil import assert_trees_equal, break_region_record, leaf_types
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
 
@@ -714,16 +714,17 @@ def test_a_restored_state_has_the_types_of_a_fresh_one(runs, tmp_path):
   tx, _ = train_step.make_optimizer(config)
   fresh, _ = train_step.create_train_state(job.model, job.init_inputs,
                                       job.stat_keys, tx, config, mesh, rules)
-  manager = checkpoint.make_manager(whole['workdir'], config)
-  try:
-    restored = checkpoint.restore(
-        manager, fresh, pipeline.to_iterator(job.train_ds, config), step=3)
-  finally:
-    manager.close()
+  def restore_step_3(state):
+    manager = checkpoint.make_manager(whole['workdir'], config)
+    try:
+      return checkpoint.restore(
+          manager, state, pipeline.to_iterator(job.train_ds, config), step=3)
+    finally:
+      manager.close()
+
+  restored = restore_step_3(fresh)
   assert int(restored.step) == 3
-  types = lambda state: [(jax.tree_util.keystr(p), jax.typeof(x)) for p, x in
-                         jax.tree_util.tree_leaves_with_path(state)]
-  assert types(restored) == types(fresh)
+  assert leaf_types(restored) == leaf_types(fresh)
 
   # A checkpoint that predates a data counter (as fine-tuning checkpoints
   # predate the skipped_* ones) restores with it at 0; a counter this job
@@ -732,13 +733,8 @@ def test_a_restored_state_has_the_types_of_a_fresh_one(runs, tmp_path):
   stats = dict(fresh.data_stats)
   dropped = stats.pop('examples')
   other = fresh.replace(data_stats={**stats, 'counter_added_later': dropped})
-  manager = checkpoint.make_manager(whole['workdir'], config)
-  try:
-    restored = checkpoint.restore(
-        manager, other, pipeline.to_iterator(job.train_ds, config), step=3)
-  finally:
-    manager.close()
-  assert types(restored) == types(other)
+  restored = restore_step_3(other)
+  assert leaf_types(restored) == leaf_types(other)
   assert jax.device_get(restored.data_stats) == {
       **{k: v for k, v in saved_stats.items() if k != 'examples'},
       'counter_added_later': 0}
