@@ -16,6 +16,7 @@ from PIL import Image
 
 from cmal_jax.data import anchors
 from cmal_jax.data import image_store
+from cmal_jax.data import pair_source
 from cmal_jax.convert import inspect as inspect_lib
 from cmal_jax.data import records
 from cmal_jax.data import region_store
@@ -47,6 +48,13 @@ def task_dir(tmp_path_factory):
 def _read_all(path):
   source = records.open_source(path)
   return [records.decode_record(source[i]) for i in range(len(source))]
+
+
+def _read_pairs(path):
+  """A pair file's records as pair records: the world's caption records
+  joined with their folder's store."""
+  joiner = pair_source.folder_joiner(os.path.dirname(path), path, None)
+  return [joiner.join(r, i) for i, r in enumerate(_read_all(path))]
 
 
 def _int_stats(values):
@@ -94,10 +102,11 @@ def test_pair_file(pair_dir):
   path = records.split_path(pair_dir, 'train')
   report = inspect_lib.inspect_path(path, top=1000)
   pairs = [records.validate_pair(r, path=path, index=i, feature_dim=64)
-           for i, r in enumerate(_read_all(path))]
+           for i, r in enumerate(_read_pairs(path))]
   assert report['kind'] == 'pair'
   assert report['records'] == report['inspected'] == NUM_PAIRS
   assert report['valid_records'] == report['images'] == NUM_PAIRS
+  assert report['caption_records'] == NUM_PAIRS  # The world's, by reference.
   assert report['num_errors'] == 0 and report['errors'] == []
   assert report['features']['width'] == 64
   assert report['features']['expected_width'] == 64
@@ -311,7 +320,7 @@ def pixel_pair_dir(tmp_path_factory):
 def test_pair_file_with_images_and_features(pixel_pair_dir):
   path = records.split_path(pixel_pair_dir, 'train')
   report = inspect_lib.inspect_path(path)
-  pairs = _read_all(path)
+  pairs = _read_pairs(path)
   assert report['kind'] == 'pair' and report['num_errors'] == 0
   assert report['valid_records'] == report['images'] == NUM_PAIRS
   assert report['features']['width'] == 64  # Both are checked.
@@ -323,7 +332,7 @@ def test_pixel_pairs_without_features_and_a_corrupt_image(pixel_pair_dir,
                                                           capsys):
   """What `convert captions` writes from an image store: image bytes, no
   region_feats; record 3's image is truncated."""
-  pairs = _read_all(records.split_path(pixel_pair_dir, 'train'))
+  pairs = _read_pairs(records.split_path(pixel_pair_dir, 'train'))
   for p in pairs:
     del p['region_feats']
   pairs[3]['image'] = pairs[3]['image'][:100]
@@ -349,7 +358,7 @@ def test_pixel_pairs_without_features_and_a_corrupt_image(pixel_pair_dir,
 
 def test_region_store_with_images(pixel_pair_dir):
   """Region records for pixels (no region_feats); record 1 corrupt."""
-  pairs = _read_all(records.split_path(pixel_pair_dir, 'train'))[:6]
+  pairs = _read_pairs(records.split_path(pixel_pair_dir, "train"))[:6]
   regions = [{k: p[k] for k in region_store.PIXEL_RECORD_FIELDS}
              for p in pairs]
   regions[1]['image'] = b'\x89PNG not really'

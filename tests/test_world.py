@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from cmal_jax.data import records
+from cmal_jax.data import pair_source, records
 from cmal_jax.world import scenes
 
 P = scenes.WorldParams()
@@ -120,9 +120,12 @@ def test_cli(tmp_path):
   json.dumps(meta)
   src = records.open_source(path)
   assert len(src) == 12
-  ex = records.decode_record(src[3])
-  assert records.encode_record(ex) == records.encode_record(
-      scenes.make_pair(2, 'val', 3, scenes.WorldParams(feature_dim=64)))
+  pair = scenes.make_pair(2, 'val', 3, scenes.WorldParams(feature_dim=64))
+  # By reference: the split holds the caption, the store the image.
+  assert records.decode_record(src[3]) == {'image_id': 'val-2-0000003',
+                                           'caption': pair['caption']}
+  joined, _ = pair_source.open_split(out, 'val', pixels=False, feature_dim=64)
+  assert records.encode_record(joined[3]) == records.encode_record(pair)
   for i in range(2):
     assert os.path.getsize(os.path.join(out, 'previews', f'val_{i}.png')) > 0
   scenes.main([f'--out={out}', '--split=train', '--num=3', '--feature_dim=64',

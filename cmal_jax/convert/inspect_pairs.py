@@ -1,6 +1,7 @@
 """Inspection of a pair file ({split}.array_record, meta.json beside it):
-each pair checked as pipeline.decode_pair checks it; its image described
-once, its caption and anchors every time."""
+each pair checked as pipeline.decode_pair checks it (a caption record
+joined with the folder's store first, as pair_source.JoinedPairs joins it);
+its image described once, its caption and anchors every time."""
 
 import functools
 
@@ -10,6 +11,7 @@ from cmal_jax.convert.inspect_scan import (
 from cmal_jax.convert.inspect_stats import (
     AnchorStats, ImageIds, ImageStats, RegionStats, TextEncoder, TextStats,
     unavailable)
+from cmal_jax.data import pair_source
 from cmal_jax.data import pipeline
 from cmal_jax.data import records
 
@@ -28,15 +30,31 @@ def _check_pair(scan: FileScan, example, index: int, width):
   return pair, decode_record_image(pair, scan.path, index)
 
 
+def _joiner(scan: FileScan):
+  """The folder's store, for the file's caption records; a RecordError
+  (for every caption record) when the folder has none."""
+  joiner = pair_source.folder_joiner(scan.folder, scan.path, scan.meta_width)
+  if joiner is None:
+    raise records.RecordError(
+        scan.path, 0, 'image_id', f'a caption record, but {scan.folder} has '
+        'no region or image store to join it with')
+  return joiner
+
+
 def scan_pairs(scan: FileScan, top: int) -> dict:
   """Pair records: images, regions, captions, anchors."""
   width = scan.meta_width
   images, regions = ImageIds(), RegionStats(scan.vocab)
   pixels, texts = ImageStats(), TextStats(TextEncoder())
   anchors = AnchorStats(scan.vocab) if scan.vocab is not None else None
-  valid = 0
+  valid = by_reference = 0
+  joiner = None
   for index, example in scan.decoded():
     try:
+      if pair_source.is_caption_record(example):
+        joiner = _joiner(scan) if joiner is None else joiner
+        by_reference += 1
+        example = joiner.join(example, index)
       pair, image = _check_pair(scan, example, index, width)
     except Exception as e:  # pylint: disable=broad-except
       scan.errors.add(as_record_error(e, scan.path, index))
@@ -52,7 +70,7 @@ def scan_pairs(scan: FileScan, top: int) -> dict:
       anchors.add(pair['caption'], encoded, pair['region_tags'],
                   pair['region_conf'])
   return dict(
-      valid_records=valid, images=len(images),
+      valid_records=valid, caption_records=by_reference, images=len(images),
       **regions.to_dict(top, scan.meta_width), pixels=pixels.to_dict(),
       captions=texts.to_dict(),
       anchors=(anchors.to_dict(top) if anchors is not None else unavailable(

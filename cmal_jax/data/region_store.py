@@ -26,6 +26,7 @@ RegionStore(..., visual='pixels') returns the image and no region_feats
   regions = store['task-vqa-train-0-0000003']   # dict, float32 arrays
 """
 
+import itertools
 import json
 import os
 from typing import Iterable
@@ -145,6 +146,24 @@ def write_region_store(path: str, region_records: Iterable[dict],
     json.dump(index, f)
   os.replace(tmp, index_path(path))
   return n
+
+
+def add_to_store(path: str, region_records: Iterable[dict],
+                 feature_dim: int | None = None, *,
+                 replaced: Iterable[str] = ()) -> int:
+  """write_region_store with the records of the store already at `path`
+  kept: those whose id is not in `replaced` come first, streamed from the
+  old file while the new one is written (both files are replaced at the
+  end, as write_region_store does), then `region_records`. Returns how many
+  records the store holds."""
+  path = os.fspath(path)
+  if not os.path.exists(index_path(path)):
+    return write_region_store(path, region_records, feature_dim)
+  old = RegionStore(path, feature_dim)
+  replaced = set(replaced)
+  kept = (old[i] for i in old.image_ids() if i not in replaced)
+  return write_region_store(path, itertools.chain(kept, region_records),
+                            feature_dim)
 
 
 def _meta_feature_dim(path: str):

@@ -47,6 +47,7 @@ import os
 import numpy as np
 
 from cmal_jax import cli_errors
+from cmal_jax.data import pair_source
 from cmal_jax.data import records
 from cmal_jax.data.shapes import Shapes, check_feature_dim
 
@@ -368,18 +369,22 @@ def open_pairs(config, directory: str, split: str):
   """The pre-training pairs of one split, from where config.data.source says.
 
   Returns (source, name, meta): a random-access source whose items
-  pipeline.decode_pair takes (record bytes from `directory`'s ArrayRecord
-  file, or TfdsPairSource's validated dicts), the name errors give it, and
+  pipeline.decode_pair takes (`directory`'s ArrayRecord file: pair record
+  bytes, or caption records joined with the folder's store by
+  pair_source.JoinedPairs; or TfdsPairSource's validated dicts), the name
+  errors give it, and
   the dataset's meta (tags, synonyms, feature_dim), its feature_dim checked
   against the config's.
   """
   shapes = Shapes.from_config(config)
   spec = source_spec(config)
-  if spec is None:  # Records in `directory`, as pre-training always read.
+  if spec is None:  # Records in `directory`, by reference or copied.
     meta = records.read_meta(directory)
     check_feature_dim(directory, meta.get('feature_dim'), shapes.feature_dim)
-    path = records.split_path(directory, split)
-    return records.open_source(path), path, meta
+    source, path = pair_source.open_split(
+        directory, split, pixels=shapes.pixels,
+        feature_dim=None if shapes.pixels else shapes.feature_dim)
+    return source, path, meta
   if shapes.pixels:
     raise ValueError(
         f'config.data.source={config.data.source!r}: TFDS datasets feed '

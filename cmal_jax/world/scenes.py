@@ -24,7 +24,7 @@ import numpy as np
 
 from cmal_jax import cli_errors
 from cmal_jax.model.pixels import reads_pixels
-from cmal_jax.data import image_store, records
+from cmal_jax.data import image_store, records, region_store
 
 # --------------------------------------------------------------- vocabulary
 
@@ -463,7 +463,7 @@ def make_pair(seed: int, split: str, index: int, params: WorldParams) -> dict:
   scene = sample_scene(rng, params)
   boxes, tags, conf, feats = detect_regions(scene, rng, params)
   record = {
-      'image_id': f'{split}-{seed}-{index:07d}',
+      'image_id': image_id_of(seed, split, index),
       'caption': describe(scene, rng),
       'region_feats': feats, 'region_boxes': boxes,
       'region_tags': tags, 'region_conf': conf,
@@ -484,33 +484,69 @@ def make_meta(params: WorldParams, seed: int, splits: dict[str, int]) -> dict:
 
 def _make_range(args):
   seed, split, start, stop, params = args
-  return [records.encode_record(make_pair(seed, split, i, params))
-          for i in range(start, stop)]
+  return [make_pair(seed, split, i, params) for i in range(start, stop)]
+
+
+def image_id_of(seed: int, split: str, index: int) -> str:
+  """The image id of pair `index` of a split (make_pair's)."""
+  return f'{split}-{seed}-{index:07d}'
+
+
+def generate_splits(out_dir: str, sizes: dict[str, int],
+                    params: WorldParams = WorldParams(), seed: int = 0,
+                    workers: int = 1) -> dict[str, str]:
+  """Writes the pairs of each split, by reference (data/pair_source.py):
+  every scene's regions (and image) into out_dir's region store, added to
+  the images already there, then out_dir/{split}.array_record of caption
+  records naming them, and meta.json. Returns {split: caption file}.
+
+  A world image has one caption, so by reference it is stored once either
+  way; the layout is the one converted corpora use.
+  """
+  chunks = [(seed, split, a, min(a + 500, num), params)
+            for split, num in sizes.items() for a in range(0, num, 500)]
+  captions = {split: [] for split in sizes}
+
+  def region_records():
+    if workers > 1:
+      import multiprocessing as mp
+      with mp.get_context('spawn').Pool(workers) as pool:
+        done = pool.imap(_make_range, chunks)  # imap keeps order.
+        for (_, split, *_), pairs in zip(chunks, done):
+          yield from _split_pairs(pairs, captions[split])
+    else:
+      for chunk in chunks:
+        yield from _split_pairs(_make_range(chunk), captions[chunk[1]])
+
+  meta = make_meta(params, seed, dict(sizes))
+  records.check_meta_compatible(out_dir, meta)  # Fail before the long part.
+  os.makedirs(out_dir, exist_ok=True)
+  region_store.add_to_store(
+      region_store.store_path(out_dir), region_records(), params.feature_dim,
+      replaced={image_id_of(seed, split, i)
+                for split, num in sizes.items() for i in range(num)})
+  paths = {}
+  for split, caption_records in captions.items():
+    paths[split] = records.split_path(out_dir, split)
+    records.write_records(paths[split], caption_records)
+  records.write_meta(out_dir, meta)
+  return paths
+
+
+def _split_pairs(pairs, captions):
+  """Yields each pair record's region record; appends its caption record
+  to `captions`."""
+  for pair in pairs:
+    captions.append({'image_id': pair['image_id'],
+                     'caption': pair['caption']})
+    yield {k: v for k, v in pair.items() if k != 'caption'}
 
 
 def generate_split(out_dir: str, split: str, num: int,
                    params: WorldParams = WorldParams(), seed: int = 0,
                    workers: int = 1) -> str:
-  """Writes `num` pairs to out_dir/{split}.array_record + meta.json."""
-  chunks = [(seed, split, a, min(a + 500, num), params)
-            for a in range(0, num, 500)]
-
-  def encoded():
-    if workers > 1:
-      import multiprocessing as mp
-      with mp.get_context('spawn').Pool(workers) as pool:
-        for chunk in pool.imap(_make_range, chunks):  # imap keeps order.
-          yield from chunk
-    else:
-      for c in chunks:
-        yield from _make_range(c)
-
-  path = records.split_path(out_dir, split)
-  meta = make_meta(params, seed, {split: num})
-  records.check_meta_compatible(out_dir, meta)  # Fail before the long part.
-  records.write_records(path, encoded())
-  records.write_meta(out_dir, meta)
-  return path
+  """generate_splits of one split; returns its caption file."""
+  return generate_splits(out_dir, {split: num}, params, seed, workers)[split]
 
 
 # ----------------------------------------------------------------- previews

@@ -124,12 +124,12 @@ def ensure_world_data(config, directory, every_process=False):
   params = scenes.WorldParams.from_config(config)
 
   def generate(folder, sizes):
-    for split, num in sizes.items():
-      t = time.time()
-      scenes.generate_split(folder, split, num, params, seed=config.seed,
+    t = time.time()
+    scenes.generate_splits(folder, sizes, params, seed=config.seed,
                            workers=min(4, os.cpu_count() or 1))
-      log(f'Generated {num} synthetic {split} pairs in {directory} '
-          f'({time.time() - t:.0f}s)')
+    what = ', '.join(f'{num} {split}' for split, num in sizes.items())
+    log(f'Generated synthetic pairs ({what}) in {directory} '
+        f'({time.time() - t:.0f}s)')
 
   ensure_splits(
       directory, synthetic_splits(config),

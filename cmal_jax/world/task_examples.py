@@ -32,7 +32,6 @@ task_common.py); task_baselines.py scores a model that never sees the image.
 """
 
 import argparse
-import os
 import time
 
 import numpy as np
@@ -132,11 +131,8 @@ def generate(out_dir: str, task_names=tasks.TASKS, splits=None,
       meta['splits'][f'{task}_{split}'] = num
       regions.update((r['image_id'], r) for r in recs)
   store = region_store.store_path(out_dir)
-  if os.path.exists(region_store.index_path(store)):
-    old = region_store.RegionStore(store, params.feature_dim)
-    kept = {i: old[i] for i in old.image_ids() if i not in regions}
-    regions = {**kept, **regions}
-  region_store.write_region_store(store, regions.values(), params.feature_dim)
+  region_store.add_to_store(store, regions.values(), params.feature_dim,
+                            replaced=regions)
   paths['regions'] = store
   records.write_meta(out_dir, meta)
   return paths
