@@ -21,7 +21,7 @@ import pytest
 
 from cmal_jax import jobs
 from cmal_jax.convert import cli as convert
-from cmal_jax.data import records, region_store
+from cmal_jax.data import pair_source, records, region_store
 from cmal_jax.convert.formats import FormatError, bottom_up, captions
 from cmal_testutil import TSV_IMAGE_SIZE, b64, tsv_row, write_tsv
 
@@ -303,12 +303,21 @@ def store_dir(tmp_path):
 
 
 def _pairs(directory, split):
-  source = records.open_source(records.split_path(str(directory), split))
+  """A split's records as pre-training reads them (caption records joined
+  with the folder's store)."""
   meta = records.read_meta(str(directory))
-  return [records.validate_pair(records.decode_record(source[i]),
+  source, path = pair_source.open_split(str(directory), split, pixels=False,
+                                        feature_dim=meta['feature_dim'])
+  return [records.validate_pair(records.decode_record_at(source[i], path, i),
                                 path='', index=i,
                                 feature_dim=meta['feature_dim'])
           for i in range(len(source))]
+
+
+def _stored(directory, split):
+  """A split's records as they are on disk."""
+  source = records.open_source(records.split_path(str(directory), split))
+  return [records.decode_record(source[i]) for i in range(len(source))]
 
 
 def _check_pairs(out, split, expected):
@@ -328,12 +337,19 @@ def test_coco_captions(tmp_path, store_dir):
       'annotations': [
           {'image_id': 42, 'id': 1, 'caption': 'A dog under a stoplight. '},
           {'image_id': 7, 'id': 2, 'caption': 'Two men and a horse.'}]}))
-  out = tmp_path / 'pairs'
-  n, skipped = captions.convert_captions('coco', path, store_dir, str(out),
+  n, skipped = captions.convert_captions('coco', path, store_dir, None,
                                          'val')
   assert (n, skipped) == (2, {})
-  _check_pairs(out, 'val', [('42', 'A dog under a stoplight.'),
-                            ('7', 'Two men and a horse.')])
+  # Caption records beside the store, joined when read.
+  assert _stored(store_dir, 'val') == [
+      {'image_id': '42', 'caption': 'A dog under a stoplight.'},
+      {'image_id': '7', 'caption': 'Two men and a horse.'}]
+  _check_pairs(store_dir, 'val', [('42', 'A dog under a stoplight.'),
+                                  ('7', 'Two men and a horse.')])
+  with pytest.raises(ValueError, match=re.escape(
+      f"--out={tmp_path / 'pairs'} is not the store's folder")):
+    captions.convert_captions('coco', path, store_dir, str(tmp_path / 'pairs'),
+                              'val')
 
 
 def test_vg_region_descriptions(tmp_path, store_dir):
@@ -343,10 +359,11 @@ def test_vg_region_descriptions(tmp_path, store_dir):
   path = _write(tmp_path / 'region_descriptions.json', json.dumps([
       {'id': 7, 'regions': [region(11, 'man riding a horse'),
                             region(12, 'the guy is smiling')]}]))
-  out = tmp_path / 'pairs'
+  out = tmp_path / 'pairs'  # Self-contained pair records, anywhere.
   n, _ = captions.convert_captions('vg', path, store_dir, str(out),
-                                   'pretrain')
+                                   'pretrain', copy_features=True)
   assert n == 2
+  assert all('region_feats' in p for p in _stored(out, 'pretrain'))
   _check_pairs(out, 'pretrain', [('7', 'man riding a horse'),
                                  ('7', 'the guy is smiling')])
 
@@ -354,11 +371,11 @@ def test_vg_region_descriptions(tmp_path, store_dir):
 def test_jsonl_captions_and_splits_merge(tmp_path, store_dir):
   path = _write(tmp_path / 'c.jsonl', '{"image_id": "7", "caption": "men"}\n'
                 '{"image_id": 42, "caption": "a puppy"}\n\n')
-  out = tmp_path / 'pairs'
+  out = store_dir  # --out defaults to --regions.
   convert.main(['captions', '--format=jsonl', f'--input={path}',
-                f'--regions={store_dir}', f'--out={out}', '--split=val'])
+                f'--regions={store_dir}', '--split=val'])
   convert.main(['captions', '--format=jsonl', f'--input={path}',
-                f'--regions={store_dir}', f'--out={out}'])
+                f'--regions={store_dir}'])
   _check_pairs(out, 'pretrain', [('7', 'men'), ('42', 'a puppy')])
   assert records.read_meta(str(out))['splits'] == {'val': 2, 'pretrain': 2}
 
@@ -376,13 +393,13 @@ def test_bad_caption_names_file_line_and_field(tmp_path, store_dir, line,
                                                field, reason):
   path = _write(tmp_path / 'c.jsonl', json.dumps(
       {'image_id': 7, 'caption': 'a man'}) + '\n' + json.dumps(line) + '\n')
-  out = tmp_path / 'pairs'
+  out = store_dir
   with pytest.raises(FormatError, match='^' + re.escape(
       f"{path}: line 2: field '{field}': ")) as e:
-    captions.convert_captions('jsonl', path, store_dir, str(out), 'pretrain')
+    captions.convert_captions('jsonl', path, store_dir, out, 'pretrain')
   assert e.value.reason == reason
   assert not os.path.exists(records.split_path(str(out), 'pretrain'))
-  n, skipped = captions.convert_captions('jsonl', path, store_dir, str(out),
+  n, skipped = captions.convert_captions('jsonl', path, store_dir, out,
                                          'pretrain', skip_bad=True)
   assert (n, skipped) == (1, {reason: 1})
 
@@ -392,13 +409,12 @@ def test_coco_and_vg_errors_name_the_record(tmp_path, store_dir):
       {'image_id': 404, 'id': 9, 'caption': 'a dog'}]}))
   with pytest.raises(FormatError, match=re.escape(
       f"{coco}: id 9: field 'image_id': image '404' has no region")):
-    captions.convert_captions('coco', coco, store_dir,
-                              str(tmp_path / 'o'), 'val')
+    captions.convert_captions('coco', coco, store_dir, None, 'val')
   vg = _write(tmp_path / 'vg.json', json.dumps([{'id': 7, 'regions': [
       {'region_id': 5, 'image_id': 7, 'phrase': ''}]}]))
   with pytest.raises(FormatError, match=re.escape(
       f"{vg}: region_id 5: field 'phrase': empty caption")):
-    captions.convert_captions('vg', vg, store_dir, str(tmp_path / 'o'), 'val')
+    captions.convert_captions('vg', vg, store_dir, None, 'val')
 
 
 # ---------------------------------------------------------------- end to end
@@ -472,7 +488,7 @@ def _check_inspected(store, data):
 def test_end_to_end_tsv_to_pretraining(tmp_path):
   from cmal_testutil import read_all
   from configs import pretrain
-  store, data = tmp_path / 'store', tmp_path / 'data'
+  store = data = tmp_path / 'store'  # Caption records beside the store.
   convert.main(['bottom_up', f'--tsv={_e2e_tsv(tmp_path / "f.tsv")}',
                 f'--vocab={_vocab(tmp_path)}', f'--out={store}', '--float16'])
   train_caps = _e2e_captions(tmp_path / 'train.jsonl', [
@@ -481,7 +497,7 @@ def test_end_to_end_tsv_to_pretraining(tmp_path):
   val_caps = _e2e_captions(tmp_path / 'val.jsonl', ['A {} with a {}.'])
   for split, path in (('pretrain', train_caps), ('val', val_caps)):
     convert.main(['captions', '--format=jsonl', f'--input={path}',
-                  f'--regions={store}', f'--out={data}', f'--split={split}'])
+                  f'--regions={store}', f'--split={split}'])
   assert records.read_meta(str(data))['splits'] == {'pretrain': 64,
                                                     'val': 16}
   _check_inspected(store, data)

@@ -488,12 +488,12 @@ def test_captions_join_an_image_store_into_pixel_pairs(tmp_path):
       '{"image_id": 30, "caption": "Nothing to see."}\n')
   n, skipped = captions.convert_captions(
       'jsonl', str(tmp_path / 'captions.jsonl'), str(tmp_path / 'coco'),
-      str(tmp_path / 'pairs'), 'pretrain')
+      None, 'pretrain')  # Caption records, joined with images.json.
   assert (n, skipped) == (2, {})
   c = pretrain.get_config('tiny')
   c.model.visual.input = 'pixels'
   c.data.itm_neg_prob, c.data.itm_group = 0.0, 2
-  (batch,) = pipeline.make_dataset(c, str(tmp_path / 'pairs'), 'pretrain',
+  (batch,) = pipeline.make_dataset(c, str(tmp_path / 'coco'), 'pretrain',
                                    batch_size=2, train=False, seed=0)[0]
   assert batch['images'].shape == (2, 64, 64, 3)
   # Both tags are anchors of the first caption ('traffic light' as a

@@ -3,7 +3,8 @@ r"""Converts real-world region features and captions into our records.
   python -m cmal_jax.convert bottom_up --tsv=FILE[,FILE...] \
       --vocab=objects_vocab.txt --out=DIR [--float16] [--skip_bad]
   python -m cmal_jax.convert captions --format=coco|vg|jsonl \
-      --input=FILE --regions=DIR --out=DIR --split=pretrain [--skip_bad]
+      --input=FILE --regions=DIR --split=pretrain [--copy_features --out=DIR]
+      [--skip_bad]
   python -m cmal_jax.convert coco_instances --instances=FILE \
       --images=DIR --out=DIR [--synonyms=FILE] [--skip_bad]
   python -m cmal_jax.convert vg_objects --objects=FILE \
@@ -20,7 +21,8 @@ r"""Converts real-world region features and captions into our records.
 
 `bottom_up` turns bottom-up-attention TSV region features (+ the detector's
 class vocabulary) into a region store (formats/bottom_up.py); `captions`
-joins a caption file with that store into pre-training pair records
+checks a caption file against that store and writes pre-training caption
+records beside it, which pre-training joins with the store at read time
 (formats/captions.py). `coco_instances` and `vg_objects` describe a folder
 of raw images instead (formats/image_boxes.py): images.json (each image's
 file, its annotated boxes and their class names as tags) and meta.json (the
@@ -28,7 +30,7 @@ class names as the tag vocabulary), for a model that reads pixels;
 `image_folder` does so for a folder of image files without annotations
 (each image's file, width and height, no boxes: the model reads its grid
 cells; an empty tag vocabulary). `captions --regions=` that folder then
-writes pairs that carry the image files. Then pre-train on the folder, with the model's feature width set to
+writes caption records naming its images. Then pre-train on the folder, with the model's feature width set to
 the store's:
 
   python -m cmal_jax.main --config=configs/pretrain.py --workdir=runs/real \
@@ -70,8 +72,10 @@ def _bottom_up(a):
 
 def _captions(a):
   n, skipped = captions.convert_captions(
-      a.format, a.input, a.regions, a.out, a.split, skip_bad=a.skip_bad)
-  print(summary(f'{a.split} pairs to {a.out}', n, skipped))
+      a.format, a.input, a.regions, a.out, a.split, skip_bad=a.skip_bad,
+      copy_features=a.copy_features)
+  what = 'pairs' if a.copy_features else 'caption records'
+  print(summary(f'{a.split} {what} to {a.out or a.regions}', n, skipped))
   return n, skipped
 
 
@@ -125,9 +129,14 @@ def main(argv=None):
   c.add_argument('--input', required=True, help='The caption file.')
   c.add_argument('--regions', required=True,
                  help='Directory of the region store (bottom_up --out).')
-  c.add_argument('--out', required=True, help='Dataset directory.')
+  c.add_argument('--out', default=None,
+                 help='Dataset directory (default: --regions; another one '
+                 'needs --copy_features).')
   c.add_argument('--split', default='pretrain',
                  help='Split name: pretrain (training) or val (evaluation).')
+  c.add_argument('--copy_features', action='store_true',
+                 help='Write pair records that carry their image\'s features '
+                 '(or image bytes) instead of caption records naming it.')
   c.add_argument('--skip_bad', action='store_true',
                  help='Skip and count bad captions instead of stopping.')
   c.set_defaults(run=_captions)

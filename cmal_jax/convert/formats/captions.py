@@ -1,41 +1,48 @@
-"""Caption files joined with a region store -> pre-training pair records.
+"""Caption files checked against a region (or image) store -> pre-training
+caption records, by reference.
 
   python -m cmal_jax.convert captions --format=coco|vg|jsonl \\
-      --input=FILE --regions=STORE_DIR --out=DIR --split=pretrain
+      --input=FILE --regions=STORE_DIR --split=pretrain [--copy_features]
 
-Caption formats (one pair record per caption):
+Caption formats (one record per caption):
   coco   COCO caption JSON: {"images": [...], "annotations": [{"image_id":
          int, "id": int, "caption": str}, ...]}
   vg     Visual Genome region descriptions: [{"id": image_id, "regions":
          [{"region_id", "image_id", "phrase", "x", "y", "width", "height"},
          ...]}, ...]; each phrase is a caption of the whole image (the
-         region's box is not kept; the pair carries the detector's regions).
+         region's box is not kept; the pair uses the detector's regions).
   jsonl  one {"image_id": int or str, "caption": str} per line.
 
 A caption's regions are those the region store (bottom_up.py) holds under
 str(image_id); or, when the folder holds an image store instead
 (images.json, image_boxes.py: COCO instances or VG objects with the image
-files), its image's file bytes (`image`) and boxes, for a model that reads
-pixels (no region_feats; meta.json's feature_dim is null). Output in out_dir, the folder layout of records.py, so
+files), its image file and boxes, for a model that reads pixels (meta.json's
+feature_dim is null). By default the output is written into the store's own
+folder (--out defaults to --regions), the folder layout of records.py, so
 `--config.data.dir=DIR` pre-trains on it:
-  {split}.array_record  pair records (records.PAIR_FIELDS); region_feats in
-                        the store's feature_dtype (meta.json), so a float16
-                        store gives float16 pairs
+  {split}.array_record  caption records {image_id, caption}: pre-training
+                        joins each with the store's record of its image at
+                        read time (data/pair_source.py), so an image with k
+                        captions is stored once
   meta.json             the store's tags, synonyms, feature_dim and
                         feature_dtype, and splits (merged with the other
                         splits already there)
 Pre-training reads the splits `pretrain` and `val` (config.data.train_split,
 config.data.eval_split).
 
-Every pair record carries its image's features, so an image with k
-captions is stored k times (COCO: 5, VG: ~50): size the disk for it.
+--copy_features writes the earlier layout instead, pair records
+(records.PAIR_FIELDS) that carry their image's features (region_feats in
+the store's feature_dtype) or image bytes, into any --out folder: a
+self-contained file, but an image with k captions is stored k times
+(COCO: 5, VG: ~50).
 
-Streaming: pairs are written one at a time and JSONL is read line by line;
-COCO and VG JSON are parsed whole (json.load), so those files must fit in
-memory. Bad captions (a missing field, an empty caption, an image with no
-regions in the store) raise a FormatError naming the file, the line
-(JSONL) or record (`id 5` / `annotations[3]`, `region_id 7`) and the
-field; with skip_bad they are left out and counted per reason.
+Streaming: records are written one at a time and JSONL is read line by
+line; COCO and VG JSON are parsed whole (json.load), so those files must fit
+in memory. Bad captions (a missing field, an empty caption, an image with no
+regions in the store, or an image file that does not decode) raise a
+FormatError naming the file, the line (JSONL) or record (`id 5` /
+`annotations[3]`, `region_id 7`) and the field; with skip_bad they are left
+out and counted per reason.
 """
 
 import dataclasses
@@ -130,10 +137,12 @@ READERS = {'coco': coco_captions, 'vg': vg_captions, 'jsonl': jsonl_captions}
 # ---------------------------------------------------------------- joining
 
 def pair_records(captions: Iterator[Caption], store, feature_dtype: str,
-                 collector: Collector) -> Iterator[dict]:
-  """Pair records (records.PAIR_FIELDS; from an image store, the image's
-  bytes in place of region_feats) of the captions whose image the store
-  holds; the others go to collector.bad."""
+                 collector: Collector, copy_features: bool = False
+                 ) -> Iterator[dict]:
+  """The records of the captions whose image the store holds (and can
+  read): caption records {image_id, caption}, or with copy_features pair
+  records (records.PAIR_FIELDS; from an image store, the image's bytes in
+  place of region_feats). The others go to collector.bad."""
   images = isinstance(store, image_store.ImageStore)
   last_id, last = None, None  # Captions of an image often follow.
   for caption in captions:
@@ -148,7 +157,9 @@ def pair_records(captions: Iterator[Caption], store, feature_dtype: str,
     if isinstance(last, FormatError):  # Each of its captions is counted.
       collector.bad(last)
       continue
-    if images:
+    if not copy_features:
+      yield {'image_id': caption.image_id, 'caption': caption.text}
+    elif images:
       yield {**last, 'caption': caption.text}
     else:
       yield {**last, 'caption': caption.text,
@@ -184,14 +195,25 @@ def open_store(regions_dir: str):
 
 
 def convert_captions(fmt: str, input_path: str, regions_dir: str,
-                     out_dir: str, split: str, *, skip_bad: bool = False
+                     out_dir: str | None, split: str, *,
+                     skip_bad: bool = False, copy_features: bool = False
                      ) -> tuple[int, dict[str, int]]:
   """Writes out_dir/{split}.array_record and merges out_dir/meta.json.
 
-  Returns (pairs written, {reason: captions skipped}).
+  out_dir None: regions_dir. Caption records (the default) must be written
+  into regions_dir, beside the store they name; copy_features writes pair
+  records anywhere. Returns (records written, {reason: captions skipped}).
   """
   if fmt not in READERS:
     raise ValueError(f'format={fmt!r}; expected one of {list(FORMATS)}')
+  out_dir = regions_dir if out_dir is None else out_dir
+  if not copy_features and not _same_folder(out_dir, regions_dir):
+    raise ValueError(
+        f'--out={out_dir} is not the store\'s folder --regions={regions_dir}: '
+        'caption records name images of that store, and pre-training joins '
+        'them with the store of their own folder. Leave --out out (it '
+        'defaults to --regions), or pass --copy_features to write pair '
+        'records that carry their image (each image once per caption).')
   store, store_meta = open_store(regions_dir)
   feature_dtype = store_meta.get('feature_dtype', 'float32')
   meta = {'tags': store_meta['tags'],
@@ -203,6 +225,10 @@ def convert_captions(fmt: str, input_path: str, regions_dir: str,
   captions = READERS[fmt](os.fspath(input_path), collector)
   n = records.write_records(
       records.split_path(out_dir, split),
-      pair_records(captions, store, feature_dtype, collector))
+      pair_records(captions, store, feature_dtype, collector, copy_features))
   records.write_meta(out_dir, dict(meta, splits={split: n}))
   return n, dict(collector.skipped)
+
+
+def _same_folder(a: str, b: str) -> bool:
+  return os.path.abspath(a) == os.path.abspath(b)
