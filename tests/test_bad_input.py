@@ -14,7 +14,7 @@ import pytest
 
 from cmal_jax import (configlib, jobs, objectives, pretraining, sharding,
                       train_step)
-from cmal_jax.data import pipeline, records
+from cmal_jax.data import pipeline, records, region_store
 from cmal_jax.world import scenes
 from cmal_jax.data.shapes import Shapes
 from cmal_jax.data.tokenizer import load_tokenizer
@@ -118,7 +118,9 @@ def test_missing_vocabulary_train(tmp_path, world_dir):
 def world_copy(tmp_path, world_dir):
   d = tmp_path / 'data'
   d.mkdir()
-  for name in ('meta.json', 'pretrain.array_record'):
+  store = region_store.REGION_STORE_FILE  # The images the captions name.
+  for name in ('meta.json', 'pretrain.array_record', store,
+               store + region_store.INDEX_SUFFIX):
     shutil.copy(os.path.join(world_dir, name), d / name)
   return d
 

@@ -134,8 +134,7 @@ def open_split(directory: str, split: str, *, pixels: bool,
   if has_store(directory, pixels):
     store = open_store(directory, pixels=pixels, feature_dim=feature_dim)
     return JoinedPairs(source, store, path=path, pixels=pixels), path
-  if len(source) and is_caption_record(
-      records.decode_record_at(source[0], path, 0)):
+  if len(source) and _first_is_caption_record(source, path):
     wanted = (f'{image_store.IMAGE_STORE_FILE} or '
               f'{region_store.REGION_STORE_FILE} with images' if pixels
               else region_store.REGION_STORE_FILE)
@@ -145,3 +144,12 @@ def open_split(directory: str, split: str, *, pixels: bool,
         'captions into the folder of the store they name (python -m '
         'cmal_jax.convert captions --regions=DIR --out=DIR)')
   return source, path
+
+
+def _first_is_caption_record(source, path) -> bool:
+  """Whether record 0 is a caption record; one that does not decode is left
+  to the pipeline (data.on_error decides)."""
+  try:
+    return is_caption_record(records.decode_record_at(source[0], path, 0))
+  except records.RecordError:
+    return False
