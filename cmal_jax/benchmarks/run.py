@@ -40,6 +40,7 @@ import numpy as np
 
 from cmal_jax import (cli_errors, config_base, finetune, objectives,
                       predict, pretraining, sharding, train_step)
+from cmal_jax.benchmarks import sections
 from cmal_jax.data import pipeline, task_pipeline
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.export import export
@@ -472,8 +473,10 @@ def write_outputs(out_dir, results, info, args):
     note = r.get('error') or (f'batch {r["batch"]}' if 'batch' in r else '')
     lines.append(f'| {r["name"]} | {r["size"]} | {fmt(r["value"], r["unit"])}'
                  f' | {spread} | {note} |')
-  with open(os.path.join(out_dir, 'BENCHMARKS.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  path = os.path.join(out_dir, 'BENCHMARKS.md')
+  kept = sections.read_sections(path)  # Other commands' figures.
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n' + ''.join('\n' + s for s in kept))
 
 
 def parse_args(argv):

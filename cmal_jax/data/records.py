@@ -21,6 +21,11 @@ For a model that reads pixels (model.visual.input='pixels') a pair record
 carries its image instead: image: bytes (the encoded file, PNG or JPEG, any
 size), next to region_boxes, region_tags and region_conf; region_feats may
 be there too (the synthetic world keeps both) and is then passed over.
+
+A split file may instead hold caption records {image_id, caption}, joined
+with the folder's region (or image) store when read: pair_source.py. The
+converters and the synthetic world write those; this module's pair checks
+apply to the joined record.
 """
 
 import json

@@ -6,11 +6,14 @@ split can be made in any order, in any process, with identical bytes.
 
   python -m cmal_jax.world.scenes --out=/tmp/world --split=pretrain --num=20000
 
-writes `/tmp/world/pretrain.array_record`, `/tmp/world/meta.json` and a few
-PNG previews in `/tmp/world/previews/` (see records.py for the schema).
-With --images (WorldParams.images) each record also carries its scene as PNG
-bytes (`image`), for a model that reads pixels; the region features stay,
-so one world serves both kinds of model.
+writes each scene's detected regions into the region store
+`/tmp/world/regions.array_record` (added to the images already there), its
+caption into `/tmp/world/pretrain.array_record` as a caption record naming
+the image (data/pair_source.py joins them when read), `/tmp/world/meta.json`
+and a few PNG previews in `/tmp/world/previews/` (see records.py for the
+schema). With --images (WorldParams.images) each region record also carries
+its scene as PNG bytes (`image`), for a model that reads pixels; the region
+features stay, so one world serves both kinds of model.
 """
 
 import argparse
