@@ -433,6 +433,20 @@ def retrieval_scores(model, params, config, captions, images, mesh):
   return t2i, t2i.T.copy(), len(pairs)
 
 
+def retrieval_recalls(t2i, i2t, caption_image):
+  """Recall@1/5/10 both ways and their mean (mean_recall), from t2i scores
+  [Nc, Ni], i2t scores [Ni, Nc] and each caption's image caption_image
+  [Nc] (an image's gold captions are those pointing at it)."""
+  image_captions = [np.flatnonzero(caption_image == i)
+                    for i in range(t2i.shape[1])]
+  results = {f't2i_{k}': v for k, v in task_metrics.recall_at_k(
+      t2i, caption_image).items()}
+  results.update({f'i2t_{k}': v for k, v in task_metrics.recall_at_k(
+      i2t, image_captions).items()})
+  results['mean_recall'] = float(np.mean(list(results.values())))
+  return results
+
+
 def retrieval_results(model, params, config, directory, split, mesh,
                       out_dir):
   """Recall@1/5/10 both ways, their mean, and (when out_dir) the top-10
@@ -443,13 +457,7 @@ def retrieval_results(model, params, config, directory, split, mesh,
   skips = eval_skips(config, directory, split, len(image_ids), skipped)
   t2i, i2t, num_pairs = retrieval_scores(model, params, config, captions,
                                          images, mesh)
-  image_captions = [np.flatnonzero(caption_image == i)
-                    for i in range(len(image_ids))]
-  results = {f't2i_{k}': v for k, v in task_metrics.recall_at_k(
-      t2i, caption_image).items()}
-  results.update({f'i2t_{k}': v for k, v in task_metrics.recall_at_k(
-      i2t, image_captions).items()})
-  results['mean_recall'] = float(np.mean(list(results.values())))
+  results = retrieval_recalls(t2i, i2t, caption_image)
   results.update(num_images=len(image_ids), num_captions=len(caption_image),
                  **skips, pairs_scored=num_pairs, seconds=time.time() - t0)
   if out_dir:
