@@ -37,7 +37,8 @@ LONGEST_FIRST = (
     'test_resume.py', 'test_finetune.py', 'test_sharding.py', 'test_scale.py',
     'test_precision.py', 'test_benchmarks.py', 'test_predict.py',
     'test_export.py', 'test_own_data.py',
-    'test_recipes.py', 'test_world_task_examples.py', 'test_controls.py',
+    'test_recipes.py', 'test_one_hour_baseline.py', 'test_pair_source.py',
+    'test_world_task_examples.py', 'test_controls.py',
     'test_remote_workdir.py', 'test_bad_input.py', 'test_semmim.py',
     'test_task_model.py', 'test_semvlp.py', 'test_tfds_source.py',
     'test_convert.py', 'test_objectives.py', 'test_pixels.py')
