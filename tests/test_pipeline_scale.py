@@ -46,6 +46,9 @@ def test_pipeline_scale_reports_disk_speed_and_headroom(tmp_path):
   assert text.startswith('# Benchmarks\n\nthe step table\n')
   assert text.count('<!-- begin pipeline_scale -->') == 1
   assert '| 1 | 0 |' in text and '8x H100 host' in text
+  assert set(report['read_ms']) == {'captions', 'store'}
+  assert all(ms['ours'] > 0 and ms['grain'] > 0
+             for ms in report['read_ms'].values())
 
 
 def test_sections_are_replaced_and_kept(tmp_path):

@@ -35,6 +35,23 @@ def test_round_trip(tmp_path):
     assert got['caption'] == ex['caption']
 
 
+def test_one_record_reads_are_grains(tmp_path):
+  """open_source reads one record as a range (records._CheckedSource): the
+  bytes grain's ArrayRecordDataSource gives, for every record, in any
+  order, and an index out of range is refused as grain refuses it."""
+  import grain
+  path = str(tmp_path / 'x.array_record')
+  records.write_records(path, [{'i': i, 'pad': 'x' * (i % 7)}
+                               for i in range(300)])
+  ours, grains = records.open_source(path), grain.sources.ArrayRecordDataSource(
+      [path])
+  order = np.random.default_rng(0).permutation(300)
+  assert [ours[int(i)] for i in order] == [grains[int(i)] for i in order]
+  assert records.decode_record(ours[123]) == {'i': 123, 'pad': 'x' * 4}
+  with pytest.raises(ValueError, match='Record key should be in'):
+    ours[300]
+
+
 def test_write_is_atomic(tmp_path):
   path = str(tmp_path / 'x.array_record')
 

@@ -124,6 +124,30 @@ def disk_figures(directory, pairs, images, regions, feature_dim):
       per_pair_copied_2048=image_2048 + caption_bytes / pairs)
 
 
+def read_costs(directory, reads=300, rounds=3, seed=0):
+  """Milliseconds per random one-record read of the caption file and of the
+  store: records.open_source (a range read) against grain's
+  ArrayRecordDataSource (array_record's read([i])), alternated by round.
+  -> {file: {'ours': ms, 'grain': ms}} (medians over the rounds)."""
+  import grain
+  out = {}
+  for name, path in (('captions', records.split_path(directory, 'pretrain')),
+                     ('store', region_store.store_path(directory))):
+    ours, grains = records.open_source(path), grain.sources.ArrayRecordDataSource(
+        [path])
+    rng = np.random.default_rng(seed)
+    times = {'ours': [], 'grain': []}
+    for _ in range(rounds):
+      keys = rng.integers(len(ours), size=reads).tolist()
+      for label, source in (('ours', ours), ('grain', grains)):
+        t = time.perf_counter()
+        for k in keys:
+          source[k]
+        times[label].append((time.perf_counter() - t) / reads * 1e3)
+    out[name] = {k: float(np.median(v)) for k, v in times.items()}
+  return out
+
+
 def read_config(directory, feature_dim, threads, batch):
   from configs import pretrain
   c = pretrain.get_config('base')
@@ -253,7 +277,10 @@ def main(argv=None):
     print(f'  {generated:.0f} s', flush=True)
   disk = disk_figures(args.dir, args.pairs, args.images, args.regions,
                       args.feature_dim)
-  runs, load = [], os.getloadavg()
+  load = os.getloadavg()
+  reads = read_costs(args.dir)
+  print(json.dumps(reads), flush=True)
+  runs = []
   for threads, workers in parse_variants(args.variants):
     child = subprocess.run(
         [sys.executable, '-m', 'cmal_jax.benchmarks.pipeline_scale',
@@ -273,6 +300,7 @@ def main(argv=None):
                 pairs=args.pairs,
                 images=args.images, regions=args.regions,
                 feature_dim=args.feature_dim, batch=args.batch, disk=disk,
+                read_ms=reads,
                 runs=runs, consumption={h: dict(at_50pct_mfu=a, at_roofline=b)
                                         for h, (a, b) in hosts.items()})
   os.makedirs(args.out_dir, exist_ok=True)
@@ -305,6 +333,13 @@ def markdown(report, best):
       f'{d["per_pair_2048"]:,.0f} B |',
       f'| per pair, copied into each caption | {d["per_pair_copied"]:,.0f} B'
       f' | {d["per_pair_copied_2048"]:,.0f} B |', '',
+      '| one random record read | ours (a range read) | grain\'s source '
+      '(read([i])) | ratio |', '|---|---|---|---|']
+  for name, ms in report['read_ms'].items():
+    lines.append(f'| {name} | {ms["ours"]:.3f} ms | {ms["grain"]:.3f} ms | '
+                 f'{ms["grain"] / ms["ours"]:.1f}x |')
+  lines += [
+      '',
       '| Grain read threads | worker processes | startup (to the first '
       'batch) | examples/s | peak RSS (reader / workers) |',
       '|---|---|---|---|---|']
