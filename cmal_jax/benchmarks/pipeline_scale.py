@@ -45,10 +45,13 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+import grain
 import numpy as np
 
-from cmal_jax import cli_errors
+from cmal_jax import cli_errors, config_base
 from cmal_jax.benchmarks import sections
+from cmal_jax.data import pipeline
 from cmal_jax.data import records
 from cmal_jax.data import region_store
 
@@ -129,7 +132,6 @@ def read_costs(directory, reads=300, rounds=3, seed=0):
   store: records.open_source (a range read) against grain's
   ArrayRecordDataSource (array_record's read([i])), alternated by round.
   -> {file: {'ours': ms, 'grain': ms}} (medians over the rounds)."""
-  import grain
   out = {}
   for name, path in (('captions', records.split_path(directory, 'pretrain')),
                      ('store', region_store.store_path(directory))):
@@ -149,8 +151,7 @@ def read_costs(directory, reads=300, rounds=3, seed=0):
 
 
 def read_config(directory, feature_dim, threads, batch):
-  from configs import pretrain
-  c = pretrain.get_config('base')
+  c = config_base.config_module('pretrain').get_config('base')
   c.data.dir = directory
   c.model.region_feat_dim = feature_dim
   c.data.num_threads = threads
@@ -161,17 +162,14 @@ def read_config(directory, feature_dim, threads, batch):
 def measure(directory, feature_dim, threads, workers, batches, warmup,
             batch):
   """One variant, in this process: startup, examples/s, peak RSS."""
-  import grain
-  from cmal_jax.data import pipeline
   config = read_config(directory, feature_dim, threads, batch)
   t0 = time.perf_counter()
   ds, _, _ = pipeline.make_dataset(config, directory, 'pretrain',
                                    batch_size=batch, train=True, seed=0)
-  it = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=threads, prefetch_buffer_size=config.data.prefetch))
+  it = pipeline.to_iter_dataset(ds, config)  # read_config set the threads.
   if workers:
-    from absl import flags  # Grain's workers read absl flags.
-    flags.FLAGS(sys.argv[:1], known_only=True)
+    flags.FLAGS(  # Grain's workers read absl flags.
+        sys.argv[:1], known_only=True)
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   it = iter(it)
   next(it)

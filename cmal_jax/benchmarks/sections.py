@@ -30,10 +30,10 @@ def write_section(path: str, name: str, lines: list[str]):
     with open(path) as f:
       text = f.read()
   new = section(name, lines)
-  pattern = re.compile(rf'<!-- begin {re.escape(name)} -->\n.*?'
-                       rf'<!-- end {re.escape(name)} -->\n', re.S)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: new, text)
+  old = next((m for m in _SECTION.finditer(text) if m.group(1) == name),
+             None)
+  if old:
+    text = text[:old.start()] + new + text[old.end():]
   else:
     text = text.rstrip('\n') + ('\n\n' if text else '') + new
   with open(path, 'w') as f:

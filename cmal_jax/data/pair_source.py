@@ -25,13 +25,14 @@ Grain's map step, on the process that reads the record.
   source[3]   # dict: image_id, caption, region_feats, region_boxes, ...
 """
 
+import functools
 import os
 
 from cmal_jax.data import image_store
 from cmal_jax.data import records
 from cmal_jax.data import region_store
 
-CAPTION_FIELDS = ('image_id', 'caption')
+CAPTION_FIELDS = records.TEXT_FIELDS
 
 
 def is_caption_record(record) -> bool:
@@ -83,11 +84,8 @@ class JoinedPairs:
     """A decoded record of the split as a pair record."""
     if not is_caption_record(record):
       return record  # A pair record, or not a dict (decode_pair says so).
-    for field in CAPTION_FIELDS:
-      if not isinstance(record.get(field), str):
-        what = ('missing' if field not in record else
-                f'expected str, got {type(record[field]).__name__}')
-        raise records.RecordError(self.path, index, field, what)
+    records.check_text_fields(
+        record, functools.partial(records.RecordError, self.path, index))
     extra = sorted(set(record) - set(CAPTION_FIELDS))
     if extra:
       raise records.RecordError(self.path, index, extra[0],

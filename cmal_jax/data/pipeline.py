@@ -438,8 +438,13 @@ def check_skip_limit(stats, config, where=''):
   return total
 
 
+def to_iter_dataset(ds, config):
+  """The IterDataset of `ds` with config.data's prefetch threads."""
+  return ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=config.data.num_threads,
+      prefetch_buffer_size=config.data.prefetch))
+
+
 def to_iterator(ds, config):
-  """IterDataset iterator with prefetch threads; checkpointable."""
-  options = grain.ReadOptions(num_threads=config.data.num_threads,
-                              prefetch_buffer_size=config.data.prefetch)
-  return iter(ds.to_iter_dataset(options))
+  """to_iter_dataset's iterator; checkpointable."""
+  return iter(to_iter_dataset(ds, config))

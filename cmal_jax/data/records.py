@@ -41,6 +41,8 @@ META_FILE = 'meta.json'
 PAIR_FIELDS = ('image_id', 'caption', 'region_feats', 'region_boxes',
                'region_tags', 'region_conf')
 IMAGE_FIELD = 'image'  # Encoded image bytes, for models that read pixels.
+# The text fields of a pair, and all of a caption record (pair_source.py).
+TEXT_FIELDS = ('image_id', 'caption')
 # A pair record for pixels: the image stands where region_feats would.
 PIXEL_PAIR_FIELDS = ('image_id', 'caption', IMAGE_FIELD, 'region_boxes',
                      'region_tags', 'region_conf')
@@ -163,6 +165,16 @@ def open_source(path: str) -> grain.sources.ArrayRecordDataSource:
 
 # ---------------------------------------------------------------- validation
 
+def check_text_fields(example: dict, err):
+  """TEXT_FIELDS present and str, in that order; err(field, problem) makes
+  the exception raised."""
+  for field in TEXT_FIELDS:
+    if field not in example:
+      raise err(field, 'missing')
+    if not isinstance(example[field], str):
+      raise err(field, f'expected str, got {type(example[field]).__name__}')
+
+
 def _float_array(example, field, ndim, err):
   try:
     a = np.asarray(example[field], dtype=np.float32)
@@ -196,9 +208,7 @@ def validate_pair(example: dict, *, path: str, index: int,
   for field in PAIR_FIELDS:
     if field not in example:
       raise err(field, 'missing')
-  for field in ('image_id', 'caption'):
-    if not isinstance(example[field], str):
-      raise err(field, f'expected str, got {type(example[field]).__name__}')
+  check_text_fields(example, err)
   feats = _float_array(example, 'region_feats', 2, err)
   boxes = _float_array(example, 'region_boxes', 2, err)
   conf = _float_array(example, 'region_conf', 1, err)
@@ -255,9 +265,7 @@ def _validate_pixel_pair(example: dict, err) -> dict:
       raise err(field, 'missing' + (' (a model that reads pixels needs '
                                     'the encoded image)'
                                     if field == IMAGE_FIELD else ''))
-  for field in ('image_id', 'caption'):
-    if not isinstance(example[field], str):
-      raise err(field, f'expected str, got {type(example[field]).__name__}')
+  check_text_fields(example, err)
   if not isinstance(example[IMAGE_FIELD], bytes) or not example[IMAGE_FIELD]:
     raise err(IMAGE_FIELD, 'expected the encoded image (PNG or JPEG bytes), '
               f'got {type(example[IMAGE_FIELD]).__name__}')

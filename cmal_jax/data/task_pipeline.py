@@ -47,6 +47,7 @@ import numpy as np
 
 from cmal_jax import task_metrics
 from cmal_jax.data import image_store
+from cmal_jax.data import pair_source
 from cmal_jax.data import pipeline
 from cmal_jax.data import records
 from cmal_jax.data import region_store
@@ -144,10 +145,8 @@ def task_shapes(config):
 def open_store(directory, shapes):
   """The folder's visual side: its region store, or for pixels its image
   store (image_store.open_image_store)."""
-  if shapes.pixels:
-    return image_store.open_image_store(directory)
-  return region_store.RegionStore(region_store.store_path(directory),
-                                  feature_dim=shapes.feature_dim)
+  return pair_source.open_store(directory, pixels=shapes.pixels,
+                                feature_dim=shapes.feature_dim)
 
 
 def num_answers_of(config):

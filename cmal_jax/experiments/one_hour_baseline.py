@@ -52,6 +52,7 @@ import optax
 from cmal_jax import (cli_errors, config_base, configlib, finetune,
                       objectives, sharding, storage, train_step)
 from cmal_jax.data import pipeline, task_pipeline, tasks
+from cmal_jax.experiments.grid_report import mean_std
 from cmal_jax.experiments.one_hour_model import OneHourBaseline
 from cmal_jax.logs import log
 from cmal_jax.model.pixels import reads_pixels
@@ -294,13 +295,6 @@ def run_seed(args, seed):
   storage.write_text_atomic(path, json.dumps(results, indent=1))
   log(f'Wrote {path}')
   return results
-
-
-def mean_std(values):
-  """(mean, sample std), the std 0 for a single value."""
-  values = np.asarray(values, np.float64)
-  std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-  return float(values.mean()), std
 
 
 def summary_line(results):

@@ -35,6 +35,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cmal_jax.model.cmal import masked_mean
 from cmal_jax.model.pixels import pool_regions
 from cmal_jax.model.umse import l2_normalize
 
@@ -42,13 +43,6 @@ from cmal_jax.model.umse import l2_normalize
 CNN_WIDTH = 32
 # CLIP's initial temperature, 0.07, as log(1 / tau).
 INITIAL_LOG_SCALE = math.log(1 / 0.07)
-
-
-def masked_mean(x, mask):
-  """x [B, N, D], mask [B, N] -> [B, D]: the mean over the unmasked rows (0
-  for a row with none)."""
-  w = (mask > 0).astype(x.dtype)[..., None]
-  return jnp.sum(x * w, 1) / jnp.maximum(jnp.sum(w, 1), 1.0)
 
 
 class BagOfWords(nn.Module):
