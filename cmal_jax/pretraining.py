@@ -5,7 +5,7 @@ train_step.Job for the loop in train.py."""
 import jax
 
 from cmal_jax import evaluate, objectives, recipes, sharding, storage
-from cmal_jax.data import pipeline, tfds_source
+from cmal_jax.data import pipeline, shards, tfds_source
 from cmal_jax.data.shapes import Shapes, zero_inputs
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.logs import log
@@ -75,8 +75,12 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
 
   data_name = config.data.source if tfds_spec else directory
   log(f'Data {data_name} ({vocab.num_tags} tags).')
-  return Job(model=model, train_ds=train_ds,
-             epoch_size=len(tfds_source.open_pairs(
-                 config, directory, config.data.train_split)[0]),
+  # The epoch of the whole run: under own_shards no process holds the
+  # split, meta.json counts its shards' pairs.
+  epoch_size = (shards.num_pairs(directory, config.data.train_split)
+                if shards.reads_own_shards(config) else len(
+                    tfds_source.open_pairs(config, directory,
+                                           config.data.train_split)[0]))
+  return Job(model=model, train_ds=train_ds, epoch_size=epoch_size,
              stat_keys=pipeline.stat_keys(config), init_inputs=init_inputs,
              loss=loss, evaluate=evaluate_now, directory=data_name)

@@ -12,6 +12,7 @@ Two records are saved with every checkpoint (checkpoint.py):
 
 import json
 
+import jax
 from flax import traverse_util
 
 # Config fields that define the run's parameters and objectives: a checkpoint
@@ -82,7 +83,12 @@ RESUME_MODES = ('auto', 'fresh', 'allow_changes')
 # Identity fields added after checkpoints recorded an identity: a checkpoint
 # that lacks one was made with this value (the behaviour before the field).
 # A field missing here and in the checkpoint counts as a change.
-IDENTITY_DEFAULTS = {}
+IDENTITY_DEFAULTS = {'data.read': 'global'}
+# Under data.read='own_shards' each process reads and batches its own
+# shards, so the global batches (and the iterator positions saved) depend
+# on the process count: identity() records it in this derived field, for
+# such runs only, so a resume with another count is refused naming it.
+READ_PROCESSES = 'data.read_processes'
 
 
 def _is_free(field):
@@ -90,11 +96,16 @@ def _is_free(field):
              for f in RESUME_FREE_FIELDS)
 
 
-def identity(config):
+def identity(config, process_count=None):
   """{'field.path': value} for every identity field of `config` (JSON data;
-  tuples as lists, as they come back from a checkpoint)."""
+  tuples as lists, as they come back from a checkpoint); under
+  data.read='own_shards' also READ_PROCESSES, the process count
+  (process_count, default jax.process_count())."""
   flat = traverse_util.flatten_dict(
       json.loads(config.to_json_best_effort()), sep='.')
+  if flat.get('data.read') == 'own_shards':
+    flat[READ_PROCESSES] = (jax.process_count() if process_count is None
+                            else process_count)
   return {k: v for k, v in sorted(flat.items()) if not _is_free(k)}
 
 

@@ -18,6 +18,9 @@ r"""Converts real-world region features and captions into our records.
       --split=train --regions=DIR [--skip_bad]
   python -m cmal_jax.convert karpathy --input=FILE --split=train \
       [--without_restval] --regions=DIR [--skip_bad]
+  python -m cmal_jax.convert shard --in=DIR --out=DIR \
+      (--shards=N | --shard_bytes=B [--multiple_of=M]) [--splits=pretrain] \
+      [--whole_splits=val] [--skip_bad]
 
 `bottom_up` turns bottom-up-attention TSV region features (+ the detector's
 class vocabulary) into a region store (formats/bottom_up.py); `captions`
@@ -41,6 +44,9 @@ or, from images, with --config.model.visual.input=pixels instead.
 (pre-training reads the splits `pretrain` and `val`; convert one caption
 file into each.)
 
+`shard` rewrites such a folder sharded by image, each host's working set
+its own shards (config.data.read=own_shards; convert/reshard.py).
+
 `vqa_v2`, `snli_ve`, `nlvr2`, `refcoco` and `karpathy` turn an official
 downstream release (VQA v2, SNLI-VE, NLVR2, RefCOCO/+/g, Karpathy-split COCO
 or Flickr30K) into a fine-tuning task split `{task}_{split}.array_record`,
@@ -58,7 +64,7 @@ status 1 (--verbose: the traceback instead; cli_errors.py).
 import argparse
 
 from cmal_jax import cli_errors
-from cmal_jax.convert import tasks_cli
+from cmal_jax.convert import reshard, tasks_cli
 from cmal_jax.convert.formats import bottom_up, captions, image_boxes, summary
 
 
@@ -100,6 +106,21 @@ def _image_folder(a):
                                                 skip_bad=a.skip_bad)
   print(summary(f'images to {a.out}', n, skipped))
   return n, skipped
+
+
+def _shard(a):
+  split_list = lambda text: [s for s in text.split(',') if s]
+  result = reshard.reshard_folder(
+      a.in_dir, a.out, shards_wanted=a.shards,
+      shard_bytes=None if a.shard_bytes is None else reshard.parse_bytes(
+          a.shard_bytes),
+      multiple_of=a.multiple_of, splits=split_list(a.splits),
+      whole_splits=(None if a.whole_splits is None
+                    else split_list(a.whole_splits)),
+      skip_bad=a.skip_bad)
+  n = sum(result.images)
+  print(summary(result.describe(a.out), n, result.skipped))
+  return n, result.skipped
 
 
 def main(argv=None):
@@ -184,6 +205,31 @@ def main(argv=None):
                  help='Skip and count files that are not images instead of '
                  'stopping.')
   f.set_defaults(run=_image_folder)
+
+  h = sub.add_parser('shard',
+                     help='a folder (store + caption splits) -> the same '
+                     'sharded by image, for data.read=own_shards')
+  h.add_argument('--in', dest='in_dir', required=True,
+                 help='The folder: its region store (or images.json), '
+                 'caption splits and meta.json.')
+  h.add_argument('--out', required=True, help='A fresh output directory.')
+  size = h.add_mutually_exclusive_group(required=True)
+  size.add_argument('--shards', type=int, help='The number of shards N.')
+  size.add_argument('--shard_bytes',
+                    help='Bound on a store shard\'s bytes (e.g. 2G): N is '
+                    'the smallest that keeps every shard within it.')
+  h.add_argument('--multiple_of', type=int, default=1,
+                 help='With --shard_bytes: make N a multiple of this (the '
+                 'process counts you will read it with).')
+  h.add_argument('--splits', default=','.join(reshard.DEFAULT_SPLITS),
+                 help='Comma-separated splits to shard (caption records).')
+  h.add_argument('--whole_splits', default=None,
+                 help='Comma-separated splits copied whole, with a store of '
+                 f'their images (default: {reshard.DEFAULT_WHOLE_SPLIT} if '
+                 'the folder has it; evaluation reads them globally).')
+  h.add_argument('--skip_bad', action='store_true',
+                 help='Skip and count bad records instead of stopping.')
+  h.set_defaults(run=_shard)
 
   tasks_cli.add_task_commands(sub)
   for command in sub.choices.values():

@@ -58,6 +58,17 @@ def open_store(directory: str, *, pixels: bool, feature_dim: int | None):
                                   feature_dim=feature_dim)
 
 
+def check_caption_record(record: dict, *, path: str, index: int):
+  """Raises a RecordError naming path, index and field unless `record` is
+  exactly CAPTION_FIELDS, each a str."""
+  records.check_text_fields(
+      record, functools.partial(records.RecordError, path, index))
+  extra = sorted(set(record) - set(CAPTION_FIELDS))
+  if extra:
+    raise records.RecordError(path, index, extra[0],
+                              'unexpected field in a caption record')
+
+
 class JoinedPairs:
   """Random-access source: record i of a split file as a pair record (a
   dict), a caption record joined with the store's record of its image.
@@ -84,12 +95,7 @@ class JoinedPairs:
     """A decoded record of the split as a pair record."""
     if not is_caption_record(record):
       return record  # A pair record, or not a dict (decode_pair says so).
-    records.check_text_fields(
-        record, functools.partial(records.RecordError, self.path, index))
-    extra = sorted(set(record) - set(CAPTION_FIELDS))
-    if extra:
-      raise records.RecordError(self.path, index, extra[0],
-                                'unexpected field in a caption record')
+    check_caption_record(record, path=self.path, index=index)
     return dict(self.visual_record(record['image_id'], index),
                 caption=record['caption'])
 

@@ -11,7 +11,8 @@
 
 Every random choice is a function of (seed, element index), so the stream
 is identical on every run, after a restore, and for any number of
-processes.
+processes. (data.read='own_shards' trades the last for reading only this
+process's shards of a sharded folder: shards.py.)
 """
 
 import grain
@@ -21,6 +22,7 @@ from cmal_jax.model.pixels import reads_pixels
 from cmal_jax.data import anchors as anchors_lib
 from cmal_jax.data import image_store
 from cmal_jax.data import records
+from cmal_jax.data import shards
 from cmal_jax.data import tfds_source
 from cmal_jax.data.shapes import Shapes
 from cmal_jax.data.tokenizer import load_tokenizer
@@ -351,22 +353,39 @@ def make_dataset(config, directory, split, *, batch_size, train, seed,
   remainder-free batches. train=False: one pass in stored order; a last
   partial batch is dropped and the number is returned.
 
+  data.read='global': rows of one global shuffle, this process's block of
+  each global batch (process_rows). 'own_shards' (train=True only; a
+  one-pass read is global): this process's shards of a sharded folder,
+  shuffled with a seed of (seed, process_index), batch_size rows a batch
+  (shards.py).
+
   Returns (dataset, vocab, num_dropped).
   """
-  # data.source: `directory`'s records, or a TFDS dataset (tfds_source.py).
-  source, path, meta = tfds_source.open_pairs(config, directory, split)
-  # (end data.source)
+  own = train and shards.reads_own_shards(config)
+  if own:
+    parts, meta = shards.open_own_shards(config, directory, split,
+                                         process_index, process_count)
+  else:
+    # data.source: `directory`'s records, or a TFDS dataset (tfds_source.py).
+    source, path, meta = tfds_source.open_pairs(config, directory, split)
+    # (end data.source)
+    parts = [(source, path)]
   vocab = anchors_lib.TagVocab.from_meta(meta)
   shapes = Shapes.from_config(config)
   # A range, not MapDataset.source: 'skip' must also survive a record that
-  # cannot be read, and reads other records to replace a bad one.
-  ds = grain.MapDataset.range(len(source)).map(RecordDecoder(
+  # cannot be read, and reads other records to replace a bad one. One range
+  # per file, so errors name the file and its own record index.
+  decoded = [grain.MapDataset.range(len(source)).map(RecordDecoder(
       source, path=path, shapes=shapes, vocab=vocab,
-      on_error=config.data.on_error))
+      on_error=config.data.on_error)) for source, path in parts]
+  ds = decoded[0] if len(decoded) == 1 else grain.MapDataset.concatenate(
+      decoded)
   if train:
-    ds = ds.shuffle(seed=seed).repeat(None)
+    ds = ds.shuffle(seed=shards.local_seed(seed, process_index) if own
+                    else seed).repeat(None)
   num_dropped = 0 if train else len(ds) % (batch_size * process_count)
-  ds = process_rows(ds, batch_size, process_index, process_count)
+  if not own:
+    ds = process_rows(ds, batch_size, process_index, process_count)
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=list)
   ds = ds.random_map(BatchEncoder(config, vocab, process_index), seed=seed)
   return ds, vocab, num_dropped

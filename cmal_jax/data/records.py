@@ -88,28 +88,48 @@ def decode_record_at(data: bytes | dict, path: str, index: int) -> dict:
     raise RecordError(path, index, '*', f'cannot decode: {e}') from e
 
 
+class AtomicRecordWriter:
+  """Writes one ArrayRecord file as `path.tmp`, renamed to `path` by
+  commit(), so a crash midway never leaves a file at `path` that looks
+  complete; abort() removes the temp file. Several may be open at once (a
+  converter routing records to several files)."""
+
+  def __init__(self, path: str):
+    self.path, self.tmp, self.count = path, path + '.tmp', 0
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    self._writer = ArrayRecordWriter(self.tmp, 'group_size:1')
+
+  def write(self, example: dict | bytes):
+    self._writer.write(example if isinstance(example, bytes)
+                       else encode_record(example))
+    self.count += 1
+
+  def commit(self) -> int:
+    """Closes the file and renames it into place; returns its records."""
+    self._writer.close()
+    os.replace(self.tmp, self.path)
+    return self.count
+
+  def abort(self):
+    self._writer.close()
+    if os.path.exists(self.tmp):
+      os.remove(self.tmp)
+
+
 def write_records(path: str, examples: Iterable[dict | bytes]) -> int:
   """Writes examples (dicts, or bytes already encoded) to an ArrayRecord file.
 
   Returns how many were written. Writes `path.tmp` and renames it at the
-  end, so a crash midway never leaves a file at `path` that looks complete.
+  end (AtomicRecordWriter).
   """
-  tmp = path + '.tmp'
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  writer = ArrayRecordWriter(tmp, 'group_size:1')
-  n = 0
+  writer = AtomicRecordWriter(path)
   try:
     for ex in examples:
-      writer.write(ex if isinstance(ex, bytes) else encode_record(ex))
-      n += 1
-    writer.close()
+      writer.write(ex)
+    return writer.commit()
   except BaseException:
-    writer.close()
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    writer.abort()
     raise
-  os.replace(tmp, path)
-  return n
 
 
 # ---------------------------------------------------------------- reading

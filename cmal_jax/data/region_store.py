@@ -109,6 +109,18 @@ def _as_stored(checked: dict, given: dict) -> dict:
   return checked
 
 
+def stored_record(given: dict, *, path: str, index: int,
+                  feature_dim: int | None) -> dict:
+  """A region record as write_region_store stores it: validated (a
+  RecordError names path, index and field; feature_dim None: the record's
+  own width) and float32, float16 region_feats kept float16. A record with
+  an `image` and no region_feats is checked as one for pixels."""
+  rec = validate_region_record(given, path=path, index=index,
+                               feature_dim=_expected_dim(feature_dim, given),
+                               visual=records.visual_of(given))
+  return _as_stored(rec, given)
+
+
 def write_region_store(path: str, region_records: Iterable[dict],
                        feature_dim: int | None = None) -> int:
   """Writes region records to `path` + its index; returns how many.
@@ -129,16 +141,14 @@ def write_region_store(path: str, region_records: Iterable[dict],
     for i, given in enumerate(region_records):
       if dim is None:
         dim = _feature_dim_of(given)
-      rec = validate_region_record(given, path=path, index=i,
-                                   feature_dim=_expected_dim(dim, given),
-                                   visual=records.visual_of(given))
+      rec = stored_record(given, path=path, index=i, feature_dim=dim)
       image_id = rec['image_id']
       if image_id in index:
         raise records.RecordError(
             path, i, 'image_id', f'duplicate id {image_id!r} (first at '
             f'record {index[image_id]})')
       index[image_id] = i
-      yield _as_stored(rec, given)
+      yield rec
 
   n = records.write_records(path, checked())
   tmp = index_path(path) + '.tmp'
