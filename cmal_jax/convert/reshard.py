@@ -60,12 +60,13 @@ DEFAULT_WHOLE_SPLIT = 'val'  # Kept whole when the input has it.
 @dataclasses.dataclass
 class Resharded:
   """What reshard_folder wrote: per shard, its images, its store bytes and
-  its caption records per split; per whole split its records; and the
-  records skipped per field."""
+  its caption records per split; per whole split its records; the store's
+  images left out; and the records skipped per field."""
   images: list[int]
   bytes: list[int]
   pairs: dict[str, list[int]]
   whole: dict[str, int]
+  unused: int  # Store images no caption of these splits names: left out.
   skipped: dict[str, int]
 
   def describe(self, out_dir: str) -> str:
@@ -76,6 +77,8 @@ class Resharded:
       text += f'; {split}: {sum(counts)} caption records'
     for split, n in self.whole.items():
       text += f'; {split} kept whole: {n} records'
+    if self.unused:
+      text += f'; {self.unused} store images no caption names left out'
     return text + ')'
 
 
@@ -97,41 +100,50 @@ def parse_bytes(text: str) -> int:
 
 
 class StoreRecords:
-  """A folder's store, record by record as a store shard keeps it: its
+  """A folder's store, image by image as a store shard keeps it: its
   region store, or (without one) its images.json with each image file's
   bytes in the record."""
 
   def __init__(self, directory: str, feature_dim: int | None):
     self.feature_dim = feature_dim
     regions = region_store.store_path(directory)
-    self._images = None
     if os.path.exists(regions):
-      self.path = regions
+      self._regions = region_store.RegionStore(regions, feature_dim)
       self._source = records.open_source(regions)
-      self.count = len(self._source)
+      self.path = regions
+      self.image_ids = sorted(self._regions.image_ids(),
+                              key=self._regions.record_index)
+      self.position = self._regions.record_index
     elif os.path.isfile(image_store.store_file(directory)):
+      self._regions = None
       self._images = image_store.ImageStore(image_store.store_file(directory))
       self.path = self._images.path
-      self._ids = self._images.image_ids()
-      self.count = len(self._ids)
+      self.image_ids = self._images.image_ids()
+      self.position = {i: k for k, i in enumerate(self.image_ids)}.get
     else:
       raise FileNotFoundError(
           f'{directory}: no store to shard: neither '
           f'{region_store.REGION_STORE_FILE} nor {image_store.IMAGE_STORE_FILE}')
 
-  def read(self, index: int) -> dict:
-    """Record `index`, checked (RecordError naming the store, the record
-    and the field); float16 region_feats stay float16."""
-    if self._images is None:
+  def read(self, image_id: str) -> dict:
+    """The image's record, checked (a RecordError names the store, the
+    record and the field); float16 region_feats stay float16."""
+    index = self.position(image_id)
+    if self._regions is not None:
       given = records.decode_record_at(self._source[index], self.path, index)
     else:
       try:
-        given = self._images.encoded(self._ids[index])
+        given = self._images.encoded(image_id)
       except image_store.ImageError as e:
         raise records.RecordError(self.path, index, records.IMAGE_FIELD,
                                   str(e)) from e
-    return region_store.stored_record(given, path=self.path, index=index,
-                                      feature_dim=self.feature_dim)
+    record = region_store.stored_record(given, path=self.path, index=index,
+                                        feature_dim=self.feature_dim)
+    if record['image_id'] != image_id:  # A stale or hand-edited index.
+      raise records.RecordError(
+          self.path, index, 'image_id', f'is {record["image_id"]!r} but the '
+          f'index maps {image_id!r} here; rewrite the store')
+    return record
 
 
 def _bad(collector: Collector, error: records.RecordError):
@@ -141,24 +153,37 @@ def _bad(collector: Collector, error: records.RecordError):
   collector.count('record' if error.field == '*' else error.field)
 
 
-def measure_store(store: StoreRecords, collector: Collector):
-  """({image_id: record index}, {image_id: bytes as written}) of the
-  store's good records, one read of each."""
-  where, size = {}, {}
-  for i in range(store.count):
+def named_images(directory: str, split_names) -> set[str]:
+  """The image ids the caption records of these splits name (records that
+  do not decode are left to the pass that copies them, which names them)."""
+  named = set()
+  for split in split_names:
+    path = records.split_path(directory, split)
+    source = records.open_source(path)
+    for i in range(len(source)):
+      try:
+        record = records.decode_record_at(source[i], path, i)
+      except records.RecordError:
+        continue
+      if (pair_source.is_caption_record(record)
+          and isinstance(record.get('image_id'), str)):
+        named.add(record['image_id'])
+  return named
+
+
+def measure_store(store: StoreRecords, wanted: set[str],
+                  collector: Collector) -> dict[str, int]:
+  """{image_id: bytes as written} of the store's good records of the
+  `wanted` images, each read once, in record order."""
+  size = {}
+  for image_id in store.image_ids:
+    if image_id not in wanted:
+      continue
     try:
-      record = store.read(i)
-      image_id = record['image_id']
-      if image_id in where:
-        raise records.RecordError(
-            store.path, i, 'image_id', f'duplicate id {image_id!r} (first '
-            f'at record {where[image_id]})')
+      size[image_id] = len(records.encode_record(store.read(image_id)))
     except records.RecordError as e:
       _bad(collector, e)
-      continue
-    where[image_id] = i
-    size[image_id] = len(records.encode_record(record))
-  return where, size
+  return size
 
 
 def assign_shards(order: list[str], size: dict[str, int], num_shards: int
@@ -279,11 +304,11 @@ def write_caption_shards(in_dir: str, out_dir: str, split: str,
 
 
 def copy_whole_split(in_dir: str, out_dir: str, split: str,
-                     where: dict[str, int], store_path: str,
+                     good: set[str], store_path: str,
                      collector: Collector) -> tuple[int, set[str]]:
   """Copies in_dir's split as it is (its bad caption records raised or
-  counted); returns (records written, the image ids its caption records
-  name)."""
+  counted; `good`: the images that can be read); returns (records
+  written, the image ids its caption records name)."""
   path = records.split_path(in_dir, split)
   source = records.open_source(path)
   named = set()
@@ -295,7 +320,7 @@ def copy_whole_split(in_dir: str, out_dir: str, split: str,
         record = records.decode_record_at(raw, path, i)
         if pair_source.is_caption_record(record):
           pair_source.check_caption_record(record, path=path, index=i)
-          if record['image_id'] not in where:
+          if record['image_id'] not in good:
             raise records.RecordError(
                 path, i, 'image_id', f'image {record["image_id"]!r} is not '
                 f'in {store_path} (or its record was skipped)')
@@ -354,33 +379,41 @@ def reshard_folder(in_dir: str, out_dir: str, *, shards_wanted=None,
     records.open_source(records.split_path(in_dir, split))
   collector = Collector('skip' if skip_bad else 'raise')
   store = StoreRecords(in_dir, meta.get('feature_dim'))
-  where, size = measure_store(store, collector)
-  shard_of = plan_shards(size, shards_wanted=shards_wanted,
+  # Only the images a caption names are written: the shards those of the
+  # sharded splits, the whole store those of the whole splits.
+  sharded, kept_whole = (named_images(in_dir, splits),
+                         named_images(in_dir, whole_splits))
+  size = measure_store(store, sharded | kept_whole, collector)
+  shard_of = plan_shards({i: size[i] for i in sharded if i in size},
+                         shards_wanted=shards_wanted,
                          shard_bytes=shard_bytes, multiple_of=multiple_of)
   n = max(shard_of.values()) + 1
   members = [[] for _ in range(n)]
-  for image_id, k in shard_of.items():
-    members[k].append(where[image_id])
-  for k, indices in enumerate(members):
+  for image_id in store.image_ids:  # Record order.
+    if image_id in shard_of:
+      members[shard_of[image_id]].append(image_id)
+  for k, image_ids in enumerate(members):
     region_store.write_region_store(
         shards.store_shard_path(out_dir, k, n),
-        (store.read(i) for i in sorted(indices)), store.feature_dim)
+        (store.read(i) for i in image_ids), store.feature_dim)
   pairs = {split: write_caption_shards(in_dir, out_dir, split, shard_of, n,
                                        store.path, collector)
            for split in splits}
   whole, named = {}, set()
   for split in whole_splits:
-    whole[split], more = copy_whole_split(in_dir, out_dir, split, where,
+    whole[split], more = copy_whole_split(in_dir, out_dir, split, set(size),
                                           store.path, collector)
     named |= more
   if named:
     region_store.write_region_store(
         region_store.store_path(out_dir),
-        (store.read(i) for i in sorted(where[j] for j in named)),
+        (store.read(i) for i in store.image_ids if i in named),
         store.feature_dim)
+  unused = len(set(store.image_ids) - sharded - kept_whole)
   result = Resharded(images=[len(m) for m in members],
                      bytes=shard_bytes_of(shard_of, size, n), pairs=pairs,
-                     whole=whole, skipped=dict(collector.skipped))
+                     whole=whole, unused=unused,
+                     skipped=dict(collector.skipped))
   out_meta = {k: v for k, v in meta.items() if k not in ('splits', 'shards')}
   out_meta['splits'] = {**{s: sum(c) for s, c in pairs.items()}, **whole}
   out_meta['shards'] = dict(count=n, images=result.images,

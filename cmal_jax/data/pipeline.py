@@ -355,17 +355,39 @@ def make_dataset(config, directory, split, *, batch_size, train, seed,
 
   data.read='global': rows of one global shuffle, this process's block of
   each global batch (process_rows). 'own_shards' (train=True only; a
-  one-pass read is global): this process's shards of a sharded folder,
-  shuffled with a seed of (seed, process_index), batch_size rows a batch
-  (shards.py).
+  one-pass read is global): batch_size rows a batch of this process's own
+  shards of a sharded folder (read_pairs).
 
   Returns (dataset, vocab, num_dropped).
+  """
+  ds, vocab, own = read_pairs(config, directory, split, train=train,
+                              seed=seed, process_index=process_index,
+                              process_count=process_count)
+  num_dropped = 0 if train else len(ds) % (batch_size * process_count)
+  if not own:
+    ds = process_rows(ds, batch_size, process_index, process_count)
+  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=list)
+  ds = ds.random_map(BatchEncoder(config, vocab, process_index), seed=seed)
+  return ds, vocab, num_dropped
+
+
+def read_pairs(config, directory, split, *, train, seed, process_index=0,
+               process_count=1):
+  """The decoded examples of one split, before batching: (MapDataset,
+  vocab, own).
+
+  own=False: the split's records (train: shuffled with `seed`, repeated),
+  the same on every process. own=True (train under data.read='own_shards'):
+  this process's shards only (shards.open_own_shards), shuffled with
+  shards.local_seed(seed, process_index) and repeated.
   """
   own = train and shards.reads_own_shards(config)
   if own:
     parts, meta = shards.open_own_shards(config, directory, split,
                                          process_index, process_count)
   else:
+    if tfds_source.source_spec(config) is None:
+      shards.check_not_only_sharded(directory, split)
     # data.source: `directory`'s records, or a TFDS dataset (tfds_source.py).
     source, path, meta = tfds_source.open_pairs(config, directory, split)
     # (end data.source)
@@ -383,12 +405,7 @@ def make_dataset(config, directory, split, *, batch_size, train, seed,
   if train:
     ds = ds.shuffle(seed=shards.local_seed(seed, process_index) if own
                     else seed).repeat(None)
-  num_dropped = 0 if train else len(ds) % (batch_size * process_count)
-  if not own:
-    ds = process_rows(ds, batch_size, process_index, process_count)
-  ds = ds.batch(batch_size, drop_remainder=True, batch_fn=list)
-  ds = ds.random_map(BatchEncoder(config, vocab, process_index), seed=seed)
-  return ds, vocab, num_dropped
+  return ds, vocab, own
 
 
 def process_rows(ds, batch_size, process_index, process_count):

@@ -232,6 +232,10 @@ class RegionStore:
     """All ids, in record order."""
     return list(self._index)
 
+  def record_index(self, image_id: str) -> int:
+    """Where the index says the image's record is (KeyError if absent)."""
+    return self._index[image_id]
+
   def __getitem__(self, image_id: str) -> dict:
     """Region record of an image: image_id + tasks.REGION_FIELDS."""
     try:

@@ -31,6 +31,7 @@ shuffles with local_seed(seed, p) and batches p's local batch. A missing
 or truncated file of p's shards is named at start.
 """
 
+import glob
 import hashlib
 import os
 
@@ -106,6 +107,21 @@ def local_seed(seed: int, process_index: int) -> int:
   so the processes' streams differ and each is the same on every run."""
   return int(np.random.SeedSequence((seed, process_index)).generate_state(
       1, np.uint32)[0])
+
+
+def check_not_only_sharded(directory: str, split: str):
+  """Raises, naming the folder, when it holds `split` only as shards, which
+  data.read='global' cannot read (it would otherwise say the split file is
+  missing, as if nothing were there)."""
+  if os.path.exists(records.split_path(directory, split)):
+    return
+  first = glob.glob(glob.escape(directory) + f'/{glob.escape(split)}-00000-of-'
+                    '*.array_record')
+  if first:
+    raise ValueError(
+        f"{directory}: holds split {split!r} as shards ({first[0]}, ...), "
+        "which data.read='global' does not read: set "
+        "--config.data.read=own_shards (each process reads its own shards)")
 
 
 def own_files(directory: str, split: str, shards: list[int], n: int
