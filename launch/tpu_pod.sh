@@ -10,7 +10,21 @@
 # jax.distributed finds the pod's workers by itself (TPU_WORKER_HOSTNAMES).
 # Data: with a gs:// workdir each worker generates the synthetic world into
 # its own local temp folder (ArrayRecord is read from local disk); real
-# records go to --config.data.dir on a disk every worker can read.
+# records go to --config.data.dir on a disk every worker can read, or:
+#
+# Sharded data on GCS (docs/data.md, "Sharded folders"): a folder written
+# by `python -m cmal_jax.convert shard` and copied to the bucket,
+#   gs://bucket/coco/{meta.json, regions-0000k-of-0000N.array_record(.index.json),
+#                     pretrain-0000k-of-0000N.array_record, val.array_record,
+#                     regions.array_record(.index.json)}
+# With DATA_GCS set, each worker first copies its own shards (k % WORKERS ==
+# WORKER; launch/fetch_shards.sh) and the files kept whole to DATA_LOCAL
+# (default /tmp/cmal-data) on its local disk, and the run reads them with
+# --config.data.read=own_shards --config.data.dir=DATA_LOCAL:
+#
+#   DATA_GCS=gs://bucket/coco bash launch/tpu_pod.sh my-tpu us-central2-b \
+#       gs://bucket/runs/coco configs/pretrain.py:base \
+#       --config.model.region_feat_dim=2048
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 TPU_NAME ZONE gs://WORKDIR [CONFIG] [--config.x=y ...]" >&2
@@ -29,9 +43,16 @@ gcloud compute tpus tpu-vm scp /tmp/cmal-jax.tgz "$TPU":~/ --zone="$ZONE" \
   --worker=all
 "${SSH[@]}" --command="mkdir -p cmal-jax && tar -xzf cmal-jax.tgz -C cmal-jax \
   && cd cmal-jax && pip install -q -r requirements.txt 'jax[tpu]==0.10.2' gcsfs"
+DATA_FLAGS=""
+if [ -n "${DATA_GCS:-}" ]; then
+  DATA_LOCAL=${DATA_LOCAL:-/tmp/cmal-data}
+  "${SSH[@]}" --command="cd cmal-jax && \
+    bash launch/fetch_shards.sh $DATA_GCS $DATA_LOCAL"
+  DATA_FLAGS="--config.data.read=own_shards --config.data.dir=$DATA_LOCAL"
+fi
 # nohup: the run survives the ssh session; each worker logs to its own file.
 "${SSH[@]}" --command="cd cmal-jax && nohup python -m cmal_jax.main \
-  --config=$CONFIG --workdir=$WORKDIR $* \
+  --config=$CONFIG --workdir=$WORKDIR $DATA_FLAGS $* \
   > ~/cmal-jax.log 2>&1 &"
 echo "Started on every worker of $TPU; logs: ~/cmal-jax.log on each worker,"
 echo "metrics: $WORKDIR/metrics.jsonl (process 0)."

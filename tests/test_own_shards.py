@@ -11,6 +11,8 @@ import collections
 import json
 import os
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -23,6 +25,14 @@ from cmal_jax.world import scenes
 from cmal_testutil import WORLD_PARAMS, tiny_with_data
 
 NUM_TRAIN, NUM_VAL, N = 48, 8, 4
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `gcloud storage cp SRC... DEST` with gs://X read from $FAKE_GCS/X.
+FAKE_GCLOUD = """#!/usr/bin/env bash
+[ "$1 $2" = "storage cp" ] || exit 64
+shift 2
+args=("$@"); dest=${args[-1]}; unset 'args[-1]'
+for a in "${args[@]}"; do cp "$FAKE_GCS/${a#gs://}" "$dest"; done
+"""
 
 
 def pair_key(pair):
@@ -316,3 +326,47 @@ def test_bad_input_is_named_or_counted(world, tmp_path, bad):
   assert sum(result.pairs['pretrain']) == 64 - lost
   with pytest.raises(FileExistsError, match='not empty'):
     reshard.reshard_folder(d, str(tmp_path / 'skipped'), shards_wanted=N)
+
+
+def fetch_shards(tmp_path, folder, worker, workers):
+  """launch/fetch_shards.sh on a fake worker, gcloud faked over a local
+  copy of `folder` as gs://bucket/coco; returns (process, local dir)."""
+  gcs, bin_dir = tmp_path / 'gcs', tmp_path / 'bin'
+  if not gcs.exists():
+    shutil.copytree(folder, gcs / 'bucket' / 'coco')
+    bin_dir.mkdir()
+    (bin_dir / 'gcloud').write_text(FAKE_GCLOUD)
+    (bin_dir / 'gcloud').chmod(0o755)
+  local = tmp_path / f'local{worker}'
+  env = dict(os.environ, FAKE_GCS=str(gcs), TPU_WORKER_ID=str(worker),
+             TPU_WORKER_HOSTNAMES=','.join(f'h{i}' for i in range(workers)),
+             PATH=f'{bin_dir}:{os.environ["PATH"]}', PYTHONPATH=REPO)
+  done = subprocess.run(['bash', 'launch/fetch_shards.sh', 'gs://bucket/coco',
+                         str(local)], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=120)
+  return done, str(local)
+
+
+def test_fetch_shards_copies_a_workers_own_files(sharded, tmp_path):
+  done, local = fetch_shards(tmp_path, sharded, worker=1, workers=2)
+  assert done.returncode == 0, done.stderr
+  assert sorted(os.listdir(local)) == sorted(
+      ['meta.json', 'val.array_record', 'regions.array_record',
+       'regions.array_record.index.json']
+      + [os.path.basename(f) for k in (1, 3) for f in (
+          shards.store_shard_path(local, k, N),
+          region_store.index_path(shards.store_shard_path(local, k, N)),
+          shards.split_shard_path(local, 'pretrain', k, N))])
+  assert done.stdout.strip().endswith(
+      f'Worker 1 of 2: 9 files of gs://bucket/coco in {local}.')
+  # Worker 1 reads its local copy as it reads the whole folder.
+  config = own_config(local)
+  here, there = (pipeline.read_pairs(config, d, 'pretrain', train=True,
+                                     seed=0, process_index=1,
+                                     process_count=2)[0]
+                 for d in (local, sharded))
+  assert [here[i]['caption'] for i in range(40)] == [
+      there[i]['caption'] for i in range(40)]
+  done, _ = fetch_shards(tmp_path, sharded, worker=0, workers=3)
+  assert done.returncode == 1
+  assert '4 shards cannot be read evenly by 3 processes' in done.stderr

@@ -416,7 +416,13 @@ def reshard_folder(in_dir: str, out_dir: str, *, shards_wanted=None,
                      skipped=dict(collector.skipped))
   out_meta = {k: v for k, v in meta.items() if k not in ('splits', 'shards')}
   out_meta['splits'] = {**{s: sum(c) for s, c in pairs.items()}, **whole}
+  whole_files = [os.path.basename(records.split_path(out_dir, split))
+                 for split in whole]
+  if named:
+    whole_files += [region_store.REGION_STORE_FILE, os.path.basename(
+        region_store.index_path(region_store.store_path(out_dir)))]
   out_meta['shards'] = dict(count=n, images=result.images,
-                            bytes=result.bytes, splits=pairs)
+                            bytes=result.bytes, splits=pairs,
+                            whole_files=whole_files)
   records.write_meta(out_dir, out_meta)  # Last: the folder is complete.
   return result

@@ -19,7 +19,7 @@ image, so that a process needs only its own shards:
 
 meta.json's "shards" = {"count": N, "images": [per shard], "bytes": [per
 store shard: its records' encoded bytes], "splits": {split: [caption
-records per shard]}}. `python -m cmal_jax.convert shard` writes the layout
+records per shard]}, "whole_files": [the files kept whole]}. `python -m cmal_jax.convert shard` writes the layout
 (convert/reshard.py); images are assigned to shards in the order of a
 stable hash of their id, cut into N blocks of balanced bytes, so every
 shard is a uniform sample of the images.
@@ -31,12 +31,14 @@ shuffles with local_seed(seed, p) and batches p's local batch. A missing
 or truncated file of p's shards is named at start.
 """
 
+import argparse
 import glob
 import hashlib
 import os
 
 import numpy as np
 
+from cmal_jax import cli_errors
 from cmal_jax.data import image_store
 from cmal_jax.data import pair_source
 from cmal_jax.data import records
@@ -136,6 +138,20 @@ def own_files(directory: str, split: str, shards: list[int], n: int
   return files
 
 
+def process_files(directory: str, process_index: int, process_count: int
+                  ) -> list[str]:
+  """Every file process p of P needs of a sharded folder, meta.json
+  aside: its store shards (+ indexes), its caption shards of each sharded
+  split, and the files kept whole (evaluation's). What launch/
+  fetch_shards.sh copies to a worker's disk."""
+  info = shard_info(directory, records.read_meta(directory))
+  mine = own_shards(directory, info['count'], process_index, process_count)
+  files = [f for split in info.get('splits', {})
+           for f in own_files(directory, split, mine, info['count'])]
+  whole = [os.path.join(directory, f) for f in info.get('whole_files', ())]
+  return list(dict.fromkeys(files)) + whole
+
+
 def open_shard_store(path: str, *, pixels: bool, feature_dim: int | None):
   """A store shard: its images (pixels) or its region records."""
   if pixels:
@@ -200,3 +216,22 @@ def num_pairs(directory: str, split: str) -> int:
   the epoch of the whole run, though no process holds all of them."""
   info = shard_info(directory, records.read_meta(directory))
   return int(sum(info.get('splits', {}).get(split, ())))
+
+
+def main(argv=None):
+  """Prints the files (names in the folder, one a line) that process
+  --process_index of --process_count needs of a sharded folder, meta.json
+  aside: launch/fetch_shards.sh copies those."""
+  ap = argparse.ArgumentParser(description=main.__doc__.split('\n')[0])
+  ap.add_argument('directory', help='The folder (its meta.json suffices).')
+  ap.add_argument('--process_index', type=int, required=True)
+  ap.add_argument('--process_count', type=int, required=True)
+  cli_errors.add_verbose_flag(ap)
+  a = ap.parse_args(argv)
+  files = process_files(a.directory, a.process_index, a.process_count)
+  print('\n'.join(os.path.basename(f) for f in files))
+  return files
+
+
+if __name__ == '__main__':
+  cli_errors.run_tool('shards', main)
