@@ -19,8 +19,9 @@ import pytest
 
 from cmal_jax import configlib, run_identity
 from cmal_jax.convert import cli as convert
-from cmal_jax.convert import reshard
-from cmal_jax.data import pair_source, pipeline, records, region_store, shards
+from cmal_jax.convert import inspect, reshard
+from cmal_jax.data import (image_store, pair_source, pipeline, records,
+                           region_store, shards)
 from cmal_jax.world import scenes
 from cmal_testutil import WORLD_PARAMS, tiny_with_data
 
@@ -370,3 +371,51 @@ def test_fetch_shards_copies_a_workers_own_files(sharded, tmp_path):
   done, _ = fetch_shards(tmp_path, sharded, worker=0, workers=3)
   assert done.returncode == 1
   assert '4 shards cannot be read evenly by 3 processes' in done.stderr
+
+
+def test_inspect_joins_each_caption_shard_with_its_store_shard(sharded,
+                                                               capsys):
+  assert inspect.main([sharded]) == 0
+  out = capsys.readouterr().out
+  assert f'{shards.split_shard_path(sharded, "pretrain", 3, N)}: pair file' in (
+      out)
+  assert 'errors: 0' in out.splitlines()[-1]
+
+
+def test_an_image_folder_is_packed_into_the_shards(tmp_path):
+  """images.json + image files: each shard a store of records carrying
+  the encoded image, read by a pixel model as the files were."""
+  d = str(tmp_path / 'photos')
+  os.makedirs(d)
+  rng = np.random.default_rng(0)
+  entries = []
+  for i in range(12):
+    pixels = rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)
+    with open(os.path.join(d, f'{i}.png'), 'wb') as f:
+      f.write(image_store.encode_png(pixels))
+    entries.append((f'p{i}', {'file': f'{i}.png', 'boxes': [[0, 0, 8, 8]],
+                              'tags': ['dog']}))
+  image_store.write_image_store(d, entries)
+  captions = [{'image_id': f'p{i % 12}', 'caption': f'a dog, take {i}'}
+              for i in range(30)]
+  records.write_records(records.split_path(d, 'pretrain'), captions)
+  records.write_meta(d, {'tags': ['dog'], 'synonyms': {}, 'feature_dim': None,
+                         'splits': {'pretrain': 30}})
+  out = str(tmp_path / 'out')
+  result = reshard.reshard_folder(d, out, shards_wanted=2)
+  assert sum(result.images) == 12 and sum(result.pairs['pretrain']) == 30
+  config = own_config(out)
+  config.model.visual.input = 'pixels'
+  files = image_store.ImageStore(image_store.store_file(d))
+  fed = collections.Counter()
+  for p in range(2):
+    ds = pipeline.read_pairs(config, out, 'pretrain', train=True, seed=0,
+                             process_index=p, process_count=2)[0]
+    for i in range(result.pairs['pretrain'][p]):
+      example = ds[i]
+      fed[(example['image_id'], example['caption'])] += 1
+      assert np.array_equal(example['image'], image_store.resize_image(
+          files[example['image_id']]['image'],
+          config.model.visual.image_size))
+  assert fed == collections.Counter((c['image_id'], c['caption'])
+                                    for c in captions)

@@ -4,6 +4,7 @@ joined with the folder's store first, as pair_source.JoinedPairs joins it);
 its image described once, its caption and anchors every time."""
 
 import functools
+import os
 
 from cmal_jax.convert.inspect_scan import (
     FileScan, as_record_error, decode_record_image, expected_width,
@@ -14,6 +15,7 @@ from cmal_jax.convert.inspect_stats import (
 from cmal_jax.data import pair_source
 from cmal_jax.data import pipeline
 from cmal_jax.data import records
+from cmal_jax.data import shards
 
 
 def _check_pair(scan: FileScan, example, index: int, width):
@@ -31,8 +33,16 @@ def _check_pair(scan: FileScan, example, index: int, width):
 
 
 def _joiner(scan: FileScan):
-  """The folder's store, for the file's caption records; a RecordError
-  (for every caption record) when the folder has none."""
+  """The folder's store, for the file's caption records (a caption shard's:
+  its own store shard); a RecordError (for every caption record) when the
+  folder has none."""
+  store = shards.store_shard_of(scan.path)
+  if store is not None and os.path.exists(store):
+    pixels = scan.meta_width is None  # Pixel folders have no feature width.
+    return pair_source.JoinedPairs(
+        None, shards.open_shard_store(store, pixels=pixels,
+                                      feature_dim=scan.meta_width),
+        path=scan.path, pixels=pixels)
   joiner = pair_source.folder_joiner(scan.folder, scan.path, scan.meta_width)
   if joiner is None:
     raise records.RecordError(

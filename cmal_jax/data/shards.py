@@ -35,6 +35,7 @@ import argparse
 import glob
 import hashlib
 import os
+import re
 
 import numpy as np
 
@@ -48,6 +49,7 @@ from cmal_jax.data.shapes import Shapes, check_feature_dim
 READ_MODES = ('global', 'own_shards')
 STORE_NAME = 'regions'  # Store shards: regions-0000k-of-0000N.array_record.
 _CONVERT = 'python -m cmal_jax.convert shard --in=DIR --out=DIR'
+_SHARD_FILE = re.compile(r'^(.+)-(\d{5})-of-(\d{5})\.array_record$')
 
 
 def reads_own_shards(config) -> bool:
@@ -66,6 +68,17 @@ def store_shard_path(directory: str, k: int, n: int) -> str:
 
 def split_shard_path(directory: str, split: str, k: int, n: int) -> str:
   return shard_path(directory, split, k, n)
+
+
+def store_shard_of(path: str) -> str | None:
+  """The store shard a caption shard's records name images of
+  ({split}-0000k-of-0000N -> regions-0000k-of-0000N, same folder); None
+  for a file that is not a caption shard."""
+  m = _SHARD_FILE.match(os.path.basename(path))
+  if m is None or m.group(1) == STORE_NAME:
+    return None
+  return store_shard_path(os.path.dirname(path), int(m.group(2)),
+                          int(m.group(3)))
 
 
 def shard_order_key(image_id: str) -> tuple[bytes, str]:
