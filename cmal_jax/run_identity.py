@@ -5,7 +5,8 @@ Two records are saved with every checkpoint (checkpoint.py):
   A checkpoint of another signature cannot be resumed at all.
 - the identity: every config field that changes what the weights become
   (steps, schedule, seed, data, CMAP, losses, ...): all of the config but
-  RESUME_FREE_FIELDS. A resume that changes one is refused, naming the
+  RESUME_FREE_FIELDS, plus under data.read='own_shards' the process count
+  (READ_PROCESSES). A resume that changes one is refused, naming the
   fields, unless config.resume='allow_changes', which accepts the change and
   records it (train.py: run_info.json, and config.json's history).
 """

@@ -17,13 +17,15 @@ import subprocess
 import numpy as np
 import pytest
 
-from cmal_jax import configlib, run_identity
+from cmal_jax import checkpoint, configlib, run_identity
+from configs import finetune
 from cmal_jax.convert import cli as convert
 from cmal_jax.convert import inspect, reshard
 from cmal_jax.data import (image_store, pair_source, pipeline, records,
                            region_store, shards)
 from cmal_jax.world import scenes
-from cmal_testutil import WORLD_PARAMS, tiny_with_data
+from cmal_testutil import WORLD_PARAMS, read_jsonl, tiny_with_data, train_lines
+from test_multihost import command, environment, free_port, run_processes
 
 NUM_TRAIN, NUM_VAL, N = 48, 8, 4
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -278,6 +280,11 @@ def test_config_values_are_checked():
       "config.data.read='own_shards': needs data.dir")):
     configlib.validate(own_config(''))
   configlib.validate(own_config('/d'))
+  tune = finetune.get_config('ve')
+  tune.data.read = 'own_shards'
+  with pytest.raises(ValueError, match=re.escape(
+      "config.data.read='own_shards': only pre-training reads it")):
+    configlib.validate(tune)
 
 
 def _rewrite(path, index, record):
@@ -419,3 +426,33 @@ def test_an_image_folder_is_packed_into_the_shards(tmp_path):
           config.model.visual.image_size))
   assert fed == collections.Counter((c['image_id'], c['caption'])
                                     for c in captions)
+
+
+@pytest.mark.slow  # Two local processes that compile and train: ~2 min.
+def test_two_processes_train_and_another_count_is_refused(
+    world_dir, compilation_cache, tmp_path):
+  """2 processes x 2 devices train 2 steps on their own shards of the
+  suite's world; resuming that checkpoint in one process is refused,
+  naming data.read_processes."""
+  sharded_dir, workdir = str(tmp_path / 'sharded'), str(tmp_path / 'run')
+  reshard.reshard_folder(world_dir, sharded_dir, shards_wanted=2)
+  own = ['--config.data.read=own_shards', '--config.checkpoint_every=2']
+  port = free_port()
+  outputs = run_processes([
+      (command(workdir, sharded_dir, 2) + own,
+       environment(2, compilation_cache, JAX_CPU_COLLECTIVES_IMPLEMENTATION=
+                   'gloo', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+                   JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(i)))
+      for i in (0, 1)])
+  assert '2 process(es)' in outputs[0]
+  lines = read_jsonl(workdir)
+  assert [l['step'] for l in train_lines(lines)] == [1, 2]
+  assert all(np.isfinite(l['loss']) for l in train_lines(lines))
+  with open(os.path.join(checkpoint.checkpoint_dir(workdir), '2', 'identity',
+                         'metadata')) as f:
+    assert json.load(f)[run_identity.READ_PROCESSES] == 2
+  resumed = subprocess.run(command(workdir, sharded_dir, 4) + own, cwd=REPO,
+                           env=environment(4, compilation_cache),
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 1, resumed.stderr[-2000:]
+  assert 'data.read_processes: checkpoint 2, config 1' in resumed.stderr
