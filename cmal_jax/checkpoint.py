@@ -29,6 +29,8 @@ class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
   (pipeline.process_rows), so all saved states agree and any process may
   take one: a run resumed on other hardware continues at the same global
   batch. Differing states (a pipeline without that property) are refused.
+  Under data.read='own_shards' each process's state is of its own shards:
+  the run identity refuses another process count before this restore.
   """
 
   def restore(self, directory, item=None, args=None):

@@ -428,7 +428,7 @@ def test_an_image_folder_is_packed_into_the_shards(tmp_path):
                                     for c in captions)
 
 
-@pytest.mark.slow  # Two local processes that compile and train: ~2 min.
+@pytest.mark.slow  # Two local processes compile and train: ~60 s.
 def test_two_processes_train_and_another_count_is_refused(
     world_dir, compilation_cache, tmp_path):
   """2 processes x 2 devices train 2 steps on their own shards of the
