@@ -53,12 +53,39 @@ class Loss:
   extra_state(params) -> pytree or None: the recipe's own train state
     (TrainState.extra, checkpointed with it) for starting parameters
     `params` (SemMIM: the momentum encoder, a copy of them).
+  branches, branch: an objective that changes during the run (ITM's
+    warm-up, SemVLP's modes) as a tuple of losses like `loss` and
+    branch(batch) -> int32 scalar, the (micro-)batch's branch, which
+    prepare writes into the batch; `loss` then runs the batch's branch
+    (branched_loss builds all three). The train step differentiates each
+    branch apart and switches between the gradients, so that only the
+    step's branch runs: a switch inside the differentiated loss would
+    still write the other branch's residuals (a whole pass's activations)
+    as zeros, forward and backward.
   """
   prepare: Callable
   loss: Callable
   denominators: Callable
   after_update: Callable = lambda state: state
   extra_state: Callable = lambda params: None
+  branches: tuple = ()
+  branch: Callable | None = None
+
+
+def branched_loss(prepare, denominators, branches, branch, **hooks) -> Loss:
+  """The Loss whose loss is branches[branch(batch)] (lax.switch)."""
+  def loss(params, batch, rng, denominators):
+    return jax.lax.switch(branch(batch), branches, params, batch, rng,
+                          denominators)
+  return Loss(prepare=prepare, loss=loss, denominators=denominators,
+              branches=tuple(branches), branch=branch, **hooks)
+
+
+def loss_branches(loss: Loss):
+  """(branches, branch) of any Loss; one without branches is one branch."""
+  if loss.branches:
+    return loss.branches, loss.branch
+  return (loss.loss,), lambda batch: jnp.int32(0)
 
 
 def itm_actions(config):
@@ -104,35 +131,38 @@ def pretraining_loss(model, config, specials, two_stream=None,
           state is not None and state.step < warmup_steps)
     return out
 
-  def loss(params, batch, rng, denominators):
-    apply = lambda inputs, rng: model.apply(
-        {'params': params}, inputs, deterministic=False,
-        rngs={'dropout': rng}, two_stream=two_stream)
-    if itm_pass:
-      rng, itm_rng = jax.random.split(rng)
-      outputs = apply(batch['inputs'], rng)
-      label_blind = lambda: apply(batch['itm_inputs'], itm_rng)['itm_logits']
-      if warmup_steps:
-        # lax.cond, not a select: only the taken branch runs, in the
-        # backward pass too. The flag is the same for every example.
-        itm_logits = jax.lax.cond(batch['itm_reads_corrupted'][0],
-                                  lambda: outputs['itm_logits'], label_blind)
+  def loss_of(itm_reads_corrupted):
+    """The loss with ITM on the CMAP pass (the warm-up) or on its own
+    label-blind pass."""
+    def loss(params, batch, rng, denominators):
+      apply = lambda inputs, rng: model.apply(
+          {'params': params}, inputs, deterministic=False,
+          rngs={'dropout': rng}, two_stream=two_stream)
+      if itm_pass:
+        rng, itm_rng = jax.random.split(rng)
+        outputs = apply(batch['inputs'], rng)
+        if not itm_reads_corrupted:
+          outputs = dict(outputs, itm_logits=apply(
+              batch['itm_inputs'], itm_rng)['itm_logits'])
       else:
-        itm_logits = label_blind()
-      outputs = dict(outputs, itm_logits=itm_logits)
-    else:
-      outputs = apply(batch['inputs'], rng)
-    total, metrics = compute_losses(outputs, batch['targets'], config,
-                                    denominators)
-    if extra_losses is not None:
-      total, extra = extra_losses(outputs, batch['targets'], denominators,
-                                  total)
-      metrics.update(extra, loss=total)
-    return total, metrics
+        outputs = apply(batch['inputs'], rng)
+      total, metrics = compute_losses(outputs, batch['targets'], config,
+                                      denominators)
+      if extra_losses is not None:
+        total, extra = extra_losses(outputs, batch['targets'], denominators,
+                                    total)
+        metrics.update(extra, loss=total)
+      return total, metrics
+    return loss
 
-  return Loss(prepare=prepare, loss=loss,
-              denominators=lambda batch: loss_denominators(batch['targets'],
-                                                           config))
+  denominators = lambda batch: loss_denominators(batch['targets'], config)
+  if warmup_steps:
+    # Branch 1, the warm-up, does not run the label-blind pass (nor its
+    # backward pass): Loss.branches.
+    return branched_loss(
+        prepare, denominators, (loss_of(False), loss_of(True)),
+        lambda batch: batch['itm_reads_corrupted'][0].astype(jnp.int32))
+  return Loss(prepare=prepare, loss=loss_of(False), denominators=denominators)
 
 
 def choose_positions(rng, eligible, prob, scores=None):

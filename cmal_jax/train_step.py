@@ -244,13 +244,24 @@ def loss_and_grads(loss, params, batch, rng, num_micro=1, state=None,
   prep_rng, dropout_rng = jax.random.split(rng)
   batch = loss.prepare(batch, prep_rng, state)
   denominators = loss.denominators(batch)
-  objective = loss.loss
-  if loss_scale is not None:
-    def scaled(*args):
-      total, metrics = loss.loss(*args)
+  branches, branch = objectives.loss_branches(loss)
+
+  def scaled(objective):
+    if loss_scale is None:
+      return objective
+    def scaled_objective(*args):
+      total, metrics = objective(*args)
       return total * loss_scale, metrics
-    objective = scaled
-  value_and_grad = jax.value_and_grad(objective, has_aux=True)
+    return scaled_objective
+
+  # Each branch differentiated apart, then switched (Loss.branches): only
+  # the batch's branch runs, forward and backward.
+  branch_grads = [jax.value_and_grad(scaled(b), has_aux=True)
+                  for b in branches]
+  def value_and_grad(params, batch, *args):
+    if len(branch_grads) == 1:
+      return branch_grads[0](params, batch, *args)
+    return jax.lax.switch(branch(batch), branch_grads, params, batch, *args)
   unscale = lambda grads: grads if loss_scale is None else jax.tree.map(
       lambda g: g / loss_scale, grads)
   if num_micro == 1:

@@ -106,7 +106,8 @@ def test_benchmark_smoke_run_writes_the_table(world_dir, tmp_path,
   run.main(['--sizes=tiny', '--steps=1', '--warmup=0', '--peak_n=128',
             # CMAP off is the same JaxStep on another config; skipping its
             # compile keeps the suite inside its time budget.
-            '--no-torch_compile', '--no-cmap_off', '--pipeline_sizes=tiny',
+            '--no-torch_compile', '--no-cmap_off', '--no-default_program',
+            '--pipeline_sizes=tiny',
             '--pipeline_batches=2', '--paper_size=tiny',
             '--predict_sizes=tiny',
             f'--records={world_dir}', f'--data_dir={tmp_path / "data"}',
@@ -157,3 +158,21 @@ def test_convert_memory_refuses_what_the_disk_cannot_hold(tmp_path):
   with pytest.raises(SystemExit, match='need ~.* GB free: lower --feature_dim'):
     convert_memory.run([10**9], num_boxes=36, feature_dim=2048,
                        directory=str(tmp_path), float16=False, keep=False)
+
+
+def test_interleaved_times_the_last_step_of_each_turn():
+  """Each turn runs `rewarm` untimed steps, then the timed one; warm-up
+  rounds are not timed; every contender gets the same number of turns."""
+  calls = {'a': [], 'b': []}
+
+  def step(name):
+    def run_once():
+      calls[name].append(len(calls[name]))
+      return float(len(calls[name]))  # 1, 2, 3, ... per contender.
+    return run_once
+
+  t = run.interleaved({n: step(n) for n in calls}, rounds=3, warmup=1,
+                      pause=0.0, rewarm=1)
+  assert {n: len(c) for n, c in calls.items()} == {'a': 8, 'b': 8}
+  # Timed: the 2nd step of turns 2-4, i.e. call numbers 4, 6, 8.
+  assert t['a'] == t['b'] == dict(median=6.0, min=4.0, max=8.0)

@@ -4,7 +4,12 @@ Measures, in one run and side by side:
   1. peak: a large float32 jnp.dot, GFLOP/s (what MFU is relative to);
   2. the pre-training step (CMAL: AMC + MLM + ITM, CMAP on; forward,
      backward, optimizer) per size: examples/s, median step time (min/max
-     over the timed steps), FLOPs per step from XLA's cost analysis, MFU;
+     over the timed steps), FLOPs per step from XLA's cost analysis, MFU.
+     The step is the one of ITM's warm-up (bench_config: ITM reads the
+     CMAP pass), the computation the PyTorch mirror runs; with
+     --default_program also the default config's program (at step 0 it
+     takes the same branch; after the warm-up it adds the label-blind
+     pass);
   3. the same step in the PyTorch mirror (same weights, batch, objectives,
      optimizer): eager and torch.compile, and JAX / PyTorch;
   4. the JAX step with CMAP off, and (--paper_behaviour) with the
@@ -78,12 +83,22 @@ def measure_peak(n, steps, warmup):
   return 2 * n ** 3 / t['median'] / 1e9, t
 
 
-def bench_config(size, batch, cmap=True, records='', behaviour='fixed'):
+def bench_config(size, batch, cmap=True, records='', behaviour='fixed',
+                 itm_warmup_phase=True):
   """The pre-training config of `size` (CMAL recipe, `behaviour`: configs/
   pretrain.py's fixed or paper) at `batch`, on `records` (a records
-  directory) or a synthetic world just big enough for the benchmark."""
+  directory) or a synthetic world just big enough for the benchmark.
+
+  itm_warmup_phase: ITM reads the CMAP pass throughout, the step of ITM's
+  warm-up (the default step holds it and the label-blind step as two
+  branches, objectives.Loss.branches, and XLA's cost analysis would count
+  both); False: the config as it is.
+  """
   config = config_base.config_module('pretrain').get_config(
       f'{size},{behaviour}')
+  if itm_warmup_phase:
+    config.loss.itm_inputs = 'corrupted'
+    config.loss.itm_corrupted_warmup = 0.0
   config.data.dir = records
   config.batch_size = batch
   config.cmap.enabled = cmap
@@ -187,18 +202,23 @@ class Results:
     return value
 
 
-def interleaved(contenders, rounds, warmup, pause=0.3):
+def interleaved(contenders, rounds, warmup, pause=0.3, rewarm=1):
   """Times each contender's step(), round by round in turn (in a new
   random order each round, so none always follows the same other), so a
   noisy machine slows them alike.
-  contenders: {name: step() -> seconds}. A pause after each step lets the
-  last one's thread pool go idle (OpenMP threads spin for a while after a
-  parallel region). -> {name: {'median', 'min', 'max'}}."""
+  contenders: {name: step() -> seconds}. In its turn a contender first runs
+  `rewarm` untimed steps: the first step after another process's step is
+  slower, by up to a third at `base` (docs/benchmarks.md), which would
+  time the switch rather than the step. A pause after each turn lets its
+  thread pool go idle (OpenMP threads spin for a while after a parallel
+  region). -> {name: {'median', 'min', 'max'}}."""
   names = list(contenders)
   times = {name: [] for name in names}
   order = np.random.default_rng(0)
   for r in range(warmup + rounds):
     for name in order.permutation(names):
+      for _ in range(rewarm):
+        contenders[name]()
       t = contenders[name]()
       time.sleep(pause)
       if r >= warmup:
@@ -227,6 +247,11 @@ def bench_size(size, batch, args, results, data_root, peak_flops):
     paper = JaxStep(bench_config(size, batch, records=args.records,
                                  behaviour='paper'), workdir)
     contenders['jax_paper_behaviour'] = paper.stepper(paper.compile()[0])
+  if args.default_program:
+    default = JaxStep(bench_config(size, batch, records=args.records,
+                                   itm_warmup_phase=False), workdir)
+    contenders['jax_default_program'] = default.stepper(
+        default.compile()[0])
   workers = []
   if args.torch:
     inputs, targets = step.corrupted_inputs()
@@ -264,6 +289,12 @@ def bench_size(size, batch, args, results, data_root, peak_flops):
     add_time('jax_cmap_off', t['jax_cmap_off'])
     results.add('cmap_overhead', size,
                 t['jax']['median'] / t['jax_cmap_off']['median'] - 1,
+                'fraction of the step')
+
+  if args.default_program:
+    add_time('jax_default_program', t['jax_default_program'])
+    results.add('default_program_overhead', size,
+                t['jax_default_program']['median'] / t['jax']['median'] - 1,
                 'fraction of the step')
 
   if args.paper_behaviour:
@@ -500,6 +531,10 @@ def parse_args(argv):
                  help='also time the step with the shortcuts open '
                  '(configs/pretrain.py PAPER_BEHAVIOUR: one UMSE and one '
                  'unified pass fewer)')
+  p.add_argument('--default_program', action=argparse.BooleanOptionalAction,
+                 default=True,
+                 help="also time the default config's program (ITM's "
+                 'warm-up and label-blind steps as two branches) at step 0')
   p.add_argument('--pipeline_sizes', default='small')
   p.add_argument('--pipeline_batches', type=int, default=50)
   p.add_argument('--paper_size', default='base',

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from cmal_jax.model import axes
-from cmal_jax.model.layers import (BertEncoder, dense, dot_general_f32,
-                                    embed, layer_norm)
+from cmal_jax.model.layers import (BertEncoder, Dropout, dense,
+                                   dot_general_f32, embed, layer_norm)
 
 
 def location_features(boxes):
@@ -54,7 +54,7 @@ class TextEncoder(nn.Module):
     self.position_embeddings = embed(self.max_position, cfg,
                                      'position_embeddings')
     self.norm = layer_norm(cfg, 'LayerNorm')
-    self.dropout = nn.Dropout(cfg.dropout)
+    self.dropout = Dropout(cfg.dropout)
     self.encoder = BertEncoder(cfg, name='encoder')
     self.sphere = sphere_projection(cfg)
 
@@ -117,7 +117,7 @@ class VisionEncoder(nn.Module):
     x = linear('feature')(region_feats)
     if place:
       x = x + linear('location')(location_features(region_boxes))
-    x = nn.Dropout(cfg.dropout)(layer_norm(cfg, 'LayerNorm')(x),
+    x = Dropout(cfg.dropout)(layer_norm(cfg, 'LayerNorm')(x),
                                 deterministic=deterministic)
     x = BertEncoder(cfg, name='encoder')(
         axes.constrain(x, ('batch', 'length', 'embed')), region_mask,

@@ -7,7 +7,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cmal_jax.model import axes
-from cmal_jax.model.layers import EncoderConfig, dense, embed, layer_norm
+from cmal_jax.model.layers import (Dropout, EncoderConfig, dense, embed,
+                                   layer_norm)
 from cmal_jax.model.umse import location_features
 
 
@@ -47,5 +48,5 @@ class SlotEmbeddings(nn.Module):
                + typ(jnp.ones((), jnp.int32)))
     x = jnp.concatenate([text, regions], axis=1).astype(cfg.dtype)
     x = layer_norm(cfg, 'LayerNorm')(x)
-    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    x = Dropout(cfg.dropout)(x, deterministic=deterministic)
     return axes.constrain(x, ('batch', 'length', 'embed'))

@@ -44,7 +44,7 @@ def two_stream_step(step, every):
 
 def make_loss(model, config, specials):
   """objectives.pretraining_loss in the mode of the step: one program holds
-  both modes and lax.cond runs only the step's."""
+  both modes and runs only the step's (Loss.branches)."""
   every = config.get('two_stream_every', 0)
   if not every:
     return objectives.pretraining_loss(model, config, specials)
@@ -60,15 +60,26 @@ def make_loss(model, config, specials):
     prepared['two_stream'] = jnp.full(batch['input_ids'].shape[:1], mode)
     return prepared
 
-  def loss(params, batch, rng, denominators):
-    value, metrics = jax.lax.cond(batch['two_stream'][0], two.loss,
-                                  single.loss, params, batch, rng,
-                                  denominators)
-    # The share of two-stream steps (a sum over micro-batches, like the
-    # metrics, so divided by their number).
-    metrics['two_stream'] = jnp.mean(batch['two_stream'].astype(
-        jnp.float32)) / config.grad_accum_steps
-    return value, metrics
+  def with_share(loss):
+    def loss_and_share(params, batch, rng, denominators):
+      value, metrics = loss(params, batch, rng, denominators)
+      # The share of two-stream steps (a sum over micro-batches, like the
+      # metrics, so divided by their number).
+      metrics['two_stream'] = jnp.mean(batch['two_stream'].astype(
+          jnp.float32)) / config.grad_accum_steps
+      return value, metrics
+    return loss_and_share
 
-  return objectives.Loss(prepare=prepare, loss=loss,
-                         denominators=single.denominators)
+  # One branch per mode and per branch of the mode's own loss (ITM's
+  # warm-up): objectives.Loss.branches.
+  (single_branches, single_branch), (two_branches, two_branch) = (
+      objectives.loss_branches(single), objectives.loss_branches(two))
+
+  def branch(batch):
+    return jnp.where(batch['two_stream'][0],
+                     len(single_branches) + two_branch(batch),
+                     single_branch(batch))
+
+  return objectives.branched_loss(
+      prepare, single.denominators,
+      [with_share(b) for b in single_branches + two_branches], branch)
