@@ -14,6 +14,7 @@ from cmal_jax import (checkpoint, guards, jobs, objectives, pretraining,
                       sharding, train_step)
 from cmal_jax.data import pipeline
 from cmal_jax.model.cmal import CMAL, ModelConfig
+from cmal_jax.model import layers
 from cmal_jax.model.layers import REMAT_POLICIES
 from cmal_testutil import (CLS, MASK, PAD, SEP, VOCAB, assert_trees_equal,
                            leaf_types, random_batch, read_jsonl, saved_state,
@@ -433,3 +434,26 @@ def test_a_checkpoint_resumes_in_another_dtype(world_dir, tmp_path):
   assert int(restored.loss_scale.overflow_skips) == 0
   manager.close()
   manager32.close()
+
+
+@pytest.mark.parametrize('impl', ['threefry2x32', 'rbg'])
+def test_dropout_keeps_one_minus_rate_and_rescales(impl):
+  """layers.Dropout: keeps 1 - rate of the entries (16-bit draws for
+  Threefry keys, jax.random.bernoulli for others), scales them by
+  1 / (1 - rate), draws a new mask per key and passes x through when
+  deterministic."""
+  x = jnp.ones((8, 16, 1000), jnp.float32)
+  drop = layers.Dropout(0.1)
+  key = jax.random.key(0, impl=impl)
+  y = drop.apply({}, x, False, rngs={'dropout': key})
+  kept = np.asarray(y) != 0
+  assert abs(kept.mean() - 0.9) < 0.005, kept.mean()
+  np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.9, rtol=1e-6)
+  other = drop.apply({}, x, False,
+                     rngs={'dropout': jax.random.key(1, impl=impl)})
+  assert 0.75 < np.mean(kept == (np.asarray(other) != 0)) < 0.9
+  assert drop.apply({}, x, True) is x
+  assert np.all(np.asarray(layers.Dropout(1.0).apply(
+      {}, x, False, rngs={'dropout': key})) == 0)
+  # Odd sizes: the draws are cut to the mask's size.
+  assert layers.keep_mask(key, 0.5, (3, 7)).shape == (3, 7)
