@@ -532,9 +532,11 @@ def parse_args(argv):
                  '(configs/pretrain.py PAPER_BEHAVIOUR: one UMSE and one '
                  'unified pass fewer)')
   p.add_argument('--default_program', action=argparse.BooleanOptionalAction,
-                 default=True,
+                 default=False,
                  help="also time the default config's program (ITM's "
-                 'warm-up and label-blind steps as two branches) at step 0')
+                 'warm-up and label-blind steps as two branches) at step 0; '
+                 'a third JAX train state: with both PyTorch workers, base '
+                 'needs more than 24 GiB')
   p.add_argument('--pipeline_sizes', default='small')
   p.add_argument('--pipeline_batches', type=int, default=50)
   p.add_argument('--paper_size', default='base',
