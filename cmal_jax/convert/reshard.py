@@ -139,11 +139,8 @@ class StoreRecords:
                                   str(e)) from e
     record = region_store.stored_record(given, path=self.path, index=index,
                                         feature_dim=self.feature_dim)
-    if record['image_id'] != image_id:  # A stale or hand-edited index.
-      raise records.RecordError(
-          self.path, index, 'image_id', f'is {record["image_id"]!r} but the '
-          f'index maps {image_id!r} here; rewrite the store')
-    return record
+    return region_store.check_indexed_id(record, image_id, path=self.path,
+                                         index=index)
 
 
 def _bad(collector: Collector, error: records.RecordError):

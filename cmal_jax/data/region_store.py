@@ -185,6 +185,17 @@ def _meta_feature_dim(path: str):
     return json.load(f).get('feature_dim')
 
 
+def check_indexed_id(record: dict, image_id: str, *, path: str,
+                     index: int) -> dict:
+  """`record`, read at the index's entry for image_id, if it is that
+  image's; a stale or hand-edited index raises a RecordError."""
+  if record['image_id'] != image_id:
+    raise records.RecordError(
+        path, index, 'image_id', f'is {record["image_id"]!r} but the index '
+        f'maps {image_id!r} here; rewrite the store')
+  return record
+
+
 class RegionStore:
   """Read-only mapping image_id -> region record, backed by ArrayRecord.
 
@@ -250,8 +261,4 @@ class RegionStore:
                                  feature_dim=_expected_dim(self.feature_dim,
                                                            rec),
                                  visual=self.visual)
-    if rec['image_id'] != image_id:  # A stale or hand-edited index.
-      raise records.RecordError(
-          self.path, i, 'image_id', f'is {rec["image_id"]!r} but the index '
-          f'maps {image_id!r} here; rewrite the store')
-    return rec
+    return check_indexed_id(rec, image_id, path=self.path, index=i)
