@@ -1,24 +1,31 @@
-import glob, gzip, json, sys, collections
-f = sorted(glob.glob('/tmp/**/*.trace.json.gz', recursive=True), key=lambda p: __import__('os').path.getmtime(p))[-1]
+"""How many of the XLA:CPU Eigen threads run an op, over a jax.profiler trace
+(default: the newest under /tmp). Every op event on those threads counts
+(not the runtime's own ThunkExecutor / threadpool markers)."""
+import collections, glob, gzip, json, os, sys
+f = sys.argv[1] if len(sys.argv) > 1 else sorted(
+    glob.glob('/tmp/**/*.trace.json.gz', recursive=True), key=os.path.getmtime)[-1]
 tr = json.load(gzip.open(f))
 threads = {(e['pid'], e['tid']): e['args']['name'] for e in tr['traceEvents'] if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
 ev = [e for e in tr['traceEvents'] if e.get('ph') == 'X']
-ops = [e for e in ev if e['name'].startswith(('ynn_fusion', 'fusion', 'copy', 'loop', 'input', 'wrapped', 'transpose', 'reduce', 'select', 'convert', 'bitcast'))]
-bythread = collections.defaultdict(list)
-for e in ops: bythread[threads.get((e['pid'], e['tid']), '?')].append((e['ts'], e['ts'] + e['dur'], e['name']))
-t0 = min(a for v in bythread.values() for a, _, _ in v); t1 = max(b for v in bythread.values() for _, b, _ in v)
-print('span s', (t1 - t0) / 1e6)
-for t, v in bythread.items():
-  v.sort(); busy = 0; end = 0
-  for a, b, _ in v:
-    if b > end: busy += b - max(a, end); end = b
-  ynn = sum(b - a for a, b, n in v if n.startswith('ynn'))
-  print(f'{t}: ops {len(v)} busy {busy/1e6:.2f}s  ynn {ynn/1e6:.2f}s')
-# concurrency: fraction of span with 2 threads busy
+skip = ('Threadpool', 'end:', 'ThunkExecutor', 'Slinky')
+ops = [e for e in ev if 'XLAEigen' in threads.get((e['pid'], e['tid']), '') and not e['name'].startswith(skip)]
+by = collections.defaultdict(list)
+for e in ops: by[threads[(e['pid'], e['tid'])]].append((e['ts'], e['ts'] + e['dur']))
 pts = []
-for t, v in bythread.items():
-  for a, b, _ in v: pts += [(a, 1), (b, -1)]
-pts.sort(); cur = 0; last = t0; hist = collections.Counter()
+for t, v in by.items():
+  v.sort(); busy = 0; end = 0
+  for a, b in v:
+    if b > end: busy += b - max(a, end); end = max(end, b)
+  print(t, 'busy s', round(busy / 1e6, 3))
+  # merge intervals per thread
+  m = []
+  for a, b in v:
+    if m and a <= m[-1][1]: m[-1][1] = max(m[-1][1], b)
+    else: m.append([a, b])
+  for a, b in m: pts += [(a, 1), (b, -1)]
+pts.sort(); cur = 0; last = pts[0][0]; hist = collections.Counter()
 for x, d in pts:
-  hist[min(cur, 3)] += x - last; cur += d; last = x
-print({k: round(v / 1e6, 2) for k, v in sorted(hist.items())})
+  hist[cur] += x - last; cur += d; last = x
+print('seconds with k threads busy', {k: round(v / 1e6, 2) for k, v in sorted(hist.items())})
+ynn = [e for e in ops if e['name'].startswith('ynn')]
+print('ynn events', len(ynn), 'distinct ops', len({e['name'] for e in ynn}))
