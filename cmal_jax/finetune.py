@@ -534,6 +534,8 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
       config, directory, config.task, config.data.train_split,
       batch_size=local_batch, train=True, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
+  if info['prior_only']:
+    log(info['prior_only'])
   model = task_model(config, len(info.get('answer_vocab', ())))
   _, val_split, test_splits = splits_of(config)
   for split in (val_split,) + test_splits:  # Fail now, not after training.

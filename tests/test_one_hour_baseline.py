@@ -16,6 +16,7 @@ from cmal_jax import configlib, finetune, train_step
 from cmal_jax.data import task_pipeline, tasks
 from cmal_jax.data.shapes import zero_inputs
 from cmal_jax.experiments import one_hour_baseline as baseline
+from cmal_jax.world import task_baselines
 
 STEPS = 3
 RUNS = [(task, 'regions') for task in tasks.TASKS] + [('rec', 'pixels')]
@@ -46,10 +47,18 @@ def test_runs_end_to_end(task, visual, tmp_path, capsys):
   assert result['data_dir'] == os.path.abspath(
       os.path.join(out, 'data', f'{task}-tiny-s0'
                    + ('-pixels' if visual == 'pixels' else '')))
+  # Beside each split, the score of a model that never sees the image.
+  directory = result['data_dir']
+  assert result['blind_baseline'] == {
+      split: task_baselines.blind_baseline_of(directory, task, split)
+      for split in sizes}
+  if task == 'retrieval':
+    assert result['blind_baseline']['test'] == 1 / sizes['test']
   summary = capsys.readouterr().out.strip().splitlines()[-1]
   assert summary.startswith(f'one_hour_baseline {task} ({visual}, tiny')
   metric = result['best_metric']
-  assert f'test {metric} {result["test"][metric]:.3f} ± 0.000' in summary
+  assert (f'test {metric} {result["test"][metric]:.3f} ± 0.000 (blind '
+          f'{result["blind_baseline"]["test"]:.3f})') in summary
 
 
 def test_budget_is_the_finetuning_configs():

@@ -450,6 +450,69 @@ def _write_task(directory, task, split, examples):
   records.write_records(tasks.task_path(directory, task, split), examples)
 
 
+def test_a_split_that_teaches_only_the_prior_is_reported(config, data_dir,
+                                                         tmp_path):
+  d = _copy(data_dir, tmp_path / 'd')
+  # The generated splits teach more than the prior: no report.
+  for task in ('vqa', 've', 'nlvr2'):
+    _, info = tp.make_task_dataset(config, d, task, 'train', batch_size=B,
+                                   train=True, seed=0)
+    assert info['prior_only'] is None
+  assert info['label_counts']['examples'] == SPLITS['train']
+  assert len(info['label_counts']['labels']) == 2
+  # VQA: every answer outside the (train-built) vocabulary, by writing a
+  # vocabulary of answers nobody gave.
+  _, info = tp.make_task_dataset(config, d, 'vqa', 'train', batch_size=B,
+                                 train=True, seed=0)
+  vocab = set(info['answer_vocab'])
+  by_hand = sum(any(task_metrics.normalize_vqa_answer(a) in vocab
+                    for a in ex['answers'])
+                for ex in _examples(d, 'vqa', 'train'))
+  assert 0 < by_hand < SPLITS['train']  # NUM_ANSWERS leaves some out.
+  assert info['label_counts'] == dict(questions=SPLITS['train'],
+                                      answerable=by_hand)
+  assert info['prior_only'] is None
+  vocab_file = os.path.join(d, tp.ANSWER_VOCAB_FILE)
+  with open(vocab_file) as f:
+    saved = json.load(f)
+  with open(vocab_file, 'w') as f:
+    json.dump(dict(saved, answers=['nobody said this']), f)
+  _, info = tp.make_task_dataset(config, d, 'vqa', 'train', batch_size=B,
+                                 train=True, seed=0)
+  assert info['label_counts'] == dict(questions=SPLITS['train'],
+                                      answerable=0)
+  path = tasks.task_path(d, 'vqa', 'train')
+  assert info['prior_only'] == (
+      f'{path}: none of the {SPLITS["train"]} questions has an answer in the '
+      'answer vocabulary (answer_vocab.json): the model can learn only the '
+      'prior.')
+  # VE: one label only.
+  _write_task(d, 've', 'train', [dict(ex, label='neutral')
+                                  for ex in _examples(d, 've', 'train')])
+  _, info = tp.make_task_dataset(config, d, 've', 'train', batch_size=B,
+                                 train=True, seed=0)
+  assert info['label_counts'] == dict(examples=SPLITS['train'],
+                                      labels={'neutral': SPLITS['train']})
+  assert info['prior_only'] == (
+      f'{tasks.task_path(d, "ve", "train")}: the {SPLITS["train"]} examples '
+      f"have one label only ('neutral' x {SPLITS['train']}): the model can "
+      'learn only the prior.')
+  # Evaluation splits are not checked (a test split may be unlabelled).
+  _, info = tp.make_task_dataset(config, d, 've', 'val', batch_size=B,
+                                 train=False, seed=0)
+  assert 'prior_only' not in info
+
+
+def test_label_counts_skip_bad_records_and_rec_has_none():
+  assert tp.label_counts([None, {'label': True}, {'label': False}],
+                         'nlvr2') == dict(examples=2,
+                                          labels={'True': 1, 'False': 1})
+  assert tp.label_counts([{'answers': ['Red', 'red']}, {'answers': []}],
+                         'vqa', ['red']) == dict(questions=2, answerable=1)
+  assert tp.label_counts([{'target_box': [0, 0, 1, 1]}], 'rec') is None
+  assert tp.prior_only_report(None, 'rec', 'x') is None
+
+
 def test_missing_file(config, data_dir):
   with pytest.raises(FileNotFoundError, match='ve_nosuch.array_record'):
     tp.make_task_dataset(config, data_dir, 've', 'nosuch', batch_size=B,

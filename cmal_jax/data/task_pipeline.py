@@ -383,6 +383,44 @@ def load_or_build_answer_vocab(directory, num_answers, on_error='raise'):
   return answers
 
 
+def label_counts(examples, task, answer_vocab=None):
+  """What a training split's labels can teach, from its examples (None:
+  a bad record left out). vqa: {'questions', 'answerable'}, the questions
+  with at least one answer in answer_vocab (the others train the head
+  towards no answer); ve, nlvr2: {'examples', 'labels': {label: count}}.
+  None for rec and retrieval (no label vocabulary)."""
+  examples = [ex for ex in examples if ex is not None]
+  if task == 'vqa':
+    vocab = set(answer_vocab or ())
+    answerable = sum(
+        any(task_metrics.normalize_vqa_answer(a) in vocab
+            for a in ex.get('answers') or ()) for ex in examples)
+    return dict(questions=len(examples), answerable=answerable)
+  if task in ('ve', 'nlvr2'):
+    labels = {}
+    for ex in examples:
+      labels[str(ex['label'])] = labels.get(str(ex['label']), 0) + 1
+    return dict(examples=len(examples), labels=labels)
+  return None
+
+
+def prior_only_report(counts, task, path):
+  """The start-up report of a training split a model can learn only the
+  prior from (None if it has more): VQA questions none of whose answers
+  is in the answer vocabulary, or a VE / NLVR2 split with one label."""
+  if counts is None:
+    return None
+  if task == 'vqa' and counts['answerable'] == 0:
+    return (f'{path}: none of the {counts["questions"]} questions has an '
+            'answer in the answer vocabulary (answer_vocab.json): the '
+            'model can learn only the prior.')
+  if task in ('ve', 'nlvr2') and len(counts['labels']) <= 1:
+    label = ', '.join(f'{k!r} x {v}' for k, v in counts['labels'].items())
+    return (f'{path}: the {counts["examples"]} examples have one label '
+            f'only ({label or "none"}): the model can learn only the prior.')
+  return None
+
+
 # --------------------------------------------------------------- encoding
 
 def encode_text(text, tokenizer, max_text_len):
@@ -584,7 +622,10 @@ def make_task_dataset(config, directory, task, split, *, batch_size, train,
   Returns (dataset, info): info has task, split, path, num_examples (in the
   split file), num_local (this process's slice; train: one epoch's; eval:
   with padding), num_padded (eval: padding rows over all processes), and
-  for vqa answer_vocab (list of str; its length is the head's num_outputs).
+  for vqa answer_vocab (list of str; its length is the head's num_outputs);
+  train: label_counts (label_counts(): what the labels can teach) and
+  prior_only (prior_only_report(): a message when only the prior can be
+  learnt, else None; the caller reports it).
   """
   if task not in tasks.TASKS:
     raise ValueError(f'unknown task {task!r}; tasks are {list(tasks.TASKS)}')
@@ -611,6 +652,10 @@ def make_task_dataset(config, directory, task, split, *, batch_size, train,
       TaskDecoder(source, store, task=task, path=path, on_error=on_error,
                   train=train, pixels=shapes.pixels))
   if train:
+    info['label_counts'] = label_counts(
+        read_task_examples(directory, task, split, on_error), task,
+        answer_vocab)
+    info['prior_only'] = prior_only_report(info['label_counts'], task, path)
     ds = ds.shuffle(seed=seed).repeat(None)
     info['num_local'] = len(range(process_index, n, process_count))
     # This process's block of each global batch: training batches are the

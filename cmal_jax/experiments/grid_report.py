@@ -9,8 +9,6 @@ import os
 
 from matplotlib.figure import Figure
 
-from cmal_jax.data import region_store
-from cmal_jax.data import task_pipeline
 from cmal_jax.data.tasks import task_path
 from cmal_jax.experiments.grid_plan import (
     TASK_METRIC, data_folder, pretrain_out, result_path)
@@ -77,11 +75,8 @@ def blind_baselines(out, args):
                     None)
       if folder is None:
         continue  # Not generated (yet).
-      regions = region_store.RegionStore(
-          region_store.store_path(folder)) if task == 'rec' else None
-      scores.setdefault(task, []).append(task_baselines.blind_baseline(
-          task_pipeline.read_task_examples(folder, task, 'test'), task,
-          task_pipeline.read_task_examples(folder, task, 'train'), regions))
+      scores.setdefault(task, []).append(
+          task_baselines.blind_baseline_of(folder, task, 'test'))
   return {t: (*mean_std(v), len(v)) for t, v in scores.items()}
 
 

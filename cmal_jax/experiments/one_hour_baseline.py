@@ -36,7 +36,9 @@ What it shares with `python -m cmal_jax.main
            splits. Nothing is chosen on test.
 
 Writes OUT/{task}_{visual}_s{seed}.json ({val: {...}, test: {...}} with
-eval.json's metric names, best_step, and what ran) and prints a line with
+eval.json's metric names, best_step, blind_baseline per split
+(world/task_baselines.py: the score of a model that never sees the image),
+and what ran) and prints a line with
 the mean ± std (sample std) over seeds.
 """
 
@@ -56,6 +58,7 @@ from cmal_jax.experiments.grid_report import mean_std
 from cmal_jax.experiments.one_hour_model import OneHourBaseline
 from cmal_jax.logs import log
 from cmal_jax.model.pixels import reads_pixels
+from cmal_jax.world import task_baselines
 
 VISUALS = configlib.VISUAL_INPUTS  # ('regions', 'pixels').
 
@@ -232,6 +235,8 @@ def train_and_evaluate(config, directory):
   train_ds, info = task_pipeline.make_task_dataset(
       config, directory, config.task, config.data.train_split,
       batch_size=config.batch_size, train=True, seed=config.seed)
+  if info['prior_only']:
+    log(info['prior_only'])
   model = make_model(config, len(info.get('answer_vocab', ())))
   params = init_params(model, config)
   tx, schedule = train_step.make_optimizer(config)
@@ -272,6 +277,11 @@ def train_and_evaluate(config, directory):
   for split in test_splits:
     out[split] = evaluate(best_params, split)
     log(f'best step {best["step"]} {split}: {headline(out[split])}')
+  # Beside each split's metric, what a model that never sees the image
+  # scores there (the bar the image must raise).
+  out['blind_baseline'] = {
+      split: task_baselines.blind_baseline_of(directory, config.task, split)
+      for split in (val_split,) + tuple(test_splits)}
   out['seconds'] = round(time.time() - t0, 1)
   return out
 
@@ -306,7 +316,8 @@ def summary_line(results):
   parts = []
   for split in splits:
     m, s = mean_std([r[split][metric] for r in results])
-    parts.append(f'{split} {metric} {m:.3f} ± {s:.3f}')
+    b, _ = mean_std([r['blind_baseline'][split] for r in results])
+    parts.append(f'{split} {metric} {m:.3f} ± {s:.3f} (blind {b:.3f})')
   seeds = ','.join(str(r['seed']) for r in results)
   return (f'one_hour_baseline {first["task"]} ({first["visual"]}, '
           f'{first["size"]}, {first["steps"]} steps of '

@@ -7,6 +7,8 @@ import collections
 import numpy as np
 
 from cmal_jax import task_metrics
+from cmal_jax.data import region_store
+from cmal_jax.data import task_pipeline
 from cmal_jax.data import tasks
 
 
@@ -52,3 +54,13 @@ def blind_baseline(examples: list[dict], task: str, train=None,
   if task == 'retrieval':
     return 1.0 / max(len(examples), 1)
   raise ValueError(f'unknown task {task!r}; tasks are {list(tasks.TASKS)}')
+
+
+def blind_baseline_of(directory, task, split):
+  """blind_baseline of a task folder's split, priors from its train split
+  (rec: the folder's region store)."""
+  regions = (region_store.RegionStore(region_store.store_path(directory))
+             if task == 'rec' else None)
+  return blind_baseline(
+      task_pipeline.read_task_examples(directory, task, split), task,
+      task_pipeline.read_task_examples(directory, task, 'train'), regions)
