@@ -37,6 +37,7 @@ Per example (T text, R regions, F region features, V answers):
 Every random choice is a function of (seed, batch index), as in pipeline.py.
 """
 
+import collections
 import json
 import os
 
@@ -397,10 +398,8 @@ def label_counts(examples, task, answer_vocab=None):
             for a in ex.get('answers') or ()) for ex in examples)
     return dict(questions=len(examples), answerable=answerable)
   if task in ('ve', 'nlvr2'):
-    labels = {}
-    for ex in examples:
-      labels[str(ex['label'])] = labels.get(str(ex['label']), 0) + 1
-    return dict(examples=len(examples), labels=labels)
+    labels = collections.Counter(str(ex['label']) for ex in examples)
+    return dict(examples=len(examples), labels=dict(labels))
   return None
 
 

@@ -76,7 +76,7 @@ def blind_baselines(out, args):
       if folder is None:
         continue  # Not generated (yet).
       scores.setdefault(task, []).append(
-          task_baselines.blind_baseline_of(folder, task, 'test'))
+          task_baselines.blind_baseline_of(folder, task, ('test',))['test'])
   return {t: (*mean_std(v), len(v)) for t, v in scores.items()}
 
 

@@ -279,9 +279,8 @@ def train_and_evaluate(config, directory):
     log(f'best step {best["step"]} {split}: {headline(out[split])}')
   # Beside each split's metric, what a model that never sees the image
   # scores there (the bar the image must raise).
-  out['blind_baseline'] = {
-      split: task_baselines.blind_baseline_of(directory, config.task, split)
-      for split in (val_split,) + tuple(test_splits)}
+  out['blind_baseline'] = task_baselines.blind_baseline_of(
+      directory, config.task, (val_split,) + tuple(test_splits))
   out['seconds'] = round(time.time() - t0, 1)
   return out
 

@@ -56,11 +56,12 @@ def blind_baseline(examples: list[dict], task: str, train=None,
   raise ValueError(f'unknown task {task!r}; tasks are {list(tasks.TASKS)}')
 
 
-def blind_baseline_of(directory, task, split):
-  """blind_baseline of a task folder's split, priors from its train split
-  (rec: the folder's region store)."""
+def blind_baseline_of(directory, task, splits):
+  """{split: blind_baseline} of a task folder's splits, priors from its
+  train split (rec: the folder's region store), read once for all."""
   regions = (region_store.RegionStore(region_store.store_path(directory))
              if task == 'rec' else None)
-  return blind_baseline(
-      task_pipeline.read_task_examples(directory, task, split), task,
-      task_pipeline.read_task_examples(directory, task, 'train'), regions)
+  train = task_pipeline.read_task_examples(directory, task, 'train')
+  return {split: blind_baseline(
+      task_pipeline.read_task_examples(directory, task, split), task, train,
+      regions) for split in splits}
