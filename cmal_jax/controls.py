@@ -24,6 +24,13 @@ ITM's controls: label-blind ITM is objectives.prepare_inputs with
 actions='none' (CMAP off): nothing in those inputs depends on the anchors;
 same_anchor_negatives picks, for each caption, a mismatched image that gives
 it as many anchors as its own, so the anchor count tells nothing.
+
+Fine-tuning's control (finetune.py, every test split of vqa, ve, nlvr2):
+  images_shuffled  each example is scored with another example's image (its
+                   region features or pixels, boxes and mask) and its own
+                   text. A model that reads the image falls towards the
+                   blind baseline; one that answers from the text keeps
+                   its score.
 """
 
 import jax
@@ -132,3 +139,28 @@ def same_anchor_itm(scores, anchor_counts, seed):
           + np.sum(scores[rows, picks[rows]] <= threshold))
   return dict(itm_acc_same_anchors=float(hits / max(2 * len(rows), 1)),
               itm_pairs_same_anchors=float(len(rows)))
+
+
+# What images_shuffled exchanges between examples: everything the model
+# reads of the image (task_pipeline.PAIR_KEYS less the text).
+IMAGE_KEYS = ('region_feats', 'images', 'region_boxes', 'region_mask')
+
+
+def next_valid_row(valid):
+  """[B] bool -> [B] int32: for each valid row the next valid row of the
+  batch, cyclically (itself when it is the only one); padding rows map to
+  themselves, so no example is scored with a padding row's empty image."""
+  rows = jnp.arange(valid.shape[0])
+  order = jnp.argsort(jnp.where(valid, rows, valid.shape[0] + rows))
+  count = jnp.maximum(jnp.sum(valid), 1)
+  source = jnp.where(rows < count, order[(rows + 1) % count], order)
+  return rows.at[order].set(source).astype(jnp.int32)
+
+
+def images_shuffled(batch):
+  """A task batch whose examples each carry the next valid example's image
+  (IMAGE_KEYS; NLVR2's [B, 2, ...] pairs move together) and their own text
+  and labels."""
+  source = next_valid_row(batch['valid'])
+  return dict(batch, **{k: jnp.take(batch[k], source, axis=0)
+                        for k in IMAGE_KEYS if k in batch})

@@ -35,20 +35,26 @@ from jax.experimental import multihost_utils
 import numpy as np
 import optax
 
-from cmal_jax import (checkpoint, objectives, sharding, storage, task_metrics,
-                      train_step)
+from cmal_jax import (checkpoint, controls, objectives, sharding, storage,
+                      task_metrics, train_step)
 from cmal_jax.data import pipeline, task_pipeline, tasks
 from cmal_jax.data.shapes import zero_inputs
 from cmal_jax.data.tokenizer import load_tokenizer
 from cmal_jax.model import xent
 from cmal_jax.model.cmal import (CMAL, PIXEL_PARAMS, ModelConfig,
                                  itc_features, pretrained_param_names)
-from cmal_jax.world import scenes, synthetic, task_examples
+from cmal_jax.world import scenes, synthetic, task_baselines, task_examples
 from cmal_jax.logs import log
 from cmal_jax.model.pixels import reads_pixels
 
 MODEL_INPUTS = task_pipeline.PAIR_KEYS  # What the model reads of a batch.
 PREDICTIONS_DIR = 'predictions'
+# The tasks whose test results carry the images-shuffled control: their
+# answer is a label, so another example's image leaves the answer space
+# as it is (REC's answer is a region of the image: its control is the blind
+# baseline, a random region; retrieval ranks every image anyway).
+IMAGES_SHUFFLED_TASKS = ('vqa', 've', 'nlvr2')
+SHUFFLED = '_images_shuffled'  # The control's suffix on a metric's name.
 
 
 def splits_of(config):
@@ -181,10 +187,13 @@ def make_loss(model, config):
 
 # -------------------------------------------------------------- evaluation
 
-def make_predict_step(model, config):
+def make_predict_step(model, config, control=None):
   """(params, batch) -> per-example predictions [B] (rec: and the chosen
-  region's box [B, 4] and IoU [B])."""
+  region's box [B, 4] and IoU [B]). control: a function of the batch that
+  makes a control's inputs (controls.images_shuffled)."""
   def predict(params, batch):
+    if control is not None:
+      batch = control(batch)
     logits = model.apply({'params': params},
                          model_inputs(batch, config.task))['logits']
     out = {'prediction': jnp.argmax(logits, -1).astype(jnp.int32)}
@@ -485,6 +494,26 @@ def evaluate_split(model, params, config, directory, split, mesh, predict,
   return classification_results(config, directory, split, pred, info, out_dir)
 
 
+def with_controls(results, model, params, config, directory, split, mesh,
+                  predict_shuffled):
+  """A split's results with their controls beside the metric: the blind
+  baseline (world/task_baselines.py: priors from the train split), and for
+  IMAGES_SHUFFLED_TASKS every metric again with each example scored on
+  another example's image (controls.images_shuffled), named with the
+  SHUFFLED suffix. A split without labels (VQA test-dev) gets neither."""
+  metric = config.eval.best_metric
+  if metric not in results or config.task == 'retrieval':
+    return results  # Retrieval's random ranking: ~16 / (3N) mean recall.
+  out = dict(results, blind_baseline=task_baselines.blind_baseline_of(
+      directory, config.task, (split,), config.data.on_error)[split])
+  if config.task in IMAGES_SHUFFLED_TASKS:
+    control = evaluate_split(model, params, config, directory, split, mesh,
+                             predict_shuffled)
+    out.update({k + SHUFFLED: v for k, v in control.items()
+                if k == metric or k.startswith(metric + '_by_')})
+  return out
+
+
 def load_init_params(config):
   """The pre-trained parameters named in config.init_from, or None."""
   if not config.init_from:
@@ -542,11 +571,14 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
     task_pipeline.task_file(directory, config.task, split)
   if config.task == 'vqa':
     check_vqa_eval_split_labelled(config, directory, val_split)
-  predict = None
+  predict = predict_shuffled = None
   if config.task != 'retrieval':
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
       predict = jax.jit(make_predict_step(model, config),
                         out_shardings=sharding.replicated(mesh))
+      predict_shuffled = jax.jit(
+          make_predict_step(model, config, controls.images_shuffled),
+          out_shardings=sharding.replicated(mesh))
 
   def evaluate(params, final):
     del final  # Every evaluation sees the whole eval split.
@@ -556,7 +588,7 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
 
   def finish(best_params, best_step):
     """The best checkpoint on the eval split and every test split, with
-    predictions files."""
+    predictions files, each metric beside its controls (with_controls)."""
     out_dir = epath.Path(workdir) / PREDICTIONS_DIR  # Local or gs://.
     if jax.process_index() == 0:
       out_dir.mkdir(parents=True, exist_ok=True)
@@ -567,6 +599,9 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
         results[split] = evaluate_split(
             model, best_params, config, directory, split, mesh, predict,
             out_dir if jax.process_index() == 0 else None)
+        results[split] = with_controls(
+            results[split], model, best_params, config, directory, split,
+            mesh, predict_shuffled)
       log(f'{split}: ' + json.dumps(
           {k: v for k, v in results[split].items()
            if not isinstance(v, dict)}))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmal_jax import configlib, controls, objectives, train_step
+from cmal_jax import configlib, controls, finetune, objectives, train_step
 from cmal_jax.model.cmal import CMAL, ModelConfig
 from cmal_jax.model.cmap import MASK as MASK_ACTION
 from cmal_jax.model.cmap import NONE, SWAP
@@ -324,3 +324,56 @@ def test_paper_behaviour_opens_the_four_shortcuts():
   configlib.validate(paper)  # A valid config.
   with pytest.raises(ValueError, match="behaviours are \\['fixed', 'paper'\\]"):
     get_config('tiny,shortcuts')
+
+
+# ------------------------------------------- fine-tuning: images shuffled
+
+def test_next_valid_row_is_a_cycle_over_the_valid_rows():
+  valid = jnp.array([True, False, True, True, False, True])
+  np.testing.assert_array_equal(controls.next_valid_row(valid),
+                                [2, 1, 3, 5, 4, 0])
+  np.testing.assert_array_equal(
+      controls.next_valid_row(jnp.array([False, True, False])), [0, 1, 2])
+
+
+class _ReadsTheImage:
+  """A stand-in model whose logits are the first region feature's first
+  3 values: its prediction is whatever the image says."""
+
+  def apply(self, variables, inputs):
+    del variables
+    return {'logits': inputs['region_feats'][:, 0, :3]}
+
+
+def test_images_shuffled_scores_each_example_on_the_next_ones_image():
+  """VE through finetune.make_predict_step: a model that answers from the
+  image alone predicts the next valid example's label under the control,
+  and its own without; the text, labels and padding rows stay put."""
+  labels = np.array([0, 1, 2, 1, 0])
+  valid = np.array([True, True, True, True, False])
+  feats = np.zeros((5, 2, 4), np.float32)
+  feats[np.arange(5), 0, labels] = 1.0
+  batch = {'input_ids': jnp.arange(5 * 3).reshape(5, 3),
+           'text_mask': jnp.ones((5, 3), jnp.int32),
+           'region_feats': jnp.asarray(feats),
+           'region_boxes': jnp.asarray(np.random.rand(5, 2, 4), jnp.float32),
+           'region_mask': jnp.ones((5, 2), jnp.int32),
+           'label': jnp.asarray(labels), 'valid': jnp.asarray(valid)}
+  config = types.SimpleNamespace(task='ve')
+  own = finetune.make_predict_step(_ReadsTheImage(), config)(None, batch)
+  shuffled = finetune.make_predict_step(
+      _ReadsTheImage(), config, controls.images_shuffled)(None, batch)
+  np.testing.assert_array_equal(own['prediction'], labels)
+  np.testing.assert_array_equal(shuffled['prediction'], [1, 2, 1, 0, 0])
+  moved = controls.images_shuffled(batch)
+  for k in ('input_ids', 'text_mask', 'label', 'valid'):
+    np.testing.assert_array_equal(moved[k], batch[k])
+  np.testing.assert_array_equal(moved['region_boxes'][:4],
+                                np.asarray(batch['region_boxes'])[[1, 2, 3, 0]])
+
+
+def test_images_shuffled_moves_an_nlvr2_image_pair_together():
+  images = jnp.arange(3 * 2 * 5, dtype=jnp.float32).reshape(3, 2, 5, 1)
+  moved = controls.images_shuffled(
+      {'region_feats': images, 'valid': jnp.ones(3, bool)})
+  np.testing.assert_array_equal(moved['region_feats'], np.asarray(images)[[1, 2, 0]])

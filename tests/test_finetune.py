@@ -29,7 +29,7 @@ import pytest
 from cmal_jax import (checkpoint, configlib, finetune, jobs, run_identity,
                       sharding, task_metrics, train, train_step)
 from cmal_jax.data import pipeline, records, task_pipeline, tasks
-from cmal_jax.world import scenes, task_examples
+from cmal_jax.world import scenes, task_baselines, task_examples
 from cmal_jax.model.cmal import (CMAL, ENCODER_PARAMS, ModelConfig,
                                  image_feature)
 from cmal_testutil import assert_trees_equal, break_region_record, leaf_types
@@ -434,11 +434,33 @@ def test_finetune_end_to_end(runs, task, request):
       assert 0.0 <= ev[split][metric] <= 1.0, (split, metric)
     if task != 'retrieval':
       assert ev[split]['num_examples'] == n
+  check_controls(task, data, ev)
   if task == 'vqa':
     assert 'init_from ' in run['log'] and 'checkpoints/2: ' in run['log']
   else:
     assert 'init_from is empty' in run['log']
   check_predictions[task](workdir, data, ev)
+
+
+def check_controls(task, data, ev):
+  """Each labelled split's metric has its blind baseline beside it, and the
+  label tasks' metrics their images-shuffled control (retrieval neither)."""
+  metric = configlib.BEST_METRIC[task]
+  blind = task_baselines.blind_baseline_of(data, task, ('val', 'test'))
+  for split in ('val', 'test'):
+    got = ev[split]
+    shuffled = {k for k in got if k.endswith(finetune.SHUFFLED)}
+    if task == 'retrieval':
+      assert 'blind_baseline' not in got and not shuffled
+      continue
+    assert got['blind_baseline'] == pytest.approx(blind[split], abs=1e-12)
+    if task not in finetune.IMAGES_SHUFFLED_TASKS:
+      assert not shuffled
+      continue
+    assert 0.0 <= got[metric + finetune.SHUFFLED] <= 1.0
+    if task == 'vqa':  # Per question type too, over the same types.
+      by_type = got['vqa_accuracy_by_question_type' + finetune.SHUFFLED]
+      assert set(by_type) == set(got['vqa_accuracy_by_question_type'])
 
 
 def _check_vqa(workdir, data, ev):

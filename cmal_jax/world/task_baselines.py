@@ -56,12 +56,15 @@ def blind_baseline(examples: list[dict], task: str, train=None,
   raise ValueError(f'unknown task {task!r}; tasks are {list(tasks.TASKS)}')
 
 
-def blind_baseline_of(directory, task, splits):
+def blind_baseline_of(directory, task, splits, on_error='raise'):
   """{split: blind_baseline} of a task folder's splits, priors from its
-  train split (rec: the folder's region store), read once for all."""
+  train split (rec: the folder's region store), read once for all.
+  on_error='skip': bad records are left out (the evaluation that reports
+  them counts them)."""
   regions = (region_store.RegionStore(region_store.store_path(directory))
              if task == 'rec' else None)
-  train = task_pipeline.read_task_examples(directory, task, 'train')
-  return {split: blind_baseline(
-      task_pipeline.read_task_examples(directory, task, split), task, train,
-      regions) for split in splits}
+  read = lambda split: [ex for ex in task_pipeline.read_task_examples(
+      directory, task, split, on_error) if ex is not None]
+  train = read('train')
+  return {split: blind_baseline(read(split), task, train, regions)
+          for split in splits}
