@@ -55,6 +55,7 @@ PREDICTIONS_DIR = 'predictions'
 # baseline, a random region; retrieval ranks every image anyway).
 IMAGES_SHUFFLED_TASKS = ('vqa', 've', 'nlvr2')
 SHUFFLED = '_images_shuffled'  # The control's suffix on a metric's name.
+ITC_PREFIX = 'itc_'  # Retrieval's recalls of the ITC ranking alone.
 
 
 def splits_of(config):
@@ -386,7 +387,8 @@ def retrieval_scores(model, params, config, captions, images, mesh):
   Every caption and image goes through UMSE once. With ITC (finetune.itc
   > 0 and rerank_k > 0) each query's top rerank_k candidates by ITC
   similarity get their ITM log-probability and the rest -inf (ALBEF);
-  otherwise every pair is scored by ITM. Returns (t2i, i2t, pairs scored).
+  otherwise every pair is scored by ITM. Returns (t2i, i2t, pairs scored,
+  the ITC similarities [Nc, Ni] that chose the candidates, or None).
   """
   bs = config.eval.batch_size
   rep = sharding.replicated(mesh)
@@ -404,6 +406,7 @@ def retrieval_scores(model, params, config, captions, images, mesh):
   region_unit = embed(embed_regions, images)  # [Ni, R, D]
   nc, ni = len(text_unit), len(region_unit)
   k = config.finetune.rerank_k
+  sim = None
   if config.finetune.itc > 0 and k > 0:
     # The model's own ITC embeddings (CMAL.itc_embeddings), from the caches.
     text_vec, image_vec = map(np.asarray, itc_features(
@@ -439,7 +442,7 @@ def retrieval_scores(model, params, config, captions, images, mesh):
       for b, real in sharding.padded_global_batches({'pair': pairs}, bs, mesh)])
   t2i = np.full((nc, ni), -np.inf, np.float32)
   t2i[pairs[:, 0], pairs[:, 1]] = values
-  return t2i, t2i.T.copy(), len(pairs)
+  return t2i, t2i.T.copy(), len(pairs), sim
 
 
 def retrieval_recalls(t2i, i2t, caption_image):
@@ -459,14 +462,19 @@ def retrieval_recalls(t2i, i2t, caption_image):
 def retrieval_results(model, params, config, directory, split, mesh,
                       out_dir):
   """Recall@1/5/10 both ways, their mean, and (when out_dir) the top-10
-  of every query in predictions/retrieval_{split}.json."""
+  of every query in predictions/retrieval_{split}.json. With ITC's
+  candidates, the same recalls of the ITC ranking alone (ITC_PREFIX): what
+  re-ranking by ITM added or took away."""
   t0 = time.time()
   captions, images, caption_image, image_ids, skipped = retrieval_inputs(
       config, directory, split)
   skips = eval_skips(config, directory, split, len(image_ids), skipped)
-  t2i, i2t, num_pairs = retrieval_scores(model, params, config, captions,
-                                         images, mesh)
+  t2i, i2t, num_pairs, sim = retrieval_scores(model, params, config,
+                                              captions, images, mesh)
   results = retrieval_recalls(t2i, i2t, caption_image)
+  if sim is not None:
+    results.update({ITC_PREFIX + k: v for k, v in retrieval_recalls(
+        sim, sim.T, caption_image).items()})
   results.update(num_images=len(image_ids), num_captions=len(caption_image),
                  **skips, pairs_scored=num_pairs, seconds=time.time() - t0)
   if out_dir:

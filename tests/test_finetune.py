@@ -292,21 +292,22 @@ def retrieval_setup(tmp_path_factory, compilation_cache):
 def test_retrieval_itm_scores_every_pair(retrieval_setup):
   scores, direct, _ = retrieval_setup
   nc, ni = direct.shape
-  t2i, i2t, pairs = scores(itc=0.0)
+  t2i, i2t, pairs, sim = scores(itc=0.0)
+  assert sim is None  # No ITC candidates: no ITC ranking either.
   assert t2i.shape == (nc, ni) == (5 * NUM_IMAGES, NUM_IMAGES)
   assert pairs == nc * ni
   np.testing.assert_allclose(t2i, direct, atol=1e-5, rtol=0)
   np.testing.assert_array_equal(i2t, t2i.T)
   assert direct.std() > 0.05  # The scores tell pairs apart.
   # rerank_k=0 also means every pair.
-  t2i0, _, pairs0 = scores(itc=1.0, rerank_k=0)
+  t2i0, _, pairs0, _ = scores(itc=1.0, rerank_k=0)
   assert pairs0 == nc * ni
   np.testing.assert_allclose(t2i0, direct, atol=1e-5, rtol=0)
 
 
 def test_retrieval_rerank_of_every_image_equals_full_itm(retrieval_setup):
   scores, direct, _ = retrieval_setup
-  t2i, i2t, pairs = scores(itc=1.0, rerank_k=NUM_IMAGES)
+  t2i, i2t, pairs, _ = scores(itc=1.0, rerank_k=NUM_IMAGES)
   assert pairs == direct.size
   np.testing.assert_allclose(t2i, direct, atol=1e-5, rtol=0)
   np.testing.assert_array_equal(i2t, t2i.T)
@@ -324,7 +325,9 @@ def top_k_sets(sim, k, tol=1e-5):
 def test_retrieval_rerank_scores_only_the_itc_top_k(retrieval_setup):
   scores, direct, sim = retrieval_setup
   k = 3
-  t2i, i2t, pairs = scores(itc=1.0, rerank_k=k)
+  t2i, i2t, pairs, itc_sim = scores(itc=1.0, rerank_k=k)
+  # The ITC ranking it reports is the model's own ITC similarity.
+  np.testing.assert_allclose(itc_sim, sim, atol=1e-5, rtol=0)
   finite = np.isfinite(t2i)
   assert (finite.sum(1) >= k).all() and (finite.sum(0) >= k).all()
   np.testing.assert_allclose(t2i[finite], direct[finite], atol=1e-5, rtol=0)
@@ -534,6 +537,11 @@ def _check_retrieval(workdir, data, ev):
     assert got['pairs_scored'] == n_captions * len(examples)
     assert got['mean_recall'] == pytest.approx(
         np.mean([got[k] for k in configlib.RECALLS]), abs=1e-12)
+    # The ITC ranking alone, beside the re-ranked one.
+    itc = [got[finetune.ITC_PREFIX + k] for k in configlib.RECALLS]
+    assert all(0.0 <= v <= 1.0 for v in itc)
+    assert got[finetune.ITC_PREFIX + 'mean_recall'] == pytest.approx(
+        np.mean(itc), abs=1e-12)
     # Two images sharing a caption text would tie in i2t, and the ranks
     # (ties count against the query) could disagree with the top-10 order.
     texts = [c for ex in examples for c in set(ex['captions'])]
