@@ -29,6 +29,7 @@ import pytest
 from cmal_jax import (checkpoint, configlib, finetune, jobs, run_identity,
                       sharding, task_metrics, train, train_step)
 from cmal_jax.data import pipeline, records, task_pipeline, tasks
+from cmal_jax.experiments import image_reliance
 from cmal_jax.world import scenes, task_baselines, task_examples
 from cmal_jax.model.cmal import (CMAL, ENCODER_PARAMS, ModelConfig,
                                  image_feature)
@@ -703,6 +704,30 @@ def test_init_from_another_size_names_parameter_and_shapes(
         len(where) + 1:].split(', model '))
     assert saved_shape == tuple(flat_narrow[name].shape), problem
     assert model_shape == tuple(flat_fresh[name].shape) != saved_shape
+
+
+def test_image_reliance_measures_the_best_checkpoint_as_eval_json_does(runs):
+  """experiments/image_reliance on the nlvr2 run's best checkpoint: its
+  metric and images-shuffled control are eval.json's val figures, its
+  attention masses are fractions, and every trained parameter group gets a
+  gradient."""
+  run = runs('nlvr2')
+  ev = read_json(run['workdir'], 'eval.json')['val']
+  report = image_reliance.measure(run['workdir'], 'best', grad_batches=1)
+  got = report['steps']['best']
+  assert report['blind_baseline'] == pytest.approx(ev['blind_baseline'])
+  assert got['accuracy'] == pytest.approx(ev['accuracy'], abs=1e-12)
+  assert got['accuracy' + finetune.SHUFFLED] == pytest.approx(
+      ev['accuracy' + finetune.SHUFFLED], abs=1e-12)
+  layers = run['config'].model.unified_layers
+  for key in ('cls_on_regions', 'text_on_regions'):
+    assert len(got[key]) == layers
+    assert all(0.0 < v < 1.0 for v in got[key]), (key, got[key])
+  assert 0.0 < got['uniform_share'] < 1.0
+  for group in ('text_encoder', 'vision_encoder', 'unified', 'nlvr2_head'):
+    assert got['grad_norm'][group] > 0, group
+  assert got['grad_norm']['mask_vector'] == 0  # CMAP is off.
+  assert got['grad_norm_region_feats'] > 0
 
 
 # --------------------------------------------------------------- 5. resume
