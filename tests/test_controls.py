@@ -376,4 +376,5 @@ def test_images_shuffled_moves_an_nlvr2_image_pair_together():
   images = jnp.arange(3 * 2 * 5, dtype=jnp.float32).reshape(3, 2, 5, 1)
   moved = controls.images_shuffled(
       {'region_feats': images, 'valid': jnp.ones(3, bool)})
-  np.testing.assert_array_equal(moved['region_feats'], np.asarray(images)[[1, 2, 0]])
+  np.testing.assert_array_equal(
+      moved['region_feats'], np.asarray(images)[[1, 2, 0]])

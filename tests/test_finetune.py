@@ -28,7 +28,7 @@ import pytest
 
 from cmal_jax import (checkpoint, configlib, finetune, jobs, run_identity,
                       sharding, task_metrics, train, train_step)
-from cmal_jax.data import pipeline, records, task_pipeline, tasks
+from cmal_jax.data import pipeline, records, region_store, task_pipeline, tasks
 from cmal_jax.experiments import image_reliance
 from cmal_jax.world import scenes, task_baselines, task_examples
 from cmal_jax.model.cmal import (CMAL, ENCODER_PARAMS, ModelConfig,
@@ -985,6 +985,12 @@ def test_skip_run_counts_reports_and_evaluates_the_good_examples(
     got = ev[split]
     assert got['num_examples'] == NUM_EVAL - 1
     assert got['num_skipped'] == 1 and got['skipped'] == {reason: 1}
+    # The blind baseline is over the examples evaluated, too.
+    good = [ex for i, ex in enumerate(task_pipeline.read_task_examples(
+        bad_rec_data, 'rec', split, 'skip')) if i != bad_index]
+    assert got['blind_baseline'] == pytest.approx(task_baselines.blind_baseline(
+        good, 'rec', regions=region_store.RegionStore(
+            region_store.store_path(bad_rec_data))), abs=1e-12)
     path = tasks.task_path(bad_rec_data, 'rec', split)
     assert (f'{path}: Data: skipped 1 bad records for 15 examples (6.67%); '
             f'by field: {reason} 1. Left out of the metrics.') in log

@@ -7,7 +7,7 @@ import collections
 import numpy as np
 
 from cmal_jax import task_metrics
-from cmal_jax.data import region_store
+from cmal_jax.data import records, region_store
 from cmal_jax.data import task_pipeline
 from cmal_jax.data import tasks
 
@@ -63,8 +63,22 @@ def blind_baseline_of(directory, task, splits, on_error='raise'):
   them counts them)."""
   regions = (region_store.RegionStore(region_store.store_path(directory))
              if task == 'rec' else None)
+
+  def usable(ex):
+    """Skips what evaluation skips: a bad record, or (rec) an example whose
+    image the region store cannot give."""
+    if ex is None:
+      return False
+    if regions is None or on_error != 'skip':
+      return True
+    try:
+      regions[ex['image_id']]
+    except (KeyError, records.RecordError):
+      return False
+    return True
+
   read = lambda split: [ex for ex in task_pipeline.read_task_examples(
-      directory, task, split, on_error) if ex is not None]
+      directory, task, split, on_error) if usable(ex)]
   train = read('train')
   return {split: blind_baseline(read(split), task, train, regions)
           for split in splits}
