@@ -513,7 +513,8 @@ def with_controls(results, model, params, config, directory, split, mesh,
   if metric not in results or config.task == 'retrieval':
     return results  # Retrieval's random ranking: ~16 / (3N) mean recall.
   out = dict(results, blind_baseline=task_baselines.blind_baseline_of(
-      directory, config.task, (split,), config.data.on_error)[split])
+      directory, config.task, (split,), config.data.on_error,
+      reads_pixels(config))[split])
   if config.task in IMAGES_SHUFFLED_TASKS:
     control = evaluate_split(model, params, config, directory, split, mesh,
                              predict_shuffled)

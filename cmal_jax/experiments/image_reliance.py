@@ -40,6 +40,7 @@ from cmal_jax import cli_errors, controls, finetune, sharding
 from cmal_jax.data import task_pipeline
 from cmal_jax.export import export
 from cmal_jax.logs import log
+from cmal_jax.model.pixels import reads_pixels
 from cmal_jax.world import synthetic, task_baselines
 
 PROG = 'image_reliance'
@@ -197,7 +198,8 @@ def measure(workdir, steps='all', split=None, grad_batches=4):
     jitted = make_functions(model, config)
     report = {'task': config.task, 'split': split,
               'blind_baseline': task_baselines.blind_baseline_of(
-                  directory, config.task, (split,))[split], 'steps': {}}
+                  directory, config.task, (split,), config.data.on_error,
+                  reads_pixels(config))[split], 'steps': {}}
     for step in checkpoint_steps(workdir, steps):
       params, where = export.load_params(workdir, step, what=PROG)
       got = measure_step(model, jax.device_put(params), config, directory,

@@ -280,7 +280,8 @@ def train_and_evaluate(config, directory):
   # Beside each split's metric, what a model that never sees the image
   # scores there (the bar the image must raise).
   out['blind_baseline'] = task_baselines.blind_baseline_of(
-      directory, config.task, (val_split,) + tuple(test_splits))
+      directory, config.task, (val_split,) + tuple(test_splits),
+      config.data.on_error, reads_pixels(config))
   out['seconds'] = round(time.time() - t0, 1)
   return out
 

@@ -7,7 +7,7 @@ import collections
 import numpy as np
 
 from cmal_jax import task_metrics
-from cmal_jax.data import records, region_store
+from cmal_jax.data import pair_source
 from cmal_jax.data import task_pipeline
 from cmal_jax.data import tasks
 
@@ -56,12 +56,14 @@ def blind_baseline(examples: list[dict], task: str, train=None,
   raise ValueError(f'unknown task {task!r}; tasks are {list(tasks.TASKS)}')
 
 
-def blind_baseline_of(directory, task, splits, on_error='raise'):
+def blind_baseline_of(directory, task, splits, on_error='raise',
+                      pixels=False):
   """{split: blind_baseline} of a task folder's splits, priors from its
-  train split (rec: the folder's region store), read once for all.
-  on_error='skip': bad records are left out (the evaluation that reports
-  them counts them)."""
-  regions = (region_store.RegionStore(region_store.store_path(directory))
+  train split (rec: the boxes of the folder's region store, or with pixels
+  its image store), read once for all. on_error='skip': bad records are
+  left out (the evaluation that reports them counts them)."""
+  regions = (pair_source.open_store(directory, pixels=pixels,
+                                    feature_dim=None)
              if task == 'rec' else None)
 
   def usable(ex):
@@ -73,7 +75,7 @@ def blind_baseline_of(directory, task, splits, on_error='raise'):
       return True
     try:
       regions[ex['image_id']]
-    except (KeyError, records.RecordError):
+    except (KeyError, OSError, ValueError):  # RecordError, ImageError too.
       return False
     return True
 
