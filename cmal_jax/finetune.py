@@ -502,25 +502,43 @@ def evaluate_split(model, params, config, directory, split, mesh, predict,
   return classification_results(config, directory, split, pred, info, out_dir)
 
 
-def with_controls(results, model, params, config, directory, split, mesh,
-                  predict_shuffled):
-  """A split's results with their controls beside the metric: the blind
-  baseline (world/task_baselines.py: priors from the train split), and for
-  IMAGES_SHUFFLED_TASKS every metric again with each example scored on
+def metric_fields(results, metric):
+  """The entries of a split's results that are `metric` or its breakdowns
+  ({metric}_by_question_type, ...)."""
+  return {k: v for k, v in results.items()
+          if k == metric or k.startswith(metric + '_by_')}
+
+
+def shuffled_metrics(model, params, config, directory, split, mesh,
+                     predict_shuffled):
+  """The split's metric and its breakdowns with each example scored on
   another example's image (controls.images_shuffled), named with the
-  SHUFFLED suffix. A split without labels (VQA test-dev) gets neither."""
-  metric = config.eval.best_metric
-  if metric not in results or config.task == 'retrieval':
-    return results  # Retrieval's random ranking: ~16 / (3N) mean recall.
-  out = dict(results, blind_baseline=task_baselines.blind_baseline_of(
-      directory, config.task, (split,), config.data.on_error,
-      reads_pixels(config))[split])
-  if config.task in IMAGES_SHUFFLED_TASKS:
-    control = evaluate_split(model, params, config, directory, split, mesh,
-                             predict_shuffled)
-    out.update({k + SHUFFLED: v for k, v in control.items()
-                if k == metric or k.startswith(metric + '_by_')})
-  return out
+  SHUFFLED suffix."""
+  control = evaluate_split(model, params, config, directory, split, mesh,
+                           predict_shuffled)
+  return {k + SHUFFLED: v for k, v in metric_fields(
+      control, config.eval.best_metric).items()}
+
+
+def add_controls(results, model, params, config, directory, mesh,
+                 predict_shuffled):
+  """Puts the controls beside each labelled split's metric in `results`
+  ({split: metrics}, updated in place): the blind baseline
+  (world/task_baselines.py: priors from the train split, read once for all
+  the splits), and for IMAGES_SHUFFLED_TASKS shuffled_metrics. A split
+  without labels (VQA test-dev) gets neither; retrieval no blind baseline
+  (a random ranking's mean recall is ~16 / (3N))."""
+  labelled = [s for s, r in results.items() if config.eval.best_metric in r]
+  if config.task == 'retrieval' or not labelled:
+    return
+  blind = task_baselines.blind_baseline_of(
+      directory, config.task, labelled, config.data.on_error,
+      reads_pixels(config))
+  for split in labelled:
+    results[split]['blind_baseline'] = blind[split]
+    if config.task in IMAGES_SHUFFLED_TASKS:
+      results[split].update(shuffled_metrics(
+          model, params, config, directory, split, mesh, predict_shuffled))
 
 
 def load_init_params(config):
@@ -585,9 +603,10 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
       predict = jax.jit(make_predict_step(model, config),
                         out_shardings=sharding.replicated(mesh))
-      predict_shuffled = jax.jit(
-          make_predict_step(model, config, controls.images_shuffled),
-          out_shardings=sharding.replicated(mesh))
+      if config.task in IMAGES_SHUFFLED_TASKS:
+        predict_shuffled = jax.jit(
+            make_predict_step(model, config, controls.images_shuffled),
+            out_shardings=sharding.replicated(mesh))
 
   def evaluate(params, final):
     del final  # Every evaluation sees the whole eval split.
@@ -597,24 +616,25 @@ def make_job(config, workdir, mesh, axis_rules, local_batch):
 
   def finish(best_params, best_step):
     """The best checkpoint on the eval split and every test split, with
-    predictions files, each metric beside its controls (with_controls)."""
+    predictions files, each metric beside its controls (add_controls)."""
     out_dir = epath.Path(workdir) / PREDICTIONS_DIR  # Local or gs://.
     if jax.process_index() == 0:
       out_dir.mkdir(parents=True, exist_ok=True)
-    results = dict(task=config.task, best_metric=config.eval.best_metric,
-                   best_step=best_step)
-    for split in (val_split,) + test_splits:
-      with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-        results[split] = evaluate_split(
+    splits = (val_split,) + test_splits
+    by_split = {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+      for split in splits:
+        by_split[split] = evaluate_split(
             model, best_params, config, directory, split, mesh, predict,
             out_dir if jax.process_index() == 0 else None)
-        results[split] = with_controls(
-            results[split], model, best_params, config, directory, split,
-            mesh, predict_shuffled)
+      add_controls(by_split, model, best_params, config, directory, mesh,
+                   predict_shuffled)
+    for split in splits:
       log(f'{split}: ' + json.dumps(
-          {k: v for k, v in results[split].items()
+          {k: v for k, v in by_split[split].items()
            if not isinstance(v, dict)}))
-    return results
+    return dict(task=config.task, best_metric=config.eval.best_metric,
+                best_step=best_step, **by_split)
 
   def initial_params(params):
     loaded = load_init_params(config)

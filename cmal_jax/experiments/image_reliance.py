@@ -95,16 +95,10 @@ def measure_step(model, params, config, directory, mesh, split, jitted,
   predict, predict_shuffled, attend, gradients = jitted
   results = finetune.evaluate_split(model, params, config, directory, split,
                                     mesh, predict)
-  metric = config.eval.best_metric
-  out = {metric: results[metric]}
+  out = finetune.metric_fields(results, config.eval.best_metric)
   if config.task in finetune.IMAGES_SHUFFLED_TASKS:
-    shuffled = finetune.evaluate_split(model, params, config, directory,
-                                       split, mesh, predict_shuffled)
-    out[metric + finetune.SHUFFLED] = shuffled[metric]
-    by_type = metric + '_by_question_type'
-    if by_type in results:
-      out[by_type] = results[by_type]
-      out[by_type + finetune.SHUFFLED] = shuffled[by_type]
+    out.update(finetune.shuffled_metrics(model, params, config, directory,
+                                         split, mesh, predict_shuffled))
 
   # Attention, over the split's first batches (up to 512 examples).
   ds, _ = task_pipeline.make_task_dataset(
@@ -141,7 +135,7 @@ def measure_step(model, params, config, directory, mesh, split, jitted,
   out['grad_norm'] = {k: round(v, 6) for k, v in norms.items()}
   out['grad_norm_relative'] = {k: round(norms[k] / max(param_norms[k], 1e-12),
                                         8) for k in norms}
-  if feature_grads[0] == feature_grads[0]:  # Region models: not NaN.
+  if not reads_pixels(config):  # A pixel model has no region features.
     out['grad_norm_region_feats'] = round(float(np.mean(feature_grads)), 8)
   return out
 

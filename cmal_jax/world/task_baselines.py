@@ -59,28 +59,37 @@ def blind_baseline(examples: list[dict], task: str, train=None,
 def blind_baseline_of(directory, task, splits, on_error='raise',
                       pixels=False):
   """{split: blind_baseline} of a task folder's splits, priors from its
-  train split (rec: the boxes of the folder's region store, or with pixels
-  its image store), read once for all. on_error='skip': bad records are
-  left out (the evaluation that reports them counts them)."""
-  regions = (pair_source.open_store(directory, pixels=pixels,
-                                    feature_dim=None)
-             if task == 'rec' else None)
-
-  def usable(ex):
-    """Skips what evaluation skips: a bad record, or (rec) an example whose
-    image the region store cannot give."""
-    if ex is None:
-      return False
-    if regions is None or on_error != 'skip':
-      return True
-    try:
-      regions[ex['image_id']]
-    except (KeyError, OSError, ValueError):  # RecordError, ImageError too.
-      return False
-    return True
-
+  train split read once for all (rec needs none: its boxes come from the
+  folder's region store, or with pixels its image store). on_error='skip':
+  bad records are left out, as the evaluation that counts them does."""
   read = lambda split: [ex for ex in task_pipeline.read_task_examples(
-      directory, task, split, on_error) if usable(ex)]
-  train = read('train')
-  return {split: blind_baseline(read(split), task, train, regions)
-          for split in splits}
+      directory, task, split, on_error) if ex is not None]
+  if task != 'rec':
+    train = read('train')
+    return {split: blind_baseline(read(split), task, train)
+            for split in splits}
+  store = pair_source.open_store(directory, pixels=pixels, feature_dim=None)
+  out = {}
+  for split in splits:
+    regions, examples = _readable_regions(store, read(split), on_error)
+    out[split] = blind_baseline(examples, task, regions=regions)
+  return out
+
+
+def _readable_regions(store, examples, on_error):
+  """({image_id: record}, the examples whose image the store gives), each
+  image read once. With on_error='skip' an example whose image the store
+  cannot give is left out, as evaluation leaves it; otherwise the store's
+  error is raised."""
+  regions, kept = {}, []
+  for ex in examples:
+    image_id = ex['image_id']
+    if image_id not in regions:
+      try:
+        regions[image_id] = store[image_id]
+      except (KeyError, OSError, ValueError):  # RecordError, ImageError too.
+        if on_error != 'skip':
+          raise
+        continue
+    kept.append(ex)
+  return regions, kept
