@@ -140,6 +140,10 @@ def base_config(size, recipe):
       # K, the prototypes of the space patch encodings and the global image
       # feature share (0: none; the semmim recipe).
       prototypes=0,
+      # What the VQA / VE / NLVR2 head reads: 'cls' (UNITER's [CLS]) or
+      # 'cls_and_regions' ([CLS] beside the region slots pooled by a
+      # learned score; docs/finetuning.md).
+      head_input='cls',
   ))
 
   c.init = ml_collections.ConfigDict(dict(

@@ -5,7 +5,7 @@ import ml_collections
 
 from cmal_jax import recipes, run_identity
 from cmal_jax.data import shards, tasks
-from cmal_jax.model import bert_init
+from cmal_jax.model import bert_init, heads
 from cmal_jax.model.pixels import pixel_config
 from cmal_jax.model.layers import REMAT_POLICIES
 
@@ -68,6 +68,9 @@ def validate(config: ml_collections.ConfigDict):
   if m.get('moved_place', 'none') not in MOVED_PLACES:
     _fail('model.moved_place', m.moved_place,
           f'must be one of {MOVED_PLACES}')
+  if m.get('head_input', 'cls') not in heads.HEAD_INPUTS:
+    _fail('model.head_input', m.head_input,
+          f'must be one of {heads.HEAD_INPUTS}')
   if not 0 <= m.dropout < 1:
     _fail('model.dropout', m.dropout, 'must be in [0, 1)')
   for field in ('max_text_len', 'max_regions', 'max_anchors'):

@@ -76,6 +76,8 @@ def test_valid_configs_pass_validation():
      'config.model.num_heads=3: must divide model.hidden_dim=64'),
     ('data.max_text_len', 0, 'config.data.max_text_len=0'),
     ('loss.amc_targets', 'pair', "config.loss.amc_targets='pair'"),
+    ('model.head_input', 'regions', "config.model.head_input='regions': "
+     "must be one of ('cls', 'cls_and_regions')"),
 ])
 def test_invalid_config_value(field, value, message):
   c = pretrain.get_config('tiny')

@@ -191,6 +191,32 @@ def test_hypersphere_ablation_is_mirrored_in_torch(task):
   assert not np.allclose(outputs[True][key], outputs[False][key], atol=1e-3)
 
 
+@pytest.mark.parametrize('task', ('vqa', 'nlvr2'))
+def test_head_reading_regions_is_mirrored_in_torch(task):
+  """model.head_input='cls_and_regions': the head reads [CLS] beside the
+  score-pooled region slots (NLVR2: per image, then concatenated); the
+  torch mirror agrees and has the same names, and the weights do not load
+  into a [CLS]-only model."""
+  config = export_config('d60h5', task)
+  config['model']['head_input'] = 'cls_and_regions'
+  params = random_params(config)
+  head = params[f'{task}_head']
+  assert head['region_score']['kernel'].shape == (60, 1)
+  assert head['dense']['kernel'].shape[0] == (4 if task == 'nlvr2' else 2) * 60
+  inputs = random_inputs(config)
+  model = export.flax_model(config)
+  want = np.asarray(model.apply({'params': params}, inputs)['logits'])
+  got = torch_outputs(config, params, inputs)['logits']
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+  assert set(torch_names.to_torch_state(params)) == set(
+      torch_model.CMAL(config).state_dict())
+  # The same parameters without the pooled regions: another model.
+  cls_only = dict(config, model=dict(config['model'], head_input='cls'))
+  with pytest.raises(ValueError, match='region_score'):
+    torch_names.from_torch_state(torch_names.to_torch_state(params),
+                                 export.abstract_params(cls_only))
+
+
 def test_torch_swap_matches_jax_swap():
   config = export_config('d60h5', 'pretrain')
   inputs = random_inputs(config, seed=3)

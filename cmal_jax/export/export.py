@@ -97,6 +97,7 @@ def export_config(run_config, params, source=None):
                              'hypersphere')}
   # Runs from before model.moved_place moved the features it calls carried.
   model['moved_place'] = m.get('moved_place', 'carried')
+  model['head_input'] = m.get('head_input', 'cls')
   model['region_feat_dim'] = int(flat['vision_encoder/feature/kernel'].shape[0])
   model['num_tags'] = int(flat['tag_head/classifier/kernel'].shape[-1]
                           if 'tag_head/classifier/kernel' in flat else 1)
@@ -123,6 +124,7 @@ def flax_model(config):
   # before model.moved_place, CMAP moved the features it now calls carried.
   fields['hypersphere'] = m.get('hypersphere', True)
   fields['moved_place'] = m.get('moved_place', 'carried')
+  fields['head_input'] = m.get('head_input', 'cls')
   return CMAL(ModelConfig(**fields), task=config['task'],
               num_outputs=config.get('num_outputs', 0))
 

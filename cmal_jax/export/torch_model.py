@@ -230,19 +230,32 @@ class ITMHead(nn.Module):
 
 
 class ClsClassifier(nn.Module):
-  """[CLS] (concatenated over num_images) -> Dense(2D), GELU, LayerNorm,
-  Dense(C)."""
+  """[CLS] (beside the score-pooled region slots with head_input
+  'cls_and_regions'; concatenated over num_images) -> Dense(2D), GELU,
+  LayerNorm, Dense(C)."""
 
   def __init__(self, c, num_classes, num_images=1):
     super().__init__()
     D = c['hidden_dim']
     self.num_images = num_images
-    self.dense = nn.Linear(num_images * D, 2 * D)
+    self.reads_regions = c.get('head_input', 'cls') == 'cls_and_regions'
+    width = 2 * D if self.reads_regions else D
+    if self.reads_regions:
+      self.region_score = nn.Linear(D, 1)
+    self.dense = nn.Linear(num_images * width, 2 * D)
     self.LayerNorm = nn.LayerNorm(2 * D, eps=c['layer_norm_eps'])
     self.classifier = nn.Linear(2 * D, num_classes)
 
   def forward(self, x, inputs):
-    cls = x[:, 0].reshape(-1, self.num_images * x.shape[-1])
+    cls = x[:, 0]
+    if self.reads_regions:
+      regions = x[:, inputs['input_ids'].shape[1]:]
+      score = self.region_score(regions)[..., 0]
+      score = torch.where(inputs['region_mask'] > 0, score,
+                          torch.full_like(score, -1e9))
+      pooled = torch.einsum('br,brd->bd', torch.softmax(score, -1), regions)
+      cls = torch.cat([cls, pooled], -1)
+    cls = cls.reshape(-1, self.num_images * cls.shape[-1])
     return self.classifier(self.LayerNorm(F.gelu(self.dense(cls))))
 
 

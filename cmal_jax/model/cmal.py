@@ -53,6 +53,10 @@ class ModelConfig:
   # SemMIM: K, the prototypes of the encoding space shared by patch
   # encodings and the global image feature (0: no prototype head).
   prototypes: int = 0
+  # What the VQA / VE / NLVR2 head reads (heads.HEAD_INPUTS): 'cls', the
+  # [CLS] output (UNITER's); 'cls_and_regions', [CLS] beside the region
+  # slots pooled by a learned score.
+  head_input: str = 'cls'
 
   @classmethod
   def from_config(cls, model_config, num_tags):
@@ -139,7 +143,8 @@ class CMAL(nn.Module):
           'itc_log_scale', axes.init(
               lambda *_: jnp.log(jnp.float32(1 / 0.07)), ()), ())
     if self.task not in ('pretrain', 'retrieval'):
-      self.task_head = _task_head(self.task, unified_cfg, self.num_outputs)
+      self.task_head = _task_head(self.task, unified_cfg, self.num_outputs,
+                                  c.head_input == 'cls_and_regions')
     if self.task != 'pretrain':
       return
     self.vocab_head = heads.VocabHead(unified_cfg, c.vocab_size)
@@ -313,18 +318,21 @@ def image_feature(region_unit, region_mask):
   return l2_normalize(masked_mean(region_unit, region_mask))
 
 
-def _task_head(task, cfg, num_outputs):
+def _task_head(task, cfg, num_outputs, reads_regions=False):
   if task == 'vqa':
     if num_outputs < 1:
       raise ValueError('the vqa head needs num_outputs = the answer '
                        f'vocabulary size, got {num_outputs}')
     # sigmoid(-log N) ~ 1/N: about one answer of N is right.
     return heads.ClsClassifier(cfg, num_outputs, name='vqa_head',
-                               initial_logit=-math.log(num_outputs))
+                               initial_logit=-math.log(num_outputs),
+                               reads_regions=reads_regions)
   if task == 've':
-    return heads.ClsClassifier(cfg, 3, name='ve_head')
+    return heads.ClsClassifier(cfg, 3, name='ve_head',
+                               reads_regions=reads_regions)
   if task == 'nlvr2':
-    return heads.ClsClassifier(cfg, 2, num_images=2, name='nlvr2_head')
+    return heads.ClsClassifier(cfg, 2, num_images=2, name='nlvr2_head',
+                               reads_regions=reads_regions)
   if task == 'rec':
     return heads.RegionScorer(cfg, name='rec_head')
   # configlib.validate names the tasks to a user before a model is built.

@@ -6,6 +6,7 @@ logits takes its operands in it but accumulates into and returns float32
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cmal_jax.model import axes, layers
@@ -89,11 +90,18 @@ class PrototypeHead(nn.Module):
 
 # ---------------------------------------------------------- downstream heads
 
+# What a ClsClassifier reads (ModelConfig.head_input).
+HEAD_INPUTS = ('cls', 'cls_and_regions')
+
+
 class ClsClassifier(nn.Module):
   """UNITER's task head on [CLS]: Dense(2D), GELU, LayerNorm, Dense(C).
 
   VQA (C answers), SNLI-VE (C = 3), NLVR2 (num_images = 2: the [CLS]
-  outputs of the two passes are concatenated first).
+  outputs of the two passes are concatenated first). reads_regions: each
+  pass gives [CLS] beside its region slots pooled by a learned score
+  (`pool_regions`), so an answer can read the regions directly rather than
+  only what the encoder gathered into [CLS] (docs/finetuning.md).
   """
   cfg: object
   num_classes: int
@@ -102,6 +110,7 @@ class ClsClassifier(nn.Module):
   # rare answer, so the first steps need not push 100 logits down through
   # the pre-trained encoder (RetinaNet's prior initialisation).
   initial_logit: float = 0.0
+  reads_regions: bool = False
 
   @nn.compact
   def __call__(self, x, inputs):
@@ -109,6 +118,8 @@ class ClsClassifier(nn.Module):
     at b * num_images + i, so an example stays on one data shard) ->
     logits [B, C] (float32)."""
     cls = x[:, 0]
+    if self.reads_regions:
+      cls = jnp.concatenate([cls, pool_regions(self.cfg, x, inputs)], -1)
     cls = cls.reshape(-1, self.num_images * cls.shape[-1])
     h = nn.gelu(dense(2 * self.cfg.hidden_dim, self.cfg, 'dense')(cls),
                 approximate=False)
@@ -119,6 +130,18 @@ class ClsClassifier(nn.Module):
     return dense(self.num_classes, self.cfg, 'classifier', in_axis='mlp',
                  out_axis=None, bias=self.initial_logit, logits=True)(h).astype(
                      jnp.float32)
+
+
+def pool_regions(cfg, x, inputs):
+  """The region slots of x [B, T + R, D] averaged with softmax weights of
+  a learned score over the real regions (region_mask [B, R]) -> [B, D].
+  Called inside a compact module: the score layer is its 'region_score'."""
+  regions = x[:, inputs['input_ids'].shape[1]:]
+  score = dense(1, cfg, 'region_score', out_axis=None, logits=True)(
+      regions)[..., 0]
+  score = jnp.where(inputs['region_mask'] > 0, score, -1e9)
+  weights = jax.nn.softmax(score, -1).astype(regions.dtype)
+  return jnp.einsum('br,brd->bd', weights, regions)
 
 
 class RegionScorer(nn.Module):
