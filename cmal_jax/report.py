@@ -6,8 +6,16 @@ accuracy curves (PNG, written into the workdir).
   python -m cmal_jax.report --table 'fixed=runs/fixed_s*/eval.json' \
       'paper=runs/paper_s*/eval.json' --metrics=amc_pair_acc,itm_acc
 
+  python -m cmal_jax.report --curves 'pretrained=runs/vqa_pre_s*' \
+      'random=runs/vqa_s*' 'baseline=runs/baseline/vqa_regions_s*.json' \
+      --metric=vqa_accuracy --out=docs/curves_vqa.png
+
 The second form prints a Markdown table of eval.json metrics, one column per
-setting, each cell the mean ± std over the setting's files (its seeds).
+setting, each cell the mean ± std over the setting's files (its seeds); a
+metric may name a split's entry, 'test/vqa_accuracy'. The third plots the
+eval split's metric against steps, one line per setting (the mean over its
+runs, a band of ± std): fine-tuning workdirs (their eval/ lines) or
+one-hour baseline results (their val_curve), with the blind baseline.
 
 Reads config.json, metrics.jsonl, eval.json and best.json as train.py writes
 them; a missing file is reported as missing, a malformed one raises a
@@ -388,14 +396,22 @@ def plot_curves(workdir):
 
 # ------------------------------------------------------------ seed table
 
+def metric_of(results, name):
+  """results[name], or for 'split/metric' results[split][metric]; None
+  where it is missing."""
+  for key in name.split('/'):
+    if not isinstance(results, dict) or key not in results:
+      return None
+    results = results[key]
+  return results
+
+
 def seed_table(columns, metrics):
   """Markdown table: one row per metric, one column per setting; columns
-  {name: [eval.json paths]} (one per seed). A cell is the mean ± std
-  (population std) over the files, or 'n/a' where no file has the metric;
-  the header says how many files each column has."""
-  for name, paths in columns.items():
-    if not paths:
-      raise FileNotFoundError(f'--table {name}: no file matches')
+  {name: [eval.json paths]} (one per seed). A metric is a key of the file
+  or 'split/key'. A cell is the mean ± std (population std) over the files,
+  or 'n/a' where no file has the metric; the header says how many files
+  each column has."""
   runs = {name: [read_json(p) for p in paths] for name, paths in
           columns.items()}
   lines = ['| metric | ' + ' | '.join(
@@ -404,7 +420,8 @@ def seed_table(columns, metrics):
   for metric in metrics:
     cells = []
     for r in runs.values():
-      values = [e[metric] for e in r if metric in e]
+      values = [v for v in (metric_of(e, metric) for e in r)
+                if is_number(v)]
       if not values:
         cells.append('n/a')
         continue
@@ -416,7 +433,92 @@ def seed_table(columns, metrics):
   return '\n'.join(lines) + '\n'
 
 
+# --------------------------------------------------------- learning curves
+
+def val_curve(path, metric):
+  """One run's eval-split `metric` against steps, and its blind baseline
+  there: ((steps, values), blind or None). `path` is a fine-tuning workdir
+  (metrics.jsonl's eval/ lines, eval.json's blind_baseline) or a one-hour
+  baseline result JSON (val_curve, blind_baseline)."""
+  if os.path.isdir(path):
+    lines = read_metrics(os.path.join(path, METRICS))
+    if lines is None:
+      raise FileNotFoundError(f'{path}: no {METRICS}')
+    evaluation = read_json(os.path.join(path, EVAL)) or {}
+    points = series(eval_lines(lines), f'eval/{metric}')
+    blind = metric_of(evaluation, 'val/blind_baseline')
+  else:
+    result = read_json(path)
+    if result is None or 'val_curve' not in result:
+      raise ValueError(f'{path}: not a one-hour baseline result with a '
+                       'val_curve')
+    points = ([s for s, _ in result['val_curve']],
+              [v for _, v in result['val_curve']])
+    blind = metric_of(result, f'blind_baseline/{result["val_split"]}')
+  if not points[0]:
+    raise ValueError(f'{path}: no evaluation of {metric}')
+  return points, blind
+
+
+def mean_curve(curves):
+  """Runs' (steps, values) -> (steps every run has, mean, population std)."""
+  steps = sorted(set.intersection(*(set(s) for s, _ in curves)))
+  at = [dict(zip(s, v)) for s, v in curves]
+  means, stds = [], []
+  for step in steps:
+    values = [a[step] for a in at]
+    mean = sum(values) / len(values)
+    means.append(mean)
+    stds.append(math.sqrt(sum((v - mean) ** 2 for v in values)
+                          / len(values)))
+  return steps, means, stds
+
+
+def plot_learning_curves(columns, metric, out):
+  """Writes `out` (PNG): per setting {name: [paths]} the mean of its runs'
+  eval `metric` against steps with a ± std band, and the blind baseline
+  (dashed). Returns {name: (steps, means, stds)}."""
+  import matplotlib  # Lazily, as plot_curves.
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+  drawn, blinds = {}, []
+  for name, paths in columns.items():
+    read = [val_curve(p, metric) for p in paths]
+    blinds += [b for _, b in read if b is not None]
+    steps, means, stds = drawn[name] = mean_curve([c for c, _ in read])
+    line, = ax.plot(steps, means, marker='o', markersize=3,
+                    label=f'{name} (n={len(paths)})')
+    ax.fill_between(steps, [m - s for m, s in zip(means, stds)],
+                    [m + s for m, s in zip(means, stds)],
+                    color=line.get_color(), alpha=0.2)
+  if blinds:
+    ax.axhline(sum(blinds) / len(blinds), color='grey', linestyle='--',
+               label='blind baseline')
+  ax.set_xlabel('step')
+  ax.set_ylabel(f'{metric} (eval split)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize='small')
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, bbox_inches='tight')
+  plt.close(fig)
+  return drawn
+
+
 # -------------------------------------------------------------------- CLI
+
+def settings(parser, flag, specs):
+  """['NAME=GLOB', ...] -> {NAME: sorted matches}; an empty match fails."""
+  columns = {}
+  for spec in specs:
+    name, sep, pattern = spec.partition('=')
+    if not sep:
+      parser.error(f'{flag} {spec!r}: expected NAME=GLOB')
+    columns[name] = sorted(glob.glob(pattern))
+    if not columns[name]:
+      raise FileNotFoundError(f'{flag} {name}: no file matches')
+  return columns
+
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
@@ -429,21 +531,35 @@ def main(argv=None):
                       help='Instead of a run: a table of eval.json files, '
                       'one column per NAME, mean ± std over GLOB\'s files.')
   parser.add_argument('--metrics', default='',
-                      help='With --table: comma-separated eval.json keys.')
+                      help='With --table: comma-separated eval.json keys '
+                      '(split/key for a split\'s).')
+  parser.add_argument('--curves', nargs='+', metavar='NAME=GLOB',
+                      help='Instead of a run: plot learning curves, one line '
+                      'per NAME over GLOB\'s workdirs or baseline results.')
+  parser.add_argument('--metric', default='',
+                      help='With --curves: the eval metric, e.g. '
+                      'vqa_accuracy.')
+  parser.add_argument('--out', default='',
+                      help='With --curves: the PNG to write.')
   cli_errors.add_verbose_flag(parser)
   args = parser.parse_args(argv)
-  if (args.workdir is None) == (args.table is None):
-    parser.error('give --workdir or --table')
+  if sum(x is not None for x in (args.workdir, args.table, args.curves)) != 1:
+    parser.error('give one of --workdir, --table or --curves')
   if args.table:
     if not args.metrics:
       parser.error('--table needs --metrics')
-    columns = {}
-    for spec in args.table:
-      name, sep, pattern = spec.partition('=')
-      if not sep:
-        parser.error(f'--table {spec!r}: expected NAME=GLOB')
-      columns[name] = sorted(glob.glob(pattern))
+    columns = settings(parser, '--table', args.table)
     print(seed_table(columns, args.metrics.split(',')), end='')
+    return
+  if args.curves:
+    if not args.metric or not args.out:
+      parser.error('--curves needs --metric and --out')
+    drawn = plot_learning_curves(settings(parser, '--curves', args.curves),
+                                 args.metric, args.out)
+    for name, (steps, means, stds) in drawn.items():
+      print(f'{name}: ' + ', '.join(f'{s} {m:.3f}±{d:.3f}'
+                                    for s, m, d in zip(steps, means, stds)))
+    print(f'Wrote {args.out}')
     return
   print(summarize(args.workdir), end='')
   paths = [] if args.no_plots else plot_curves(args.workdir)

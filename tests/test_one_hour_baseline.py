@@ -35,6 +35,11 @@ def test_runs_end_to_end(task, visual, tmp_path, capsys):
   assert result['steps'] == STEPS and result['batch_size'] == 16
   assert result['best_metric'] == configlib.BEST_METRIC[task]
   assert 1 <= result['best_step'] <= STEPS
+  # The learning curve: every evaluation's val metric; the best is its max.
+  curve = dict(result['val_curve'])
+  assert max(curve) == STEPS
+  best = result['val'][result['best_metric']]
+  assert curve[result['best_step']] == best == max(curve.values())
   # The splits fine-tuning generates for this config, every example of each
   # evaluated, under eval.json's metric names.
   sizes = {'val': config.world.num_eval, 'test': config.world.num_test}

@@ -277,3 +277,52 @@ def test_seed_table_is_mean_and_std_over_each_settings_files(tmp_path,
     report.main(['--table', f'c={tmp_path}/none*.json', '--metrics=x'])
   with pytest.raises(SystemExit):
     report.main(['--table', f'a={tmp_path}/a_s*.json'])  # No --metrics.
+
+
+def test_table_reads_a_splits_metric(tmp_path, capsys):
+  for seed, v in enumerate((0.4, 0.6)):
+    (tmp_path / f'ft_s{seed}.json').write_text(json.dumps(
+        {'task': 'vqa', 'test': {'vqa_accuracy': v, 'blind_baseline': 0.3}}))
+  report.main(['--table', f'ft={tmp_path}/ft_s*.json',
+               '--metrics=test/vqa_accuracy,test/blind_baseline,val/x'])
+  assert capsys.readouterr().out.splitlines()[2:] == [
+      '| test/vqa_accuracy | 0.500 ± 0.100 |',
+      '| test/blind_baseline | 0.300 ± 0.000 |', '| val/x | n/a |']
+
+
+def fine_tuning_run(path, curve, blind):
+  path.mkdir()
+  write_lines(path / 'metrics.jsonl', [{'step': s, 'eval/vqa_accuracy': v}
+                                       for s, v in curve])
+  (path / 'eval.json').write_text(json.dumps(
+      {'val': {'blind_baseline': blind}}))
+  return str(path)
+
+
+def test_learning_curves_average_runs_on_their_common_steps(tmp_path,
+                                                            capsys):
+  """Workdirs and one-hour baseline results plot side by side: a setting's
+  line is the mean over its runs at the steps they all evaluated, the band
+  its std; the blind baseline from their files."""
+  fine_tuning_run(tmp_path / 'pre_s0', [(100, 0.4), (200, 0.5)], 0.3)
+  fine_tuning_run(tmp_path / 'pre_s1', [(100, 0.6), (200, 0.7), (300, 0.9)],
+                  0.3)
+  (tmp_path / 'base_s0.json').write_text(json.dumps(
+      {'val_split': 'val', 'val_curve': [[100, 0.25], [200, 0.35]],
+       'blind_baseline': {'val': 0.3, 'test': 0.2}}))
+  out = str(tmp_path / 'docs' / 'curves.png')
+  report.main(['--curves', f'pretrained={tmp_path}/pre_s*',
+               f'baseline={tmp_path}/base_s*.json', '--metric=vqa_accuracy',
+               f'--out={out}'])
+  assert capsys.readouterr().out.splitlines() == [
+      'pretrained: 100 0.500±0.100, 200 0.600±0.100',
+      'baseline: 100 0.250±0.000, 200 0.350±0.000', f'Wrote {out}']
+  with open(out, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  (tmp_path / 'other.json').write_text('{"val": {}}')
+  with pytest.raises(ValueError, match='other.json: not a one-hour baseline'):
+    report.main(['--curves', f'x={tmp_path}/other.json',
+                 '--metric=vqa_accuracy', f'--out={out}'])
+  with pytest.raises(ValueError, match='pre_s0: no evaluation of accuracy'):
+    report.main(['--curves', f'x={tmp_path}/pre_s0', '--metric=accuracy',
+                 f'--out={out}'])

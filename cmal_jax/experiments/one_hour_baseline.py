@@ -36,10 +36,11 @@ What it shares with `python -m cmal_jax.main
            splits. Nothing is chosen on test.
 
 Writes OUT/{task}_{visual}_s{seed}.json ({val: {...}, test: {...}} with
-eval.json's metric names, best_step, blind_baseline per split
-(world/task_baselines.py: the score of a model that never sees the image),
-and what ran) and prints a line with
-the mean ± std (sample std) over seeds.
+eval.json's metric names, best_step, val_curve ([step, val metric] at each
+evaluation: python -m cmal_jax.report --curves plots it), blind_baseline
+per split (world/task_baselines.py: the score of a model that never sees
+the image), and what ran) and prints a line with the mean ± std (sample
+std) over seeds.
 """
 
 import argparse
@@ -251,6 +252,7 @@ def train_and_evaluate(config, directory):
       f'data {directory}')
 
   best = dict(value=None, step=0, params=None, results=None)
+  curve = []  # [step, val metric] at each evaluation: the learning curve.
   batches, logged = pipeline.to_iterator(train_ds, config), []
   for step in range(1, config.total_steps + 1):
     params, opt_state, metrics = step_fn(params, opt_state,
@@ -263,6 +265,7 @@ def train_and_evaluate(config, directory):
     if (every and step % every == 0) or step == config.total_steps:
       results = evaluate(params, val_split)
       log(f'step {step} {val_split}: {headline(results)}')
+      curve.append([step, results[metric]])
       # Strictly better replaces, as fine-tuning's BestCheckpoint. A host
       # copy: the next step donates the device buffers.
       if best['value'] is None or results[metric] > best['value']:
@@ -272,7 +275,8 @@ def train_and_evaluate(config, directory):
   out = dict(task=config.task, visual=config.model.visual.input,
              best_metric=metric, best_step=best['step'],
              num_params=count_params(params), val_split=val_split,
-             test_splits=list(test_splits), **{val_split: best['results']})
+             test_splits=list(test_splits), val_curve=curve,
+             **{val_split: best['results']})
   best_params = jax.device_put(best['params'])
   for split in test_splits:
     out[split] = evaluate(best_params, split)
