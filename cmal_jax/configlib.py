@@ -20,6 +20,8 @@ def _fail(field, value, why):
 TASKS = ('pretrain',) + tasks.TASKS
 VISUAL_INPUTS = ('regions', 'pixels')
 BOX_SOURCES = ('given', 'grid')
+# finetune.itm_negatives: retrieval ITM's negatives (configs/finetune.py).
+ITM_NEGATIVES = ('random', 'hard')
 RECALLS = tuple(f'{d}_r{k}' for d in ('t2i', 'i2t') for k in (1, 5, 10))
 # What fine-tuning's evaluation reports per task (finetune.py); the last
 # is the validation metric that picks the best checkpoint (higher is
@@ -277,6 +279,14 @@ def _validate_finetune(config):
     _fail('finetune.num_answers', f.num_answers, 'must be a positive integer')
   if f.itc < 0:
     _fail('finetune.itc', f.itc, 'must be >= 0')
+  negatives = f.get('itm_negatives', 'random')
+  if negatives not in ITM_NEGATIVES:
+    _fail('finetune.itm_negatives', negatives,
+          f'must be one of {ITM_NEGATIVES}')
+  if negatives == 'hard' and config.data.itm_neg_prob != 0:
+    _fail('finetune.itm_negatives', negatives,
+          'mines its own negatives, so every row must be a matched pair: '
+          f'set data.itm_neg_prob=0 (it is {config.data.itm_neg_prob})')
   if not f.pretrained_lr_mult > 0:
     _fail('finetune.pretrained_lr_mult', f.pretrained_lr_mult, 'must be > 0')
   if not isinstance(f.rerank_k, int) or f.rerank_k < 0:

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmal_jax.model import cmap
+from cmal_jax.model.cmal import IMAGE_INPUTS
 
 
 def shuffled_real_slots(rng, mask):
@@ -141,11 +142,6 @@ def same_anchor_itm(scores, anchor_counts, seed):
               itm_pairs_same_anchors=float(len(rows)))
 
 
-# What images_shuffled exchanges between examples: everything the model
-# reads of the image (task_pipeline.PAIR_KEYS less the text).
-IMAGE_KEYS = ('region_feats', 'images', 'region_boxes', 'region_mask')
-
-
 def next_valid_row(valid):
   """[B] bool -> [B] int32: for each valid row the next valid row of the
   batch, cyclically (itself when it is the only one); padding rows map to
@@ -159,8 +155,8 @@ def next_valid_row(valid):
 
 def images_shuffled(batch):
   """A task batch whose examples each carry the next valid example's image
-  (IMAGE_KEYS; NLVR2's [B, 2, ...] pairs move together) and their own text
+  (IMAGE_INPUTS: all the model reads of it; NLVR2's [B, 2, ...] pairs move together) and their own text
   and labels."""
   source = next_valid_row(batch['valid'])
   return dict(batch, **{k: jnp.take(batch[k], source, axis=0)
-                        for k in IMAGE_KEYS if k in batch})
+                        for k in IMAGE_INPUTS if k in batch})

@@ -155,9 +155,11 @@ def task_loss(outputs, batch, config, denominators=None):
                                  jnp.argmax(logits, -1)[:, None], 1)[:, 0]
     acc = mean(chosen >= task_pipeline.REC_IOU_THRESHOLD)
   elif task == 'retrieval':
+    # With mined negatives the model says which of its 3B rows match.
+    label = outputs.get('itm_label', batch['itm_label'])
     loss, acc, _ = xent.weighted_xent(
-        logits, batch['itm_label'], jnp.ones_like(batch['itm_label'], bool),
-        d['rows'])
+        logits, label, jnp.ones_like(label, bool),
+        d['rows'] * label.shape[0] / batch['itm_label'].shape[0])
     if config.finetune.itc > 0:
       itc, itc_acc = objectives.itc_loss(
           outputs['itc_text'], outputs['itc_image'], outputs['itc_log_scale'],
@@ -173,11 +175,25 @@ def task_loss(outputs, batch, config, denominators=None):
 
 def make_loss(model, config):
   """The task's objectives.Loss; no corruption step, so prepare is the
-  identity."""
+  identity. Retrieval with finetune.itm_negatives='hard' trains ITM on
+  negatives mined by ITC similarity in the batch (ALBEF)."""
+  mined = (config.task == 'retrieval'
+           and config.finetune.get('itm_negatives', 'random') == 'hard')
+
   def loss_fn(params, batch, rng, denominators):
-    outputs = model.apply({'params': params},
-                          model_inputs(batch, config.task),
-                          deterministic=False, rngs={'dropout': rng})
+    inputs = model_inputs(batch, config.task)
+    if not mined:
+      outputs = model.apply({'params': params}, inputs,
+                            deterministic=False, rngs={'dropout': rng})
+      return task_loss(outputs, batch, config, denominators)
+    rng, pick_rng = jax.random.split(rng)
+    index = batch['example_index']
+    same = index[:, None] == index[None, :]
+    pick = lambda sim, log_scale: objectives.mine_hard_negatives(
+        sim, jax.lax.stop_gradient(log_scale), same, pick_rng)
+    outputs = model.apply({'params': params}, inputs, pick,
+                          deterministic=False, rngs={'dropout': rng},
+                          method='itm_on_mined_negatives')
     return task_loss(outputs, batch, config, denominators)
 
   return objectives.Loss(prepare=lambda batch, rng, state=None: batch,

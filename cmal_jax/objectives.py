@@ -384,6 +384,26 @@ def itc_loss(text, image, log_scale, positive, denom=None):
   return (t2i[0] + i2t[0]) / 2, (t2i[1] + i2t[1]) / 2
 
 
+def mine_hard_negatives(sim, log_scale, same, rng):
+  """ALBEF's in-batch hard negatives for ITM: for each caption an image,
+  and for each image a caption, drawn with probability softmax(ITC
+  similarity / tau) among the pairs that do not match.
+
+  sim [B, B] (caption i, image j; no gradient needed); log_scale: ITC's
+  log(1 / tau); same [B, B] bool, the pairs that match (the diagonal, and
+  any two rows of one image). -> (image of each caption [B], caption of
+  each image [B]), int32 row indices. A row with no other pair draws its
+  own, as a batch of one must.
+  """
+  logits = sim.astype(jnp.float32) * jnp.exp(
+      jnp.minimum(log_scale, math.log(100.0)))
+  logits = jnp.where(same, -1e9, logits)
+  text_rng, image_rng = jax.random.split(rng)
+  image_of_text = jax.random.categorical(text_rng, logits, axis=1)
+  text_of_image = jax.random.categorical(image_rng, logits, axis=0)
+  return image_of_text.astype(jnp.int32), text_of_image.astype(jnp.int32)
+
+
 def loss_denominators(targets, config):
   """What each objective's mean divides by: its number of entries in the
   batch (at least 1). Computed once over the whole batch, so that with

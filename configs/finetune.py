@@ -74,6 +74,12 @@ def get_config(arg=None):
       # ALBEF does); without, it scores every pair by ITM.
       itc=1.0,
       rerank_k=16,
+      # retrieval: ITM's negatives. 'random': the pipeline pairs a share
+      # data.itm_neg_prob of the rows with another image's caption.
+      # 'hard' (ALBEF): every row is a matched pair (data.itm_neg_prob=0)
+      # and each caption and each image also meets a partner of the batch
+      # drawn by ITC similarity (objectives.mine_hard_negatives).
+      itm_negatives='random',
       # The lr of the parameters taken from init_from, as a multiple of
       # optim.lr (the task head's): smaller steps keep what pre-training
       # learnt (docs/finetuning.md has the sweep). No effect without

@@ -229,8 +229,9 @@ NUM_IMAGES = 12  # x 5 captions each.
 
 
 @pytest.fixture(scope='module')
-def retrieval_setup(tmp_path_factory, compilation_cache):
-  """A random-init tiny retrieval model and a 12-image split."""
+def retrieval_model(tmp_path_factory, compilation_cache):
+  """A random-init tiny retrieval model and a 12-image split: (config,
+  model, params, captions, images, caption_image)."""
   d = str(tmp_path_factory.mktemp('retrieval_data'))
   task_examples.generate(d, ['retrieval'], {'val': NUM_IMAGES},
                        scenes.WorldParams(feature_dim=F), seed=0)
@@ -261,6 +262,15 @@ def retrieval_setup(tmp_path_factory, compilation_cache):
                                 np.repeat(np.arange(NUM_IMAGES), 5))
   assert (captions['input_ids'][:, 0] == CLS_ID).all()
   assert len(image_ids) == NUM_IMAGES
+  return config, model, params, captions, images, caption_image
+
+
+@pytest.fixture(scope='module')
+def retrieval_setup(retrieval_model):
+  """(scores(**finetune fields) -> retrieval_scores, every pair's ITM log
+  p(match) [captions, images] and the ITC similarity, both from the
+  model's own forward passes)."""
+  config, model, params, captions, images, caption_image = retrieval_model
   mesh = sharding.mesh_from_config(config)
   axis_rules = sharding.rules(config)
 
@@ -344,6 +354,73 @@ def test_retrieval_rerank_scores_only_the_itc_top_k(retrieval_setup):
   assert not np.any(finite & ~maybe), np.argwhere(finite & ~maybe)
   # Near-ties are rare (none at all on this split: the check is exact).
   assert sure.sum() >= 0.95 * maybe.sum(), (sure.sum(), maybe.sum())
+
+
+def test_hard_negatives_follow_itc_similarity():
+  """ALBEF's sampling: never a matching pair (the diagonal, or two rows of
+  one image), and with a sharp temperature the most similar non-matching
+  partner, both ways."""
+  rng = np.random.default_rng(0)
+  # Distinct similarities 0.2 apart: x 100 (the sharpest tau), 20 apart.
+  sim = (0.2 * rng.permutation(36).reshape(6, 6) - 3.5).astype(np.float32)
+  index = np.array([0, 1, 2, 3, 4, 2])  # Rows 2 and 5: one image.
+  same = jnp.asarray(index[:, None] == index[None, :])
+  picks = [finetune.objectives.mine_hard_negatives(
+      jnp.asarray(sim), jnp.log(1 / 0.07), same, jax.random.key(k))
+           for k in range(50)]
+  for image_of_text, text_of_image in picks:
+    assert not np.asarray(same)[np.arange(6), image_of_text].any()
+    assert not np.asarray(same)[text_of_image, np.arange(6)].any()
+  assert len({tuple(np.asarray(p[0])) for p in picks}) > 1  # It samples.
+  sharp = finetune.objectives.mine_hard_negatives(
+      jnp.asarray(sim), jnp.float32(np.log(100.0)), same, jax.random.key(0))
+  masked = np.where(np.asarray(same), -np.inf, sim)
+  np.testing.assert_array_equal(sharp[0], masked.argmax(1))
+  np.testing.assert_array_equal(sharp[1], masked.argmax(0))
+
+
+def test_retrieval_with_mined_negatives_scores_the_picked_pairs(
+    retrieval_model):
+  """finetune.itm_negatives='hard': the loss is ITM over the B matched
+  pairs, each caption with its picked image and each image with its picked
+  caption (the model's own forward pass on those pairs), plus ITC."""
+  config, _, params, captions, images, caption_image = retrieval_model
+  config = config.copy_and_resolve_references()
+  config.finetune.itm_negatives, config.data.itm_neg_prob = 'hard', 0.0
+  config.model.dropout = 0.0  # The direct passes below draw no dropout.
+  configlib.validate(config)
+  model = finetune.task_model(config)
+  first = np.searchsorted(caption_image, np.arange(NUM_IMAGES))
+  batch = {k: captions[k][first] for k in ('input_ids', 'text_mask')}
+  batch.update(images, itm_label=np.ones(NUM_IMAGES, np.int32),
+               example_index=np.arange(NUM_IMAGES, dtype=np.int32))
+  batch = jax.tree.map(jnp.asarray, batch)
+  loss, metrics = finetune.make_loss(model, config).loss(
+      params, batch, jax.random.key(5), None)
+  _, pick_rng = jax.random.split(jax.random.key(5))
+  text, image = model.apply({'params': params}, batch,
+                            method='itc_embeddings')
+  image_of_text, text_of_image = finetune.objectives.mine_hard_negatives(
+      text @ image.T, params['itc_log_scale'], jnp.eye(NUM_IMAGES, dtype=bool),
+      pick_rng)
+  rows = np.arange(NUM_IMAGES)
+  text_rows = np.concatenate([rows, rows, text_of_image])
+  image_rows = np.concatenate([rows, image_of_text, rows])
+  pairs = {k: v[image_rows if k in images else text_rows]
+           for k, v in batch.items() if k in finetune.MODEL_INPUTS}
+  logits = model.apply({'params': params}, pairs)['logits']
+  label = np.repeat([1, 0, 0], NUM_IMAGES)
+  itm = -np.asarray(jax.nn.log_softmax(logits))[np.arange(3 * NUM_IMAGES),
+                                                label]
+  np.testing.assert_allclose(float(metrics['loss_itm']), itm.mean(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(metrics['loss_itm'])
+                             + float(metrics['loss_itc']), rtol=1e-6)
+  config.data.itm_neg_prob = 0.5
+  with pytest.raises(ValueError, match=r"config\.finetune\.itm_negatives="
+                     r"'hard': mines its own negatives.*itm_neg_prob=0 "
+                     r"\(it is 0\.5\)"):
+    configlib.validate(config)
 
 
 # ------------------------------------------------------ pre-trained inputs

@@ -76,6 +76,12 @@ ENCODER_PARAMS = ('text_encoder', 'vision_encoder', 'text_scale',
                   'vision_scale', 'mask_vector', 'slots', 'unified')
 
 
+# The inputs that describe the image (the rest describe the text): what
+# moves when a caption is paired with another image.
+IMAGE_INPUTS = ('region_feats', 'images', 'region_boxes', 'region_mask',
+                'umse_boxes')
+
+
 # The pixel backbone's parameters (a model that reads pixels has them).
 PIXEL_PARAMS = 'pixels'
 
@@ -235,6 +241,35 @@ class CMAL(nn.Module):
                      self.embed_regions(source, deterministic, not own_pass))
     return (self.fuse(text_unit, region_unit, inputs, deterministic,
                       two_stream, moved_units), text_unit, region_unit)
+
+  def itm_on_mined_negatives(self, inputs, pick_negatives,
+                             deterministic=True):
+    """Retrieval training as ALBEF: every row of `inputs` [B, ...] a
+    matched pair. UMSE runs once; pick_negatives(ITC similarity [B, B]
+    without gradient, ITC's log(1 / tau)) -> (the negative image of each
+    caption [B], the negative caption of each image [B]), row indices
+    (objectives.mine_hard_negatives). The unified encoder then reads
+    the B matched pairs, each caption with its negative image and each
+    image with its negative caption: 'logits' [3B, 2] and their
+    'itm_label' [3B] (1, then 0), beside the ITC features of __call__."""
+    text_unit = self.embed_text(inputs, deterministic)
+    region_unit = self.embed_regions(inputs, deterministic)
+    itc_text, itc_image = itc_features(text_unit, region_unit,
+                                       inputs['region_mask'])
+    image_of_text, text_of_image = pick_negatives(
+        jax.lax.stop_gradient(itc_text @ itc_image.T), self.itc_log_scale)
+    rows = jnp.arange(itc_text.shape[0])
+    text_rows = jnp.concatenate([rows, rows, text_of_image])
+    image_rows = jnp.concatenate([rows, image_of_text, rows])
+    pairs = {k: v[image_rows if k in IMAGE_INPUTS else text_rows]
+             for k, v in inputs.items()}
+    x = self.fuse(text_unit[text_rows], region_unit[image_rows], pairs,
+                  deterministic)
+    label = jnp.concatenate([jnp.ones_like(rows), jnp.zeros_like(rows),
+                             jnp.zeros_like(rows)]).astype(jnp.int32)
+    return {'logits': self.itm_head(x[:, 0]), 'itm_label': label,
+            'itc_text': itc_text, 'itc_image': itc_image,
+            'itc_log_scale': self.itc_log_scale}
 
   def itm_log_prob(self, text_unit, region_unit, inputs):
     """Retrieval scoring from cached UMSE features: log p(match) [B]."""
