@@ -31,14 +31,16 @@ from cmal_testutil import SHARED_STEPS, fast_step
 
 TASKS = ('pretrain', 'vqa', 've', 'nlvr2', 'rec', 'retrieval')
 # Two sizes; the second has an unusual head count (5 heads of 12), an MLP
-# that is not 4 D and odd vocabulary, tag and feature sizes.
+# that is not 4 D and odd vocabulary, tag and feature sizes, and its VQA,
+# VE and NLVR2 heads read the region slots beside [CLS].
 SIZES = {
     'd64h2': dict(hidden_dim=64, num_heads=2, mlp_dim=256, text_layers=1,
                   vision_layers=1, unified_layers=2, vocab_size=300,
                   num_tags=10, region_feat_dim=64, max_position=64),
     'd60h5': dict(hidden_dim=60, num_heads=5, mlp_dim=96, text_layers=2,
                   vision_layers=1, unified_layers=3, vocab_size=211,
-                  num_tags=7, region_feat_dim=33, max_position=40),
+                  num_tags=7, region_feat_dim=33, max_position=40,
+                  head_input='cls_and_regions'),
 }
 MINILM = bert_init.resolve_path('minilm')
 
@@ -191,32 +193,6 @@ def test_hypersphere_ablation_is_mirrored_in_torch(task):
   assert not np.allclose(outputs[True][key], outputs[False][key], atol=1e-3)
 
 
-@pytest.mark.parametrize('task', ('vqa', 'nlvr2'))
-def test_head_reading_regions_is_mirrored_in_torch(task):
-  """model.head_input='cls_and_regions': the head reads [CLS] beside the
-  score-pooled region slots (NLVR2: per image, then concatenated); the
-  torch mirror agrees and has the same names, and the weights do not load
-  into a [CLS]-only model."""
-  config = export_config('d60h5', task)
-  config['model']['head_input'] = 'cls_and_regions'
-  params = random_params(config)
-  head = params[f'{task}_head']
-  assert head['region_score']['kernel'].shape == (60, 1)
-  assert head['dense']['kernel'].shape[0] == (4 if task == 'nlvr2' else 2) * 60
-  inputs = random_inputs(config)
-  model = export.flax_model(config)
-  want = np.asarray(model.apply({'params': params}, inputs)['logits'])
-  got = torch_outputs(config, params, inputs)['logits']
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-  assert set(torch_names.to_torch_state(params)) == set(
-      torch_model.CMAL(config).state_dict())
-  # The same parameters without the pooled regions: another model.
-  cls_only = dict(config, model=dict(config['model'], head_input='cls'))
-  with pytest.raises(ValueError, match='region_score'):
-    torch_names.from_torch_state(torch_names.to_torch_state(params),
-                                 export.abstract_params(cls_only))
-
-
 def test_torch_swap_matches_jax_swap():
   config = export_config('d60h5', 'pretrain')
   inputs = random_inputs(config, seed=3)
@@ -293,6 +269,17 @@ def test_names_follow_the_table():
     config = export_config('d60h5', task)
     names = set(torch_names.to_torch_state(random_params(config)))
     assert names == set(torch_model.CMAL(config).state_dict()), task
+  # A head that reads the regions has weights a [CLS]-only one refuses.
+  regions = export_config('d60h5', 'nlvr2')
+  assert regions['model']['head_input'] == 'cls_and_regions'
+  cls_only = dict(regions, model=dict(regions['model'], head_input='cls'))
+  # [CLS] and the pooled regions of two images: 4 D inputs, not 2 D.
+  with pytest.raises(ValueError, match=r'nlvr2_head\.dense\.weight: the '
+                     r'state dict \(120, 240\), model \(120, 120\); '
+                     r'nlvr2_head\.region_score\.bias: unexpected'):
+    torch_names.from_torch_state(
+        torch_names.to_torch_state(random_params(regions)),
+        export.abstract_params(cls_only))
 
 
 @pytest.mark.parametrize('size', sorted(SIZES))

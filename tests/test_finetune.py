@@ -380,40 +380,35 @@ def test_hard_negatives_follow_itc_similarity():
 
 
 def test_retrieval_with_mined_negatives_scores_the_picked_pairs(
-    retrieval_model):
+    retrieval_model, retrieval_setup):
   """finetune.itm_negatives='hard': the loss is ITM over the B matched
   pairs, each caption with its picked image and each image with its picked
-  caption (the model's own forward pass on those pairs), plus ITC."""
+  caption (scored as the model's own forward pass scores those pairs),
+  plus ITC."""
   config, _, params, captions, images, caption_image = retrieval_model
+  _, direct, sim = retrieval_setup  # Every pair: log p(match), ITC sim.
   config = config.copy_and_resolve_references()
   config.finetune.itm_negatives, config.data.itm_neg_prob = 'hard', 0.0
-  config.model.dropout = 0.0  # The direct passes below draw no dropout.
+  config.model.dropout = 0.0  # So the training pass equals `direct`'s.
   configlib.validate(config)
-  model = finetune.task_model(config)
   first = np.searchsorted(caption_image, np.arange(NUM_IMAGES))
   batch = {k: captions[k][first] for k in ('input_ids', 'text_mask')}
   batch.update(images, itm_label=np.ones(NUM_IMAGES, np.int32),
                example_index=np.arange(NUM_IMAGES, dtype=np.int32))
-  batch = jax.tree.map(jnp.asarray, batch)
-  loss, metrics = finetune.make_loss(model, config).loss(
-      params, batch, jax.random.key(5), None)
+  loss, metrics = jax.jit(finetune.make_loss(
+      finetune.task_model(config), config).loss)(
+          params, batch, jax.random.key(5), None)
   _, pick_rng = jax.random.split(jax.random.key(5))
-  text, image = model.apply({'params': params}, batch,
-                            method='itc_embeddings')
   image_of_text, text_of_image = finetune.objectives.mine_hard_negatives(
-      text @ image.T, params['itc_log_scale'], jnp.eye(NUM_IMAGES, dtype=bool),
-      pick_rng)
+      jnp.asarray(sim[first]), params['itc_log_scale'],
+      jnp.eye(NUM_IMAGES, dtype=bool), pick_rng)
   rows = np.arange(NUM_IMAGES)
-  text_rows = np.concatenate([rows, rows, text_of_image])
-  image_rows = np.concatenate([rows, image_of_text, rows])
-  pairs = {k: v[image_rows if k in images else text_rows]
-           for k, v in batch.items() if k in finetune.MODEL_INPUTS}
-  logits = model.apply({'params': params}, pairs)['logits']
-  label = np.repeat([1, 0, 0], NUM_IMAGES)
-  itm = -np.asarray(jax.nn.log_softmax(logits))[np.arange(3 * NUM_IMAGES),
-                                                label]
-  np.testing.assert_allclose(float(metrics['loss_itm']), itm.mean(),
-                             rtol=1e-5)
+  match = direct[first]  # [caption of row i, image j]
+  log_p = np.concatenate([match[rows, rows],
+                          np.log1p(-np.exp(match[rows, image_of_text])),
+                          np.log1p(-np.exp(match[text_of_image, rows]))])
+  np.testing.assert_allclose(float(metrics['loss_itm']), -log_p.mean(),
+                             rtol=1e-4)
   np.testing.assert_allclose(float(loss), float(metrics['loss_itm'])
                              + float(metrics['loss_itc']), rtol=1e-6)
   config.data.itm_neg_prob = 0.5
