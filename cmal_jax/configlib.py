@@ -191,7 +191,8 @@ def _validate_visual(config):
 # The fields of config.loss that are not objective weights; every other
 # field is one (a recipe may add its own, as SemMIM adds mim and agreement).
 LOSS_SETTINGS = ('amc_targets', 'amc_tag_at', 'itm_inputs',
-                 'itm_corrupted_warmup', 'mlm_prob', 'mrc_prob', 'mask_anchors')
+                 'itm_corrupted_warmup', 'mlm_prob', 'mlm_modifier_prob',
+                 'mrc_prob', 'mask_anchors')
 
 
 def loss_weights(config):
@@ -207,6 +208,8 @@ def _validate_pretrain(config):
                        ('cmap.swap_prob', config.cmap.swap_prob),
                        ('cmap.mask_prob', config.cmap.mask_prob),
                        ('loss.mlm_prob', config.loss.mlm_prob),
+                       ('loss.mlm_modifier_prob',
+                        config.loss.get('mlm_modifier_prob', 0.0)),
                        ('loss.mrc_prob', config.loss.mrc_prob),
                        ('loss.itm_corrupted_warmup',
                         config.loss.get('itm_corrupted_warmup', 0.0))):

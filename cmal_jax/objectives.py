@@ -193,6 +193,18 @@ def scatter_where(x, positions, weights, updates):
                               updates)
 
 
+def anchor_modifier_slots(batch):
+  """[B, T] bool: the text slot just before each valid anchor's first
+  piece (its modifier in 'a red cube'), where that slot is not an anchor's
+  own; MLM's eligibility still decides (no [CLS] or special token)."""
+  T = batch['input_ids'].shape[1]
+  before = jnp.where(batch['anchor_valid'] > 0,
+                     batch['anchor_text_pos'] - 1, T)  # T: dropped.
+  slots = cmap.scatter_slots(jnp.zeros(batch['input_ids'].shape, bool),
+                             before, jnp.ones(before.shape, bool))
+  return slots & ~anchor_text_cover(batch)
+
+
 def anchor_text_cover(batch, which=None):
   """[B, T] bool: text slots inside any of the anchor words `which` [B, K]
   (default the valid ones), all their pieces."""
@@ -274,8 +286,16 @@ def prepare_inputs(batch, rng, config, specials, *, actions='sampled',
   eligible = (batch['text_mask'] > 0) & ~special
   if skip_anchors:
     eligible &= ~anchor_text_cover(batch)
+  modifier_prob = config.loss.get('mlm_modifier_prob', 0.0)
+  scores = None  # Uniform: the default draw, unchanged.
+  if modifier_prob > 0:
+    mlm_rng, pick_rng = jax.random.split(mlm_rng)
+    noise_rng, pick_rng = jax.random.split(pick_rng)
+    preferred = anchor_modifier_slots(batch) & (
+        jax.random.uniform(pick_rng, ids.shape) < modifier_prob)
+    scores = jax.random.uniform(noise_rng, ids.shape) + preferred
   mlm_pos, corrupted = choose_positions(mlm_rng, eligible,
-                                        config.loss.mlm_prob)
+                                        config.loss.mlm_prob, scores)
   mlm_targets = jnp.take_along_axis(ids, mlm_pos, axis=1)
   u_rng, tok_rng = jax.random.split(mlm_sub_rng)
   u = jax.random.uniform(u_rng, mlm_pos.shape)

@@ -66,6 +66,11 @@ def get_config(arg=None):
       amc_tag_at='unswapped',
       mlm=1.0,
       mlm_prob=0.15,
+      # The chance that MLM takes the word just before an anchor (its
+      # modifier: 'red' in 'a red cube') among its mlm_prob share first:
+      # a word that only the named object's region can tell, so MLM must
+      # read the image there. 0: MLM's positions are uniform.
+      mlm_modifier_prob=0.0,
       itm=1.0,
       # What ITM reads: 'label_blind', a pass of the uncorrupted pair with
       # CMAP off; 'corrupted' (the ablation), the CMAP pass, whose swaps

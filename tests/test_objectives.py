@@ -197,6 +197,41 @@ def test_prepare_inputs_mrc_masks_only_eligible_regions(config, batch):
     assert zeroed_total > 0 and zeroed_neg > 0
 
 
+def test_mlm_modifier_prob_picks_the_word_before_each_anchor(config, batch):
+    """loss.mlm_modifier_prob=1: MLM takes the eligible word just before
+    every valid anchor first (the rest of its share at random), and the
+    number it picks per caption is unchanged."""
+    cover = anchor_cover(batch)
+    ids = batch['input_ids']
+    eligible = ((batch['text_mask'] > 0) & ~np.isin(ids, [CLS, SEP, PAD])
+                & ~cover)
+    modifier = np.zeros_like(eligible)
+    for b in range(len(ids)):
+        for k in np.flatnonzero(batch['anchor_valid'][b]):
+            modifier[b, batch['anchor_text_pos'][b, k] - 1] = True
+    modifier &= eligible
+    np.testing.assert_array_equal(
+        np.asarray(objectives.anchor_modifier_slots(batch)) & eligible,
+        modifier)
+    assert modifier.sum() > 10
+    c = config.copy_and_resolve_references()
+    c.loss.mlm_modifier_prob = 1.0
+    positive = batch['itm_label'] > 0
+    for seed in range(3):
+        inputs, targets = prep(c, batch, seed)
+        _, uniform = prep(config, batch, seed)
+        pos, w = inputs['mlm_positions'], targets['mlm_weights']
+        picked = np.zeros_like(modifier)
+        rows = np.broadcast_to(np.arange(len(ids))[:, None], pos.shape)
+        picked[rows[w], pos[w]] = True
+        np.testing.assert_array_equal(w.sum(1),
+                                      uniform['mlm_weights'].sum(1))
+        for b in np.flatnonzero(positive):
+            # Modifiers first: all of them, or as many as the share takes.
+            assert (picked[b] & modifier[b]).sum() == min(
+                modifier[b].sum(), w[b].sum()), b
+
+
 def test_mask_anchors_lets_mlm_and_mrc_pick_anchors(config, batch):
     """loss.mask_anchors (SemVLP, SemMIM: CMAP off): anchor words and
     regions are eligible; they were never picked without it (above)."""
