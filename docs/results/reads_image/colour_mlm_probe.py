@@ -2,7 +2,7 @@
 
   python docs/results/reads_image/colour_mlm_probe.py PRETRAIN_WORKDIR [N]
 
-For the first N pairs (default 1024) of the pre-training run's evaluation
+For the first N pairs (default 1024, at most the split) of the pre-training run's evaluation
 split: every colour word of the caption (scenes.COLOURS that are one
 WordPiece: 7 of the 8, not 'cyan')
 is replaced by [MASK] and predicted by the MLM head, CMAP off, no other
@@ -21,6 +21,7 @@ from cmal_jax.model.cmal import IMAGE_INPUTS
 
 def main(workdir, n=1024, batch_size=64):
   finder = AnchorFinder.from_workdir(workdir)
+  n = min(n, len(finder.source))  # The world's val split holds 512.
   # The colours that are one WordPiece ('cyan' is two: left out).
   colour_ids = np.array([i for i in (finder.tokenizer._tok.token_to_id(c)
                                      for c in scenes.COLOURS) if i is not None])
