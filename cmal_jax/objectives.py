@@ -386,6 +386,13 @@ def _masked_regions(batch, positions, masked):
   return dict(region_feats=feats)
 
 
+def itc_logits(sim, log_scale):
+  """Cosine similarities -> ITC's float32 logits, sim / tau, with 1 / tau
+  = exp(log_scale) capped at 100 (CLIP's cap)."""
+  return sim.astype(jnp.float32) * jnp.exp(
+      jnp.minimum(log_scale, math.log(100.0)))
+
+
 def itc_loss(text, image, log_scale, positive, denom=None):
   """InfoNCE both ways over the matched pairs of the global batch.
 
@@ -394,8 +401,7 @@ def itc_loss(text, image, log_scale, positive, denom=None):
   are negatives for every other shard's (with gradient accumulation, those
   of the same micro-batch). denom: as in weighted_xent.
   """
-  logits = jnp.einsum('id,jd->ij', text, image).astype(jnp.float32)
-  logits = logits * jnp.exp(jnp.minimum(log_scale, math.log(100.0)))
+  logits = itc_logits(jnp.einsum('id,jd->ij', text, image), log_scale)
   pair_ok = positive[:, None] & positive[None, :]
   logits = jnp.where(pair_ok, logits, -1e9)
   labels = jnp.arange(text.shape[0])
@@ -415,9 +421,7 @@ def mine_hard_negatives(sim, log_scale, same, rng):
   each image [B]), int32 row indices. A row with no other pair draws its
   own, as a batch of one must.
   """
-  logits = sim.astype(jnp.float32) * jnp.exp(
-      jnp.minimum(log_scale, math.log(100.0)))
-  logits = jnp.where(same, -1e9, logits)
+  logits = jnp.where(same, -1e9, itc_logits(sim, log_scale))
   text_rng, image_rng = jax.random.split(rng)
   image_of_text = jax.random.categorical(text_rng, logits, axis=1)
   text_of_image = jax.random.categorical(image_rng, logits, axis=0)
