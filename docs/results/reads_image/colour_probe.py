@@ -15,12 +15,29 @@ from cmal_jax.data import task_pipeline
 from cmal_jax.export import export
 from cmal_jax.world import synthetic
 
-def main(workdir, step):
+def load_vqa_run(workdir, step):
+  """(config, task folder, model, params) of a VQA run's checkpoint."""
   config = export.read_run_config(workdir, what='probe')
   directory = synthetic.data_dir(config, workdir)
   vocab = task_pipeline.load_or_build_answer_vocab(directory, config.finetune.num_answers)
   model = finetune.task_model(config, len(vocab))
   params, _ = export.load_params(workdir, step if step == 'best' else int(step), what='probe')
+  return config, directory, model, params
+
+
+def ridge_r2(Xtr, ytr, Xva, yva):
+  """R^2 per target column on val of a ridge regression (lambda 1,
+  standardised inputs) fit on train."""
+  mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
+  Xtr, Xva = (Xtr - mu) / sd, (Xva - mu) / sd
+  A = np.c_[Xtr, np.ones(len(Xtr))]
+  w = np.linalg.solve(A.T @ A + 1.0 * np.eye(A.shape[1]), A.T @ ytr)
+  pred = np.c_[Xva, np.ones(len(Xva))] @ w
+  return 1 - ((pred - yva) ** 2).sum(0) / ((yva - yva.mean(0)) ** 2).sum(0)
+
+
+def main(workdir, step):
+  config, directory, model, params = load_vqa_run(workdir, step)
   T = config.data.max_text_len
   def stages(params, inputs):
     m = model.bind({'params': params})
@@ -42,13 +59,7 @@ def main(workdir, step):
   ytr = out['train'][0][:, 7:10]; yva = out['val'][0][:, 7:10]
   res = {}
   for name, j in (('region_feats', 0), ('umse_region', 1), ('unified_region_slot', 2)):
-    Xtr, Xva = out['train'][j], out['val'][j]
-    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
-    Xtr, Xva = (Xtr - mu) / sd, (Xva - mu) / sd
-    A = np.c_[Xtr, np.ones(len(Xtr))]
-    w = np.linalg.solve(A.T @ A + 1.0 * np.eye(A.shape[1]), A.T @ ytr)
-    pred = np.c_[Xva, np.ones(len(Xva))] @ w
-    r2 = 1 - ((pred - yva) ** 2).sum(0) / ((yva - yva.mean(0)) ** 2).sum(0)
+    r2 = ridge_r2(out['train'][j], ytr, out['val'][j], yva)
     res[name] = [round(float(v), 3) for v in r2]
   print(workdir, step, json.dumps(res))
 

@@ -13,16 +13,11 @@ import sys, json
 import numpy as np, jax
 from cmal_jax import finetune
 from cmal_jax.data import task_pipeline
-from cmal_jax.export import export
-from cmal_jax.world import synthetic
+from colour_probe import load_vqa_run, ridge_r2  # This script's folder.
 
 
 def main(workdir, step):
-  config = export.read_run_config(workdir, what='probe')
-  directory = synthetic.data_dir(config, workdir)
-  vocab = task_pipeline.load_or_build_answer_vocab(directory, config.finetune.num_answers)
-  model = finetune.task_model(config, len(vocab))
-  params, _ = export.load_params(workdir, step if step == 'best' else int(step), what='probe')
+  config, directory, model, params = load_vqa_run(workdir, step)
   L = config.model.unified_layers
 
   def stages(params, inputs):
@@ -52,13 +47,7 @@ def main(workdir, step):
   ytr, yva = data['train'].pop('target'), data['val'].pop('target')
   res = {}
   for name in data['train']:
-    Xtr, Xva = data['train'][name], data['val'][name]
-    mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
-    Xtr, Xva = (Xtr - mu) / sd, (Xva - mu) / sd
-    A = np.c_[Xtr, np.ones(len(Xtr))]
-    w = np.linalg.solve(A.T @ A + 1.0 * np.eye(A.shape[1]), A.T @ ytr)
-    pred = np.c_[Xva, np.ones(len(Xva))] @ w
-    r2 = 1 - ((pred - yva) ** 2).sum(0) / ((yva - yva.mean(0)) ** 2).sum(0)
+    r2 = ridge_r2(data['train'][name], ytr, data['val'][name], yva)
     res[name] = round(float(r2.mean()), 3)
   print(workdir, step, json.dumps(res))
 
