@@ -99,6 +99,9 @@ def test_no_decay_matches_the_jax_decay_mask(world_dir):
   assert sum(not d for d in decays.values()) > 10
 
 
+# A whole benchmark run (~33 s of the default suite's 10 minutes): with the
+# other whole runs, under `pytest -m slow`.
+@pytest.mark.slow
 def test_benchmark_smoke_run_writes_the_table(world_dir, tmp_path,
                                               compilation_cache):
   # The cache serves the paper estimate's compile of the same step.

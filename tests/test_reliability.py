@@ -395,11 +395,11 @@ def test_every_resume_free_field_names_a_config_field():
   assert set(run_identity.RESUME_FREE_FIELDS) - names == set()
 
 
-def test_resume_refuses_a_different_model(world_dir, tmp_path,
+def test_resume_refuses_a_different_model(world_dir, tmp_path, pretrained_tiny,
                                           compilation_cache):
-  workdir = str(tmp_path)
-  config = shared_tiny(world_dir, stop_at_step=2)
-  assert jobs.train_and_evaluate(config, workdir) is None
+  # The suite's shared run stopped at step 2 (conftest.pretrained_tiny).
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(pretrained_tiny, workdir)
   other = shared_tiny(world_dir)
   other.model.hidden_dim = 32
   other.model.mlp_dim = 128
@@ -479,10 +479,10 @@ def workdir_bytes(workdir):
 
 
 def test_a_held_workdir_refuses_a_start_and_a_dead_holder_is_taken_over(
-    world_dir, tmp_path, compilation_cache, capsys):
-  workdir = str(tmp_path)
-  assert jobs.train_and_evaluate(
-      shared_tiny(world_dir, stop_at_step=2), workdir) is None
+    world_dir, tmp_path, pretrained_tiny, compilation_cache, capsys):
+  # The suite's shared run stopped at step 2 (conftest.pretrained_tiny).
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(pretrained_tiny, workdir)
   assert not os.path.exists(os.path.join(workdir, 'lock.json'))  # Released.
   holder = subprocess.Popen([sys.executable, '-c',
                              'import time; time.sleep(600)'])
