@@ -22,6 +22,8 @@ VISUAL_INPUTS = ('regions', 'pixels')
 BOX_SOURCES = ('given', 'grid')
 # finetune.itm_negatives: retrieval ITM's negatives (configs/finetune.py).
 ITM_NEGATIVES = ('random', 'hard')
+# finetune.rerank_score: what ranks retrieval's ITC candidates.
+RERANK_SCORES = ('itm', 'itm_and_itc')
 RECALLS = tuple(f'{d}_r{k}' for d in ('t2i', 'i2t') for k in (1, 5, 10))
 # What fine-tuning's evaluation reports per task (finetune.py); the last
 # is the validation metric that picks the best checkpoint (higher is
@@ -294,6 +296,9 @@ def _validate_finetune(config):
     _fail('finetune.pretrained_lr_mult', f.pretrained_lr_mult, 'must be > 0')
   if not isinstance(f.rerank_k, int) or f.rerank_k < 0:
     _fail('finetune.rerank_k', f.rerank_k, 'must be an integer >= 0')
+  if f.get('rerank_score', 'itm') not in RERANK_SCORES:
+    _fail('finetune.rerank_score', f.rerank_score,
+          f'must be one of {RERANK_SCORES}')
   if isinstance(f.test_splits, str):
     _fail('finetune.test_splits', f.test_splits,
           "must be a tuple of split names, e.g. ('test',)")

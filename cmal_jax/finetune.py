@@ -402,7 +402,8 @@ def retrieval_scores(model, params, config, captions, images, mesh):
 
   Every caption and image goes through UMSE once. With ITC (finetune.itc
   > 0 and rerank_k > 0) each query's top rerank_k candidates by ITC
-  similarity get their ITM log-probability and the rest -inf (ALBEF);
+  similarity get their ITM log-probability (ALBEF), plus ITC's logit
+  sim / tau when finetune.rerank_score='itm_and_itc', and the rest -inf;
   otherwise every pair is scored by ITM. Returns (t2i, i2t, pairs scored,
   the ITC similarities [Nc, Ni] that chose the candidates, or None).
   """
@@ -456,6 +457,10 @@ def retrieval_scores(model, params, config, captions, images, mesh):
   values = np.concatenate([
       np.asarray(jax.device_get(score(params, cached, b['pair'])))[:real]
       for b, real in sharding.padded_global_batches({'pair': pairs}, bs, mesh)])
+  if sim is not None and config.finetune.get('rerank_score') == 'itm_and_itc':
+    log_scale = jax.device_get(nn.meta.unbox(params)['itc_log_scale'])
+    values = values + np.asarray(objectives.itc_logits(
+        sim[pairs[:, 0], pairs[:, 1]], log_scale))
   t2i = np.full((nc, ni), -np.inf, np.float32)
   t2i[pairs[:, 0], pairs[:, 1]] = values
   return t2i, t2i.T.copy(), len(pairs), sim

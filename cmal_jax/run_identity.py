@@ -76,6 +76,7 @@ RESUME_FREE_FIELDS = (
     'log_every', 'checkpoint_every', 'keep_checkpoints', 'max_nonfinite_steps',
     'debug_nan_steps',
     'eval', 'data.eval_split', 'finetune.test_splits', 'finetune.rerank_k',
+    'finetune.rerank_score',
     'world.num_eval',
     'mesh', 'sharding', 'axis_rules', 'grad_accum_steps', 'model.remat',
     'data.num_threads', 'data.prefetch',

@@ -324,6 +324,32 @@ def test_retrieval_rerank_of_every_image_equals_full_itm(retrieval_setup):
   np.testing.assert_array_equal(i2t, t2i.T)
 
 
+def test_retrieval_rerank_by_itm_and_itc_adds_the_itc_logit(
+    retrieval_setup, retrieval_model):
+  """rerank_score='itm_and_itc': each candidate's ITM log-probability
+  plus ITC's logit, sim * exp(itc_log_scale); the same candidates."""
+  scores, direct, sim = retrieval_setup
+  params = retrieval_model[2]
+  k = 3
+  itm, _, pairs, _ = scores(itc=1.0, rerank_k=k)
+  both, both_i2t, both_pairs, _ = scores(itc=1.0, rerank_k=k,
+                                         rerank_score='itm_and_itc')
+  assert both_pairs == pairs
+  finite = np.isfinite(itm)
+  np.testing.assert_array_equal(np.isfinite(both), finite)
+  scale = np.exp(float(jax.device_get(nn.meta.unbox(params)['itc_log_scale'])))
+  assert scale > 1  # Not 1: the logit, not the cosine, is added.
+  np.testing.assert_allclose(both[finite],
+                             direct[finite] + scale * sim[finite],
+                             atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(both_i2t, both.T)
+  config = retrieval_model[0].copy_and_resolve_references()
+  config.finetune.rerank_score = 'itc'
+  with pytest.raises(ValueError, match=r"config\.finetune\.rerank_score="
+                     r"'itc': must be one of \('itm', 'itm_and_itc'\)"):
+    configlib.validate(config)
+
+
 def top_k_sets(sim, k, tol=1e-5):
   """([Q, I] bool) the entries surely among each row's top k by `sim`, and
   those that may be: two float computations of the same similarity may

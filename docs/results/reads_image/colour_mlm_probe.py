@@ -1,9 +1,11 @@
 """Does pre-training ground colour words? MLM on colour words alone, own image vs another's.
 
-  python docs/results/reads_image/colour_mlm_probe.py PRETRAIN_WORKDIR [N]
+  python docs/results/reads_image/colour_mlm_probe.py PRETRAIN_WORKDIR [N] [STEP]
 
-For the first N pairs (default 1024, at most the split) of the pre-training run's evaluation
-split: every colour word of the caption (scenes.COLOURS that are one
+For the first N pairs (default 1024, at most the split) of the pre-training
+run's evaluation split, at checkpoint STEP (a number, 'best' or 'latest',
+the default):
+every colour word of the caption (scenes.COLOURS that are one
 WordPiece: 7 of the 8, not 'cyan')
 is replaced by [MASK] and predicted by the MLM head, CMAP off, no other
 corruption. Accuracy of the argmax over those colour words, with the pair's
@@ -19,8 +21,8 @@ from cmal_jax.world import scenes
 from cmal_jax.model.cmal import IMAGE_INPUTS
 
 
-def main(workdir, n=1024, batch_size=64):
-  finder = AnchorFinder.from_workdir(workdir)
+def main(workdir, n=1024, step='latest', batch_size=64):
+  finder = AnchorFinder.from_workdir(workdir, step)
   n = min(n, len(finder.source))  # The world's val split holds 512.
   # The colours that are one WordPiece ('cyan' is two: left out).
   colour_ids = np.array([i for i in (finder.tokenizer._tok.token_to_id(c)
@@ -62,10 +64,10 @@ def main(workdir, n=1024, batch_size=64):
   targets = np.concatenate(targets)
   total = len(targets)
   prior = np.bincount(targets, minlength=len(colour_ids)).max() / total
-  out = dict(workdir=workdir, colour_words=total, own_image=counts['own'] / total,
+  out = dict(workdir=workdir, step=step, colour_words=total, own_image=counts['own'] / total,
              image_shuffled=counts['shuffled'] / total, prior=float(prior))
   print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}))
 
 
 if __name__ == '__main__':
-  main(sys.argv[1], *(int(a) for a in sys.argv[2:]))
+  main(sys.argv[1], *(int(a) for a in sys.argv[2:3]), *sys.argv[3:4])
