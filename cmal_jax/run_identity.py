@@ -30,7 +30,8 @@ SIGNATURE_DEFAULTS = {'model.hypersphere': True,
                       'model.visual.input': 'regions',
                       'model.cross_attention': False,
                       'model.prototypes': 0,
-                      'model.moved_place': 'carried'}
+                      'model.moved_place': 'carried',
+                      'model.head_input': 'cls'}
 
 
 
@@ -85,7 +86,9 @@ RESUME_MODES = ('auto', 'fresh', 'allow_changes')
 # Identity fields added after checkpoints recorded an identity: a checkpoint
 # that lacks one was made with this value (the behaviour before the field).
 # A field missing here and in the checkpoint counts as a change.
-IDENTITY_DEFAULTS = {'data.read': 'global'}
+IDENTITY_DEFAULTS = {'data.read': 'global', 'model.head_input': 'cls',
+                     'finetune.itm_negatives': 'random',
+                     'loss.mlm_modifier_prob': 0.0}
 # Under data.read='own_shards' each process reads and batches its own
 # shards, so the global batches (and the iterator positions saved) depend
 # on the process count: identity() records it in this derived field, for
@@ -113,9 +116,12 @@ def identity(config, process_count=None):
 
 def identity_changes(saved, current):
   """{'field': (saved value, current value)} for the identity fields that
-  differ (a field only one of them has counts, as missing: None)."""
+  differ (a field only one of them has counts, as missing: None). A
+  default of IDENTITY_DEFAULTS fills in only a field the current config
+  has (a pre-training run has no finetune section)."""
   current = {k: v for k, v in current.items() if not _is_free(k)}
-  saved = {k: v for k, v in {**IDENTITY_DEFAULTS, **saved}.items()
+  defaults = {k: v for k, v in IDENTITY_DEFAULTS.items() if k in current}
+  saved = {k: v for k, v in {**defaults, **saved}.items()
            if not _is_free(k)}
   return {k: (saved.get(k), current.get(k))
           for k in sorted(set(saved) | set(current))

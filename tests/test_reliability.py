@@ -385,6 +385,33 @@ def test_a_checkpoint_older_than_the_identity_is_checked_for_its_model(
     checkpoint.check_resume(manager, 1, changed)
 
 
+def test_a_checkpoint_older_than_a_field_of_this_wave_resumes():
+  """model.head_input, finetune.itm_negatives and loss.mlm_modifier_prob
+  came after checkpoints recorded their signature and identity: one
+  without them was made with today's defaults, and one with another value
+  is another run."""
+  config = finetune_config.get_config('retrieval,tiny')
+  old_sig = run_identity.signature(config)
+  del old_sig['model']['head_input']
+  assert run_identity.signature_mismatches(
+      old_sig, run_identity.signature(config)) == []
+  old = run_identity.identity(config)
+  del old['model.head_input'], old['finetune.itm_negatives']
+  assert run_identity.identity_changes(old, run_identity.identity(config)) == {}
+  pre = pretrain.get_config('tiny')
+  old_pre = run_identity.identity(pre)
+  del old_pre['loss.mlm_modifier_prob']
+  assert run_identity.identity_changes(old_pre, run_identity.identity(pre)) == {}
+  config.model.head_input = 'cls_and_regions'
+  config.finetune.itm_negatives = 'hard'
+  assert run_identity.signature_mismatches(
+      old_sig, run_identity.signature(config)) == [
+          "model.head_input: checkpoint 'cls', config 'cls_and_regions'"]
+  assert run_identity.identity_changes(old, run_identity.identity(config)) == {
+      'finetune.itm_negatives': ('random', 'hard'),
+      'model.head_input': ('cls', 'cls_and_regions')}
+
+
 def test_every_resume_free_field_names_a_config_field():
   """A misspelt entry would free nothing and go unnoticed."""
   names = set()
