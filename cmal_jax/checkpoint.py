@@ -282,9 +282,12 @@ class BestCheckpoint:
     value = float(results[self.metric])
     if self.value is not None and value <= self.value:
       return
-    self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params)), force=True)
-    self.manager.wait_until_finished()
+    # A finished run evaluated again (another evaluation field) may score
+    # the step already kept higher: the same parameters, a new value.
+    if step != self.step:
+      self.manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params)), force=True)
+      self.manager.wait_until_finished()
     self.value, self.step = value, step
     if jax.process_index() == 0:
       storage.write_text_atomic(self.json_path, json.dumps(

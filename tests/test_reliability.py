@@ -688,6 +688,26 @@ def test_periodic_eval_keeps_the_best_checkpoint(nan_and_eval_run):
   assert len(jax.tree.leaves(params)) > 20
 
 
+def test_best_checkpoint_takes_a_higher_score_of_the_step_it_keeps(tmp_path):
+  """A finished run evaluated again with another evaluation field (e.g.
+  finetune.rerank_score) may score its kept step higher: the value is
+  updated, the parameters stay; a lower score changes nothing, a higher
+  one at another step replaces them."""
+  params = {'w': jnp.arange(4.0, dtype=jnp.float32)}
+  best = checkpoint.BestCheckpoint(str(tmp_path), 'acc')
+  best.update(300, {'acc': 0.3}, params)
+  best.close()
+  best = checkpoint.BestCheckpoint(str(tmp_path), 'acc')  # The re-evaluation.
+  best.update(300, {'acc': 0.5}, params)
+  best.update(300, {'acc': 0.4}, params)
+  assert read_json(str(tmp_path), 'best.json') == dict(metric='acc',
+                                                       value=0.5, step=300)
+  best.update(400, {'acc': 0.6}, {'w': -params['w']})
+  np.testing.assert_array_equal(best.restore(params)['w'], -params['w'])
+  best.close()
+  assert os.listdir(tmp_path / 'best') == ['400']
+
+
 def test_unknown_best_metric_fails_at_start(world_dir, tmp_path):
   config = shared_tiny(world_dir)
   config.eval.best_metric = 'retrieval_itc_t2i_r1'  # cmal trains no ITC.
