@@ -10,7 +10,10 @@ WordPiece: 7 of the 8, not 'cyan')
 is replaced by [MASK] and predicted by the MLM head, CMAP off, no other
 corruption. Accuracy of the argmax over those colour words, with the pair's
 own regions and with the next pair's regions (the image shuffled), beside
-the most frequent colour (the prior). A model that grounds colour words
+the most frequent colour (the prior); and the same with every anchor
+swapped (CMAP's SWAP on all of them, as AMC's evaluation does), where the
+colour word's own noun may hold its region's feature: the colour can then
+be read off the next slot, without finding the region. A model that grounds colour words
 scores well above the prior with its own image and falls to it with
 another's."""
 import sys, json
@@ -29,9 +32,10 @@ def main(workdir, n=1024, step='latest', batch_size=64):
                                      for c in scenes.COLOURS) if i is not None])
   mask_id = finder.specials.mask
 
-  def apply(params, batch, positions, shuffle):
+  def apply(params, batch, positions, shuffle, swap):
     inputs, _ = objectives.prepare_inputs(batch, jax.random.key(0), finder.config,
-                                          finder.specials, actions='none', corrupt=False)
+                                          finder.specials, corrupt=False,
+                                          actions='all_swapped' if swap else 'none')
     if shuffle:
       inputs = dict(inputs, **{k: jnp.roll(inputs[k], 1, 0) for k in IMAGE_INPUTS if k in inputs})
     ids = inputs['input_ids']
@@ -39,9 +43,12 @@ def main(workdir, n=1024, step='latest', batch_size=64):
     inputs = dict(inputs, input_ids=jnp.where(hit, mask_id, ids), mlm_positions=positions)
     logits = finder.model.apply({'params': params}, inputs)['mlm_logits']
     return jnp.take(logits, jnp.asarray(colour_ids), axis=-1).argmax(-1)  # [B, M]
-  apply = jax.jit(apply, static_argnums=3)
+  apply = jax.jit(apply, static_argnums=(3, 4))
 
-  counts = {'own': 0, 'shuffled': 0}
+  conditions = {'own_image': (False, False), 'image_shuffled': (True, False),
+                'own_image_anchors_swapped': (False, True),
+                'image_shuffled_anchors_swapped': (True, True)}
+  counts = dict.fromkeys(conditions, 0)
   targets = []
   for start in range(0, n, batch_size):
     idx = list(range(start, min(start + batch_size, n)))
@@ -58,14 +65,14 @@ def main(workdir, n=1024, step='latest', batch_size=64):
     order = np.argsort(colour_ids)
     target = order[target]  # index into colour_ids
     targets.append(target[valid])
-    for name, shuffle in (('own', False), ('shuffled', True)):
-      pred = np.asarray(apply(finder.params, batch, positions, shuffle))
+    for name, (shuffle, swap) in conditions.items():
+      pred = np.asarray(apply(finder.params, batch, positions, shuffle, swap))
       counts[name] += int((pred == target)[valid].sum())
   targets = np.concatenate(targets)
   total = len(targets)
   prior = np.bincount(targets, minlength=len(colour_ids)).max() / total
-  out = dict(workdir=workdir, step=step, colour_words=total, own_image=counts['own'] / total,
-             image_shuffled=counts['shuffled'] / total, prior=float(prior))
+  out = dict(workdir=workdir, step=step, colour_words=total,
+             **{k: v / total for k, v in counts.items()}, prior=float(prior))
   print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}))
 
 
