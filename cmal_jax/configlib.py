@@ -296,7 +296,7 @@ def _validate_finetune(config):
     _fail('finetune.pretrained_lr_mult', f.pretrained_lr_mult, 'must be > 0')
   if not isinstance(f.rerank_k, int) or f.rerank_k < 0:
     _fail('finetune.rerank_k', f.rerank_k, 'must be an integer >= 0')
-  if f.get('rerank_score', 'itm') not in RERANK_SCORES:
+  if f.rerank_score not in RERANK_SCORES:
     _fail('finetune.rerank_score', f.rerank_score,
           f'must be one of {RERANK_SCORES}')
   if isinstance(f.test_splits, str):

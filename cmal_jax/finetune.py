@@ -457,7 +457,7 @@ def retrieval_scores(model, params, config, captions, images, mesh):
   values = np.concatenate([
       np.asarray(jax.device_get(score(params, cached, b['pair'])))[:real]
       for b, real in sharding.padded_global_batches({'pair': pairs}, bs, mesh)])
-  if sim is not None and config.finetune.get('rerank_score') == 'itm_and_itc':
+  if sim is not None and config.finetune.rerank_score == 'itm_and_itc':
     log_scale = jax.device_get(nn.meta.unbox(params)['itc_log_scale'])
     values = values + np.asarray(objectives.itc_logits(
         sim[pairs[:, 0], pairs[:, 1]], log_scale))

@@ -74,12 +74,12 @@ def get_config(arg=None):
       # ALBEF does); without, it scores every pair by ITM.
       itc=1.0,
       rerank_k=16,
-      # What ranks those candidates: 'itm', ITM's log-probability of a
-      # match (ALBEF); 'itm_and_itc', that plus ITC's logit sim / tau (the
-      # log of both models' probabilities multiplied; BLIP adds the two
-      # scores), so an ITM that cannot tell the candidates apart leaves
-      # ITC's order.
-      rerank_score='itm',
+      # What ranks those candidates: 'itm_and_itc', ITM's log-probability
+      # of a match plus ITC's logit sim / tau (both models' probabilities
+      # multiplied; BLIP adds the two scores), so an ITM that cannot tell
+      # the candidates apart leaves ITC's order; 'itm', ITM's alone
+      # (ALBEF). docs/finetuning.md has the comparison.
+      rerank_score='itm_and_itc',
       # retrieval: ITM's negatives. 'random': the pipeline pairs a share
       # data.itm_neg_prob of the rows with another image's caption.
       # 'hard' (ALBEF): every row is a matched pair (data.itm_neg_prob=0)

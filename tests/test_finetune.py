@@ -318,7 +318,8 @@ def test_retrieval_itm_scores_every_pair(retrieval_setup):
 
 def test_retrieval_rerank_of_every_image_equals_full_itm(retrieval_setup):
   scores, direct, _ = retrieval_setup
-  t2i, i2t, pairs, _ = scores(itc=1.0, rerank_k=NUM_IMAGES)
+  t2i, i2t, pairs, _ = scores(itc=1.0, rerank_k=NUM_IMAGES,
+                              rerank_score='itm')
   assert pairs == direct.size
   np.testing.assert_allclose(t2i, direct, atol=1e-5, rtol=0)
   np.testing.assert_array_equal(i2t, t2i.T)
@@ -326,14 +327,14 @@ def test_retrieval_rerank_of_every_image_equals_full_itm(retrieval_setup):
 
 def test_retrieval_rerank_by_itm_and_itc_adds_the_itc_logit(
     retrieval_setup, retrieval_model):
-  """rerank_score='itm_and_itc': each candidate's ITM log-probability
-  plus ITC's logit, sim * exp(itc_log_scale); the same candidates."""
+  """rerank_score='itm_and_itc' (the default): each candidate's ITM
+  log-probability plus ITC's logit, sim * exp(itc_log_scale); the same
+  candidates as 'itm' (ALBEF's)."""
   scores, direct, sim = retrieval_setup
   params = retrieval_model[2]
   k = 3
-  itm, _, pairs, _ = scores(itc=1.0, rerank_k=k)
-  both, both_i2t, both_pairs, _ = scores(itc=1.0, rerank_k=k,
-                                         rerank_score='itm_and_itc')
+  itm, _, pairs, _ = scores(itc=1.0, rerank_k=k, rerank_score='itm')
+  both, both_i2t, both_pairs, _ = scores(itc=1.0, rerank_k=k)
   assert both_pairs == pairs
   finite = np.isfinite(itm)
   np.testing.assert_array_equal(np.isfinite(both), finite)
@@ -362,7 +363,7 @@ def top_k_sets(sim, k, tol=1e-5):
 def test_retrieval_rerank_scores_only_the_itc_top_k(retrieval_setup):
   scores, direct, sim = retrieval_setup
   k = 3
-  t2i, i2t, pairs, itc_sim = scores(itc=1.0, rerank_k=k)
+  t2i, i2t, pairs, itc_sim = scores(itc=1.0, rerank_k=k, rerank_score='itm')
   # The ITC ranking it reports is the model's own ITC similarity.
   np.testing.assert_allclose(itc_sim, sim, atol=1e-5, rtol=0)
   finite = np.isfinite(t2i)
