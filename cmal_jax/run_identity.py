@@ -85,8 +85,9 @@ RESUME_FREE_FIELDS = (
 RESUME_MODES = ('auto', 'fresh', 'allow_changes')
 # Identity fields added after checkpoints recorded an identity: a checkpoint
 # that lacks one was made with this value (the behaviour before the field).
-# A field missing here and in the checkpoint counts as a change.
-IDENTITY_DEFAULTS = {'data.read': 'global', 'model.head_input': 'cls',
+# The signature's defaults are the model's (the identity holds the model
+# fields too). A field missing here and in the checkpoint counts as a change.
+IDENTITY_DEFAULTS = {**SIGNATURE_DEFAULTS, 'data.read': 'global',
                      'finetune.itm_negatives': 'random',
                      'loss.mlm_modifier_prob': 0.0}
 # Under data.read='own_shards' each process reads and batches its own

@@ -56,7 +56,8 @@ def test_accumulating_4_micro_batches_equals_one_batch():
     np.testing.assert_allclose(metrics4[k], metrics1[k], rtol=1e-5,
                                atol=1e-6, err_msg=k)
   leaves1, leaves4 = jax.tree.leaves(grads1), jax.tree.leaves(grads4)
-  assert len(leaves1) == len(leaves4) > 30
+  # Every parameter's gradient is compared.
+  assert len(leaves1) == len(leaves4) == len(jax.tree.leaves(params)) > 30
   scale = max(float(np.max(np.abs(g))) for g in leaves1)
   for g1, g4 in zip(leaves1, leaves4):
     np.testing.assert_allclose(g4, g1, rtol=1e-5, atol=1e-5 * scale)

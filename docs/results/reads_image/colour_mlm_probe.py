@@ -13,9 +13,9 @@ own regions and with the next pair's regions (the image shuffled), beside
 the most frequent colour (the prior); and the same with every anchor
 swapped (CMAP's SWAP on all of them, as AMC's evaluation does), where the
 colour word's own noun may hold its region's feature: the colour can then
-be read off the next slot, without finding the region. A model that grounds colour words
-scores well above the prior with its own image and falls to it with
-another's."""
+be read off the next slot, without finding the region. A model that
+grounds colour words scores well above the prior with its own image and
+falls to it with another's."""
 import sys, json
 import numpy as np, jax, jax.numpy as jnp
 from cmal_jax import objectives

@@ -21,7 +21,7 @@ def load_vqa_run(workdir, step):
   directory = synthetic.data_dir(config, workdir)
   vocab = task_pipeline.load_or_build_answer_vocab(directory, config.finetune.num_answers)
   model = finetune.task_model(config, len(vocab))
-  params, _ = export.load_params(workdir, step if step == 'best' else int(step), what='probe')
+  params, _ = export.load_params(workdir, export.parse_step(step), what='probe')
   return config, directory, model, params
 
 
